@@ -1,0 +1,54 @@
+# Two commands do everything (README): `make demo` runs the workflow on the built-in demo cohort, `make test` runs the
+# tests. Both create the project's virtual environment in .venv when it is missing or older than pyproject.toml.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The PyTorch build to install. On the project's machines torch==2.13.0 is a CPU build on local disk; on a GPU
+# workstation set e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= 2
+SNAKEMAKE_ARGS ?=
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-fast dryrun rulegraph bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+## demo: set up, then run the whole workflow on the demo cohort (config.yaml)
+demo: $(STAMP)
+	snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+## test: set up, then run every test (unit tests and the end-to-end workflow runs)
+test: $(STAMP)
+	pytest
+
+## test-fast: the unit tests only
+test-fast: $(STAMP)
+	pytest -m "not slow"
+
+## dryrun: show the jobs the workflow would run
+dryrun: $(STAMP)
+	snakemake -n --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+## rulegraph: redraw docs/rulegraph.svg and docs/rulegraph.png (needs Graphviz's `dot`)
+rulegraph: $(STAMP)
+	snakemake --rulegraph --quiet all > docs/rulegraph.dot
+	dot -Tsvg docs/rulegraph.dot > docs/rulegraph.svg
+	dot -Tpng -Gdpi=110 docs/rulegraph.dot > docs/rulegraph.png
+	rm docs/rulegraph.dot
+
+## bench: run the benchmarks in benchmarks/ and print their figures
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf results .snakemake

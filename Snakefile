@@ -1,0 +1,23 @@
+# spine-ssl: self-supervised learning on lumbar spine MRI from a DICOM archive. See README.md.
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)  # the `stages` package, also when run from another directory
+from stages.config import validate_config  # noqa: E402
+
+configfile: "config.yaml"
+
+config.update(validate_config(config))
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo_cohort.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,91 @@
+"""Shared command-line plumbing for the stages: options generated from the config schema, and logging.
+
+A stage that takes a config section (e.g. ``demo``) gets one ``--option`` per key of that section, with the type,
+default and help text of the schema, so ``--help`` documents every option and a value out of range fails with the
+key's name, exactly as it would in ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages.config import ConfigError, load_schema, validate_config
+
+_TYPES = {"integer": int, "number": float, "string": str}
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"true", "yes", "1"}:
+        return True
+    if lowered in {"false", "no", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
+    """Add ``--key`` for every key of config section ``section`` (help, type and default from the schema)."""
+    props = load_schema()["properties"][section]["properties"]
+    group = parser.add_argument_group(f"config section '{section}' (see workflow/schemas/config.schema.yaml)")
+    for key, spec in props.items():
+        kwargs: dict[str, Any] = {"dest": key, "default": spec.get("default"),
+                                  "help": f"{spec['description']} (default: {spec.get('default')})"}
+        kind = spec["type"]
+        if kind == "boolean":
+            kwargs.update(type=_boolean, metavar="{true,false}")
+        elif kind == "array":
+            kwargs.update(type=_TYPES[spec["items"]["type"]], nargs=spec.get("minItems", "+"))
+        else:
+            kwargs["type"] = _TYPES[kind]
+            if "enum" in spec:
+                kwargs["choices"] = spec["enum"]
+        group.add_argument("--" + key.replace("_", "-"), **kwargs)
+
+
+def section_from_args(args: argparse.Namespace, section: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The section's values from parsed arguments, validated against the schema (a bad value exits with code 2)."""
+    props = load_schema()["properties"][section]["properties"]
+    values = {key: getattr(args, key) for key in props}
+    try:
+        validate_config({section: values})
+    except ConfigError as err:
+        parser.error(str(err))
+    return values
+
+
+def section_options(values: dict[str, Any]) -> str:
+    """Render a config section back into command-line options (used by the workflow's rules)."""
+    parts = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(f"{flag} {str(value).lower()}")
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{flag} " + " ".join(str(v) for v in value))
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def add_log_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", type=Path, default=None,
+                        help="Write the log to this file (default: standard error).")
+
+
+def setup_logging(log: Path | None, name: str) -> logging.Logger:
+    """Timestamped logging to ``log`` (the rule's log file) or to standard error."""
+    handler: logging.Handler
+    if log is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    return logging.getLogger(name)

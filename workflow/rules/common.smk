@@ -1,0 +1,41 @@
+# Config look-ups, path builders and input functions shared by every rule. A rule passes its stage only the slice of
+# the config it needs; every output path is built by `out()`, so the layout of results/ is decided here alone.
+import os
+
+from stages.cli import section_options
+
+RESULTS = config["results"]
+ENV = "../../envs/spine-ssl.yaml"
+BASEDIR = workflow.basedir
+# Stages run as `python -m stages.<name>`; make the package importable from any working directory (--directory),
+# in a conda environment, and in a cluster job (which inherits this environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BASEDIR, os.environ.get("PYTHONPATH")) if p)
+
+
+def out(stage, *parts):
+    """Path of an output of `stage`: {results}/{stage}/{parts...}."""
+    return "/".join([RESULTS, stage, *parts])
+
+
+def logs(stage, name):
+    return "/".join([RESULTS, "logs", stage, f"{name}.log"])
+
+
+def bench(stage, name):
+    return "/".join([RESULTS, "benchmarks", stage, f"{name}.tsv"])
+
+
+def src(module):
+    """The source file of a stage module, listed among a rule's inputs so that a code change re-runs it."""
+    return os.path.join(BASEDIR, "stages", f"{module}.py")
+
+
+def demo_options():
+    return section_options(config["demo"])
+
+
+def all_targets():
+    targets = []
+    if config["cohort"]["source"] == "demo":
+        targets.append(out("demo_cohort", "montage.png"))
+    return targets
