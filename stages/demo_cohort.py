@@ -232,6 +232,18 @@ def _render_stack(slices: list[sd.SliceGeometry], traits: ph.SubjectTraits, stat
     return ({k: v.reshape(shape).mean(axis=0) for k, v in images.items()}, labels.reshape(shape)[centre])
 
 
+def _limit_tilt(normal: np.ndarray, max_deg: float) -> np.ndarray:
+    """Tilt a slice normal back toward the body axis (+z) so the stack is angled at most ``max_deg``, as a technologist
+    can angle an axial block only so far."""
+    n = normal / np.linalg.norm(normal)
+    z = np.array([0.0, 0.0, 1.0])
+    angle = np.arccos(np.clip(n @ z, -1, 1))
+    if angle <= np.deg2rad(max_deg):
+        return n
+    across = n - (n @ z) * z
+    return np.cos(np.deg2rad(max_deg)) * z + np.sin(np.deg2rad(max_deg)) * across / np.linalg.norm(across)
+
+
 def _series_header(base: dict[str, Any], study: StudyPlan, number: int, description: str, series_uid: str,
                    te: float, tr: float, image_type: list[str], spacing: float) -> dict[str, Any]:
     return {**base, "SeriesInstanceUID": series_uid, "SeriesNumber": number, "SeriesDescription": description,
@@ -320,7 +332,7 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
         ax_slices: list[sd.SliceGeometry] = []
         for name in AXIAL_DISCS:
             world, axis, _ = ph.structure_centre(layout, state, float(layout.disc[ph.DISCS.index(name)].mean()))
-            a_row, a_col = sd.plane_frame(-axis, np.array([1.0, 0.0, 0.0]))
+            a_row, a_col = sd.plane_frame(_limit_tilt(-axis, 30.0), np.array([1.0, 0.0, 0.0]))
             ax_slices += sd.stack(world, a_row, a_col, 3, 4.4, 200.0 / cfg.matrix, cfg.matrix, 4.0)
         ax_images, _ = _render_stack(ax_slices, traits, state, (ph.T2,), rng.integers(2**31), samples=1)
         header = _series_header(base, study, 4, vendor["series"]["ax"], series_uids["ax"], *timing["t2"],

@@ -7,20 +7,27 @@ Series geometry follows the DICOM patient coordinate system (LPS, mm): each slic
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1351.1"  # spine-ssl demo generator (pydicom's root)
 
 
+_UID_NAMESPACE = uuid.UUID("6f1f6d0e-3b7a-4c57-9a43-5e0c1a2b9d11")
+
+
 def uid(*parts: object) -> str:
-    """A valid, deterministic DICOM UID (2.25.<int>) derived from ``parts``."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A valid, deterministic DICOM UID derived from ``parts``: 2.25 followed by a name-based (v5) UUID as an integer.
+
+    (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random.)
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
 
 
 @dataclass(frozen=True)

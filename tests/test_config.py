@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.cli import section_options
+from stages.config import ConfigError, fill_defaults, load_schema, validate_config
+from stages.demo_cohort import build_parser
+
+from conftest import ROOT
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def test_shipped_configs_are_valid():
+    for path in [ROOT / "config.yaml", *sorted((ROOT / "tests" / "configs").glob("*.yaml"))]:
+        validate_config(_load(path))
+
+
+def test_empty_config_gets_every_default():
+    filled = validate_config({})
+    schema = load_schema()
+    assert filled["results"] == "results"
+    assert set(filled["demo"]) == set(schema["properties"]["demo"]["properties"])
+    assert filled["demo"]["n_subjects"] == schema["properties"]["demo"]["properties"]["n_subjects"]["default"]
+
+
+def test_config_yaml_spells_out_every_default_key():
+    """config.yaml is the user's map of the workflow: it names every key the schema has."""
+    shipped = _load(ROOT / "config.yaml")
+    assert fill_defaults(shipped, load_schema()).keys() == shipped.keys()
+    assert set(shipped["demo"]) == set(load_schema()["properties"]["demo"]["properties"])
+
+
+def _walk(schema, path=""):
+    for key, sub in schema.get("properties", {}).items():
+        yield f"{path}{key}", sub
+        yield from _walk(sub, f"{path}{key}.")
+
+
+def test_every_schema_key_is_described_and_has_a_default():
+    for key, sub in _walk(load_schema()):
+        assert sub.get("description", "").strip(), f"{key} has no description"
+        assert "default" in sub, f"{key} has no default"
+    assert load_schema()["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("config", "key", "words"), [
+    ({"demo": {"matrixx": 64}}, "demo.matrixx", "known keys here"),
+    ({"bogus": 1}, "bogus", "known keys here"),
+    ({"demo": {"n_subjects": 1}}, "demo.n_subjects", "minimum of 2"),
+    ({"demo": {"twin_fraction": "half"}}, "demo.twin_fraction", "not of type 'number'"),
+    ({"demo": {"followup_years": [8]}}, "demo.followup_years", "minItems 2"),
+    ({"cohort": {"source": "pacs"}}, "cohort.source", "'demo'"),
+])
+def test_bad_config_names_the_key_and_what_is_allowed(config, key, words):
+    with pytest.raises(ConfigError) as err:
+        validate_config(config)
+    message = str(err.value)
+    assert f"  {key}:" in message
+    assert words in message
+
+
+def test_section_options_round_trip_through_the_stage_cli():
+    values = validate_config({"demo": {"n_subjects": 5, "bad_files": False, "followup_years": [7.5, 9]}})["demo"]
+    args = build_parser().parse_args(["--out", "x", *section_options(values).split()])
+    assert {k: getattr(args, k) for k in values} == values
+
+
+def test_stage_cli_rejects_out_of_range_value_naming_it():
+    run = subprocess.run([sys.executable, "-m", "stages.demo_cohort", "--out", "unused", "--n-subjects", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert "demo.n_subjects" in run.stderr and "minimum of 2" in run.stderr
+
+
+@pytest.mark.parametrize("module", ["demo_cohort", "demo_montage"])
+def test_stage_help_explains_every_option(module):
+    run = subprocess.run([sys.executable, "-m", f"stages.{module}", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0
+    assert "usage: python -m stages." + module in run.stdout
+    assert "--out" in run.stdout and "--log" in run.stdout
+    if module == "demo_cohort":
+        for key in load_schema()["properties"]["demo"]["properties"]:
+            assert "--" + key.replace("_", "-") in run.stdout
+
+
+def test_stage_cli_rejects_unknown_argument():
+    run = subprocess.run([sys.executable, "-m", "stages.demo_montage", "--cohort", "x", "--out", "y.png", "--colour"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "unrecognized arguments: --colour" in run.stderr
