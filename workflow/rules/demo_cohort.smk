@@ -37,7 +37,7 @@ rule demo_montage:
         gradings=rules.demo_cohort.output.gradings,
         landmarks=rules.demo_cohort.output.landmarks,
     output:
-        png=out("demo_cohort", "montage.png"),
+        png=report(out("demo_cohort", "montage.png"), caption="../report/demo_montage.rst", category="Demo cohort"),
     params:
         root=out("demo_cohort"),
         subjects=config["demo"]["montage_subjects"],

@@ -1,0 +1,73 @@
+"""The workflow, run as a user runs it: snakemake on the tiny config, in a fresh working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                           "--cores", "2", *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp("workflow")
+    return workdir, snakemake(workdir, "--configfile", str(TINY))
+
+
+@pytest.mark.slow
+def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
+    workdir, run = tiny_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = workdir / "results"
+    studies = pd.read_csv(results / "demo_cohort" / "truth" / "studies.csv")
+    assert len(studies) >= 6
+    assert all((results / "demo_cohort" / d).is_dir() for d in studies.sag_t2_dir)
+    png = imread(results / "demo_cohort" / "montage.png")
+    assert png.shape[0] > 300 and png.shape[1] > 300 and png[..., :3].std() > 0.05
+    for rule in ("demo_cohort", "demo_montage"):
+        assert (results / "logs" / "demo_cohort" / f"{rule}.log").stat().st_size > 0
+        assert (results / "benchmarks" / "demo_cohort" / f"{rule}.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(tiny_run):
+    workdir, first = tiny_run
+    assert first.returncode == 0
+    again = snakemake(workdir, "--configfile", str(TINY))
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_shows_the_dag(tmp_path):
+    run = snakemake(tmp_path, "-n", "--configfile", str(TINY))
+    assert run.returncode == 0, run.stderr
+    text = run.stdout + run.stderr
+    for rule in ("demo_cohort", "demo_montage", "all"):
+        assert rule in text
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_bad_config_fails_at_start_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("demo:\n  n_subjectz: 10\n  slices: 2\n")
+    run = snakemake(tmp_path, "-n", "--configfile", str(bad))
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "demo.n_subjectz" in text and "demo.slices" in text and "minimum of 3" in text
