@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import validate_config
 from stages.demo_cohort import DemoConfig, generate, plan_cohort
 
 BUDGET_S = 15 * 60
@@ -20,9 +19,8 @@ SAMPLE_SUBJECTS = 8
 
 
 def main() -> None:
-    defaults = validate_config({})["demo"]
-    full = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items()})
-    sample = DemoConfig(**{**full.__dict__, "n_subjects": SAMPLE_SUBJECTS})
+    full = DemoConfig.from_config()
+    sample = DemoConfig.from_config({"n_subjects": SAMPLE_SUBJECTS})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         counts = generate(sample, Path(tmp) / "cohort", workers=WORKERS)

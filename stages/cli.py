@@ -39,10 +39,12 @@ def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
             kwargs.update(type=_boolean, metavar="{true,false}")
         elif kind == "array":
             kwargs.update(type=_TYPES[spec["items"]["type"]], nargs=spec.get("minItems", "+"))
+            if spec.get("minItems") == 2 == spec.get("maxItems"):
+                kwargs["metavar"] = ("MIN", "MAX")
         else:
-            kwargs["type"] = _TYPES[kind]
+            kwargs.update(type=_TYPES[kind], metavar={"integer": "N", "number": "X", "string": "TEXT"}[kind])
             if "enum" in spec:
-                kwargs["choices"] = spec["enum"]
+                kwargs.update(choices=spec["enum"], metavar=None)
         group.add_argument("--" + key.replace("_", "-"), **kwargs)
 
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from stages import cli
 from stages import phantom as ph
+from stages.config import validate_config
 from stages import synth_dicom as sd
 
 log = logging.getLogger("demo_cohort")
@@ -65,27 +66,33 @@ AXIAL_DISCS = ("L3-L4", "L4-L5", "L5-S1")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The ``demo`` section of the config (see the schema for each key)."""
+    """The ``demo`` section of the config; meaning, range and default of each key are in the config schema."""
 
-    seed: int = 20171
-    n_subjects: int = 60
-    twin_fraction: float = 0.6
-    twin_trait_share: float = 0.5
-    followup_fraction: float = 0.4
-    second_followup_fraction: float = 0.25
-    followup_years: tuple[float, float] = (8.0, 12.0)
-    baseline_field_t: float = 1.0
-    followup_field_t: float = 1.5
-    age_range: tuple[float, float] = (35.0, 75.0)
-    female_fraction: float = 0.9
-    unlabelled_fraction: float = 0.1
-    matrix: int = 160
-    fov_mm: float = 300.0
-    slices: int = 15
-    slice_thickness_mm: float = 4.0
-    slice_gap_mm: float = 0.4
-    bad_files: bool = True
-    montage_subjects: int = 3
+    seed: int
+    n_subjects: int
+    twin_fraction: float
+    twin_trait_share: float
+    followup_fraction: float
+    second_followup_fraction: float
+    followup_years: tuple[float, float]
+    baseline_field_t: float
+    followup_field_t: float
+    age_range: tuple[float, float]
+    female_fraction: float
+    unlabelled_fraction: float
+    matrix: int
+    fov_mm: float
+    slices: int
+    slice_thickness_mm: float
+    slice_gap_mm: float
+    bad_files: bool
+    montage_subjects: int
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None = None) -> DemoConfig:
+        """Validate a (partial) ``demo`` section against the schema, fill its defaults, and build the config."""
+        values = validate_config({"demo": dict(section or {})})["demo"]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def __post_init__(self) -> None:
         for name in ("followup_years", "age_range"):
@@ -470,9 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    values = cli.section_from_args(args, "demo", parser)
+    cfg = DemoConfig.from_config(cli.section_from_args(args, "demo", parser))
     cli.setup_logging(args.log, "demo_cohort")
-    cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     generate(cfg, args.out, args.threads)
     return 0
 

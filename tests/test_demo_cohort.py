@@ -186,7 +186,7 @@ def test_planted_bad_files_are_bad_in_the_intended_way(tiny_cohort):
 
 
 def test_same_seed_same_bytes_other_seed_other_cohort(tmp_path):
-    cfg = DemoConfig(seed=11, n_subjects=3, followup_fraction=0.5, matrix=40, slices=5, bad_files=True)
+    cfg = DemoConfig.from_config(dict(seed=11, n_subjects=3, followup_fraction=0.5, matrix=40, slices=5))
     generate(cfg, tmp_path / "a", workers=1)
     generate(cfg, tmp_path / "b", workers=2)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
@@ -194,7 +194,7 @@ def test_same_seed_same_bytes_other_seed_other_cohort(tmp_path):
     assert all(filecmp.cmp(x, y, shallow=False) for x, y in zip(a, b))
     for name in ("subjects", "studies", "gradings", "landmarks", "planted_files"):
         assert filecmp.cmp(tmp_path / "a" / "truth" / f"{name}.csv", tmp_path / "b" / "truth" / f"{name}.csv", shallow=False)
-    other = plan_cohort(DemoConfig(seed=12, n_subjects=3, followup_fraction=0.5))
+    other = plan_cohort(DemoConfig.from_config(dict(seed=12, n_subjects=3, followup_fraction=0.5)))
     assert [s.patient_id for s in other] != [s.patient_id for s in plan_cohort(cfg)]
 
 
@@ -202,4 +202,4 @@ def test_generator_refuses_to_mix_two_cohorts(tmp_path):
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "old").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        generate(DemoConfig(n_subjects=2), tmp_path)
+        generate(DemoConfig.from_config({"n_subjects": 2}), tmp_path)
