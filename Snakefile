@@ -15,6 +15,7 @@ config.update(validate_config(config))
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo_cohort.smk"
+include: "workflow/rules/ingest.smk"
 
 
 rule all:

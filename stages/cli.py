@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
         if kind == "boolean":
             kwargs.update(type=_boolean, metavar="{true,false}")
         elif kind == "array":
-            kwargs.update(type=_TYPES[spec["items"]["type"]], nargs=spec.get("minItems", "+"))
-            if spec.get("minItems") == 2 == spec.get("maxItems"):
+            fixed = spec.get("minItems") is not None and spec.get("minItems") == spec.get("maxItems")
+            kwargs.update(type=_TYPES[spec["items"]["type"]], nargs=spec["minItems"] if fixed else "+")
+            if fixed and spec["minItems"] == 2:
                 kwargs["metavar"] = ("MIN", "MAX")
+            if "enum" in spec["items"]:
+                kwargs["choices"] = spec["items"]["enum"]
         else:
             kwargs.update(type=_TYPES[kind], metavar={"integer": "N", "number": "X", "string": "TEXT"}[kind])
             if "enum" in spec:
@@ -60,16 +64,16 @@ def section_from_args(args: argparse.Namespace, section: str, parser: argparse.A
 
 
 def section_options(values: dict[str, Any]) -> str:
-    """Render a config section back into command-line options (used by the workflow's rules)."""
+    """Render a config section back into shell-quoted command-line options (used by the workflow's rules)."""
     parts = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             parts.append(f"{flag} {str(value).lower()}")
         elif isinstance(value, (list, tuple)):
-            parts.append(f"{flag} " + " ".join(str(v) for v in value))
+            parts.append(f"{flag} " + " ".join(shlex.quote(str(v)) for v in value))
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 

@@ -17,12 +17,14 @@ Writes, under ``--out``:
     truth/landmarks.csv          centre, size and axes of every labelled body and disc of every sagittal T2 series
     truth/planted_files.csv      the deliberately bad files: path, kind, detail
     truth/labels/{series}.nii.gz label map of each sagittal T2 series, same geometry (labels: stages.phantom)
+    pseudonym.key                the demo's own pseudonymisation key, for the ingest stage
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import datetime as dt
 import logging
 import os
@@ -430,6 +432,8 @@ def _write_subject_job(job: tuple[DemoConfig, SubjectPlan, Path]) -> dict[str, l
 
 def generate(cfg: DemoConfig, out: Path, workers: int = 1) -> dict[str, int]:
     """Write the whole cohort under ``out`` (which must not hold an older cohort); return counts."""
+    if (out / "pseudonym.key").exists():
+        raise FileExistsError(f"{out} already holds a cohort (pseudonym.key); remove it first")
     for sub in ("dicom", "truth"):
         if (out / sub).is_dir() and any((out / sub).iterdir()):
             raise FileExistsError(f"{out / sub} is not empty; remove it first (the generator never mixes two cohorts)")
@@ -454,6 +458,8 @@ def generate(cfg: DemoConfig, out: Path, workers: int = 1) -> dict[str, int]:
     _write_csv(truth / "studies.csv", tables["studies"])
     _write_csv(truth / "gradings.csv", tables["gradings"], ["patient_id", "study_uid", "level", "pfirrmann", "herniation"])
     _write_csv(truth / "landmarks.csv", tables["landmarks"])
+    # The demo's own pseudonymisation key (a real archive's key comes from the user, never from the repository).
+    (out / "pseudonym.key").write_text(hashlib.sha256(f"spine-ssl demo key {cfg.seed}".encode()).hexdigest() + "\n")
     planted = plant_bad_files(cfg, out, tables["studies"]) if cfg.bad_files else []
     _write_csv(truth / "planted_files.csv", planted, ["path", "kind", "detail"])
     n_files = sum(len(files) for _, _, files in os.walk(out / "dicom"))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ def test_bad_config_names_the_key_and_what_is_allowed(config, key, words):
 
 def test_section_options_round_trip_through_the_stage_cli():
     values = validate_config({"demo": {"n_subjects": 5, "bad_files": False, "followup_years": [7.5, 9]}})["demo"]
-    args = build_parser().parse_args(["--out", "x", *section_options(values).split()])
+    args = build_parser().parse_args(["--out", "x", *shlex.split(section_options(values))])
     assert {k: getattr(args, k) for k in values} == values
 
 

@@ -34,8 +34,34 @@ def demo_options():
     return section_options(config["demo"])
 
 
+def ingest_inputs(wildcards):
+    """The archive and its companions: the demo cohort's outputs, or the folders and tables named in `cohort`."""
+    cohort = config["cohort"]
+    if cohort["source"] == "demo":
+        return {
+            "dicom": out("demo_cohort", "dicom"),
+            "key_file": out("demo_cohort", "pseudonym.key"),
+            "label_dir": out("demo_cohort", "truth", "labels"),
+            "gradings": out("demo_cohort", "truth", "gradings.csv"),
+            "subjects": out("demo_cohort", "truth", "subjects.csv"),
+        }
+    if not cohort["dicom_dir"]:
+        raise ValueError("cohort.source is dicom but cohort.dicom_dir is empty: name the archive's root folder")
+    named = {"dicom": cohort["dicom_dir"], "key_file": cohort["key_file"], "label_dir": cohort["label_dir"],
+             "gradings": cohort["gradings"], "subjects": cohort["subjects"]}
+    return {k: v for k, v in named.items() if v}
+
+
+def ingest_flags(wildcards, input):
+    flags = [f"--dicom-dir {input.dicom}"]
+    for name in ("key_file", "label_dir", "gradings", "subjects"):
+        if name in input.keys():
+            flags.append(f"--{name.replace('_', '-')} {input[name]}")
+    return " ".join(flags)
+
+
 def all_targets():
-    targets = []
+    targets = [out("ingest", "manifest.parquet")]
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets

@@ -12,6 +12,7 @@ rule demo_cohort:
         gradings=out("demo_cohort", "truth", "gradings.csv"),
         landmarks=out("demo_cohort", "truth", "landmarks.csv"),
         planted=out("demo_cohort", "truth", "planted_files.csv"),
+        key=out("demo_cohort", "pseudonym.key"),
     params:
         root=out("demo_cohort"),
         options=demo_options(),

@@ -1,0 +1,153 @@
+"""Second pass: turn the files of one selected series into a volume with its full geometry.
+
+Slices are ordered by their position along the slice normal (never by InstanceNumber). The series must have one
+orientation, one matrix and one pixel spacing; slices at the same position are duplicates (dropped when their pixels
+are identical, fatal otherwise); a gap larger than 1.5 spacings is a missing slice. The geometry follows SimpleITK's
+ImageSeriesReader: origin at the first slice, direction columns (row, column, normal), slice spacing from the positions
+(not SliceThickness), voxels after the modality LUT (RescaleSlope/Intercept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+ORIENTATION_TOL = 1e-4
+SPACING_REL_TOL = 0.01
+
+
+class SeriesError(ValueError):
+    """The series cannot become a volume; ``files`` maps the files to blame to their own reason."""
+
+    def __init__(self, message: str, files: dict[str, str] | None = None):
+        super().__init__(message)
+        self.files = files or {}
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (slices, rows, cols)
+    origin: np.ndarray  # (3,) LPS mm
+    spacing: np.ndarray  # (3,) col, row, slice spacing, mm
+    direction: np.ndarray  # (3, 3) columns: row dir, col dir, normal
+    used: list[str]  # paths of the files in the volume, in slice order
+    dropped: dict[str, str]  # path -> why it was left out (duplicates)
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(self.array)
+        image.SetOrigin(tuple(float(x) for x in self.origin))
+        image.SetSpacing(tuple(float(x) for x in self.spacing))
+        image.SetDirection(tuple(float(x) for x in self.direction.ravel()))
+        return image
+
+
+def order_slices(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Check one orientation, matrix and pixel spacing; return records sorted along the normal, their positions
+    along it, and the normal."""
+    first = records[0]
+    for key in ("iop", "ipp", "pixel_spacing"):
+        missing = [r["path"] for r in records if r[key] is None]
+        if missing:
+            raise SeriesError(f"{len(missing)} file(s) without {key.upper()}", {p: f"no {key.upper()}" for p in missing})
+    iop = np.array(first["iop"])
+    for r in records:
+        if np.abs(np.array(r["iop"]) - iop).max() > ORIENTATION_TOL:
+            raise SeriesError("inconsistent geometry: slices with different orientations in one series")
+        if (r["rows"], r["cols"]) != (first["rows"], first["cols"]):
+            raise SeriesError("inconsistent geometry: slices with different matrix sizes in one series")
+        if np.abs(np.array(r["pixel_spacing"]) - first["pixel_spacing"]).max() > 1e-4:
+            raise SeriesError("inconsistent geometry: slices with different pixel spacing in one series")
+    normal = np.cross(iop[:3], iop[3:])
+    normal /= np.linalg.norm(normal)
+    position = np.array([np.dot(r["ipp"], normal) for r in records])
+    order = np.lexsort((np.array([r["path"] for r in records]), position))
+    return [records[i] for i in order], position[order], normal
+
+
+def _decode(path: str) -> tuple[np.ndarray, float, float]:
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.ndim != 2:
+        raise SeriesError(f"pixel data of shape {pixels.shape}; a single-frame greyscale image is needed",
+                          {path: f"not a single-frame greyscale image (shape {pixels.shape})"})
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return pixels, slope, intercept
+
+
+def assemble(records: list[dict[str, Any]]) -> Volume:
+    """The volume of one series. Raises :class:`SeriesError` saying why not."""
+    ordered, position, normal = order_slices(records)
+    # Slices at (nearly) the same position: identical pixels -> keep the first; otherwise the series is ambiguous.
+    tol = 1e-3
+    keep: list[int] = []
+    dropped: dict[str, str] = {}
+    cache: dict[int, np.ndarray] = {}
+    decoded: dict[int, tuple[np.ndarray, float, float]] = {}
+
+    def pixels(i: int) -> tuple[np.ndarray, float, float]:
+        if i not in decoded:
+            try:
+                decoded[i] = _decode(ordered[i]["path"])
+            except SeriesError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a decoder failure is a property of the file
+                reason = f"undecodable pixel data ({ordered[i]['transfer_syntax'] or 'unknown transfer syntax'}): " \
+                         f"{type(err).__name__}: {str(err)[:100]}"
+                raise SeriesError(f"a slice could not be decoded", {ordered[i]["path"]: reason}) from err
+        return decoded[i]
+
+    for i in range(len(ordered)):
+        if keep and abs(position[i] - position[keep[-1]]) < tol:
+            a, b = pixels(keep[-1])[0], pixels(i)[0]
+            if a.shape == b.shape and np.array_equal(a, b):
+                dropped[ordered[i]["path"]] = f"duplicate slice: same position and pixels as {ordered[keep[-1]]['path']}"
+                continue
+            raise SeriesError(f"two different images at one position ({position[i]:.2f} mm along the normal)")
+        keep.append(i)
+    if len(keep) < 2:
+        raise SeriesError("fewer than 2 distinct slice positions")
+    gaps = np.diff(position[keep])
+    spacing = float(np.median(gaps))
+    big = np.flatnonzero(gaps > 1.5 * spacing)
+    if big.size:
+        k = int(big[0])
+        raise SeriesError(f"missing slice(s): a gap of {gaps[k]:.2f} mm after slice {k + 1} of {len(keep)} where the "
+                          f"spacing is {spacing:.2f} mm")
+    if np.abs(gaps - spacing).max() > SPACING_REL_TOL * spacing:
+        raise SeriesError(f"non-uniform slice spacing: {gaps.min():.3f} to {gaps.max():.3f} mm")
+    slices = []
+    rescaled = False
+    for i in keep:
+        data, slope, intercept = pixels(i)
+        if slope != 1 or intercept != 0:
+            rescaled = True
+            data = data.astype(np.float64) * slope + intercept
+        slices.append(data)
+        cache.clear()
+    array = np.stack(slices)
+    if rescaled:
+        if np.all(np.equal(np.mod(array, 1), 0)) and array.min() >= -32768 and array.max() <= 32767:
+            array = array.astype(np.int16)
+        else:
+            array = array.astype(np.float32)
+    iop = np.array(ordered[0]["iop"])
+    first = ordered[keep[0]]
+    direction = np.column_stack([iop[:3], iop[3:], normal])
+    ps = first["pixel_spacing"]
+    return Volume(array=array, origin=np.array(first["ipp"]),
+                  spacing=np.array([ps[1], ps[0], (position[keep[-1]] - position[keep[0]]) / (len(keep) - 1)]),
+                  direction=direction, used=[ordered[i]["path"] for i in keep], dropped=dropped)
+
+
+def write_volume(volume: Volume, path: Path) -> None:
+    """Write as NIfTI (or any format SimpleITK knows from the extension), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=True)
+    tmp.replace(path)

@@ -1,0 +1,370 @@
+"""Stage ingest: from a DICOM archive to pseudonymised volumes, a scan manifest, and an account of every file.
+
+Run:
+    python -m stages.ingest --dicom-dir ARCHIVE --out results/ingest --key-file KEY --threads 2
+    (or set SPINE_SSL_PSEUDONYM_KEY instead of --key-file)
+
+What happens:
+  1. Every file below the archive is found, whatever its name, and its header read (no pixel data), in parallel.
+  2. Files are grouped into series and studies; each series is classified (modality, plane from
+     ImageOrientationPatient, weighting from TE/TR/TI with SeriesDescription as a hint, localizer) and the ones the
+     selection asks for (default: sagittal T2 MR) become candidates, one per study. Tie-break among candidates of a
+     study: more slices, then finer in-plane pixels, then the higher SeriesNumber, then the SeriesInstanceUID.
+  3. The chosen series is ordered along the slice normal, checked (one orientation, matrix and pixel spacing; no
+     missing slices; duplicates dropped) and written as NIfTI with its full geometry. If it fails, the next candidate
+     of the study is tried.
+
+Writes, under ``--out``:
+    volumes/{scan_id}.nii.gz   one volume per study (LPS geometry kept in the NIfTI header)
+    labels/{scan_id}.nii.gz    label maps, when --label-dir has one named {SeriesInstanceUID}.nii.gz
+    manifest.parquet / .csv    one row per volume: ids, days since the subject's first study, scanner, geometry
+    files.parquet / .csv       every file found: used, skipped (with its series' classification) or quarantined,
+                               with the reason; the counts add up to the number of files
+    series.csv                 one row per series: classification and decision
+    gradings.*, subjects.*     pseudonymised copies of the --gradings / --subjects tables (empty when not given)
+    summary.json               the counts
+
+Identity never leaves this stage: subject, study and scan ids are keyed hashes (HMAC-SHA256); names, IDs, birth dates,
+accession numbers, institutions and dates appear in no output, log or file name; paths and descriptions are scrubbed
+of them. The run exits with status 1 when no volume could be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import re
+import shutil
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from stages import cli
+from stages import pseudonym as pn
+from stages.dicom_index import ClassifyRules, classify_series, read_header, tie_break_key, walk
+from stages.dicom_volume import SeriesError, assemble, write_volume
+
+log = logging.getLogger("ingest")
+
+USED, SKIPPED, QUARANTINED = "used", "skipped", "quarantined"
+MAX_AGE = 90  # ages above 89 are identifying (HIPAA safe harbour): reported as 90
+IDENTITY_COLUMNS = re.compile(r"name|birth|dob|accession|address|phone|mrn|institution|date", re.I)
+
+
+@dataclass(frozen=True)
+class Context:
+    root: Path
+    out: Path
+    key: bytes
+    label_dir: Path | None
+    scrubber: re.Pattern | None
+
+
+def _scrub(text: str, ctx: Context) -> str:
+    return ctx.scrubber.sub(pn.REDACTED, text) if ctx.scrubber and text else text
+
+
+def _scrub_path(path: str, ctx: Context) -> str:
+    rel = str(Path(path).relative_to(ctx.root))
+    return "/".join(_scrub(part, ctx) if ctx.scrubber is None or not ctx.scrubber.search(part) else pn.REDACTED
+                    for part in Path(rel).parts)
+
+
+def _date(text: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date()
+    except (TypeError, ValueError):
+        return None
+
+
+def _age(record: dict[str, Any]) -> float:
+    birth, study = _date(record["birth_date"]), _date(record["study_date"])
+    years = None
+    if birth and study:
+        years = (study - birth).days / 365.25
+    elif re.fullmatch(r"\d{3}Y", record["age"] or ""):
+        years = float(record["age"][:3])
+    return float("nan") if years is None else float(min(int(years), MAX_AGE))
+
+
+def build_scrubber(records: list[dict[str, Any]]) -> re.Pattern | None:
+    """One regular expression that matches any piece of identity found in the archive's headers."""
+    tokens: set[str] = set()
+    for r in records:
+        if r.get("problem") and "patient_id" not in r:
+            continue
+        tokens |= pn.identity_tokens([r.get("patient_name", ""), r.get("patient_id", ""), r.get("accession", "")])
+        for key in ("birth_date", "institution"):
+            if len(r.get(key) or "") >= 3:
+                tokens.add(r[key].lower())
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
+
+
+def _study_job(job: tuple[Context, list[list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Try the candidate series of one study in order; write the first that makes a good volume."""
+    ctx, candidates = job
+    statuses: dict[str, tuple[str, str]] = {}
+    row = None
+    for rank, records in enumerate(candidates):
+        paths = [r["path"] for r in records]
+        if row is not None:
+            for p in paths:
+                statuses[p] = (SKIPPED, "not chosen: another series of this study was preferred (more slices, finer "
+                                        "pixels, later series number)")
+            continue
+        pids = {r["patient_id"] for r in records}
+        if pids == {""}:
+            statuses.update({p: (QUARANTINED, "missing identity: empty PatientID") for p in paths})
+            continue
+        if len(pids) > 1:
+            statuses.update({p: (QUARANTINED, "inconsistent identity: several PatientIDs in one series") for p in paths})
+            continue
+        try:
+            volume = assemble(records)
+        except SeriesError as err:
+            for p in paths:
+                statuses[p] = (QUARANTINED, err.files.get(p, f"series unusable: {err}"))
+            continue
+        first = records[0]
+        scan_id = pn.series_id(ctx.key, first["series_uid"])
+        write_volume(volume, ctx.out / "volumes" / f"{scan_id}.nii.gz")
+        label_map, label_problem = _copy_label(ctx, first["series_uid"], scan_id, volume)
+        statuses.update({p: (USED, f"in volume {scan_id}") for p in volume.used})
+        statuses.update({p: (QUARANTINED, _scrub(reason.replace(str(ctx.root) + "/", ""), ctx))
+                         for p, reason in volume.dropped.items()})
+        shape = volume.array.shape
+        row = {
+            "scan_id": scan_id, "subject_id": pn.subject_id(ctx.key, first["patient_id"]),
+            "study_id": pn.study_id(ctx.key, first["study_uid"]), "study_date": first["study_date"],
+            "age_years": _age(first), "sex": first["sex"] or "", "modality": first["modality"],
+            "field_strength_t": first["field_strength"], "manufacturer": first["manufacturer"],
+            "model": first["model"], "echo_time_ms": first["echo_time"], "repetition_time_ms": first["repetition_time"],
+            "spacing_x": volume.spacing[0], "spacing_y": volume.spacing[1], "spacing_z": volume.spacing[2],
+            "size_x": shape[2], "size_y": shape[1], "size_z": shape[0],
+            "series_description": _scrub(first["series_description"], ctx), "n_source_files": len(volume.used),
+            "candidate_rank": rank, "volume": f"volumes/{scan_id}.nii.gz", "label_map": label_map,
+            "label_problem": label_problem,
+        }
+    return {"row": row, "statuses": statuses}
+
+
+def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[str, str]:
+    if ctx.label_dir is None:
+        return "", ""
+    source = ctx.label_dir / f"{series_uid}.nii.gz"
+    if not source.is_file():
+        return "", ""
+    label = sitk.ReadImage(str(source))
+    image = volume.to_sitk()
+    if (label.GetSize() != image.GetSize()
+            or not np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-2)
+            or not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3)
+            or not np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-3)):
+        return "", "label map geometry differs from the volume"
+    target = ctx.out / "labels" / f"{scan_id}.nii.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return f"labels/{scan_id}.nii.gz", ""
+
+
+def _pseudonymise_table(table: pd.DataFrame, key: bytes, what: str) -> pd.DataFrame:
+    """Hash the id columns (patient_id, study_uid, family_id), drop identity-like columns, cap ages."""
+    if "patient_id" not in table:
+        raise ValueError(f"the {what} table needs a patient_id column; it has {list(table.columns)}")
+    out = pd.DataFrame({"subject_id": [pn.subject_id(key, str(p)) for p in table["patient_id"]]})
+    if "study_uid" in table:
+        out["study_id"] = [pn.study_id(key, str(s)) for s in table["study_uid"]]
+    if "family_id" in table:
+        out["family_id"] = [pn.family_id(key, str(f)) for f in table["family_id"]]
+    for column in table.columns:
+        if column in {"patient_id", "study_uid", "family_id"} or IDENTITY_COLUMNS.search(column):
+            continue
+        values = table[column]
+        if "age" in column.lower() and pd.api.types.is_numeric_dtype(values):
+            values = values.clip(upper=MAX_AGE)
+        out[column] = values.to_numpy()
+    return out
+
+
+def _write_table(frame: pd.DataFrame, base: Path, parquet: bool = True) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    if parquet:
+        frame.to_parquet(base.with_suffix(".parquet"), index=False)
+    frame.to_csv(base.with_suffix(".csv"), index=False)
+
+
+def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, workers: int = 1,
+                 label_dir: Path | None = None, gradings: Path | None = None,
+                 subjects: Path | None = None) -> dict[str, Any]:
+    """Run the stage; return the summary. Raises RuntimeError when no volume could be written."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {root} does not exist")
+    root = root.resolve()
+    files = walk(root)
+    log.info("found %d files", len(files))
+    if not files:
+        raise RuntimeError(f"no files found below {root}")
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
+                            mininterval=5))
+    ctx = Context(root=root, out=out, key=key, label_dir=label_dir, scrubber=build_scrubber(records))
+    status: dict[str, tuple[str, str]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["problem"]:
+            status[r["path"]] = (SKIPPED if r.get("kind") in ("dicomdir", "hidden") else QUARANTINED, r["problem"])
+    good = [r for r in records if not r["problem"]]
+    first_of_uid: dict[str, str] = {}
+    for r in good:
+        missing = [k for k in ("sop_uid", "study_uid", "series_uid") if not r[k]]
+        if missing:
+            status[r["path"]] = (QUARANTINED, f"missing {', '.join(missing)}")
+        elif r["sop_uid"] in first_of_uid:
+            status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
+                                              + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
+        else:
+            first_of_uid[r["sop_uid"]] = r["path"]
+    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in good:
+        if r["path"] not in status:
+            by_series[r["series_uid"]].append(r)
+    series_rows = []
+    candidates: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    for uid, members in by_series.items():
+        c = classify_series(members, rules)
+        sid = pn.series_id(key, uid)
+        for r in members:
+            info[r["path"]] = {"series": sid, "modality": c["modality"], "plane": c["plane"],
+                               "weighting": c["weighting"], "description": _scrub(c["description"], ctx)}
+        series_rows.append({"series": sid, "study_id": pn.study_id(key, members[0]["study_uid"]),
+                            **{k: v for k, v in c.items() if k not in ("reasons", "description")},
+                            "description": _scrub(c["description"], ctx), "reasons": "; ".join(c["reasons"])})
+        if c["reasons"]:
+            for r in members:
+                status[r["path"]] = (SKIPPED, "series not selected: " + "; ".join(c["reasons"]))
+        else:
+            candidates[members[0]["study_uid"]].append(members)
+    jobs = [(ctx, sorted(c, key=tie_break_key)) for _, c in sorted(candidates.items())]
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(_study_job, jobs), total=len(jobs), desc="volumes", mininterval=5))
+    rows = []
+    for result in results:
+        status.update(result["statuses"])
+        if result["row"]:
+            rows.append(result["row"])
+    # Time: days since the subject's first study in the archive (any series), then drop the absolute date.
+    first_date: dict[str, dt.date] = {}
+    for r in good:
+        d = _date(r["study_date"])
+        if d and r["patient_id"]:
+            sid = pn.subject_id(key, r["patient_id"])
+            first_date[sid] = min(d, first_date.get(sid, d))
+    for row in rows:
+        d = _date(row.pop("study_date"))
+        row["days_since_first_study"] = (d - first_date[row["subject_id"]]).days if d else np.nan
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values(["subject_id", "days_since_first_study",
+                                                                          "scan_id"])
+    accounting = pd.DataFrame([{
+        "file": _scrub_path(p, ctx), "status": status[p][0], "reason": status[p][1],
+        **info.get(p, {"series": "", "modality": "", "plane": "", "weighting": "", "description": ""}),
+    } for p in map(str, files)])
+    missing = set(map(str, files)) - set(status)
+    if missing:  # every file must be accounted for; this is a bug if it ever happens
+        raise AssertionError(f"{len(missing)} files have no status")
+    _write_table(manifest, out / "manifest")
+    _write_table(accounting, out / "files")
+    _write_table(pd.DataFrame(series_rows), out / "series", parquet=False)
+    tables = {}
+    for name, path in (("gradings", gradings), ("subjects", subjects)):
+        if path is None:  # written all the same, empty, so that later stages always find them
+            table = pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
+        else:
+            table = _pseudonymise_table(pd.read_csv(path, dtype={"patient_id": str, "family_id": str}), key, name)
+        _write_table(table, out / name)
+        tables[name] = len(table)
+    counts = accounting.status.value_counts().to_dict()
+    summary = {"files": len(files), "used": counts.get(USED, 0), "skipped": counts.get(SKIPPED, 0),
+               "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
+               "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
+               "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
+               "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason)}
+    assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%(files)d files: %(used)d used in %(volumes)d volumes (%(subjects)d subjects), "
+             "%(skipped)d skipped, %(quarantined)d quarantined (see files.csv)", summary)
+    if not len(manifest):
+        raise RuntimeError(f"no volume could be written from {len(files)} files; see {out / 'files.csv'} for why")
+    return summary
+
+
+def _reason_counts(reasons: pd.Series) -> dict[str, int]:
+    """Quarantine reasons grouped by their kind (the text before the first colon)."""
+    return {k: int(v) for k, v in reasons.str.split(":").str[0].value_counts().items()}
+
+
+MANIFEST_COLUMNS = ["scan_id", "subject_id", "study_id", "days_since_first_study", "age_years", "sex", "modality",
+                    "field_strength_t", "manufacturer", "model", "echo_time_ms", "repetition_time_ms", "spacing_x",
+                    "spacing_y", "spacing_z", "size_x", "size_y", "size_z", "series_description", "n_source_files",
+                    "candidate_rank", "volume", "label_map", "label_problem"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dicom-dir", type=Path, required=True, help="Root folder of the DICOM archive.")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
+    parser.add_argument("--label-dir", type=Path, default=None,
+                        help="Optional folder of label maps named {SeriesInstanceUID}.nii.gz, copied beside volumes.")
+    parser.add_argument("--gradings", type=Path, default=None,
+                        help="Optional CSV with patient_id, study_uid and label columns, written pseudonymised.")
+    parser.add_argument("--subjects", type=Path, default=None,
+                        help="Optional CSV with patient_id (and family_id, sex, age...), written pseudonymised.")
+    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    cli.add_section_options(parser, "ingest")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for name in ("dicom_dir", "label_dir"):
+        value = getattr(args, name)
+        if value is not None and not value.is_dir():
+            parser.error(f"--{name.replace('_', '-')} {value} is not a folder")
+    for name in ("gradings", "subjects", "key_file"):
+        value = getattr(args, name)
+        if value is not None and not value.is_file():
+            parser.error(f"--{name.replace('_', '-')} {value} is not a file")
+    rules = ClassifyRules.from_config(cli.section_from_args(args, "ingest", parser))
+    try:
+        key = pn.load_key(args.key_file)
+    except pn.PseudonymKeyError as err:
+        parser.error(str(err))
+    cli.setup_logging(args.log, "ingest")
+    try:
+        ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings, args.subjects)
+    except RuntimeError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

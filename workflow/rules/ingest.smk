@@ -1,0 +1,34 @@
+# DICOM ingest: the archive (the demo's, or the user's) -> pseudonymised volumes, a scan manifest, and the accounting.
+
+
+rule ingest:
+    input:
+        unpack(ingest_inputs),
+        code=[src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym")],
+    output:
+        volumes=directory(out("ingest", "volumes")),
+        labels=directory(out("ingest", "labels")),
+        manifest=out("ingest", "manifest.parquet"),
+        manifest_csv=out("ingest", "manifest.csv"),
+        files=out("ingest", "files.parquet"),
+        files_csv=out("ingest", "files.csv"),
+        series=out("ingest", "series.csv"),
+        gradings=out("ingest", "gradings.parquet"),
+        subjects=out("ingest", "subjects.parquet"),
+        summary=out("ingest", "summary.json"),
+    params:
+        root=out("ingest"),
+        inputs=ingest_flags,
+        options=lambda wildcards: section_options(config["ingest"]),
+    log:
+        logs("ingest", "ingest"),
+    benchmark:
+        bench("ingest", "ingest")
+    threads: 8
+    resources:
+        mem_mb=lambda wildcards, threads: 1500 + 500 * threads,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "python -m stages.ingest {params.inputs} --out {params.root} --threads {threads} {params.options} > {log} 2>&1"
