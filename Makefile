@@ -46,8 +46,9 @@ rulegraph: $(STAMP)
 	dot -Tpng -Gdpi=110 docs/rulegraph.dot > docs/rulegraph.png
 	rm docs/rulegraph.dot
 
-## bench: run the benchmarks in benchmarks/ and print their figures
+## bench: run the benchmarks in benchmarks/ and print their figures (installs the reference tools first)
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
 	$(PY) -m benchmarks
 
 clean:

@@ -89,7 +89,7 @@ def read_header(path: Path) -> dict[str, Any]:
         truncated = raw.value_tell + raw.length > size
     record.update({
         "size": size,
-        "sop_uid": _text(ds.get("SOPInstanceUID")),
+        "sop_uid": _text(ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)),
         "sop_class": sop_class,
         "transfer_syntax": tsyntax,
         "modality": _text(ds.get("Modality")).upper(),
@@ -102,6 +102,8 @@ def read_header(path: Path) -> dict[str, Any]:
         "age": _text(ds.get("PatientAge")),
         "study_uid": _text(ds.get("StudyInstanceUID")),
         "series_uid": _text(ds.get("SeriesInstanceUID")),
+        "frame_uid": _text(ds.get("FrameOfReferenceUID")),
+        "study_time": _text(ds.get("StudyTime")),
         "study_date": _text(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate")
                             or ds.get("ContentDate")),
         "series_number": _float(ds.get("SeriesNumber")),
@@ -128,6 +130,24 @@ def read_header(path: Path) -> dict[str, Any]:
     elif truncated:
         record["problem"] = f"truncated: pixel data needs {raw.value_tell + raw.length} bytes, the file has {size}"
     return record
+
+
+def fill_missing_uids(record: dict[str, Any]) -> None:
+    """Anonymisers sometimes blank the study and series UIDs. Group such files by what is left: the series by its
+    folder, SeriesNumber, Modality and FrameOfReferenceUID; the study by PatientID, StudyDate and StudyTime (and the
+    folder above the series' when PatientID is blank too). The record notes that it was done."""
+    notes = []
+    folder = str(Path(record["path"]).parent)
+    if not record["series_uid"]:
+        record["series_uid"] = "derived:" + "|".join(
+            [folder, str(record["series_number"]), record["modality"], record["frame_uid"]])
+        notes.append("no SeriesInstanceUID: grouped by folder, SeriesNumber, Modality and FrameOfReferenceUID")
+    if not record["study_uid"]:
+        parent = "" if record["patient_id"] else str(Path(folder).parent)
+        record["study_uid"] = "derived:" + "|".join(
+            [record["patient_id"], record["study_date"], record["study_time"], parent])
+        notes.append("no StudyInstanceUID: grouped by PatientID, StudyDate and StudyTime")
+    record["uid_note"] = "; ".join(notes)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from stages import cli
 from stages import pseudonym as pn
-from stages.dicom_index import ClassifyRules, classify_series, read_header, tie_break_key, walk
+from stages.dicom_index import ClassifyRules, classify_series, fill_missing_uids, read_header, tie_break_key, walk
 from stages.dicom_volume import SeriesError, assemble, write_volume
 
 log = logging.getLogger("ingest")
@@ -227,9 +227,9 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     good = [r for r in records if not r["problem"]]
     first_of_uid: dict[str, str] = {}
     for r in good:
-        missing = [k for k in ("sop_uid", "study_uid", "series_uid") if not r[k]]
-        if missing:
-            status[r["path"]] = (QUARANTINED, f"missing {', '.join(missing)}")
+        fill_missing_uids(r)
+        if not r["sop_uid"]:
+            status[r["path"]] = (QUARANTINED, "missing identity of the image: no SOPInstanceUID")
         elif r["sop_uid"] in first_of_uid:
             status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
                                               + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
@@ -249,6 +249,7 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
                                "weighting": c["weighting"], "description": _scrub(c["description"], ctx)}
         series_rows.append({"series": sid, "study_id": pn.study_id(key, members[0]["study_uid"]),
                             **{k: v for k, v in c.items() if k not in ("reasons", "description")},
+                            "uid_note": members[0]["uid_note"],
                             "description": _scrub(c["description"], ctx), "reasons": "; ".join(c["reasons"])})
         if c["reasons"]:
             for r in members:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -39,9 +40,41 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     assert all((results / "demo_cohort" / d).is_dir() for d in studies.sag_t2_dir)
     png = imread(results / "demo_cohort" / "montage.png")
     assert png.shape[0] > 300 and png.shape[1] > 300 and png[..., :3].std() > 0.05
-    for rule in ("demo_cohort", "demo_montage"):
-        assert (results / "logs" / "demo_cohort" / f"{rule}.log").stat().st_size > 0
-        assert (results / "benchmarks" / "demo_cohort" / f"{rule}.tsv").is_file()
+    for stage, rule in (("demo_cohort", "demo_cohort"), ("demo_cohort", "demo_montage"), ("ingest", "ingest")):
+        assert (results / "logs" / stage / f"{rule}.log").stat().st_size > 0
+        assert (results / "benchmarks" / stage / f"{rule}.tsv").is_file()
+    manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    assert len(manifest) == len(studies)
+    assert all((results / "ingest" / v).is_file() for v in manifest.volume)
+    files = pd.read_csv(results / "ingest" / "files.csv")
+    assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_no_identity_leaves_the_archive(tiny_run):
+    """Everything the workflow wrote, except the demo archive itself (the input, fake identities and all)."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    results = workdir / "results"
+    subjects = pd.read_csv(results / "demo_cohort" / "truth" / "subjects.csv", dtype=str)
+    studies = pd.read_csv(results / "demo_cohort" / "truth" / "studies.csv", dtype=str)
+    identity = set(subjects.patient_id) | set(subjects.birth_date.str.replace("-", "")) | set(subjects.birth_date)
+    identity |= {n.split("^")[0] for n in subjects.patient_name} | set(studies.accession_number)
+    identity |= set(studies.study_date) | set(studies.study_date.str.replace("-", "")) | set(studies.study_uid)
+    identity.add("RIVERSIDE")
+    outputs = [p for p in results.rglob("*") if p.is_file() and "demo_cohort/dicom" not in str(p)
+               and "demo_cohort/truth" not in str(p) and p.name != "pseudonym.key"]
+    outputs += [p for p in (workdir / ".snakemake" / "log").glob("*.log")]
+    assert len(outputs) > 20
+    for path in outputs:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        if path.suffix == ".parquet":
+            data = pd.read_parquet(path).to_csv().encode()
+        text = (str(path.relative_to(workdir)) + data.decode("latin-1")).lower()
+        leaks = [v for v in identity if v.lower() in text]
+        assert not leaks, f"{path}: {leaks[:3]}"
 
 
 @pytest.mark.slow
@@ -58,7 +91,7 @@ def test_dry_run_shows_the_dag(tmp_path):
     run = snakemake(tmp_path, "-n", "--configfile", str(TINY))
     assert run.returncode == 0, run.stderr
     text = run.stdout + run.stderr
-    for rule in ("demo_cohort", "demo_montage", "all"):
+    for rule in ("demo_cohort", "demo_montage", "ingest", "all"):
         assert rule in text
     assert not (tmp_path / "results").exists()
 
