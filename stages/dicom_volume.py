@@ -87,7 +87,6 @@ def assemble(records: list[dict[str, Any]]) -> Volume:
     tol = 1e-3
     keep: list[int] = []
     dropped: dict[str, str] = {}
-    cache: dict[int, np.ndarray] = {}
     decoded: dict[int, tuple[np.ndarray, float, float]] = {}
 
     def pixels(i: int) -> tuple[np.ndarray, float, float]:
@@ -99,7 +98,7 @@ def assemble(records: list[dict[str, Any]]) -> Volume:
             except Exception as err:  # noqa: BLE001 - a decoder failure is a property of the file
                 reason = f"undecodable pixel data ({ordered[i]['transfer_syntax'] or 'unknown transfer syntax'}): " \
                          f"{type(err).__name__}: {str(err)[:100]}"
-                raise SeriesError(f"a slice could not be decoded", {ordered[i]["path"]: reason}) from err
+                raise SeriesError("a slice could not be decoded", {ordered[i]["path"]: reason}) from err
         return decoded[i]
 
     for i in range(len(ordered)):
@@ -129,7 +128,6 @@ def assemble(records: list[dict[str, Any]]) -> Volume:
             rescaled = True
             data = data.astype(np.float64) * slope + intercept
         slices.append(data)
-        cache.clear()
     array = np.stack(slices)
     if rescaled:
         if np.all(np.equal(np.mod(array, 1), 0)) and array.min() >= -32768 and array.max() <= 32767:

@@ -383,3 +383,16 @@ def test_manifest_is_one_row_per_study_with_time_and_scanner(tiny_cohort, tiny_i
     gradings = pd.read_csv(out / "gradings.csv")
     assert set(gradings.study_id) <= set(manifest.study_id)
     assert {"subject_id", "family_id", "sex"} <= set(pd.read_csv(out / "subjects.csv").columns)
+
+
+def test_dicomdir_is_accounted_for_and_not_needed(tiny_cohort, tmp_path):
+    from pydicom.fileset import FileSet
+
+    fileset = FileSet()
+    for p in _series_copy(tiny_cohort, tmp_path / "src"):
+        fileset.add(pydicom.dcmread(p))
+    fileset.write(tmp_path / "media")
+    summary = ingest_dicom(tmp_path / "media", tmp_path / "out", KEY, RULES)
+    files = pd.read_csv(tmp_path / "out" / "files.csv").set_index("file")
+    assert files.loc["DICOMDIR", "status"] == "skipped" and files.loc["DICOMDIR", "reason"].startswith("DICOMDIR")
+    assert summary["volumes"] == 1 and summary["used"] == len(files) - 1

@@ -104,3 +104,47 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path):
     assert run.returncode != 0
     text = run.stdout + run.stderr
     assert "demo.n_subjectz" in text and "demo.slices" in text and "minimum of 3" in text
+
+
+@pytest.mark.slow
+def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_path):
+    """source: dicom on the demo archive gives the demo run's manifest; source: volumes reads its volumes back."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    demo = workdir / "results" / "demo_cohort"
+    own = tmp_path / "own.yaml"
+    own.write_text(f"results: {tmp_path / 'own'}\ncohort:\n  source: dicom\n  dicom_dir: {demo / 'dicom'}\n"
+                   f"  key_file: {demo / 'pseudonym.key'}\n  gradings: {demo / 'truth' / 'gradings.csv'}\n")
+    first = snakemake(tmp_path, "--configfile", str(own))
+    assert first.returncode == 0, first.stdout[-3000:]
+    ours = pd.read_parquet(tmp_path / "own" / "ingest" / "manifest.parquet").drop(columns=["label_map"])
+    theirs = pd.read_parquet(workdir / "results" / "ingest" / "manifest.parquet").drop(columns=["label_map"])
+    pd.testing.assert_frame_equal(ours.reset_index(drop=True), theirs.reset_index(drop=True))
+    assert not (tmp_path / "own" / "demo_cohort").exists()
+
+    table = tmp_path / "volumes.csv"
+    ingest = workdir / "results" / "ingest"
+    pd.DataFrame({"image": [str(ingest / v) for v in theirs.volume], "subject": theirs.subject_id,
+                  "days": theirs.days_since_first_study}).to_csv(table, index=False)
+    vols = tmp_path / "vols.yaml"
+    vols.write_text(f"results: {tmp_path / 'vols'}\ncohort:\n  source: volumes\n  volumes_table: {table}\n"
+                    f"  key_file: {demo / 'pseudonym.key'}\n")
+    second = snakemake(tmp_path, "--configfile", str(vols))
+    assert second.returncode == 0, second.stdout[-3000:]
+    read_back = pd.read_parquet(tmp_path / "vols" / "ingest" / "manifest.parquet")
+    assert len(read_back) == len(theirs)
+    assert sorted(read_back.days_since_first_study) == sorted(theirs.days_since_first_study)
+
+
+@pytest.mark.slow
+def test_own_archive_without_a_key_fails_at_start(tmp_path):
+    config = tmp_path / "nokey.yaml"
+    config.write_text(f"cohort:\n  source: dicom\n  dicom_dir: {tmp_path}\n")
+    env_key = os.environ.pop("SPINE_SSL_PSEUDONYM_KEY", None)
+    try:
+        run = snakemake(tmp_path, "-n", "--configfile", str(config))
+    finally:
+        if env_key is not None:
+            os.environ["SPINE_SSL_PSEUDONYM_KEY"] = env_key
+    assert run.returncode != 0
+    assert "no pseudonymisation key" in run.stdout + run.stderr

@@ -45,19 +45,31 @@ def ingest_inputs(wildcards):
             "gradings": out("demo_cohort", "truth", "gradings.csv"),
             "subjects": out("demo_cohort", "truth", "subjects.csv"),
         }
-    if not cohort["dicom_dir"]:
-        raise ValueError("cohort.source is dicom but cohort.dicom_dir is empty: name the archive's root folder")
-    named = {"dicom": cohort["dicom_dir"], "key_file": cohort["key_file"], "label_dir": cohort["label_dir"],
-             "gradings": cohort["gradings"], "subjects": cohort["subjects"]}
+    source = {"dicom": "dicom_dir", "volumes": "volumes_table"}[cohort["source"]]
+    if not cohort[source]:
+        raise ValueError(f"cohort.source is {cohort['source']} but cohort.{source} is empty: name it in the config")
+    if not cohort["key_file"] and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
+        raise ValueError("no pseudonymisation key: set cohort.key_file or the environment variable "
+                         "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)")
+    named = {"key_file": cohort["key_file"], "gradings": cohort["gradings"], "subjects": cohort["subjects"]}
+    if cohort["source"] == "dicom":
+        named.update(dicom=cohort["dicom_dir"], label_dir=cohort["label_dir"])
+    else:
+        named.update(table=cohort["volumes_table"])
     return {k: v for k, v in named.items() if v}
 
 
 def ingest_flags(wildcards, input):
-    flags = [f"--dicom-dir {input.dicom}"]
+    flags = [f"--dicom-dir {input.dicom}"] if "dicom" in input.keys() else [f"--table {input.table}"]
     for name in ("key_file", "label_dir", "gradings", "subjects"):
         if name in input.keys():
             flags.append(f"--{name.replace('_', '-')} {input[name]}")
     return " ".join(flags)
+
+
+def ingest_stage():
+    """The stage module that ingests this config's cohort."""
+    return "ingest_volumes" if config["cohort"]["source"] == "volumes" else "ingest"
 
 
 def all_targets():

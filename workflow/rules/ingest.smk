@@ -1,10 +1,11 @@
-# DICOM ingest: the archive (the demo's, or the user's) -> pseudonymised volumes, a scan manifest, and the accounting.
+# Ingest: the archive (the demo's, the user's DICOM, or a NIfTI/MetaImage cohort) -> pseudonymised volumes, a scan
+# manifest, and the accounting. The same outputs whatever the source, so later stages never ask.
 
 
 rule ingest:
     input:
         unpack(ingest_inputs),
-        code=[src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym")],
+        code=[src(ingest_stage()), src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym")],
     output:
         volumes=directory(out("ingest", "volumes")),
         labels=directory(out("ingest", "labels")),
@@ -19,7 +20,8 @@ rule ingest:
     params:
         root=out("ingest"),
         inputs=ingest_flags,
-        options=lambda wildcards: section_options(config["ingest"]),
+        stage=ingest_stage(),
+        options=lambda wildcards: section_options(config["ingest"]) if ingest_stage() == "ingest" else "",
     log:
         logs("ingest", "ingest"),
     benchmark:
@@ -31,4 +33,5 @@ rule ingest:
     conda:
         ENV
     shell:
-        "python -m stages.ingest {params.inputs} --out {params.root} --threads {threads} {params.options} > {log} 2>&1"
+        "python -m stages.{params.stage} {params.inputs} --out {params.root} --threads {threads} {params.options} "
+        "> {log} 2>&1"

@@ -1,0 +1,183 @@
+"""Stage ingest_volumes: a cohort of NIfTI / MetaImage volumes and a table -> the same outputs as DICOM ingest.
+
+For public sets that ship volumes instead of DICOM (e.g. SPIDER: ``images/{id}_t2.mha``, ``masks/{id}_t2.mha``).
+The table (CSV) has one row per volume:
+
+    image    path of the volume (.nii, .nii.gz, .mha, .mhd, .nrrd), relative to the table's folder or absolute
+    subject  who it is (any identifier; it is pseudonymised)
+    study    optional: which study/visit, unique in the cohort (default: the image's file name); a gradings table
+             names it in its study_uid column
+    days     optional: days since the subject's first study (or give `date` as YYYY-MM-DD instead; it is dropped)
+    mask     optional: a label map in the same geometry, relative like `image`
+    + optional columns field_strength_t, manufacturer, model, sex, age_years, series_description
+
+Run:
+    python -m stages.ingest_volumes --table cohort.csv --out results/ingest --key-file KEY
+
+Writes volumes/, labels/, manifest.*, files.*, series.csv, gradings.*, subjects.* and summary.json exactly as
+``stages.ingest`` does; ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
+file, unreadable image, label map with another geometry, duplicated row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from stages import cli
+from stages import pseudonym as pn
+from stages.ingest import MANIFEST_COLUMNS, QUARANTINED, USED, _pseudonymise_table, _write_table
+
+log = logging.getLogger("ingest_volumes")
+
+OPTIONAL = ("field_strength_t", "manufacturer", "model", "sex", "age_years", "series_description")
+
+
+def _resolve(base: Path, value: Any) -> Path | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return None
+    path = Path(str(value))
+    return path if path.is_absolute() else base / path
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-2)
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-3))
+
+
+def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | None = None,
+                   subjects: Path | None = None) -> dict[str, Any]:
+    table = pd.read_csv(table_path, dtype={"subject": str, "study": str})
+    missing = {"image", "subject"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{table_path}: the table needs columns image and subject; missing {sorted(missing)}")
+    base = table_path.parent
+    if "days" in table:
+        table["_days"] = pd.to_numeric(table["days"], errors="coerce")
+    elif "date" in table:
+        dates = pd.to_datetime(table["date"], errors="coerce")
+        table["_days"] = (dates - dates.groupby(table["subject"]).transform("min")).dt.days
+    else:
+        table["_days"] = np.nan
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows, files = [], []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(table.to_dict("records")):
+        image_path = _resolve(base, rec["image"])
+        entry = {"file": f"row {i + 2}: {rec['image']}", "status": QUARANTINED, "reason": "", "series": ""}
+        files.append(entry)
+        if not str(rec.get("subject") or "").strip() or str(rec["subject"]) == "nan":
+            entry["reason"] = "missing identity: empty subject"
+            continue
+        if image_path is None or not image_path.is_file():
+            entry["reason"] = "missing file"
+            continue
+        resolved = str(image_path.resolve())
+        if resolved in seen:
+            entry["reason"] = f"duplicated row: the same image as row {seen[resolved] + 2}"
+            continue
+        seen[resolved] = i
+        try:
+            image = sitk.ReadImage(str(image_path))
+        except RuntimeError as err:
+            entry["reason"] = f"unreadable image: {str(err).strip().splitlines()[-1][:120]}"
+            continue
+        if image.GetDimension() != 3:
+            entry["reason"] = f"not a 3D volume ({image.GetDimension()}D)"
+            continue
+        study = str(rec.get("study") or "").strip() or Path(str(rec["image"])).name
+        subject = pn.subject_id(key, str(rec["subject"]))
+        scan_id = pn.series_id(key, f"{rec['subject']}|{study}|{rec['image']}")
+        label_map, label_problem = "", ""
+        mask_path = _resolve(base, rec.get("mask"))
+        if mask_path is not None:
+            if not mask_path.is_file():
+                label_problem = "label map file missing"
+            else:
+                mask = sitk.ReadImage(str(mask_path))
+                if _same_geometry(mask, image):
+                    sitk.WriteImage(mask, str(out / "labels" / f"{scan_id}.nii.gz"), useCompression=True)
+                    label_map = f"labels/{scan_id}.nii.gz"
+                else:
+                    label_problem = "label map geometry differs from the volume"
+        sitk.WriteImage(image, str(out / "volumes" / f"{scan_id}.nii.gz"), useCompression=True)
+        entry.update(status=USED, reason=f"in volume {scan_id}", series=scan_id)
+        size, spacing = image.GetSize(), image.GetSpacing()
+        rows.append({
+            "scan_id": scan_id, "subject_id": subject, "study_id": pn.study_id(key, study),
+            "days_since_first_study": rec["_days"], "modality": rec.get("modality", "MR"),
+            **{k: rec.get(k) for k in OPTIONAL},
+            "echo_time_ms": np.nan, "repetition_time_ms": np.nan,
+            "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
+            "size_x": size[0], "size_y": size[1], "size_z": size[2], "n_source_files": 1, "candidate_rank": 0,
+            "volume": f"volumes/{scan_id}.nii.gz", "label_map": label_map, "label_problem": label_problem})
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest["age_years"] = pd.to_numeric(manifest.age_years, errors="coerce").clip(upper=90)
+    accounting = pd.DataFrame(files)
+    _write_table(manifest, out / "manifest")
+    _write_table(accounting, out / "files")
+    pd.DataFrame({"series": manifest.scan_id, "study_id": manifest.study_id, "reasons": ""}).to_csv(
+        out / "series.csv", index=False)
+    tables = {}
+    for name, path in (("gradings", gradings), ("subjects", subjects)):
+        frame = (pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
+                 if path is None else _pseudonymise_table(pd.read_csv(path, dtype=str), key, name))
+        _write_table(frame, out / name)
+        tables[name] = len(frame)
+    counts = accounting.status.value_counts().to_dict()
+    summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
+               "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
+               "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
+               "with_label_map": int((manifest.label_map != "").sum()), "tables": tables}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%(files)d table rows: %(used)d used, %(quarantined)d quarantined (see files.csv)", summary)
+    if not len(manifest):
+        raise RuntimeError(f"no volume could be read from the {len(accounting)} rows of {table_path}")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.ingest_volumes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=Path, required=True, help="CSV with one row per volume (see above).")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
+    parser.add_argument("--threads", type=int, default=1, help="Threads for reading and writing images (default: 1).")
+    parser.add_argument("--gradings", type=Path, default=None, help="Optional gradings CSV (patient_id = subject).")
+    parser.add_argument("--subjects", type=Path, default=None, help="Optional subjects CSV (patient_id = subject).")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.table.is_file():
+        parser.error(f"--table {args.table} is not a file")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    try:
+        key = pn.load_key(args.key_file)
+    except pn.PseudonymKeyError as err:
+        parser.error(str(err))
+    cli.setup_logging(args.log, "ingest_volumes")
+    try:
+        ingest_volumes(args.table, args.out, key, args.gradings, args.subjects)
+    except (RuntimeError, ValueError) as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
