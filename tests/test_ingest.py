@@ -95,6 +95,7 @@ def test_label_maps_travel_with_their_volumes(tiny_ingest):
 
 
 def test_real_ct_series_matches_simpleitk_and_is_rejected_by_default_selection(tmp_path):
+    assert CT_SERIES.is_dir(), f"fixture missing: {CT_SERIES} (the shared/ folder must lie beside the project)"
     files = walk(CT_SERIES)
     records = [read_header(p) for p in files]
     assert not any(r["problem"] for r in records)
