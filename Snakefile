@@ -16,6 +16,8 @@ config.update(validate_config(config))
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo_cohort.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/localise.smk"
+include: "workflow/rules/extract.smk"
 
 
 rule all:

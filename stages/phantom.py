@@ -8,7 +8,8 @@ wedges between them, and the whole anatomy bends with the subject's lordosis and
 
 :func:`render` maps points in patient coordinates (DICOM LPS, mm) to an MR intensity and a label, so any series
 (sagittal, axial, localizer) is just a grid of points. Labels follow the VerSe numbering for vertebrae
-(T12 = 19, L1..L5 = 20..24, S1 = 26) and 100 + the upper vertebra's label for discs (T12-L1 = 119 ... L5-S1 = 124).
+(T12 = 19, L1..L5 = 20..24, S1 = 26) and 100 + the upper vertebra's label for discs (T12-L1 = 119 ... L5-S1 = 124),
+as defined in :mod:`stages.levels`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.special import expit
 
+from stages import levels
+
 # Rendered vertebrae, top to bottom; T11 and S2 frame the field of view and carry no label.
 VERTEBRAE: tuple[str, ...] = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2")
 DISCS: tuple[str, ...] = tuple(f"{a}-{b}" for a, b in zip(VERTEBRAE[:-1], VERTEBRAE[1:]))
-LABELLED_VERTEBRAE: tuple[str, ...] = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
-LABELLED_DISCS: tuple[str, ...] = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
-VERTEBRA_LABELS: dict[str, int] = {"T12": 19, "L1": 20, "L2": 21, "L3": 22, "L4": 23, "L5": 24, "S1": 26}
-DISC_LABELS: dict[str, int] = {d: 100 + VERTEBRA_LABELS[d.split("-")[0]] for d in LABELLED_DISCS}
-LABEL_NAMES: dict[int, str] = {**{v: k for k, v in VERTEBRA_LABELS.items()}, **{v: k for k, v in DISC_LABELS.items()}}
+LABELLED_VERTEBRAE, LABELLED_DISCS = levels.VERTEBRAE, levels.DISCS
+VERTEBRA_LABELS, DISC_LABELS, LABEL_NAMES = levels.VERTEBRA_LABELS, levels.DISC_LABELS, levels.LABEL_NAMES
 
 # Population means (mm) per vertebra / disc, from adult lumbar morphometry (rounded).
 _BODY_HEIGHT = np.array([23.0, 24.0, 25.0, 26.5, 27.0, 27.0, 26.0, 28.0, 22.0])

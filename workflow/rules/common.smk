@@ -73,7 +73,8 @@ def ingest_stage():
 
 
 def all_targets():
-    targets = [out("ingest", "manifest.parquet")]
+    targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
+               out("extract", "qc", "localisation.png")]
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets

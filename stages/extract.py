@@ -1,0 +1,225 @@
+"""Stage extract: cut the small volumes every later stage trains on (Jamaludin et al. 2017, section 2.1).
+
+For each scan that localisation did not flag: 7 vertebral-body volumes (T12 to S1) and 6 disc volumes (T12-L1 to
+L5-S1), each H x W x S (height x width x slices; the paper: 224 x 224 x 9 for a body, 112 x 224 x 9 for a disc),
+centred on the structure's own middle slice (so scoliosis does not misalign them), slices zero-padded where the scan
+has too few, the in-plane crop rotated to the local axis of the spine (rows run down the spine, columns from anterior
+to posterior) and rescaled so that the structure's antero-posterior width spans ``width_fraction`` of the crop width.
+Intensities are divided so that the median intensity of the vertebral bodies above and below is 0.5. For the Hou et
+al. 2023 path, each disc also gets 3 slices through its centre resliced perpendicular to the spine (axial).
+
+Run:
+    python -m stages.extract --ingest results/ingest --localise results/localise --out results/extract --threads 2
+
+Writes ``vertebrae.npy`` (N, S, H, W), ``discs.npy`` (N, S, Hd, W), ``axial.npy`` (N, 3, Ha, Wa), float16 arrays
+written slot by slot through memory maps (the cohort is never held in memory), and ``index.parquet`` / ``.csv``: one
+row per extracted volume (array, row, scan, subject, study, days since first study, kind, level, centre, source of
+the localisation, pixel size, normalisation factor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy.ndimage import map_coordinates
+from tqdm import tqdm
+
+from stages import cli, levels
+from stages.config import validate_config
+from stages.spine_structures import slice_normal, world_to_index
+
+log = logging.getLogger("extract")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The ``extract`` section of the config (see its schema)."""
+
+    vertebra_size: tuple[int, int, int]
+    disc_size: tuple[int, int, int]
+    axial_size: tuple[int, int]
+    axial_spacing_mm: float
+    width_fraction: float
+    qc_scans: int
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None = None) -> ExtractConfig:
+        values = validate_config({"extract": dict(section or {})})["extract"]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _vec(row: Any, name: str) -> np.ndarray:
+    return np.array([getattr(row, f"{name}_x"), getattr(row, f"{name}_y"), getattr(row, f"{name}_z")], dtype=float)
+
+
+def sample_plane(volume: np.ndarray, image: sitk.Image, centre: np.ndarray, down: np.ndarray, across: np.ndarray,
+                 shape: tuple[int, int], step: float) -> np.ndarray:
+    """A rows x cols image sampled (trilinear, zero outside) on the plane through ``centre`` spanned by ``down``
+    (rows) and ``across`` (columns), ``step`` mm apart."""
+    rows, cols = shape
+    r = (np.arange(rows) - (rows - 1) / 2) * step
+    c = (np.arange(cols) - (cols - 1) / 2) * step
+    points = centre + r[:, None, None] * down + c[None, :, None] * across
+    ijk = world_to_index(image, points.reshape(-1, 3))
+    values = map_coordinates(volume, [ijk[:, 2], ijk[:, 1], ijk[:, 0]], order=1, cval=0.0, mode="constant")
+    return values.reshape(rows, cols)
+
+
+def crop(volume: np.ndarray, image: sitk.Image, structure: Any, size: tuple[int, int, int],
+         width_fraction: float) -> tuple[np.ndarray, float]:
+    """(S, H, W) crop of one structure and its pixel size (mm). Slices are the scan's own, centred on the structure's
+    middle slice; beyond the scan they are zero."""
+    height, width, n_slices = size
+    step = structure.depth_mm / (width_fraction * width)
+    spacing_z = image.GetSpacing()[2]
+    normal = slice_normal(image)
+    centre = np.array([structure.x, structure.y, structure.z])
+    mid = int(np.rint(structure.k))
+    out = np.zeros((n_slices, height, width), dtype=np.float32)
+    for s in range(n_slices):
+        k = mid + s - (n_slices - 1) // 2
+        if 0 <= k < volume.shape[0]:
+            on_slice = centre + (k - structure.k) * spacing_z * normal
+            out[s] = sample_plane(volume, image, on_slice, _vec(structure, "axis"), -_vec(structure, "ap"),
+                                  (height, width), step)
+    return out, step
+
+
+def axial_stack(volume: np.ndarray, image: sitk.Image, disc: Any, size: tuple[int, int], spacing_mm: float,
+                width_fraction: float) -> np.ndarray:
+    """(3, Ha, Wa): slices perpendicular to the spine through the disc centre and ``spacing_mm`` above and below;
+    rows run anterior to posterior, columns right to left."""
+    step = disc.depth_mm / (width_fraction * size[1])
+    axis, ap = _vec(disc, "axis"), _vec(disc, "ap")
+    lateral = np.cross(axis, ap)
+    centre = np.array([disc.x, disc.y, disc.z])
+    return np.stack([sample_plane(volume, image, centre + o * axis, -ap, lateral, size, step)
+                     for o in (-spacing_mm, 0.0, spacing_mm)])
+
+
+def body_medians(volume: np.ndarray, image: sitk.Image, structures: pd.DataFrame) -> dict[str, float]:
+    """Median intensity of the central part of each vertebral body (middle 60% of height and depth, 3 slices)."""
+    medians = {}
+    for row in structures[structures.kind == "vertebra"].itertuples():
+        core = row._replace(depth_mm=row.depth_mm * 0.6)
+        box, _ = crop(volume, image, core, (9, 9, 3), 1.0)  # 9 x 9 samples over 60% of the depth, 3 slices
+        values = box[box > 0]
+        if values.size:
+            medians[row.level] = float(np.median(values))
+    return medians
+
+
+def neighbour_reference(level: str, kind: str, medians: dict[str, float]) -> float:
+    """The median intensity that must become 0.5: the vertebral bodies above and below (a disc's, or a body's
+    neighbours; at the ends of the column, the one neighbour there is, else the body itself)."""
+    if kind == "disc":
+        around = level.split("-")
+    else:
+        i = levels.VERTEBRAE.index(level)
+        around = [levels.VERTEBRAE[j] for j in (i - 1, i + 1) if 0 <= j < len(levels.VERTEBRAE)]
+    values = [medians[n] for n in around if n in medians] or [medians.get(level, np.nan)]
+    return float(np.median(values))
+
+
+def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any]:
+    """All crops of one scan, normalised."""
+    volume_path, structures, cfg = job
+    image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
+    volume = sitk.GetArrayFromImage(image)
+    medians = body_medians(volume, image, structures)
+    out: dict[str, Any] = {"vertebrae": [], "discs": [], "axial": [], "rows": []}
+    for kind, names, size, key in (("vertebra", levels.VERTEBRAE, cfg.vertebra_size, "vertebrae"),
+                                   ("disc", levels.DISCS, cfg.disc_size, "discs")):
+        table = structures[structures.kind == kind].set_index("level")
+        for name in names:
+            row = next(table.loc[[name]].itertuples())
+            reference = neighbour_reference(name, kind, medians)
+            scale = 0.5 / reference if reference > 0 else np.nan
+            array, step = crop(volume, image, row, size, cfg.width_fraction)
+            out[key].append((array * scale).astype(np.float16))
+            if kind == "disc":
+                ax = axial_stack(volume, image, row, cfg.axial_size, cfg.axial_spacing_mm, cfg.width_fraction)
+                out["axial"].append((ax * scale).astype(np.float16))
+            out["rows"].append({"kind": kind, "level": name, "x": row.x, "y": row.y, "z": row.z,
+                                "step_mm": step, "scale": scale})
+    return out
+
+
+def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers: int = 1) -> pd.DataFrame:
+    manifest = pd.read_parquet(ingest / "manifest.parquet")
+    structures = pd.read_parquet(localise / "structures.parquet")
+    flags = pd.read_csv(localise / "flags.csv")
+    usable = manifest[~manifest.scan_id.isin(flags.scan_id)].sort_values("scan_id").reset_index(drop=True)
+    log.info("%d scans, %d flagged by localisation and skipped, %d to extract", len(manifest),
+             len(manifest) - len(usable), len(usable))
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(usable)
+    (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
+    arrays = {
+        "vertebrae": np.lib.format.open_memmap(out / "vertebrae.npy", "w+", np.float16, (n * 7, s, h, w)),
+        "discs": np.lib.format.open_memmap(out / "discs.npy", "w+", np.float16, (n * 6, sd, hd, wd)),
+        "axial": np.lib.format.open_memmap(out / "axial.npy", "w+", np.float16, (n * 6, 3, ha, wa)),
+    }
+    jobs = ((ingest / scan.volume, structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
+    index = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, (scan, result) in enumerate(tqdm(zip(usable.itertuples(), pool.map(extract_scan, jobs)), total=n,
+                                                desc="scans", mininterval=5)):
+            source = structures.loc[structures.scan_id == scan.scan_id, "source"].iloc[0]
+            counters = {"vertebra": 0, "disc": 0}
+            for row in result["rows"]:
+                j = counters[row["kind"]]
+                counters[row["kind"]] += 1
+                array, per_scan = ("vertebrae", 7) if row["kind"] == "vertebra" else ("discs", 6)
+                slot = i * per_scan + j
+                arrays[array][slot] = result[array][j]
+                if row["kind"] == "disc":
+                    arrays["axial"][slot] = result["axial"][j]
+                index.append({"array": array, "row": slot, "scan_id": scan.scan_id, "subject_id": scan.subject_id,
+                              "study_id": scan.study_id, "days_since_first_study": scan.days_since_first_study,
+                              "source": source, **row})
+    for array in arrays.values():
+        array.flush()
+    table = pd.DataFrame(index)
+    table.to_parquet(out / "index.parquet", index=False)
+    table.to_csv(out / "index.csv", index=False)
+    log.info("extracted %d vertebral bodies and %d discs from %d scans", (table.kind == "vertebra").sum(),
+             (table.kind == "disc").sum(), n)
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    cli.add_section_options(parser, "extract")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("ingest", "localise"):
+        if not getattr(args, name).is_dir():
+            parser.error(f"--{name} {getattr(args, name)} is not a folder")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
+    cli.setup_logging(args.log, "extract")
+    extract(args.ingest, args.localise, args.out, cfg, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

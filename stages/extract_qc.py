@@ -1,0 +1,138 @@
+"""Stage extract_qc: pictures a person checks: localisation on the mid-sagittal slice, and the extracted volumes.
+
+Run:
+    python -m stages.extract_qc --ingest results/ingest --localise results/localise --extract results/extract \\
+        --scans 12 --out-localisation localisation.png --out-gallery gallery.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from stages import cli, levels  # noqa: E402
+from stages.spine_structures import world_to_index  # noqa: E402
+
+log = logging.getLogger("extract_qc")
+COLOURS = {"label_map": "#4cd964", "learned": "#ff9f0a"}
+
+
+def pick_scans(structures: pd.DataFrame, flags: pd.DataFrame, n: int) -> list[str]:
+    """Up to ``n`` scans: flagged ones first (they need a look), then alternating label-map and learned ones."""
+    flagged = sorted(set(flags.scan_id) & set(structures.scan_id))
+    by_source = {s: sorted(set(g.scan_id) - set(flagged)) for s, g in structures.groupby("source")}
+    mixed = [s for pair in zip(*by_source.values()) for s in pair] if len(by_source) > 1 else []
+    rest = [s for s in sorted(set(structures.scan_id)) if s not in mixed and s not in flagged]
+    return (flagged[: n // 3] + mixed + rest)[:n]
+
+
+def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFrame, scans: list[str],
+                        out: Path) -> None:
+    manifest = pd.read_parquet(ingest / "manifest.parquet").set_index("scan_id")
+    cols = min(4, len(scans))
+    rows = int(np.ceil(len(scans) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False, facecolor="black")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, scan in zip(axes.ravel(), scans):
+        image = sitk.ReadImage(str(ingest / manifest.loc[scan, "volume"]), sitk.sitkFloat32)
+        volume = sitk.GetArrayFromImage(image)
+        table = structures[structures.scan_id == scan]
+        k = int(np.clip(np.rint(table.k.median()), 0, len(volume) - 1))
+        ax.imshow(volume[k], cmap="gray", vmin=0, vmax=np.percentile(volume[k], 99.5))
+        for s in table.itertuples():
+            centre = np.array([s.x, s.y, s.z])
+            a, p = np.array([s.axis_x, s.axis_y, s.axis_z]), np.array([s.ap_x, s.ap_y, s.ap_z])
+            corners = [centre + u * s.height_mm / 2 * a + v * s.depth_mm / 2 * p for u, v in
+                       ((-1, -1), (-1, 1), (1, 1), (1, -1), (-1, -1))]
+            ij = world_to_index(image, np.array(corners))
+            colour = COLOURS.get(s.source, "white")
+            ax.plot(ij[:, 0], ij[:, 1], color=colour, lw=0.8 if s.kind == "vertebra" else 0.6,
+                    ls="-" if s.kind == "vertebra" else ":")
+            if s.kind == "vertebra":
+                ax.text(s.i + 0.35 * s.depth_mm / image.GetSpacing()[0] + 2, s.j, s.level, color=colour, fontsize=7,
+                        va="center")
+        reasons = flags.reason[flags.scan_id == scan].tolist()
+        title = f"{scan[:13]} · {table.source.iloc[0].replace('_', ' ')}"
+        ax.set_title(title + ("\nFLAGGED: " + reasons[0][:48] if reasons else ""), fontsize=8,
+                     color="#ff453a" if reasons else "white")
+    fig.suptitle("Localisation on the mid-sagittal slice: green = from label map, orange = learned localiser; "
+                 "solid = vertebral body, dotted = disc", color="white", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, facecolor="black")
+    plt.close(fig)
+
+
+def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
+    index = pd.read_parquet(extract / "index.parquet")
+    arrays = {name: np.load(extract / f"{name}.npy", mmap_mode="r") for name in ("vertebrae", "discs", "axial")}
+    scans = list(dict.fromkeys(index.scan_id))[:n_scans]
+    panels = [("vertebrae", "vertebra", levels.VERTEBRAE), ("discs", "disc", levels.DISCS), ("axial", "disc", levels.DISCS)]
+    n_cols = sum(len(p[2]) for p in panels)
+    fig, axes = plt.subplots(len(scans), n_cols, figsize=(1.25 * n_cols, 1.5 * len(scans) + 0.8), squeeze=False,
+                             facecolor="black")
+    for r, scan in enumerate(scans):
+        c = 0
+        rows = index[index.scan_id == scan]
+        for array, kind, names in panels:
+            for name in names:
+                ax = axes[r, c]
+                ax.set_axis_off()
+                hit = rows[(rows.kind == kind) & (rows.level == name)]
+                if len(hit):
+                    volume = arrays[array][int(hit.row.iloc[0])].astype(np.float32)
+                    ax.imshow(volume[len(volume) // 2], cmap="gray", vmin=0, vmax=1.2)
+                if r == 0:
+                    ax.set_title(("axial " if array == "axial" else "") + name, color="white", fontsize=7)
+                c += 1
+        axes[r, 0].text(-0.1, 0.5, scan[:13], transform=axes[r, 0].transAxes, color="white", fontsize=6,
+                        rotation=90, va="center", ha="right")
+    fig.suptitle("Extracted volumes, middle slice: vertebral bodies (rows down the spine, anterior left), discs, and "
+                 "axial slices through each disc; intensity 0-1.2 (neighbouring bodies' median = 0.5)",
+                 color="white", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, facecolor="black")
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.extract_qc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--scans", type=int, default=12, help="Scans in the localisation figure (default: 12).")
+    parser.add_argument("--out-localisation", type=Path, required=True, help="PNG of the localisation figure.")
+    parser.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("ingest", "localise", "extract"):
+        if not getattr(args, name).is_dir():
+            parser.error(f"--{name} {getattr(args, name)} is not a folder")
+    if args.scans < 1:
+        parser.error(f"--scans must be >= 1, got {args.scans}")
+    cli.setup_logging(args.log, "extract_qc")
+    structures = pd.read_parquet(args.localise / "structures.parquet")
+    flags = pd.read_csv(args.localise / "flags.csv")
+    localisation_figure(args.ingest, structures, flags, pick_scans(structures, flags, args.scans), args.out_localisation)
+    gallery_figure(args.extract, 4, args.out_gallery)
+    log.info("wrote %s and %s", args.out_localisation, args.out_gallery)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Stage localise: the vertebral bodies T12-S1 and discs T12-L1 to L5-S1 of every scan, by level.
+
+A scan with a label map is localised from it (centre, spine axis, height, depth, width per level). A scan without
+one, or whose subject's label maps are withheld (``localise.withhold_label_fraction``, so that the demo runs both
+paths), is localised by the learned localiser (``stages.localiser``); on withheld scans its result is compared with
+the label map: centre error in mm (mean, 95th percentile) and level-labelling accuracy. Scans where localisation fails
+or is doubtful (missing levels, a transitional vertebra, levels out of order, implausible spacing) are listed in
+``flags.csv`` with the reason, and later stages skip them.
+
+Run:
+    python -m stages.localise --ingest results/ingest --model results/localise/model/localiser.pt \\
+        --out results/localise --threads 2
+
+Writes ``structures.parquet`` / ``.csv`` (one row per scan and structure; see stages.spine_structures),
+``flags.csv`` (scan_id, source, reason), ``evaluation.csv`` (per withheld structure: error, level correct) and
+``evaluation.json`` (the summary figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from stages import cli
+from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
+                              withheld_subjects)
+from stages.spine_structures import check_structures, slice_normal, structures_from_label_map
+
+log = logging.getLogger("localise")
+
+
+def load_model(path: Path) -> tuple[HeatmapUNet, LocaliseConfig]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = LocaliseConfig(**saved["config"])
+    model = HeatmapUNet(cfg.width)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), cfg
+
+
+def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None]) -> dict[str, Any]:
+    """Structures, problems and (for withheld scans) the comparison with the label map, for one scan."""
+    ingest, scan, use_label, model_path = job
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"scan_id": scan["scan_id"], "evaluation": None}
+    label_path = ingest / scan["label_map"] if scan["label_map"] else None
+    if use_label:
+        label = sitk.ReadImage(str(label_path))
+        table = structures_from_label_map(label)
+        result.update(source="label_map", structures=table,
+                      problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label)))))
+        return result
+    if model_path is None:
+        result.update(source="learned", structures=None, problems=["no label map and no learned localiser"])
+        return result
+    model, cfg = load_model(model_path)
+    image = sitk.ReadImage(str(ingest / scan["volume"]), sitk.sitkFloat32)
+    heat = predict_heatmaps(model, sitk.GetArrayFromImage(image), cfg.image_size)
+    table, problems = structures_from_heatmaps(heat, image, cfg.peak_threshold)
+    problems += check_structures(table) if len(table) else []
+    result.update(source="learned", structures=table, problems=problems)
+    if label_path is not None:
+        result["evaluation"] = compare(table, structures_from_label_map(sitk.ReadImage(str(label_path))),
+                                       slice_normal(image))
+    return result
+
+
+def summarise(evaluation: pd.DataFrame) -> dict[str, Any]:
+    if evaluation.empty:
+        return {"scans": 0}
+    found = evaluation.error_mm.dropna()
+    return {"scans": int(evaluation.scan_id.nunique()), "structures": len(evaluation),
+            "detected_fraction": float(len(found) / len(evaluation)),
+            "mean_error_mm": float(found.mean()) if len(found) else None,
+            "p95_error_mm": float(np.percentile(found, 95)) if len(found) else None,
+            "mean_in_plane_error_mm": float(evaluation.in_plane_error_mm.dropna().mean()) if len(found) else None,
+            "level_accuracy": float(evaluation.level_correct.mean()),
+            "by_kind": {k: {"mean_error_mm": float(g.error_mm.mean()), "level_accuracy": float(g.level_correct.mean())}
+                        for k, g in evaluation.groupby("kind")}}
+
+
+def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, workers: int) -> dict[str, Any]:
+    manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
+    manifest["label_map"] = manifest.label_map.fillna("")
+    hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
+    jobs = [(ingest, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path)
+            for scan in manifest.to_dict("records")]
+    structures, flags, evaluation = [], [], []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for scan, result in tqdm(zip(manifest.itertuples(), pool.map(localise_scan, jobs)), total=len(jobs),
+                                 desc="scans", mininterval=5):
+            if result["structures"] is not None and len(result["structures"]):
+                structures.append(result["structures"].assign(scan_id=scan.scan_id, subject_id=scan.subject_id,
+                                                              source=result["source"]))
+            flags += [{"scan_id": scan.scan_id, "source": result["source"], "reason": p} for p in result["problems"]]
+            if result["evaluation"] is not None:
+                evaluation.append(result["evaluation"].assign(scan_id=scan.scan_id))
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.concat(structures, ignore_index=True) if structures else pd.DataFrame()
+    front = ["scan_id", "subject_id", "source"]
+    table = table[front + [c for c in table.columns if c not in front]] if len(table) else table
+    table.to_parquet(out / "structures.parquet", index=False)
+    table.to_csv(out / "structures.csv", index=False)
+    pd.DataFrame(flags, columns=["scan_id", "source", "reason"]).to_csv(out / "flags.csv", index=False)
+    ev = pd.concat(evaluation, ignore_index=True) if evaluation else pd.DataFrame(
+        columns=["scan_id", "kind", "level", "error_mm", "in_plane_error_mm", "level_correct"])
+    ev.to_csv(out / "evaluation.csv", index=False)
+    summary = {"scans": len(manifest), "from_label_map": int(sum(j[2] for j in jobs)),
+               "learned": int(sum(not j[2] for j in jobs)), "flagged": len({f["scan_id"] for f in flags}),
+               "learned_vs_withheld_labels": summarise(ev)}
+    (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%(scans)d scans: %(from_label_map)d from label maps, %(learned)d by the learned localiser, "
+             "%(flagged)d flagged", summary)
+    if summary["learned_vs_withheld_labels"].get("scans"):
+        log.info("learned localiser on withheld scans: %s", json.dumps(summary["learned_vs_withheld_labels"]))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.localise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="The learned localiser (localiser.pt of stages.localiser_train); without it, scans "
+                             "without label maps are flagged.")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    cli.add_section_options(parser, "localise")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.ingest / "manifest.parquet").is_file():
+        parser.error(f"--ingest {args.ingest} has no manifest.parquet")
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model {args.model} is not a file")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
+    cli.setup_logging(args.log, "localise")
+    run(args.ingest, args.out, cfg, args.model, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Localisation (label maps and the learned localiser) and extraction of the vertebral-body and disc volumes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from scipy.ndimage import binary_erosion
+
+from stages import levels
+from stages import pseudonym as pn
+from stages.demo_cohort import DemoConfig, generate
+from stages.dicom_index import ClassifyRules
+from stages.extract import ExtractConfig, crop, extract
+from stages.ingest import ingest_dicom
+from stages.localise import run as localise
+from stages.localiser import LocaliseConfig
+from stages.localiser_train import run as train_localiser
+from stages.spine_structures import check_structures, structures_from_label_map
+
+EXTRACT = ExtractConfig.from_config({"vertebra_size": [32, 32, 5], "disc_size": [16, 32, 5], "axial_size": [16, 16]})
+
+
+def _ingest(cohort: Path, out: Path) -> Path:
+    truth = cohort / "truth"
+    ingest_dicom(cohort / "dicom", out, pn.load_key(cohort / "pseudonym.key"), ClassifyRules.from_config(),
+                 workers=2, label_dir=truth / "labels", gradings=truth / "gradings.csv", subjects=truth / "subjects.csv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    ingest = _ingest(tiny_cohort, root / "ingest")
+    localise(ingest, root / "localise", LocaliseConfig.from_config(), None, workers=2)
+    extract(ingest, root / "localise", root / "extract", EXTRACT, workers=2)
+    return {"ingest": ingest, "localise": root / "localise", "extract": root / "extract"}
+
+
+def test_label_map_centres_are_the_generators_truth(tiny_cohort):
+    studies = pd.read_csv(tiny_cohort / "truth" / "studies.csv")
+    marks = pd.read_csv(tiny_cohort / "truth" / "landmarks.csv")
+    for study in studies.itertuples():
+        label = sitk.ReadImage(str(tiny_cohort / study.label_map))
+        table = structures_from_label_map(label).set_index("level")
+        truth = marks[marks.series_uid == study.sag_t2_series_uid].set_index("level")
+        assert sorted(table.index) == sorted(truth.index) == sorted(levels.VERTEBRAE + levels.DISCS)
+        error = (table[["i", "j", "k"]] - truth[["i", "j", "k"]]).abs()
+        assert (error[["i", "j"]] < 1.0).all().all()
+        inside = table.width_mm < label.GetSize()[2] * label.GetSpacing()[2] - 2 * label.GetSpacing()[2]
+        assert (error.k[inside] < 1.0).all()
+        assert (table.label == truth.label).all()
+        # The spine axis points down (-z) and the AP direction anterior (-y).
+        assert (table.axis_z < -0.3).all() and (table.ap_y < -0.5).all()
+        np.testing.assert_allclose(table.loc[list(levels.VERTEBRAE), "height_mm"], truth.loc[list(levels.VERTEBRAE), "height_mm"],
+                                   atol=2 * label.GetSpacing()[1])
+
+
+def test_checks_flag_missing_levels_transitional_and_disorder(tiny_cohort):
+    study = pd.read_csv(tiny_cohort / "truth" / "studies.csv").iloc[0]
+    label = sitk.ReadImage(str(tiny_cohort / study.label_map))
+    table = structures_from_label_map(label)
+    assert check_structures(table, {19, 20}) == []
+    assert check_structures(table[table.level != "L3"]) == ["missing vertebra level(s): L3"]
+    assert any("transitional" in p for p in check_structures(table, {25}))
+    swapped = table.copy()
+    l1, l4 = swapped.index[swapped.level == "L1"][0], swapped.index[swapped.level == "L4"][0]
+    swapped.loc[[l1, l4], ["x", "y", "z"]] = swapped.loc[[l4, l1], ["x", "y", "z"]].to_numpy()
+    assert "levels out of order along the spine" in check_structures(swapped)
+
+
+def test_extracted_volumes_have_the_configured_shapes_and_index(pipeline):
+    index = pd.read_parquet(pipeline["extract"] / "index.parquet")
+    vertebrae = np.load(pipeline["extract"] / "vertebrae.npy", mmap_mode="r")
+    discs = np.load(pipeline["extract"] / "discs.npy", mmap_mode="r")
+    axial = np.load(pipeline["extract"] / "axial.npy", mmap_mode="r")
+    n = index.scan_id.nunique()
+    assert vertebrae.shape == (7 * n, 5, 32, 32) and discs.shape == (6 * n, 5, 16, 32) and axial.shape == (6 * n, 3, 16, 16)
+    assert vertebrae.dtype == np.float16
+    assert set(index.level[index.kind == "vertebra"]) == set(levels.VERTEBRAE)
+    assert {"scan_id", "subject_id", "study_id", "days_since_first_study", "kind", "level", "array", "row",
+            "source"} <= set(index.columns)
+    assert index.groupby("array").row.apply(lambda r: sorted(r) == list(range(len(r)))).all()
+    assert np.isfinite(np.asarray(vertebrae, dtype=np.float32)).all()
+
+
+def test_neighbouring_bodies_have_median_one_half(pipeline):
+    """Independent of the crop code: medians of the raw voxels inside the neighbours' label maps (their core: the
+    mask eroded in-plane, without the dark cortical rim and partial-volume edge, on the 3 middle slices), times the
+    scale."""
+    index = pd.read_parquet(pipeline["extract"] / "index.parquet")
+    manifest = pd.read_parquet(pipeline["ingest"] / "manifest.parquet").set_index("scan_id")
+    checked = 0
+    for scan, rows in index.groupby("scan_id"):
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(pipeline["ingest"] / manifest.loc[scan, "volume"])))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(pipeline["ingest"] / manifest.loc[scan, "label_map"])))
+        medians = {}
+        for name, value in levels.VERTEBRA_LABELS.items():
+            mask = binary_erosion(label == value, np.ones((1, 3, 3), bool))
+            mid = int(np.rint(np.nonzero(label == value)[0].mean()))
+            mask[: max(mid - 1, 0)] = False  # the 3 slices through the body's middle
+            mask[mid + 2:] = False
+            medians[name] = np.median(volume[mask])
+        for row in rows[rows.kind == "disc"].itertuples():
+            upper, lower = row.level.split("-")
+            reference = np.median([medians[upper], medians[lower]])
+            assert reference * row.scale == pytest.approx(0.5, rel=0.15), (row.level, reference * row.scale)
+            checked += 1
+    assert checked >= 6
+
+
+def test_normalisation_is_exact_on_piecewise_constant_bodies(pipeline, tmp_path):
+    """Each body of constant intensity 100 + 20 * (level number): every volume's scale is exactly 0.5 over the median
+    of the bodies above and below it (a body at either end of the column: its one neighbour)."""
+    ingest = tmp_path / "ingest"
+    shutil.copytree(pipeline["ingest"], ingest)
+    manifest = pd.read_parquet(ingest / "manifest.parquet").iloc[:1]
+    manifest.to_parquet(ingest / "manifest.parquet")
+    scan = manifest.iloc[0]
+    label = sitk.ReadImage(str(ingest / scan.label_map))
+    array = sitk.GetArrayFromImage(label)
+    value = {name: 100.0 + 20 * n for n, name in enumerate(levels.VERTEBRAE)}
+    flat = np.zeros(array.shape, np.float32)
+    for name, v in value.items():
+        flat[array == levels.VERTEBRA_LABELS[name]] = v
+    image = sitk.GetImageFromArray(flat)
+    image.CopyInformation(label)
+    sitk.WriteImage(image, str(ingest / scan.volume))
+    localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    index = extract(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
+    for row in index.itertuples():
+        if row.kind == "disc":
+            around = row.level.split("-")
+        else:
+            i = levels.VERTEBRAE.index(row.level)
+            around = [levels.VERTEBRAE[j] for j in (i - 1, i + 1) if 0 <= j < len(levels.VERTEBRAE)]
+        assert row.scale == pytest.approx(0.5 / np.median([value[n] for n in around]), rel=1e-6), row.level
+
+
+def test_crop_pads_missing_slices_with_zeros_and_is_deterministic(pipeline):
+    structures = pd.read_parquet(pipeline["localise"] / "structures.parquet")
+    manifest = pd.read_parquet(pipeline["ingest"] / "manifest.parquet").set_index("scan_id")
+    row = next(structures[structures.kind == "vertebra"].itertuples())
+    image = sitk.ReadImage(str(pipeline["ingest"] / manifest.loc[row.scan_id, "volume"]), sitk.sitkFloat32)
+    volume = sitk.GetArrayFromImage(image)
+    edge = row._replace(k=1.0)  # the middle slice is the scan's second: two slices of a 5-slice crop fall outside
+    array, step = crop(volume, image, edge, (32, 32, 5), 0.5)
+    assert np.all(array[0] == 0) and np.any(array[1] != 0) and np.any(array[2] != 0)
+    again, _ = crop(volume, image, edge, (32, 32, 5), 0.5)
+    assert np.array_equal(array, again)
+    assert step == pytest.approx(row.depth_mm / 16)
+
+
+def test_extraction_is_reproducible(pipeline, tmp_path):
+    extract(pipeline["ingest"], pipeline["localise"], tmp_path / "again", EXTRACT, workers=1)
+    for name in ("vertebrae", "discs", "axial"):
+        assert np.array_equal(np.load(tmp_path / "again" / f"{name}.npy"), np.load(pipeline["extract"] / f"{name}.npy"))
+
+
+def test_a_damaged_label_map_is_flagged_and_skipped_not_fatal(pipeline, tmp_path):
+    ingest = tmp_path / "ingest"
+    shutil.copytree(pipeline["ingest"], ingest)
+    manifest = pd.read_parquet(ingest / "manifest.parquet")
+    victim = manifest.iloc[0]
+    label = sitk.ReadImage(str(ingest / victim.label_map))
+    array = sitk.GetArrayFromImage(label)
+    array[array == levels.VERTEBRA_LABELS["L3"]] = 0
+    damaged = sitk.GetImageFromArray(array)
+    damaged.CopyInformation(label)
+    sitk.WriteImage(damaged, str(ingest / victim.label_map))
+    summary = localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    flags = pd.read_csv(tmp_path / "localise" / "flags.csv")
+    assert summary["flagged"] == 1 and list(flags.scan_id) == [victim.scan_id]
+    assert flags.reason.iloc[0] == "missing vertebra level(s): L3"
+    index = extract(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
+    assert victim.scan_id not in set(index.scan_id) and index.scan_id.nunique() == len(manifest) - 1
+
+
+def test_scan_without_label_map_and_without_localiser_is_flagged(pipeline, tmp_path):
+    ingest = tmp_path / "ingest"
+    shutil.copytree(pipeline["ingest"], ingest)
+    manifest = pd.read_parquet(ingest / "manifest.parquet")
+    manifest.loc[0, "label_map"] = ""
+    manifest.to_parquet(ingest / "manifest.parquet")
+    localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    flags = pd.read_csv(tmp_path / "localise" / "flags.csv")
+    assert flags.reason.tolist() == ["no label map and no learned localiser"]
+
+
+@pytest.mark.slow
+def test_learned_localiser_on_held_out_scans(tmp_path_factory):
+    """Trained on half the subjects' label maps, measured against the other half's. Generous bounds: the figures
+    of the default demo run are in the README."""
+    root = tmp_path_factory.mktemp("learned")
+    cohort = root / "cohort"
+    generate(DemoConfig.from_config({"seed": 5, "n_subjects": 16, "matrix": 96, "slices": 9, "bad_files": False}),
+             cohort, workers=2)
+    ingest = _ingest(cohort, root / "ingest")
+    cfg = LocaliseConfig.from_config({"withhold_label_fraction": 0.5, "epochs": 30, "image_size": 64, "width": 8})
+    model = train_localiser(ingest, root / "model", cfg)
+    summary = localise(ingest, root / "localise", cfg, model, workers=2)["learned_vs_withheld_labels"]
+    assert summary["scans"] >= 6
+    assert summary["detected_fraction"] > 0.8
+    assert summary["level_accuracy"] > 0.6
+    assert summary["mean_in_plane_error_mm"] < 20
+    evaluation = pd.read_csv(root / "localise" / "evaluation.csv")
+    right = evaluation[evaluation.level_correct]
+    assert right.in_plane_error_mm.median() < 6

@@ -1,0 +1,69 @@
+# Extraction: the vertebral-body and disc volumes (and axial disc slices) of every unflagged scan, in an array store.
+
+
+rule extract:
+    input:
+        code=[src("extract"), src("spine_structures")],
+        manifest=rules.ingest.output.manifest,
+        volumes=rules.ingest.output.volumes,
+        structures=rules.localise.output.structures,
+        flags=rules.localise.output.flags,
+    output:
+        vertebrae=out("extract", "vertebrae.npy"),
+        discs=out("extract", "discs.npy"),
+        axial=out("extract", "axial.npy"),
+        index=out("extract", "index.parquet"),
+        index_csv=out("extract", "index.csv"),
+    params:
+        ingest=out("ingest"),
+        localise=out("localise"),
+        root=out("extract"),
+        options=lambda wildcards: section_options(config["extract"]),
+    log:
+        logs("extract", "extract"),
+    benchmark:
+        bench("extract", "extract")
+    threads: 8
+    resources:
+        mem_mb=lambda wildcards, threads: 1000 + 700 * threads,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "python -m stages.extract --ingest {params.ingest} --localise {params.localise} --out {params.root} "
+        "--threads {threads} {params.options} > {log} 2>&1"
+
+
+rule extract_qc:
+    input:
+        code=src("extract_qc"),
+        manifest=rules.ingest.output.manifest,
+        structures=rules.localise.output.structures,
+        flags=rules.localise.output.flags,
+        index=rules.extract.output.index,
+        vertebrae=rules.extract.output.vertebrae,
+        discs=rules.extract.output.discs,
+        axial=rules.extract.output.axial,
+    output:
+        localisation=report(out("extract", "qc", "localisation.png"), caption="../report/localisation_qc.rst",
+                            category="Localisation and extraction"),
+        gallery=report(out("extract", "qc", "gallery.png"), caption="../report/extraction_gallery.rst",
+                       category="Localisation and extraction"),
+    params:
+        ingest=out("ingest"),
+        localise=out("localise"),
+        extract=out("extract"),
+        scans=config["extract"]["qc_scans"],
+    log:
+        logs("extract", "extract_qc"),
+    benchmark:
+        bench("extract", "extract_qc")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        ENV
+    shell:
+        "python -m stages.extract_qc --ingest {params.ingest} --localise {params.localise} --extract {params.extract} "
+        "--scans {params.scans} --out-localisation {output.localisation} --out-gallery {output.gallery} > {log} 2>&1"

@@ -1,0 +1,61 @@
+# Localisation of vertebral bodies and discs: a learned localiser trained on the scans with label maps, then every
+# scan localised (from its label map, or by the localiser), with doubtful scans flagged.
+
+
+rule localiser_train:
+    input:
+        code=[src("localiser_train"), src("localiser"), src("spine_structures")],
+        manifest=rules.ingest.output.manifest,
+        labels=rules.ingest.output.labels,
+    output:
+        model=out("localise", "model", "localiser.pt"),
+        history=out("localise", "model", "training.csv"),
+        scans=out("localise", "model", "training_scans.csv"),
+    params:
+        ingest=out("ingest"),
+        root=out("localise", "model"),
+        options=lambda wildcards: section_options(config["localise"]),
+    log:
+        logs("localise", "localiser_train"),
+    benchmark:
+        bench("localise", "localiser_train")
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "python -m stages.localiser_train --ingest {params.ingest} --out {params.root} --threads {threads} "
+        "{params.options} > {log} 2>&1"
+
+
+rule localise:
+    input:
+        code=[src("localise"), src("localiser"), src("spine_structures")],
+        manifest=rules.ingest.output.manifest,
+        labels=rules.ingest.output.labels,
+        model=rules.localiser_train.output.model,
+    output:
+        structures=out("localise", "structures.parquet"),
+        structures_csv=out("localise", "structures.csv"),
+        flags=out("localise", "flags.csv"),
+        evaluation=out("localise", "evaluation.csv"),
+        summary=out("localise", "evaluation.json"),
+    params:
+        ingest=out("ingest"),
+        root=out("localise"),
+        options=lambda wildcards: section_options(config["localise"]),
+    log:
+        logs("localise", "localise"),
+    benchmark:
+        bench("localise", "localise")
+    threads: 8
+    resources:
+        mem_mb=lambda wildcards, threads: 1000 + 500 * threads,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "python -m stages.localise --ingest {params.ingest} --model {input.model} --out {params.root} "
+        "--threads {threads} {params.options} > {log} 2>&1"
