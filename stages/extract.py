@@ -163,11 +163,18 @@ def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers
     out.mkdir(parents=True, exist_ok=True)
     n = len(usable)
     (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
-    arrays = {
-        "vertebrae": np.lib.format.open_memmap(out / "vertebrae.npy", "w+", np.float16, (n * 7, s, h, w)),
-        "discs": np.lib.format.open_memmap(out / "discs.npy", "w+", np.float16, (n * 6, sd, hd, wd)),
-        "axial": np.lib.format.open_memmap(out / "axial.npy", "w+", np.float16, (n * 6, 3, ha, wa)),
-    }
+    shapes = {"vertebrae": (n * 7, s, h, w), "discs": (n * 6, sd, hd, wd), "axial": (n * 6, 3, ha, wa)}
+    if n == 0:  # nothing usable: empty arrays and index, said in the log (and in the localise flags)
+        for name, shape in shapes.items():
+            np.save(out / f"{name}.npy", np.zeros(shape, np.float16))
+        empty = pd.DataFrame(columns=["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study",
+                                      "source", "kind", "level", "x", "y", "z", "step_mm", "scale"])
+        empty.to_parquet(out / "index.parquet", index=False)
+        empty.to_csv(out / "index.csv", index=False)
+        log.warning("no scan to extract: every scan was flagged by localisation (see its flags.csv)")
+        return empty
+    arrays = {name: np.lib.format.open_memmap(out / f"{name}.npy", "w+", np.float16, shape)
+              for name, shape in shapes.items()}
     jobs = ((ingest / scan.volume, structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
     index = []
     with ProcessPoolExecutor(max_workers=workers) as pool:

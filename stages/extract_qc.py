@@ -35,8 +35,19 @@ def pick_scans(structures: pd.DataFrame, flags: pd.DataFrame, n: int) -> list[st
     return (flagged[: n // 3] + mixed + rest)[:n]
 
 
+def _message_figure(text: str, out: Path) -> None:
+    fig = plt.figure(figsize=(8, 2), facecolor="black")
+    fig.text(0.5, 0.5, text, color="white", ha="center", va="center", fontsize=11, wrap=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, facecolor="black")
+    plt.close(fig)
+
+
 def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFrame, scans: list[str],
                         out: Path) -> None:
+    if not scans:
+        _message_figure("No scan could be localised (see localise/flags.csv).", out)
+        return
     manifest = pd.read_parquet(ingest / "manifest.parquet").set_index("scan_id")
     cols = min(4, len(scans))
     rows = int(np.ceil(len(scans) / cols))
@@ -75,6 +86,9 @@ def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFr
 
 def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
     index = pd.read_parquet(extract / "index.parquet")
+    if index.empty:
+        _message_figure("No volume was extracted: every scan was flagged by localisation (see localise/flags.csv).", out)
+        return
     arrays = {name: np.load(extract / f"{name}.npy", mmap_mode="r") for name in ("vertebrae", "discs", "axial")}
     scans = list(dict.fromkeys(index.scan_id))[:n_scans]
     panels = [("vertebrae", "vertebra", levels.VERTEBRAE), ("discs", "disc", levels.DISCS), ("axial", "disc", levels.DISCS)]

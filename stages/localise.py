@@ -34,14 +34,17 @@ from tqdm import tqdm
 from stages import cli
 from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
                               withheld_subjects)
-from stages.spine_structures import check_structures, slice_normal, structures_from_label_map
+from stages.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
 
 log = logging.getLogger("localise")
 
 
-def load_model(path: Path) -> tuple[HeatmapUNet, LocaliseConfig]:
+def load_model(path: Path) -> tuple[HeatmapUNet | None, LocaliseConfig]:
+    """The localiser saved by stages.localiser_train; None when it could not be trained (no label maps)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = LocaliseConfig(**saved["config"])
+    if saved["state_dict"] is None:
+        return None, cfg
     model = HeatmapUNet(cfg.width)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), cfg
@@ -59,10 +62,12 @@ def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None]) -> dict[s
         result.update(source="label_map", structures=table,
                       problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label)))))
         return result
-    if model_path is None:
-        result.update(source="learned", structures=None, problems=["no label map and no learned localiser"])
+    model, cfg = load_model(model_path) if model_path is not None else (None, None)
+    if model is None:
+        why = "no label map and no learned localiser" if model_path is None else \
+            "no label map, and the localiser is untrained (no scan had a label map to train it on)"
+        result.update(source="learned", structures=None, problems=[why])
         return result
-    model, cfg = load_model(model_path)
     image = sitk.ReadImage(str(ingest / scan["volume"]), sitk.sitkFloat32)
     heat = predict_heatmaps(model, sitk.GetArrayFromImage(image), cfg.image_size)
     table, problems = structures_from_heatmaps(heat, image, cfg.peak_threshold)
@@ -105,9 +110,9 @@ def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, w
             if result["evaluation"] is not None:
                 evaluation.append(result["evaluation"].assign(scan_id=scan.scan_id))
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.concat(structures, ignore_index=True) if structures else pd.DataFrame()
     front = ["scan_id", "subject_id", "source"]
-    table = table[front + [c for c in table.columns if c not in front]] if len(table) else table
+    table = pd.concat(structures, ignore_index=True) if structures else pd.DataFrame(columns=front + COLUMNS)
+    table = table[front + [c for c in table.columns if c not in front]]
     table.to_parquet(out / "structures.parquet", index=False)
     table.to_csv(out / "structures.csv", index=False)
     pd.DataFrame(flags, columns=["scan_id", "source", "reason"]).to_csv(out / "flags.csv", index=False)

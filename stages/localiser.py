@@ -149,7 +149,7 @@ def train(samples: list[tuple[torch.Tensor, torch.Tensor]], cfg: LocaliseConfig)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         schedule.step()
         history.append({"epoch": epoch + 1, "loss": total / len(x)})
         if (epoch + 1) % 10 == 0 or epoch == 0:

@@ -35,13 +35,20 @@ def training_scans(manifest: pd.DataFrame, cfg: LocaliseConfig) -> pd.DataFrame:
 def run(ingest: Path, out: Path, cfg: LocaliseConfig) -> Path:
     manifest = pd.read_parquet(ingest / "manifest.parquet")
     scans = training_scans(manifest, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "localiser.pt"
     if scans.empty:
-        raise RuntimeError("no scan with a label map to train the localiser on (cohort.label_dir, or fewer withheld)")
+        # Not an error: the cohort may be localised from label maps only. The localise stage flags every scan that
+        # would have needed the localiser.
+        log.warning("no scan with a label map to train the localiser on (cohort.label_dir, or fewer withheld): "
+                    "the localiser stays untrained")
+        torch.save({"state_dict": None, "config": dataclasses.asdict(cfg)}, path)
+        pd.DataFrame(columns=["epoch", "loss"]).to_csv(out / "training.csv", index=False)
+        scans[["scan_id", "subject_id"]].to_csv(out / "training_scans.csv", index=False)
+        return path
     log.info("training on %d labelled scans of %d subjects", len(scans), scans.subject_id.nunique())
     samples = [training_samples(str(ingest / s.volume), str(ingest / s.label_map), cfg) for s in scans.itertuples()]
     model, history = train(samples, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "localiser.pt"
     torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(cfg)}, path)
     pd.DataFrame(history).to_csv(out / "training.csv", index=False)
     scans[["scan_id", "subject_id"]].to_csv(out / "training_scans.csv", index=False)
@@ -69,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
     cli.setup_logging(args.log, "localiser_train")
     torch.set_num_threads(args.threads)
-    try:
-        run(args.ingest, args.out, cfg)
-    except RuntimeError as err:
-        log.error("%s", err)
-        return 1
+    run(args.ingest, args.out, cfg)
     return 0
 
 

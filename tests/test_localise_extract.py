@@ -200,7 +200,8 @@ def test_learned_localiser_on_held_out_scans(tmp_path_factory):
     generate(DemoConfig.from_config({"seed": 5, "n_subjects": 16, "matrix": 96, "slices": 9, "bad_files": False}),
              cohort, workers=2)
     ingest = _ingest(cohort, root / "ingest")
-    cfg = LocaliseConfig.from_config({"withhold_label_fraction": 0.5, "epochs": 30, "image_size": 64, "width": 8})
+    cfg = LocaliseConfig.from_config({"withhold_label_fraction": 0.5, "epochs": 100, "image_size": 64, "width": 8,
+                                      "batch_size": 8})
     model = train_localiser(ingest, root / "model", cfg)
     summary = localise(ingest, root / "localise", cfg, model, workers=2)["learned_vs_withheld_labels"]
     assert summary["scans"] >= 6

@@ -133,6 +133,10 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     assert second.returncode == 0, second.stdout[-3000:]
     read_back = pd.read_parquet(tmp_path / "vols" / "ingest" / "manifest.parquet")
     assert len(read_back) == len(theirs)
+    # No label maps at all: nothing to train the localiser on, so every scan is flagged and nothing extracted.
+    flags = pd.read_csv(tmp_path / "vols" / "localise" / "flags.csv")
+    assert set(flags.scan_id) == set(read_back.scan_id) and flags.reason.str.contains("untrained").all()
+    assert pd.read_parquet(tmp_path / "vols" / "extract" / "index.parquet").empty
     assert sorted(read_back.days_since_first_study) == sorted(theirs.days_since_first_study)
 
 
