@@ -81,3 +81,9 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
         lines = [f"  {_key_path(e)}: {e.message}; {_allowed(e)}".rstrip("; ") for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     return filled
+
+
+def section_config(cls: type, section: str, values: dict[str, Any] | None = None) -> Any:
+    """Build dataclass ``cls`` from a (partial) config section: validated, defaults filled, lists as tuples."""
+    filled = validate_config({section: dict(values or {})})[section]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in filled.items()})

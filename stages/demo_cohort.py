@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from stages import cli
 from stages import phantom as ph
-from stages.config import validate_config
+from stages.config import section_config
 from stages import synth_dicom as sd
 
 log = logging.getLogger("demo_cohort")
@@ -93,8 +93,7 @@ class DemoConfig:
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> DemoConfig:
         """Validate a (partial) ``demo`` section against the schema, fill its defaults, and build the config."""
-        values = validate_config({"demo": dict(section or {})})["demo"]
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return section_config(cls, "demo", section)
 
     def __post_init__(self) -> None:
         for name in ("followup_years", "age_range"):

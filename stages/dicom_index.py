@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from stages.config import validate_config
+from stages.config import section_config
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 PIXEL_DATA = 0x7FE00010
@@ -172,9 +172,8 @@ class ClassifyRules:
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> ClassifyRules:
-        """Validate a (partial) ``ingest`` section against the schema, fill its defaults, and build the rules."""
-        values = validate_config({"ingest": dict(section or {})})["ingest"]
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        """Validate a (partial) ``ingest`` section against the schema, fill its defaults, and build the config."""
+        return section_config(cls, "ingest", section)
 
     @property
     def description_hints(self) -> dict[str, str]:

@@ -33,7 +33,7 @@ from scipy.ndimage import map_coordinates
 from tqdm import tqdm
 
 from stages import cli, levels
-from stages.config import validate_config
+from stages.config import section_config
 from stages.spine_structures import slice_normal, world_to_index
 
 log = logging.getLogger("extract")
@@ -52,8 +52,8 @@ class ExtractConfig:
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> ExtractConfig:
-        values = validate_config({"extract": dict(section or {})})["extract"]
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        """Validate a (partial) ``extract`` section against the schema, fill its defaults, and build the config."""
+        return section_config(cls, "extract", section)
 
 
 def _vec(row: Any, name: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from scipy.ndimage import maximum_filter
 from torch import nn
 
 from stages import levels
-from stages.config import validate_config
+from stages.config import section_config
 from stages.spine_structures import COLUMNS, in_plane_axes, index_to_world, slice_normal, structures_from_label_map
 
 log = logging.getLogger("localiser")
@@ -47,8 +47,8 @@ class LocaliseConfig:
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> LocaliseConfig:
-        values = validate_config({"localise": dict(section or {})})["localise"]
-        return cls(**values)
+        """Validate a (partial) ``localise`` section against the schema, fill its defaults, and build the config."""
+        return section_config(cls, "localise", section)
 
 
 def withheld_subjects(subjects: list[str], fraction: float, seed: int) -> set[str]:
