@@ -18,6 +18,7 @@ include: "workflow/rules/demo_cohort.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/localise.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/splits.smk"
 
 
 rule all:

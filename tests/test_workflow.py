@@ -46,6 +46,10 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     manifest = pd.read_parquet(results / "ingest" / "manifest.parquet")
     assert len(manifest) == len(studies)
     assert all((results / "ingest" / v).is_file() for v in manifest.volume)
+    splits = pd.read_parquet(results / "splits" / "subjects.parquet")
+    held_out = splits[splits.downstream_part.isin(["val", "test"])]
+    assert (held_out.ssl_part == "excluded").all()
+    assert set(pd.read_parquet(results / "splits" / "pairs.parquet").part) <= {"train", "val", "test"}
     files = pd.read_csv(results / "ingest" / "files.csv")
     assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
 
@@ -91,7 +95,7 @@ def test_dry_run_shows_the_dag(tmp_path):
     run = snakemake(tmp_path, "-n", "--configfile", str(TINY))
     assert run.returncode == 0, run.stderr
     text = run.stdout + run.stderr
-    for rule in ("demo_cohort", "demo_montage", "ingest", "all"):
+    for rule in ("demo_cohort", "demo_montage", "ingest", "localise", "extract", "splits", "all"):
         assert rule in text
     assert not (tmp_path / "results").exists()
 

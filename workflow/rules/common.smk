@@ -74,7 +74,7 @@ def ingest_stage():
 
 def all_targets():
     targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
-               out("extract", "qc", "localisation.png")]
+               out("extract", "qc", "localisation.png"), out("splits", "summary.json")]
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets
