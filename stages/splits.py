@@ -175,7 +175,11 @@ def make_pairs(volumes: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
 def volume_labels(index: pd.DataFrame, gradings: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Every extracted volume with its labels (level; a disc's Pfirrmann grade and herniation where graded) and
     its parts in both splits."""
-    out = index.merge(gradings, on=["subject_id", "study_id", "level"], how="left")
+    keys = ["subject_id", "study_id", "level"]
+    if set(keys) <= set(gradings.columns):
+        out = index.merge(gradings, on=keys, how="left")
+    else:  # no gradings table (e.g. an unlabelled cohort): volumes carry their level only
+        out = index.copy()
     return out.merge(table[["subject_id", "family_id", "ssl_part", "downstream_part"]], on="subject_id", how="left")
 
 
