@@ -28,6 +28,17 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (worker counts, numbers of subjects or scans to show)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
     """Add ``--key`` for every key of config section ``section`` (help, type and default from the schema)."""
     props = load_schema()["properties"][section]["properties"]

@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.demo_cohort", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True,
                         help="Folder to write the cohort into; its dicom/ and truth/ must be empty or absent.")
-    parser.add_argument("--threads", type=int, default=1, help="Worker processes (one subject per task; default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (one subject per task; default: 1).")
     cli.add_section_options(parser, "demo")
     cli.add_log_option(parser)
     return parser
@@ -480,8 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = DemoConfig.from_config(cli.section_from_args(args, "demo", parser))
     cli.setup_logging(args.log, "demo_cohort")
     generate(cfg, args.out, args.threads)

@@ -84,7 +84,7 @@ def montage(cohort: Path, n_subjects: int, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.demo_montage", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort", type=Path, required=True, help="Folder written by stages.demo_cohort.")
-    parser.add_argument("--subjects", type=int, default=3, help="Number of subjects (rows) to show (default: 3).")
+    parser.add_argument("--subjects", type=cli.positive_int, default=3, help="Number of subjects (rows) to show (default: 3).")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write.")
     cli.add_log_option(parser)
     return parser
@@ -93,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.subjects < 1:
-        parser.error(f"--subjects must be >= 1, got {args.subjects}")
     if not (args.cohort / "truth" / "studies.csv").is_file():
         parser.error(f"--cohort {args.cohort} has no truth/studies.csv; run stages.demo_cohort first")
     cli.setup_logging(args.log, "demo_montage")

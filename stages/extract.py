@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
     parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     cli.add_section_options(parser, "extract")
     cli.add_log_option(parser)
     return parser
@@ -220,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("ingest", "localise"):
         if not getattr(args, name).is_dir():
             parser.error(f"--{name} {getattr(args, name)} is not a folder")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
     cli.setup_logging(args.log, "extract")
     extract(args.ingest, args.localise, args.out, cfg, args.threads)

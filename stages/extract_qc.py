@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
     parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
     parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
-    parser.add_argument("--scans", type=int, default=12, help="Scans in the localisation figure (default: 12).")
+    parser.add_argument("--scans", type=cli.positive_int, default=12, help="Scans in the localisation figure (default: 12).")
     parser.add_argument("--out-localisation", type=Path, required=True, help="PNG of the localisation figure.")
     parser.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
     cli.add_log_option(parser)
@@ -137,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("ingest", "localise", "extract"):
         if not getattr(args, name).is_dir():
             parser.error(f"--{name} {getattr(args, name)} is not a folder")
-    if args.scans < 1:
-        parser.error(f"--scans must be >= 1, got {args.scans}")
     cli.setup_logging(args.log, "extract_qc")
     structures = pd.read_parquet(args.localise / "structures.parquet")
     flags = pd.read_csv(args.localise / "flags.csv")

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Optional CSV with patient_id, study_uid and label columns, written pseudonymised.")
     parser.add_argument("--subjects", type=Path, default=None,
                         help="Optional CSV with patient_id (and family_id, sex, age...), written pseudonymised.")
-    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     cli.add_section_options(parser, "ingest")
     cli.add_log_option(parser)
     return parser
@@ -343,8 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     for name in ("dicom_dir", "label_dir"):
         value = getattr(args, name)
         if value is not None and not value.is_dir():

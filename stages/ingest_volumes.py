@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--key-file", type=Path, default=None,
                         help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
-    parser.add_argument("--threads", type=int, default=1, help="Threads for reading and writing images (default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Threads for reading and writing images (default: 1).")
     parser.add_argument("--gradings", type=Path, default=None, help="Optional gradings CSV (patient_id = subject).")
     parser.add_argument("--subjects", type=Path, default=None, help="Optional subjects CSV (patient_id = subject).")
     cli.add_log_option(parser)
@@ -163,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.table.is_file():
         parser.error(f"--table {args.table} is not a file")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     try:
         key = pn.load_key(args.key_file)

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The learned localiser (localiser.pt of stages.localiser_train); without it, scans "
                              "without label maps are flagged.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    parser.add_argument("--threads", type=int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     cli.add_section_options(parser, "localise")
     cli.add_log_option(parser)
     return parser
@@ -150,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ingest {args.ingest} has no manifest.parquet")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model} is not a file")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
     cli.setup_logging(args.log, "localise")
     run(args.ingest, args.out, cfg, args.model, args.threads)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.localiser_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder for the model.")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (default: 1).")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="PyTorch CPU threads (default: 1).")
     cli.add_section_options(parser, "localise")
     cli.add_log_option(parser)
     return parser
@@ -71,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.ingest / "manifest.parquet").is_file():
         parser.error(f"--ingest {args.ingest} has no manifest.parquet")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
     cli.setup_logging(args.log, "localiser_train")
     torch.set_num_threads(args.threads)
