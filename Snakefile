@@ -19,6 +19,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/localise.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/splits.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 rule all:

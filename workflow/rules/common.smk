@@ -72,9 +72,19 @@ def ingest_stage():
     return "ingest_volumes" if config["cohort"]["source"] == "volumes" else "ingest"
 
 
+METHODS_PATTERN = "|".join(config["pretrain"]["methods"])
+
+
+def pretrain_launcher():
+    """`python`, or `torchrun` with one process per GPU when a pretraining job asks for 2 or more GPUs (DDP)."""
+    gpus = config["pretrain"]["gpus"]
+    return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
+
+
 def all_targets():
     targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
                out("extract", "qc", "localisation.png"), out("splits", "summary.json")]
+    targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets

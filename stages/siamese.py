@@ -1,0 +1,182 @@
+"""The longitudinal Siamese network of Jamaludin, Kadir and Zisserman 2017 (sections 2.2-2.4): a VGG-M-like 3D CNN on
+vertebral-body volumes, a contrastive loss on same-subject-years-apart pairs, and a class-balanced vertebral-level loss.
+
+Shapes: a volume batch is ``(N, S, H, W)`` (slices, rows, columns; the paper's 9 x 224 x 224). Conv1 to Conv4 are 3D;
+Conv4's kernel spans all S slices without padding, which removes the slice axis; Conv5 is 2D; FC7 is the embedding
+(1024-d in the paper) and FC8 classifies the 7 vertebral levels T12 ... S1.
+
+Deviation from VGG-M, stated: local response normalisation is replaced by group normalisation. Both normalise each
+sample on its own (unlike batch normalisation), which keeps a multi-process (DDP) step equal to a single-process step
+on the same global batch; group normalisation trains more reliably from scratch on small cohorts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.levels import VERTEBRAE
+
+N_LEVELS = len(VERTEBRAE)   # FC8: T12, L1 ... L5, S1
+VGG_M_CHANNELS = (96, 256, 512, 512, 512)
+VGG_M_FC6 = 4096
+
+
+def _channels(base: int, width: float) -> int:
+    """VGG-M's channel count scaled by ``width``, rounded to a multiple of 8 (at least 8) for group normalisation."""
+    return max(8, int(round(base * width / 8)) * 8)
+
+
+def _norm(channels: int, dims: int) -> nn.Module:
+    return nn.GroupNorm(channels // 8, channels) if dims else nn.Identity()
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild an encoder from its weights (saved next to them in ``encoder.pt``)."""
+
+    slices: int
+    height: int
+    width_px: int
+    width: float = 1.0
+    embedding_dim: int = 1024
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0, got {self.width}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        rows, cols = self.conv5_size()
+        if rows < 1 or cols < 1:
+            raise ValueError(
+                f"vertebral volumes of {self.height} x {self.width_px} pixels are too small for this network: after "
+                "Conv1-Conv3 and two poolings Conv4 (3 x 3, unpadded) needs at least 3 x 3; use crops of at least "
+                "48 x 48 pixels (extract.vertebra_size)")
+
+    def conv5_size(self) -> tuple[int, int]:
+        """Rows and columns after Conv5's pooling, for this input size."""
+        def side(n: int) -> int:
+            n = (n - 1) // 2 + 1       # conv1, stride 2, padding 3, kernel 7
+            n //= 2                    # pool
+            n = (n - 1) // 2 + 1       # conv2, stride 2, padding 2, kernel 5
+            n //= 2                    # pool
+            n -= 2                     # conv4, 3 x 3 unpadded (conv3 and conv5 keep the size)
+            return (n + 1) // 2        # pool after conv5 (ceil mode: a 1 x 1 map survives)
+        return side(self.height), side(self.width_px)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VggM3dEncoder(nn.Module):
+    """Conv1-Conv5 and FC6-FC7: ``(N, S, H, W)`` -> ``(N, embedding_dim)``."""
+
+    def __init__(self, spec: EncoderSpec):
+        super().__init__()
+        self.spec = spec
+        c1, c2, c3, c4, c5 = (_channels(c, spec.width) for c in VGG_M_CHANNELS)
+        self.conv = nn.Sequential(
+            nn.Conv3d(1, c1, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3)), _norm(c1, 3), nn.ReLU(inplace=True),
+            nn.MaxPool3d((1, 2, 2)),
+            nn.Conv3d(c1, c2, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), _norm(c2, 3), nn.ReLU(inplace=True),
+            nn.MaxPool3d((1, 2, 2)),
+            nn.Conv3d(c2, c3, 3, padding=1), _norm(c3, 3), nn.ReLU(inplace=True),
+            nn.Conv3d(c3, c4, (spec.slices, 3, 3)), _norm(c4, 3), nn.ReLU(inplace=True),   # removes the slice axis
+        )
+        self.conv5 = nn.Sequential(nn.Conv2d(c4, c5, 3, padding=1), _norm(c5, 2), nn.ReLU(inplace=True),
+                                   nn.MaxPool2d(2, ceil_mode=True))
+        rows, cols = spec.conv5_size()
+        fc6 = _channels(VGG_M_FC6, spec.width)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c5 * rows * cols, fc6), nn.ReLU(inplace=True),
+                                nn.Dropout(spec.dropout), nn.Linear(fc6, spec.embedding_dim))   # FC6, FC7
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        # FC7 starts small, so that the first pairs are closer than the contrastive margin: a large first loss would
+        # otherwise push the ReLUs below into a dead, constant embedding.
+        nn.init.normal_(self.fc[-1].weight, std=0.1 / math.sqrt(self.fc[-1].in_features))
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv5's output before pooling, ``(N, C, h, w)``: the deepest convolutional maps (for Grad-CAM)."""
+        if x.dim() != 4 or x.shape[1] != self.spec.slices:
+            raise ValueError(f"expected volumes (N, {self.spec.slices}, H, W), got {tuple(x.shape)}")
+        h = self.conv(x.unsqueeze(1)).squeeze(2)
+        return self.conv5[:-1](h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv5[-1](self.feature_maps(x)))
+
+
+class SiameseNet(nn.Module):
+    """One encoder applied to both volumes of a pair (shared weights), and FC8 over the vertebral levels."""
+
+    def __init__(self, spec: EncoderSpec):
+        super().__init__()
+        self.encoder = VggM3dEncoder(spec)
+        self.fc8 = nn.Linear(spec.embedding_dim, N_LEVELS)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the FC7 embeddings of ``a`` and ``b`` (``(n, D)`` each) and the level logits of both,
+        ``(2n, 7)`` (``a`` first)."""
+        emb = self.encoder(torch.cat([a, b]))
+        ea, eb = emb.chunk(2)
+        return ea, eb, self.fc8(F.relu(emb))
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss (Hadsell et al. 2006; Jamaludin et al. 2017, eq. 1), averaged over the pairs:
+
+        L_C = 1/N sum_n [ y_n d_n^2 + (1 - y_n) max(0, m - d_n)^2 ],   d_n = ||e_a,n - e_b,n||_2
+
+    ``ea``, ``eb``: ``(N, D)`` embeddings; ``y``: ``(N,)``, 1 for a positive (same subject) pair, 0 for a negative.
+    The mean (not the sum) keeps the loss independent of the batch size, and equal across processes under DDP.
+    """
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        if margin <= 0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        self.margin = margin
+
+    def forward(self, ea: torch.Tensor, eb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        squared = (ea.float() - eb.float()).pow(2).sum(dim=1)
+        d = squared.clamp_min(1e-12).sqrt()
+        y = y.float()
+        return (y * squared + (1 - y) * F.relu(self.margin - d).pow(2)).mean()
+
+
+def class_balanced_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """alpha_c = N / (C' n_c) for each class present (C' classes present, n_c samples of class c among N), 0 for an
+    absent class: every present class then carries the same total weight, and sum_n alpha_{y_n} = N."""
+    counts = torch.bincount(labels.long(), minlength=n_classes).double()
+    present = counts > 0
+    if not present.any():
+        raise ValueError("no labels to weight")
+    weights = torch.zeros(n_classes, dtype=torch.float64)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights.float()
+
+
+class BalancedCrossEntropy(nn.Module):
+    """Class-balanced classification loss (Jamaludin et al. 2017, eq. 2): L_cls = 1/N sum_n -alpha_{y_n} log p_n(y_n).
+
+    ``logits``: ``(N, C)``; ``target``: ``(N,)`` class indices; ``alpha``: ``(C,)`` from :func:`class_balanced_weights`
+    over the training set. Normalised by N (not by the sum of the batch's weights) so that it is a plain mean over
+    samples: equal under DDP to one process on the global batch.
+    """
+
+    def __init__(self, alpha: torch.Tensor):
+        super().__init__()
+        self.register_buffer("alpha", alpha.float())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits.float(), target, reduction="none")
+        return (self.alpha[target] * per_sample).mean()

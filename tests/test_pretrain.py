@@ -1,0 +1,178 @@
+"""The pretraining harness: it reads only what the splits allow, reproduces, resumes after SIGKILL exactly, and DDP
+over 2 gloo processes equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from ssl_data import write_ssl_data
+from stages.pretrain import (METRIC_COLUMNS, TIMING_COLUMNS, LeakageError, PretrainConfig, VolumeStore,
+                             batches_of_epoch, World, train)
+from stages.pretext_eval import run as pretext_run
+
+SMALL = dict(width=0.125, embedding_dim=32, batch_size=16, threads=1, device="cpu", checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ssl_data(tmp_path_factory.mktemp("ssl"))
+
+
+def _stage(data: Path, out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "stages.pretrain", "--method", "siamese", "--splits", str(data / "splits"),
+            "--extract", str(data / "extract"), "--out", str(out)]
+    for key, value in SMALL.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + list(extra)
+
+
+def _encoder(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "encoder.pt", weights_only=False)["state_dict"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_only_self_supervision_train_and_val_volumes_are_readable(data):
+    store = VolumeStore(data / "splits", data / "extract")
+    subjects = pd.read_parquet(data / "splits" / "subjects.parquet").set_index("subject_id")
+    volumes = pd.read_parquet(data / "splits" / "volumes.parquet").set_index("row")
+    read = np.concatenate([np.r_[p.a.to_numpy(), p.b.to_numpy()] for p in store.pairs.values()])
+    who = subjects.loc[volumes.loc[read, "subject_id"]]
+    assert set(who.ssl_part) <= {"train", "val"}
+    assert not who.downstream_part.isin(["val", "test"]).any()
+    forbidden = volumes.index[volumes.subject_id.map(subjects.downstream_part).eq("test")].to_numpy()
+    assert len(forbidden) and not store.allowed[forbidden].any()
+    with pytest.raises(LeakageError, match="refusing to read"):
+        store.load(forbidden[:2])
+    ssl_test = volumes.index[volumes.ssl_part.eq("test")].to_numpy()
+    with pytest.raises(LeakageError):
+        store.load(ssl_test[:1])
+
+
+def test_a_pair_reaching_a_downstream_test_subject_stops_the_run(data, tmp_path):
+    forged = tmp_path / "forged"
+    shutil.copytree(data, forged)
+    volumes = pd.read_parquet(forged / "splits" / "volumes.parquet")
+    pairs = pd.read_parquet(forged / "splits" / "pairs.parquet")
+    test_row = int(volumes[volumes.downstream_part == "test"].row.iloc[0])
+    pairs.loc[pairs.index[pairs.part == "train"][0], "b"] = test_row
+    pairs.to_parquet(forged / "splits" / "pairs.parquet", index=False)
+    with pytest.raises(LeakageError, match="must not read"):
+        VolumeStore(forged / "splits", forged / "extract")
+    result = subprocess.run(_stage(forged, tmp_path / "out", "--max-steps", "1"), capture_output=True, text=True,
+                            env=_env(), cwd=ROOT)
+    assert result.returncode != 0 and "LeakageError" in result.stderr
+    assert not (tmp_path / "out" / "encoder.pt").exists()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
+    runs = {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        cfg = PretrainConfig.from_config({**SMALL, "seed": seed})
+        train("siamese", cfg, data / "splits", data / "extract", tmp_path / name, max_steps=3)
+        runs[name] = _encoder(tmp_path / name)
+    assert all(torch.equal(runs["first"][k], runs["again"][k]) for k in runs["first"])
+    assert not all(torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
+    metrics = pd.read_csv(tmp_path / "first" / "metrics.csv")
+    assert list(metrics.columns) == METRIC_COLUMNS and set(metrics.split) == {"train", "val"}
+    assert not (tmp_path / "first" / "resume").exists(), "the rolling checkpoint is removed once a run completes"
+    for name in ("encoder.pt", "checkpoint.pt", "metrics.csv", "run_config.yaml"):
+        assert (tmp_path / "first" / name).is_file()
+
+
+def test_a_run_killed_with_sigkill_resumes_and_ends_exactly_as_an_uninterrupted_run(data, tmp_path):
+    extra = ("--max-epochs", "2")
+    whole = subprocess.run(_stage(data, tmp_path / "whole", *extra), capture_output=True, text=True, env=_env(),
+                           cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_stage(data, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), cwd=ROOT)
+    resume = out / "resume" / "last.pt"
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if resume.exists():
+            try:
+                step = torch.load(resume, weights_only=False)["state"]["step"]
+            except (EOFError, RuntimeError):   # replaced while being read
+                continue
+            if step >= 4:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = step
+                break
+        time.sleep(0.02)
+    assert killed_at is not None, "the run finished (or timed out) before it could be killed"
+    assert proc.returncode == -signal.SIGKILL and not (out / "encoder.pt").exists()
+    again = subprocess.run(_stage(data, out, *extra), capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr
+    a, b = pd.read_csv(tmp_path / "whole" / "metrics.csv"), pd.read_csv(out / "metrics.csv")
+    numbers = [c for c in METRIC_COLUMNS if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(a[numbers], b[numbers], check_exact=True)
+    assert len(a) == 4   # 2 epochs x (train, val)
+    wa, wb = _encoder(tmp_path / "whole"), _encoder(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process(data, tmp_path):
+    extra = ("--max-steps", "2", "--dropout", "0", "--batch-size", "32")
+    single = subprocess.run(_stage(data, tmp_path / "one", *extra), capture_output=True, text=True, env=_env(),
+                            cwd=ROOT)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *_stage(data, tmp_path / "two", *extra)[1:]], capture_output=True, text=True, env=_env(),
+                         cwd=ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_config = (tmp_path / "two" / "run_config.yaml").read_text()
+    assert "processes: 2" in run_config
+    one, two = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
+    for column in ("loss", "contrastive", "level_loss", "positive_distance", "negative_distance"):
+        assert np.allclose(one[column], two[column], rtol=1e-4), column
+    # the weight change after two SGD steps is a function of the gradients: it must agree
+    torch.manual_seed(0)
+    from stages.siamese import EncoderSpec, SiameseNet
+    spec = torch.load(tmp_path / "one" / "encoder.pt", weights_only=False)["spec"]
+    start = SiameseNet(EncoderSpec(**spec)).encoder.state_dict()
+    w1, w2 = _encoder(tmp_path / "one"), _encoder(tmp_path / "two")
+    for key in w1:
+        d1, d2 = w1[key] - start[key], w2[key] - start[key]
+        assert d1.abs().max() > 0, key
+        assert torch.allclose(d1, d2, rtol=1e-3, atol=1e-6), key
+
+
+def test_global_batches_divide_among_processes_and_depend_only_on_seed_and_epoch():
+    one = batches_of_epoch(100, 32, World(), seed=0, epoch=3)
+    assert [len(b) for b in one] == [32, 32, 32]
+    assert all(np.array_equal(x, y) for x, y in zip(one, batches_of_epoch(100, 32, World(), seed=0, epoch=3)))
+    assert not np.array_equal(one[0], batches_of_epoch(100, 32, World(), seed=0, epoch=4)[0])
+    assert [len(b) for b in batches_of_epoch(7, 32, World(size=2), seed=0, epoch=0)] == [6]
+
+
+def test_pretext_evaluation_reads_only_the_test_part_and_writes_every_pair(data, tmp_path):
+    cfg = PretrainConfig.from_config(SMALL)
+    train("siamese", cfg, data / "splits", data / "extract", tmp_path / "run", max_steps=2)
+    summary = pretext_run(tmp_path / "run" / "checkpoint.pt", data / "splits", data / "extract", tmp_path / "eval")
+    pairs = pd.read_parquet(data / "splits" / "pairs.parquet")
+    distances = pd.read_parquet(tmp_path / "eval" / "distances.parquet")
+    assert len(distances) == int((pairs.part == "test").sum()) > 0
+    assert (distances.distance >= 0).all() and (distances.untrained_distance >= 0).all()
+    for figures in (summary["trained"], summary["untrained"]):
+        assert 0 <= figures["auc"] <= 1 and 0 <= figures["level_accuracy"] <= 1
+    volumes = pd.read_parquet(data / "splits" / "volumes.parquet")
+    assert summary["test_bodies"] == int(((volumes.ssl_part == "test") & (volumes.kind == "vertebra")).sum())

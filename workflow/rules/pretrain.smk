@@ -1,0 +1,73 @@
+# Self-supervised pretraining, one job per method in `pretrain.methods`, and each model's pretext evaluation.
+#
+# The rolling checkpoint (results/pretrain/{method}/resume/last.pt) is deliberately not a declared output: Snakemake
+# deletes a failed job's outputs (and restores `update()` outputs to their state before the job), which would throw
+# away the progress of a killed or timed-out run. Left undeclared, it survives a failed or killed job, and the re-run
+# job resumes from it; the stage deletes it once the run completes (its content is then in checkpoint.pt).
+
+
+rule pretrain:
+    input:
+        code=[src("pretrain"), src("siamese"), src("augment")],
+        pairs=rules.splits.output.pairs,
+        volumes=rules.splits.output.volumes,
+        vertebrae=rules.extract.output.vertebrae,
+    output:
+        encoder=out("pretrain", "{method}", "encoder.pt"),
+        checkpoint=out("pretrain", "{method}", "checkpoint.pt"),
+        metrics=out("pretrain", "{method}", "metrics.csv"),
+        run_config=out("pretrain", "{method}", "run_config.yaml"),
+    wildcard_constraints:
+        method=METHODS_PATTERN,
+    params:
+        splits=out("splits"),
+        extract=out("extract"),
+        root=lambda wildcards: out("pretrain", wildcards.method),
+        launcher=pretrain_launcher(),
+        options=lambda wildcards: section_options(config["pretrain"]),
+    log:
+        logs("pretrain", "{method}"),
+    benchmark:
+        bench("pretrain", "{method}")
+    threads: config["pretrain"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=24 * 60,
+        gpu=config["pretrain"]["gpus"],
+    conda:
+        ENV
+    shell:
+        "{params.launcher} -m stages.pretrain --method {wildcards.method} --splits {params.splits} "
+        "--extract {params.extract} --out {params.root} {params.options} --threads {threads} > {log} 2>&1"
+
+
+rule pretext_eval:
+    input:
+        code=[src("pretext_eval"), src("pretrain"), src("siamese")],
+        checkpoint=rules.pretrain.output.checkpoint,
+        pairs=rules.splits.output.pairs,
+        volumes=rules.splits.output.volumes,
+        vertebrae=rules.extract.output.vertebrae,
+    output:
+        evaluation=out("pretrain", "{method}", "pretext", "evaluation.json"),
+        distances=out("pretrain", "{method}", "pretext", "distances.parquet"),
+        distances_csv=out("pretrain", "{method}", "pretext", "distances.csv"),
+    wildcard_constraints:
+        method=METHODS_PATTERN,
+    params:
+        splits=out("splits"),
+        extract=out("extract"),
+        root=lambda wildcards: out("pretrain", wildcards.method, "pretext"),
+    log:
+        logs("pretext_eval", "{method}"),
+    benchmark:
+        bench("pretext_eval", "{method}")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "python -m stages.pretext_eval --checkpoint {input.checkpoint} --splits {params.splits} "
+        "--extract {params.extract} --out {params.root} --threads {threads} > {log} 2>&1"
