@@ -48,7 +48,7 @@ def embed(model: SiameseNet, store: VolumeStore, rows: np.ndarray, batch_size: i
         x = torch.from_numpy(store.load(rows[start:start + batch_size]))
         e = model.encoder(x)
         embeddings.append(e.numpy())
-        predictions.append(model.fc8(torch.relu(e)).argmax(1).numpy())
+        predictions.append(model.levels(e).argmax(1).numpy())
     dim = model.encoder.spec.embedding_dim
     return (np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
             np.concatenate(predictions) if predictions else np.zeros(0, np.int64))
@@ -84,7 +84,7 @@ def load_checkpoint(path: Path) -> tuple[SiameseNet, SiameseNet, dict[str, Any]]
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     spec = EncoderSpec(**ckpt["encoder_spec"])
     trained = SiameseNet(spec)
-    trained.load_state_dict(ckpt["model"])
+    trained.load_state_dict(ckpt.get("best_model") or ckpt["model"])   # the weights the run handed on
     torch.manual_seed(ckpt["identity"]["config"]["seed"])   # as the harness seeds before building the model
     untrained = SiameseNet(spec)
     return trained, untrained, ckpt["identity"]

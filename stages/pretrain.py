@@ -15,9 +15,10 @@ Run (one process; CUDA with bf16 autocast when there is a GPU, else the CPU):
 Several GPUs or processes (DistributedDataParallel; gloo on the CPU, NCCL on GPUs):
     torchrun --standalone --nproc-per-node 2 -m stages.pretrain --method siamese ...
 
-Writes, in --out: ``encoder.pt`` (encoder weights and the spec to rebuild it), ``checkpoint.pt`` (the final full
-checkpoint), ``metrics.csv`` (one row per epoch and split), ``run_config.yaml`` (the config it ran with, the device,
-the data). While training, ``resume/last.pt`` holds the latest checkpoint (model, optimiser, schedule, step, RNG
+Writes, in --out: ``encoder.pt`` (the encoder's weights from the epoch with the lowest validation loss, and the spec
+to rebuild it), ``checkpoint.pt`` (the final full checkpoint, with those best weights beside the last ones),
+``metrics.csv`` (one row per epoch and split), ``run_config.yaml`` (the config it ran with, the device, the data,
+the epoch whose weights were kept). While training, ``resume/last.pt`` holds the latest checkpoint (model, optimiser, schedule, step, RNG
 states, config), written every ``checkpoint_every`` steps and after every epoch; a run started again with the same
 config continues from it and ends with the same numbers as an uninterrupted run (exactly, on the CPU). It is not a
 declared output of the workflow, so Snakemake leaves it in place when a job fails or is killed; it is removed when
@@ -128,10 +129,11 @@ class VolumeStore:
             raise ValueError(f"{splits / 'volumes.parquet'} names rows outside {extract / 'vertebrae.npy'} "
                              f"({len(self.array)} rows): the splits and the extraction are from different runs")
         self.level = np.full(len(self.array), -1, dtype=np.int64)
-        self.level[bodies.index.to_numpy()] = bodies.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}).to_numpy()
+        rows = bodies.index.to_numpy(dtype=np.int64)
+        self.level[rows] = bodies.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}).to_numpy(dtype=np.int64)
         self.allowed = np.zeros(len(self.array), dtype=bool)
         ok = bodies.ssl_part.isin(allowed_parts) & ~bodies.downstream_part.isin(["val", "test"])
-        self.allowed[bodies.index[ok.to_numpy()]] = True
+        self.allowed[rows[ok.to_numpy(dtype=bool)]] = True
         self.pairs = {part: pairs[pairs.part == part].reset_index(drop=True) for part in allowed_parts}
         self.bodies = bodies
         self.check()
@@ -244,8 +246,10 @@ class SiameseMethod:
         train = store.pairs["train"]
         train_rows = np.unique(np.concatenate([train.a.to_numpy(), train.b.to_numpy()]))
         if len(train_rows) == 0:
-            raise ValueError("the self-supervision training part has no pairs: the cohort needs subjects with two "
-                             "or more studies in it (see results/splits/summary.json)")
+            raise ValueError(f"nothing to pretrain on: the self-supervision training part has no pairs among "
+                             f"{len(store.bodies)} extracted vertebral bodies. Pairs need subjects with two or more "
+                             "studies (see results/splits/summary.json) and extracted bodies (see "
+                             "results/localise/flags.csv for scans that were skipped)")
         alpha = class_balanced_weights(torch.from_numpy(store.level[train_rows]), len(VERTEBRAE))
         self.contrastive = ContrastiveLoss(cfg.contrastive_margin)
         self.level_loss = BalancedCrossEntropy(alpha)
@@ -354,6 +358,8 @@ class TrainState:
     step: int = 0                  # optimiser steps so far
     drops: int = 0
     done: bool = False
+    best_loss: float = float("inf")   # the watched (validation) loss of the best epoch so far
+    best_epoch: int = 0
     sums: dict[str, float] = field(default_factory=dict)   # this epoch's training sums so far
     seconds: float = 0.0
     wait_seconds: float = 0.0
@@ -464,6 +470,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
     identity = {"method": method_name, "config": cfg.to_dict(), "world_size": world.size,
                 "data": {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS}}}
     state = TrainState()
+    best: dict[str, torch.Tensor] = {}   # weights of the epoch with the lowest watched loss: what the run hands on
     resume = out / "resume" / "last.pt"
     if resume.exists():
         saved = torch.load(resume, map_location=device, weights_only=False)
@@ -472,6 +479,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
             optimiser.load_state_dict(saved["optimiser"])
             schedule.load_state_dict(saved["schedule"])
             state = TrainState(**saved["state"])
+            best = saved["best_model"]
             _set_rng_states(saved["rng"][world.rank] if world.rank < len(saved["rng"]) else saved["rng"][0], device)
             log.info("resuming from %s: epoch %d, batch %d, step %d", resume, state.epoch, state.batch, state.step)
         else:
@@ -486,7 +494,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
         return {"identity": identity, "model": method.model.state_dict(), "optimiser": optimiser.state_dict(),
-                "schedule": schedule.state_dict(), "state": dataclasses.asdict(state), "rng": rng,
+                "best_model": best, "schedule": schedule.state_dict(), "state": dataclasses.asdict(state), "rng": rng,
                 "encoder_spec": method.encoder_spec()}
 
     def save(path: Path) -> None:
@@ -547,6 +555,9 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
         log.info("epoch %d: train loss %.4f, level accuracy %.3f; %s loss %.4f; %.1f pairs/s, data wait %.1f%%",
                  state.epoch + 1, train_row["loss"], train_row["level_accuracy"], "val" if has_val else "train",
                  watched, train_row["samples_per_s"], 100 * train_row["data_wait_share"])
+        if watched < state.best_loss:
+            state.best_loss, state.best_epoch = watched, state.epoch + 1
+            best = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
         schedule.step(watched)
         if optimiser.param_groups[0]["lr"] < lr:
             state.drops += 1
@@ -557,19 +568,22 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
                       or (max_steps is not None and state.step >= max_steps))
         save(resume)
     metrics = pd.DataFrame(state.rows, columns=METRIC_COLUMNS)
+    final = checkpoint()   # every process takes part (it gathers their RNG states)
+    if best:
+        method.model.load_state_dict(best)
+        log.info("handing on the weights of epoch %d (lowest %s loss %.4f)", state.best_epoch,
+                 "validation" if has_val else "training", state.best_loss)
     if world.main:
-        write_outputs(out, method, checkpoint(), metrics, identity, device, world)
+        write_outputs(out, method, final, metrics, identity, device, world, state.best_epoch)
         resume.unlink(missing_ok=True)
         resume.parent.rmdir() if resume.parent.exists() and not any(resume.parent.iterdir()) else None
-    elif world.size > 1:
-        checkpoint()   # the rank-0 gather needs every process
     if world.size > 1:
         dist.barrier()
     return metrics
 
 
 def write_outputs(out: Path, method: Method, ckpt: dict[str, Any], metrics: pd.DataFrame, identity: dict[str, Any],
-                  device: torch.device, world: World) -> None:
+                  device: torch.device, world: World, best_epoch: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     encoder = method.model.encoder
     _save_atomic({"method": method.name, "spec": method.encoder_spec(), "state_dict": encoder.state_dict()},
@@ -579,7 +593,8 @@ def write_outputs(out: Path, method: Method, ckpt: dict[str, Any], metrics: pd.D
     stopped = metrics.iloc[-1].to_dict() if len(metrics) else {}
     run_config = {"method": method.name, "pretrain": identity["config"], "data": identity["data"],
                   "device": str(device), "processes": world.size, "torch": str(torch.__version__),
-                  "epochs": int(stopped.get("epoch", 0)), "steps": int(stopped.get("step", 0))}
+                  "epochs": int(stopped.get("epoch", 0)), "steps": int(stopped.get("step", 0)),
+                  "weights_of_epoch": best_epoch}
     (out / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     log.info("wrote %s (%d epochs, %d steps)", out, run_config["epochs"], run_config["steps"])
 

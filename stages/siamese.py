@@ -100,9 +100,11 @@ class VggM3dEncoder(nn.Module):
             if isinstance(module, (nn.Conv3d, nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
-        # FC7 starts small, so that the first pairs are closer than the contrastive margin: a large first loss would
-        # otherwise push the ReLUs below into a dead, constant embedding.
-        nn.init.normal_(self.fc[-1].weight, std=0.1 / math.sqrt(self.fc[-1].in_features))
+        # FC7 starts small, with an embedding norm of about 1 whatever its size, so that the first pairs lie mostly
+        # within the contrastive margin: a large first loss pushes the ReLUs below into a dead, constant embedding,
+        # while a much smaller start starves the layers below of the contrastive gradient.
+        fc7 = self.fc[-1]
+        nn.init.normal_(fc7.weight, std=2.8 / math.sqrt(fc7.in_features * fc7.out_features))
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Conv5's output before pooling, ``(N, C, h, w)``: the deepest convolutional maps (for Grad-CAM)."""
@@ -128,7 +130,12 @@ class SiameseNet(nn.Module):
         ``(2n, 7)`` (``a`` first)."""
         emb = self.encoder(torch.cat([a, b]))
         ea, eb = emb.chunk(2)
-        return ea, eb, self.fc8(F.relu(emb))
+        return ea, eb, self.levels(emb)
+
+    def levels(self, emb: torch.Tensor) -> torch.Tensor:
+        """FC8's level logits from FC7 embeddings. The embedding is standardised per sample first (no parameters):
+        FC7 is kept small for the contrastive loss, and FC8 would otherwise learn from near-zero inputs."""
+        return self.fc8(F.relu(F.layer_norm(emb, emb.shape[-1:])))
 
 
 class ContrastiveLoss(nn.Module):

@@ -15,8 +15,18 @@ from stages.splits import SplitConfig, assign_parts, make_pairs, volume_labels
 SHAPE = (5, 48, 48)   # slices, rows, columns: the smallest the Siamese network takes
 
 
-def write_ssl_data(root: Path, n_subjects: int = 40, seed: int = 0, shape: tuple[int, int, int] = SHAPE) -> Path:
-    """Write ``root/splits/{volumes,pairs,subjects}.parquet`` and ``root/extract/vertebrae.npy``; returns ``root``."""
+def _blocks(rng: np.random.Generator, shape: tuple[int, int, int], cells: int) -> np.ndarray:
+    """A random field of ``cells`` x ``cells`` constant blocks per slice."""
+    field = rng.normal(size=(shape[0], cells, cells))
+    return np.kron(field, np.ones((1, shape[1] // cells + 1, shape[2] // cells + 1)))[:, :shape[1], :shape[2]]
+
+
+def write_ssl_data(root: Path, n_subjects: int = 40, seed: int = 0, shape: tuple[int, int, int] = SHAPE,
+                   nuisance: float = 0.0) -> Path:
+    """Write ``root/splits/{volumes,pairs,subjects}.parquet`` and ``root/extract/vertebrae.npy``; returns ``root``.
+
+    ``nuisance``: amplitude of a coarse random field drawn anew for every volume (scanner shading, say) that hides
+    the finer subject texture from an untrained network's distances; a trained network learns to ignore it."""
     rng = np.random.default_rng(seed)
     subjects, index, arrays = [], [], []
     family = 0
@@ -27,11 +37,10 @@ def write_ssl_data(root: Path, n_subjects: int = 40, seed: int = 0, shape: tuple
             sid = f"sub-{len(subjects):04d}"
             subjects.append({"subject_id": sid, "family_id": f"fam-{family:04d}", "n_scans": scans,
                              "has_followup": scans > 1, "graded": bool(rng.random() < 0.5)})
-            texture = rng.normal(size=(shape[0], 6, 6))
-            texture = np.kron(texture, np.ones((1, shape[1] // 6 + 1, shape[2] // 6 + 1)))[:, :shape[1], :shape[2]]
+            texture = _blocks(rng, shape, 6)
             for visit in range(scans):
                 for k, level in enumerate(levels.VERTEBRAE):
-                    volume = 0.5 * texture + 0.3 * rng.normal(size=shape)
+                    volume = 0.5 * texture + 0.3 * rng.normal(size=shape) + nuisance * _blocks(rng, shape, 2)
                     bar = 4 + 5 * k
                     volume[:, bar:bar + 4, :] += 2.0
                     arrays.append(volume.astype(np.float16))

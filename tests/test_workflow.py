@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from matplotlib.image import imread
 
@@ -50,6 +53,12 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     held_out = splits[splits.downstream_part.isin(["val", "test"])]
     assert (held_out.ssl_part == "excluded").all()
     assert set(pd.read_parquet(results / "splits" / "pairs.parquet").part) <= {"train", "val", "test"}
+    for name in ("encoder.pt", "checkpoint.pt", "metrics.csv", "run_config.yaml", "pretext/evaluation.json",
+                 "pretext/distances.parquet"):
+        assert (results / "pretrain" / "siamese" / name).is_file(), name
+    assert not (results / "pretrain" / "siamese" / "resume").exists()
+    metrics = pd.read_csv(results / "pretrain" / "siamese" / "metrics.csv")
+    assert "train" in set(metrics.split) and metrics.epoch.max() == 2
     files = pd.read_csv(results / "ingest" / "files.csv")
     assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
 
@@ -119,7 +128,7 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     own = tmp_path / "own.yaml"
     own.write_text(f"results: {tmp_path / 'own'}\ncohort:\n  source: dicom\n  dicom_dir: {demo / 'dicom'}\n"
                    f"  key_file: {demo / 'pseudonym.key'}\n  gradings: {demo / 'truth' / 'gradings.csv'}\n")
-    first = snakemake(tmp_path, "--configfile", str(own))
+    first = snakemake(tmp_path, "splits", "--configfile", str(own))   # ingest is what this test compares
     assert first.returncode == 0, first.stdout[-3000:]
     ours = pd.read_parquet(tmp_path / "own" / "ingest" / "manifest.parquet").drop(columns=["label_map"])
     theirs = pd.read_parquet(workdir / "results" / "ingest" / "manifest.parquet").drop(columns=["label_map"])
@@ -133,7 +142,7 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     vols = tmp_path / "vols.yaml"
     vols.write_text(f"results: {tmp_path / 'vols'}\ncohort:\n  source: volumes\n  volumes_table: {table}\n"
                     f"  key_file: {demo / 'pseudonym.key'}\n")
-    second = snakemake(tmp_path, "--configfile", str(vols))
+    second = snakemake(tmp_path, "splits", "--configfile", str(vols))
     assert second.returncode == 0, second.stdout[-3000:]
     read_back = pd.read_parquet(tmp_path / "vols" / "ingest" / "manifest.parquet")
     assert len(read_back) == len(theirs)
@@ -142,6 +151,10 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     assert set(flags.scan_id) == set(read_back.scan_id) and flags.reason.str.contains("untrained").all()
     assert pd.read_parquet(tmp_path / "vols" / "extract" / "index.parquet").empty
     assert sorted(read_back.days_since_first_study) == sorted(theirs.days_since_first_study)
+    # ... and pretraining says why it cannot run, rather than failing obscurely
+    third = snakemake(tmp_path, "--configfile", str(vols))
+    assert third.returncode != 0
+    assert "nothing to pretrain on" in (tmp_path / "vols" / "logs" / "pretrain" / "siamese.log").read_text()
 
 
 @pytest.mark.slow
@@ -156,3 +169,42 @@ def test_own_archive_without_a_key_fails_at_start(tmp_path):
             os.environ["SPINE_SSL_PSEUDONYM_KEY"] = env_key
     assert run.returncode != 0
     assert "no pseudonymisation key" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_pretraining_job_keeps_its_checkpoint_and_the_rerun_resumes(tiny_run, tmp_path):
+    workdir, first = tiny_run
+    assert first.returncode == 0
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("pretrain:\n  max_epochs: 60\n  plateau_patience: 100\n  checkpoint_every: 1\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the pretraining job's own output as the target: the tiny run's pretext results downstream of it are still there
+    command = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+               "results/pretrain/siamese/encoder.pt", "--configfile", str(TINY), str(longer)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    resume = workdir / "results" / "pretrain" / "siamese" / "resume" / "last.pt"
+    deadline = time.time() + 600
+    while not resume.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert resume.exists(), "the pretraining job wrote no rolling checkpoint"
+    stage = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "stages.pretrain" in " ".join(process.info["cmdline"] or []) and process.cwd() == str(workdir):
+                stage.append(process)
+        except psutil.Error:
+            continue
+    assert stage, "no pretraining process found"
+    for process in stage:
+        process.send_signal(signal.SIGKILL)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode != 0, output[-2000:]
+    assert resume.exists(), "Snakemake removed the rolling checkpoint of the failed job"
+    assert not (workdir / "results" / "pretrain" / "siamese" / "encoder.pt").exists()
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (workdir / "results" / "logs" / "pretrain" / "siamese.log").read_text()
+    assert "resuming from" in log
+    assert not resume.exists()
+    metrics = pd.read_csv(workdir / "results" / "pretrain" / "siamese" / "metrics.csv")
+    assert metrics.epoch.max() >= 2
