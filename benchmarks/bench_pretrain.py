@@ -88,7 +88,7 @@ def run(label: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_subjects
     last = metrics[metrics.split == "train"].iloc[-1]
     wait = float(last.data_wait_share)
     print(f"{label}: {last.samples_per_s:.1f} pairs/s ({2 * last.samples_per_s:.1f} volumes/s), "
-          f"data wait {100 * wait:.1f}% of step time (target < {100 * TARGET_WAIT:.0f}%: ratio "
+          f"data wait {100 * wait:.2f}% of step time (target < {100 * TARGET_WAIT:.0f}%: ratio "
           f"{wait / TARGET_WAIT:.2f}); {int(last.samples)} pairs in epoch 2; total {wall:.0f} s", flush=True)
     return {"pairs_per_s": float(last.samples_per_s), "wait": wait, "root": root}
 

@@ -44,8 +44,8 @@ def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
     props = load_schema()["properties"][section]["properties"]
     group = parser.add_argument_group(f"config section '{section}' (see workflow/schemas/config.schema.yaml)")
     for key, spec in props.items():
-        kwargs: dict[str, Any] = {"dest": key, "default": spec.get("default"),
-                                  "help": f"{spec['description']} (default: {spec.get('default')})"}
+        text = f"{spec['description']} (default: {spec.get('default')})".replace("%", "%%")   # argparse formats help
+        kwargs: dict[str, Any] = {"dest": key, "default": spec.get("default"), "help": text}
         kind = spec["type"]
         if kind == "boolean":
             kwargs.update(type=_boolean, metavar="{true,false}")
