@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import random
+import shutil
 import sys
 import threading
 import time
@@ -444,10 +445,6 @@ def _autocast(device: torch.device, cfg: PretrainConfig) -> torch.autocast:
                           enabled=device.type == "cuda" and cfg.bf16)
 
 
-def _same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return saved == wanted
-
-
 def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, out: Path,
           max_steps: int | None = None, world: World | None = None) -> pd.DataFrame:
     """Train ``method_name`` to the stopping rule (or ``max_steps`` optimiser steps) and write the outputs."""
@@ -474,7 +471,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
     resume = out / "resume" / "last.pt"
     if resume.exists():
         saved = torch.load(resume, map_location=device, weights_only=False)
-        if _same_run(saved["identity"], identity):
+        if saved["identity"] == identity:   # same method, config, processes and data
             method.model.load_state_dict(saved["model"])
             optimiser.load_state_dict(saved["optimiser"])
             schedule.load_state_dict(saved["schedule"])
@@ -575,8 +572,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
                  "validation" if has_val else "training", state.best_loss)
     if world.main:
         write_outputs(out, method, final, metrics, identity, device, world, state.best_epoch)
-        resume.unlink(missing_ok=True)
-        resume.parent.rmdir() if resume.parent.exists() and not any(resume.parent.iterdir()) else None
+        shutil.rmtree(resume.parent, ignore_errors=True)   # its content is in checkpoint.pt now
     if world.size > 1:
         dist.barrier()
     return metrics
