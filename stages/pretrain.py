@@ -79,6 +79,7 @@ class PretrainConfig:
     learning_rate: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0005
+    grad_clip: float = 0.0
     lr_factor: float = 0.1
     plateau_patience: int = 3
     lr_drops: int = 2
@@ -445,6 +446,23 @@ def _autocast(device: torch.device, cfg: PretrainConfig) -> torch.autocast:
                           enabled=device.type == "cuda" and cfg.bf16)
 
 
+# Keys that change how a run is carried out, not what it computes: a checkpoint resumes across them (a requeued job
+# on a node with other cores, another method added to the config).
+RUNTIME_KEYS = ("methods", "threads", "prefetch", "eval_batch_size", "checkpoint_every")
+
+
+def run_identity(method_name: str, cfg: PretrainConfig, world_size: int, data: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its run: the method, the config, the processes and the data."""
+    config = cfg.to_dict()
+    return {"method": method_name, "config": config, "world_size": world_size, "data": data,
+            "maths": {k: v for k, v in config.items() if k not in RUNTIME_KEYS}}
+
+
+def resumable(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a checkpoint continues this run: same method, processes, data and config but for RUNTIME_KEYS."""
+    return all(saved.get(k) == wanted[k] for k in ("method", "world_size", "data", "maths"))
+
+
 def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, out: Path,
           max_steps: int | None = None, world: World | None = None) -> pd.DataFrame:
     """Train ``method_name`` to the stopping rule (or ``max_steps`` optimiser steps) and write the outputs."""
@@ -464,14 +482,14 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="min", factor=cfg.lr_factor,
                                                           patience=cfg.plateau_patience)
-    identity = {"method": method_name, "config": cfg.to_dict(), "world_size": world.size,
-                "data": {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS}}}
+    identity = run_identity(method_name, cfg, world.size,
+                            {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS}})
     state = TrainState()
     best: dict[str, torch.Tensor] = {}   # weights of the epoch with the lowest watched loss: what the run hands on
     resume = out / "resume" / "last.pt"
     if resume.exists():
         saved = torch.load(resume, map_location=device, weights_only=False)
-        if saved["identity"] == identity:   # same method, config, processes and data
+        if resumable(saved["identity"], identity):
             method.model.load_state_dict(saved["model"])
             optimiser.load_state_dict(saved["optimiser"])
             schedule.load_state_dict(saved["schedule"])
@@ -523,6 +541,8 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
                 loss, stats = method.loss(model, batch, AugmentDraw(generator, share * world.size, mine))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip > 0:   # after DDP's all-reduce: every process clips the same gradient
+                nn.utils.clip_grad_norm_(method.model.parameters(), cfg.grad_clip)
             optimiser.step()
             stats = world.all_sum(stats)
             for k, v in stats.items():

@@ -18,8 +18,8 @@ import torch
 
 from conftest import ROOT
 from ssl_data import write_ssl_data
-from stages.pretrain import (METRIC_COLUMNS, TIMING_COLUMNS, LeakageError, PretrainConfig, VolumeStore,
-                             batches_of_epoch, World, train)
+from stages.pretrain import (METRIC_COLUMNS, TIMING_COLUMNS, LeakageError, PretrainConfig, VolumeStore, World,
+                             batches_of_epoch, resumable, run_identity, train)
 from stages.pretext_eval import run as pretext_run
 
 SMALL = dict(width=0.125, embedding_dim=32, batch_size=16, threads=1, device="cpu", checkpoint_every=2)
@@ -190,3 +190,15 @@ def test_a_short_training_clearly_beats_an_untrained_network_on_both_pretext_fig
     trained, untrained = summary["trained"], summary["untrained"]
     assert trained["auc"] >= untrained["auc"] + 0.1, (trained["auc"], untrained["auc"])
     assert trained["level_accuracy"] >= untrained["level_accuracy"] + 0.3, (trained, untrained)
+
+
+def test_a_checkpoint_resumes_across_runtime_settings_but_not_across_the_maths():
+    data = {"shape": [5, 48, 48], "train": 100, "val": 10}
+    saved = run_identity("siamese", PretrainConfig.from_config(SMALL), 1, data)
+    runtime = PretrainConfig.from_config({**SMALL, "threads": 8, "prefetch": 2, "checkpoint_every": 7})
+    assert resumable(saved, run_identity("siamese", runtime, 1, data))
+    for key, value in (("learning_rate", 0.5), ("seed", 9), ("width", 0.25), ("flip", False)):
+        changed = PretrainConfig.from_config({**SMALL, key: value})
+        assert not resumable(saved, run_identity("siamese", changed, 1, data)), key
+    assert not resumable(saved, run_identity("siamese", PretrainConfig.from_config(SMALL), 2, data))
+    assert not resumable(saved, run_identity("siamese", PretrainConfig.from_config(SMALL), 1, {**data, "train": 99}))
