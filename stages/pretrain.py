@@ -177,21 +177,33 @@ class VolumeStore:
 
 class Prefetcher:
     """Runs ``load`` for each item of ``items`` in a background thread, ``depth`` ahead, and measures how long the
-    consumer waits (the data-wait share of the step time)."""
+    consumer waits (the data-wait share of the step time). ``close()`` stops the thread when the consumer leaves
+    early (``--max-steps``)."""
 
     def __init__(self, load: Callable[[Any], Any], items: list[Any], depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._items = items
+        self._stop = threading.Event()
         self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._run, args=(load,), daemon=True)
         self._thread.start()
 
+    def _put(self, value: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _run(self, load: Callable[[Any], Any]) -> None:
         try:
             for item in self._items:
-                self._queue.put(load(item))
+                if self._stop.is_set():
+                    return
+                self._put(load(item))
         except BaseException as err:  # handed to the consumer, which re-raises it
-            self._queue.put(err)
+            self._put(err)
 
     def __iter__(self) -> Iterator[Any]:
         for _ in self._items:
@@ -201,6 +213,10 @@ class Prefetcher:
             if isinstance(batch, BaseException):
                 raise batch
             yield batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 # -------------------------------------------------------------------------------------------------------- methods
@@ -559,6 +575,7 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
             if state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
                 save(resume)
         bar.close()
+        prefetch.close()
         lr = optimiser.param_groups[0]["lr"]
         train_row = summarise(state.sums, "train", state.epoch + 1, state.step, lr, state.seconds,
                               state.wait_seconds)

@@ -202,3 +202,21 @@ def test_a_checkpoint_resumes_across_runtime_settings_but_not_across_the_maths()
         assert not resumable(saved, run_identity("siamese", changed, 1, data)), key
     assert not resumable(saved, run_identity("siamese", PretrainConfig.from_config(SMALL), 2, data))
     assert not resumable(saved, run_identity("siamese", PretrainConfig.from_config(SMALL), 1, {**data, "train": 99}))
+
+
+def test_the_prefetcher_reads_ahead_in_order_passes_errors_on_and_stops_when_left_early():
+    from stages.pretrain import Prefetcher
+    assert list(Prefetcher(lambda i: i * i, list(range(10)), depth=2)) == [i * i for i in range(10)]
+
+    def broken(i: int) -> int:
+        if i == 3:
+            raise OSError("unreadable batch")
+        return i
+    with pytest.raises(OSError, match="unreadable"):
+        list(Prefetcher(broken, list(range(10)), depth=2))
+    early = Prefetcher(lambda i: i, list(range(1000)), depth=2)
+    for i in early:
+        if i == 2:
+            break
+    early.close()
+    assert not early._thread.is_alive()
