@@ -106,6 +106,11 @@ def augment_pairs(a: torch.Tensor, b: torch.Tensor, params: PairParams) -> tuple
     shape. Voxels moved in from outside the volume are zero."""
     if a.shape != b.shape or a.dim() != 4:
         raise ValueError(f"a and b must both be (n, S, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
+    with torch.autocast(a.device.type, enabled=False):   # the sampling grid in float32 also inside a bf16 step
+        return _augment(a, b, params)
+
+
+def _augment(a: torch.Tensor, b: torch.Tensor, params: PairParams) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
     both = torch.cat([a, b]).unsqueeze(1).float()                     # (2n, 1, S, H, W)
     flip = params.flip.repeat(2).view(-1, 1, 1, 1, 1)

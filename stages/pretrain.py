@@ -12,7 +12,9 @@ downstream validation or test subject stops the run (:class:`LeakageError`).
 Run (one process; CUDA with bf16 autocast when there is a GPU, else the CPU):
     python -m stages.pretrain --method siamese --splits results/splits --extract results/extract \\
         --out results/pretrain/siamese --threads 2
-Several GPUs or processes (DistributedDataParallel; gloo on the CPU, NCCL on GPUs):
+Several GPUs or processes (DistributedDataParallel; gloo on the CPU, NCCL on GPUs; the global batch is split among
+the processes, cut to a multiple of their number, and equals one process's exactly when dropout is 0, since each
+process draws its own dropout masks):
     torchrun --standalone --nproc-per-node 2 -m stages.pretrain --method siamese ...
 
 Writes, in --out: ``encoder.pt`` (the encoder's weights from the epoch with the lowest validation loss, and the spec
@@ -20,7 +22,8 @@ to rebuild it), ``checkpoint.pt`` (the final full checkpoint, with those best we
 ``metrics.csv`` (one row per epoch and split), ``run_config.yaml`` (the config it ran with, the device, the data,
 the epoch whose weights were kept). While training, ``resume/last.pt`` holds the latest checkpoint (model, optimiser, schedule, step, RNG
 states, config), written every ``checkpoint_every`` steps and after every epoch; a run started again with the same
-config continues from it and ends with the same numbers as an uninterrupted run (exactly, on the CPU). It is not a
+config and data continues from it and ends with the same numbers as an uninterrupted run (exactly, on the CPU with
+the same number of threads; a different thread count may change the last bits of float sums). It is not a
 declared output of the workflow, so Snakemake leaves it in place when a job fails or is killed; it is removed when
 the run completes.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -125,8 +129,11 @@ class VolumeStore:
     def __init__(self, splits: Path, extract: Path, allowed_parts: tuple[str, ...] = TRAIN_PARTS):
         self.volumes = pd.read_parquet(splits / "volumes.parquet")
         pairs = pd.read_parquet(splits / "pairs.parquet")
-        self.array = np.load(extract / "vertebrae.npy", mmap_mode="r")
+        self.path = extract / "vertebrae.npy"
+        self.array = np.load(self.path, mmap_mode="r")
         bodies = self.volumes[self.volumes.kind == "vertebra"].set_index("row").sort_index()
+        if not bodies.index.is_unique:
+            raise ValueError(f"{splits / 'volumes.parquet'} lists a vertebra row twice: re-run the splits stage")
         if len(bodies) and (bodies.index.max() >= len(self.array) or bodies.index.min() < 0):
             raise ValueError(f"{splits / 'volumes.parquet'} names rows outside {extract / 'vertebrae.npy'} "
                              f"({len(self.array)} rows): the splits and the extraction are from different runs")
@@ -139,6 +146,20 @@ class VolumeStore:
         self.pairs = {part: pairs[pairs.part == part].reset_index(drop=True) for part in allowed_parts}
         self.bodies = bodies
         self.check()
+
+    def digest(self) -> str:
+        """A fingerprint of what this store serves: the pairs, the volumes' levels and parts, and the array file's
+        size and modification time (a re-run extraction changes it), so a checkpoint never resumes on other data."""
+        h = hashlib.sha256()
+        for part, pairs in sorted(self.pairs.items()):
+            h.update(part.encode())
+            h.update(pairs[["a", "b"]].to_numpy(dtype=np.int64).tobytes())
+            h.update(pairs.positive.to_numpy(dtype=bool).tobytes())
+        h.update(self.level.tobytes())
+        h.update(self.allowed.tobytes())
+        stat = self.path.stat()
+        h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return h.hexdigest()[:20]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -345,14 +366,18 @@ class World:
             return cls()
         world = cls(rank=int(os.environ["RANK"]), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            # gloo for the CPU tensors (statistics, RNG states), NCCL for the gradients on GPUs
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         return world
 
     def all_sum(self, values: dict[str, float]) -> dict[str, float]:
-        if self.size == 1 or not values:
+        """Sum ``values`` over the processes; a process may hold none of the keys (an empty evaluation shard)."""
+        if self.size == 1:
             return dict(values)
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        names: list[Any] = [None] * self.size
+        dist.all_gather_object(names, sorted(values))
+        keys = sorted(set().union(*names))
+        t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
@@ -415,6 +440,9 @@ def batches_of_epoch(n: int, batch_size: int, world: World, seed: int, epoch: in
     """Global batches of an epoch. The last incomplete batch is dropped (each epoch drops different samples); a part
     smaller than one batch is one batch. Every batch divides evenly among the processes."""
     size = min(batch_size, n) // world.size * world.size
+    if size != min(batch_size, n) and epoch == 0:
+        log.warning("the global batch of %d is cut to %d to divide evenly among %d processes",
+                    min(batch_size, n), size, world.size)
     if size == 0:
         raise ValueError(f"{n} training samples cannot be shared among {world.size} processes")
     order = epoch_order(n, seed, epoch)
@@ -499,12 +527,13 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="min", factor=cfg.lr_factor,
                                                           patience=cfg.plateau_patience)
     identity = run_identity(method_name, cfg, world.size,
-                            {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS}})
+                            {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS},
+                             "digest": store.digest()})
     state = TrainState()
     best: dict[str, torch.Tensor] = {}   # weights of the epoch with the lowest watched loss: what the run hands on
     resume = out / "resume" / "last.pt"
     if resume.exists():
-        saved = torch.load(resume, map_location=device, weights_only=False)
+        saved = torch.load(resume, map_location="cpu", weights_only=False)   # RNG states must stay on the CPU
         if resumable(saved["identity"], identity):
             method.model.load_state_dict(saved["model"])
             optimiser.load_state_dict(saved["optimiser"])
@@ -550,32 +579,34 @@ def train(method_name: str, cfg: PretrainConfig, splits: Path, extract: Path, ou
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{method_name} epoch {state.epoch + 1}",
                    file=sys.stderr, disable=not world.main, mininterval=1 if sys.stderr.isatty() else 30,
                    dynamic_ncols=True)
-        for cpu_batch in prefetch:
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + state.step)
-            with _autocast(device, cfg):
-                loss, stats = method.loss(model, batch, AugmentDraw(generator, share * world.size, mine))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:   # after DDP's all-reduce: every process clips the same gradient
-                nn.utils.clip_grad_norm_(method.model.parameters(), cfg.grad_clip)
-            optimiser.step()
-            stats = world.all_sum(stats)
-            for k, v in stats.items():
-                state.sums[k] = state.sums.get(k, 0.0) + v
-            state.batch += 1
-            state.step += 1
-            state.seconds = time.perf_counter() - started
-            state.wait_seconds = wait0 + prefetch.wait_seconds
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss'] / max(stats['pairs'], 1):.4f}",
-                            samples_per_s=f"{state.sums['pairs'] / max(state.seconds, 1e-9):.1f}", refresh=False)
-            if max_steps is not None and state.step >= max_steps:
-                break
-            if state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
-                save(resume)
+        try:
+            for cpu_batch in prefetch:
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + state.step)
+                with _autocast(device, cfg):
+                    loss, stats = method.loss(model, batch, AugmentDraw(generator, share * world.size, mine))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:   # after DDP's all-reduce: every process clips the same gradient
+                    nn.utils.clip_grad_norm_(method.model.parameters(), cfg.grad_clip)
+                optimiser.step()
+                stats = world.all_sum(stats)
+                for k, v in stats.items():
+                    state.sums[k] = state.sums.get(k, 0.0) + v
+                state.batch += 1
+                state.step += 1
+                state.seconds = time.perf_counter() - started
+                state.wait_seconds = wait0 + prefetch.wait_seconds
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss'] / max(stats['pairs'], 1):.4f}",
+                                samples_per_s=f"{state.sums['pairs'] / max(state.seconds, 1e-9):.1f}", refresh=False)
+                if max_steps is not None and state.step >= max_steps:
+                    break
+                if state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
+                    save(resume)
+        finally:
+            prefetch.close()   # also when a step raises
         bar.close()
-        prefetch.close()
         lr = optimiser.param_groups[0]["lr"]
         train_row = summarise(state.sums, "train", state.epoch + 1, state.step, lr, state.seconds,
                               state.wait_seconds)

@@ -220,3 +220,17 @@ def test_the_prefetcher_reads_ahead_in_order_passes_errors_on_and_stops_when_lef
             break
     early.close()
     assert not early._thread.is_alive()
+
+
+def test_ddp_evaluation_with_fewer_validation_pairs_than_processes_does_not_hang(data, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(data, small)
+    pairs = pd.read_parquet(small / "splits" / "pairs.parquet")
+    pairs = pd.concat([pairs[pairs.part != "val"], pairs[pairs.part == "val"].head(1)])
+    pairs.to_parquet(small / "splits" / "pairs.parquet", index=False)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *_stage(small, tmp_path / "out", "--max-steps", "1")[1:]], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert int(metrics[metrics.split == "val"].samples.iloc[0]) == 1

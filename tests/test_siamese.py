@@ -104,6 +104,16 @@ def test_identity_when_every_range_is_zero():
     assert torch.allclose(a, x, atol=1e-4) and torch.allclose(b, y, atol=1e-4)
 
 
+def test_identity_holds_under_bf16_autocast():
+    # the harness augments inside the (autocast) training step; in bf16 a 224-px sampling grid is off by up to a
+    # fifth of a pixel, so augmentation keeps its grid in float32
+    x = torch.randn(2, 9, 224, 224)
+    p = sample_pair_params(2, AugmentRanges.identity(), torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = augment_pairs(x, x.clone(), p)
+    assert a.dtype == torch.float32 and torch.allclose(a, x, atol=1e-3)   # bf16 would be off by ~3e-2
+
+
 def test_the_same_flip_is_applied_to_both_volumes_of_a_pair():
     x = torch.zeros(64, 5, 16, 16)
     x[:, 0] = 1.0                                          # an asymmetric volume: only the first slice is bright

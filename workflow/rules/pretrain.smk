@@ -43,7 +43,7 @@ rule pretrain:
 
 rule pretext_eval:
     input:
-        code=[src("pretext_eval"), src("pretrain"), src("siamese")],
+        code=[src("pretext_eval"), src("pretrain"), src("siamese"), src("augment")],
         checkpoint=rules.pretrain.output.checkpoint,
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
