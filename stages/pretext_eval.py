@@ -109,11 +109,15 @@ def run(checkpoint: Path, splits: Path, extract: Path, out: Path, threads: int =
     distances.to_csv(out / "distances.csv", index=False)
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s on %d test bodies, %d test pairs: AUC %s (untrained %s), level accuracy %s (untrained %s)",
-             identity["method"], summary["test_bodies"], len(pairs), figures["auc"], base["auc"],
-             figures["level_accuracy"], base["level_accuracy"])
+             identity["method"], summary["test_bodies"], len(pairs), *(_fmt(v) for v in (
+                 figures["auc"], base["auc"], figures["level_accuracy"], base["level_accuracy"])))
     if not len(pairs):
         log.warning("the self-supervision test part has no pairs: no AUC (see results/splits/summary.json)")
     return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
