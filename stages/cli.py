@@ -39,6 +39,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def existing_folder(text: str) -> Path:
+    """argparse type: a folder that exists (the output folder of an earlier stage)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return Path(text)
+
+
+def existing_file(text: str) -> Path:
+    """argparse type: a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return Path(text)
+
+
 def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
     """Add ``--key`` for every key of config section ``section`` (help, type and default from the schema)."""
     props = load_schema()["properties"][section]["properties"]

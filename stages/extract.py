@@ -205,8 +205,8 @@ def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of the localise stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     cli.add_section_options(parser, "extract")
@@ -217,9 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("ingest", "localise"):
-        if not getattr(args, name).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder")
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
     cli.setup_logging(args.log, "extract")
     extract(args.ingest, args.localise, args.out, cfg, args.threads)

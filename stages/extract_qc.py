@@ -121,9 +121,9 @@ def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract_qc", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--localise", type=Path, required=True, help="Output folder of the localise stage.")
-    parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
     parser.add_argument("--scans", type=cli.positive_int, default=12, help="Scans in the localisation figure (default: 12).")
     parser.add_argument("--out-localisation", type=Path, required=True, help="PNG of the localisation figure.")
     parser.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
@@ -134,9 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("ingest", "localise", "extract"):
-        if not getattr(args, name).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder")
     cli.setup_logging(args.log, "extract_qc")
     structures = pd.read_parquet(args.localise / "structures.parquet")
     flags = pd.read_csv(args.localise / "flags.csv")

@@ -122,9 +122,9 @@ def _fmt(value: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.pretext_eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a pretraining run.")
-    parser.add_argument("--splits", type=Path, required=True, help="Output folder of the splits stage.")
-    parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--checkpoint", type=cli.existing_file, required=True, help="checkpoint.pt of a pretraining run.")
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
+    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads (default: 2).")
     cli.add_log_option(parser)
@@ -134,11 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"--checkpoint {args.checkpoint} is not a file")
-    for name in ("splits", "extract"):
-        if not getattr(args, name).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder")
     cli.setup_logging(args.log, "pretext_eval")
     run(args.checkpoint, args.splits, args.extract, args.out, args.threads)
     return 0

@@ -667,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     from stages import cli
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help="Pretraining method.")
-    parser.add_argument("--splits", type=Path, required=True, help="Output folder of the splits stage.")
-    parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
+    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder of this method.")
     parser.add_argument("--max-steps", type=cli.positive_int, default=None,
                         help="Stop after this many optimiser steps (a smoke test of a config; default: the "
@@ -682,9 +682,6 @@ def main(argv: list[str] | None = None) -> int:
     from stages import cli
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("splits", "extract"):
-        if not getattr(args, name).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder")
     cfg = PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser))
     if args.method not in cfg.methods:
         log.warning("method %s is not among pretrain.methods %s", args.method, list(cfg.methods))

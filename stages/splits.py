@@ -227,8 +227,8 @@ def summarise(table: pd.DataFrame, volumes: pd.DataFrame, pairs: pd.DataFrame, s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.splits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--extract", type=Path, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     cli.add_section_options(parser, "splits")
     cli.add_log_option(parser)
@@ -238,9 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("ingest", "extract"):
-        if not getattr(args, name).is_dir():
-            parser.error(f"--{name} {getattr(args, name)} is not a folder")
     cfg = SplitConfig.from_config(cli.section_from_args(args, "splits", parser))
     cli.setup_logging(args.log, "splits")
     run(args.ingest, args.extract, args.out, cfg)
