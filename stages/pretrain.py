@@ -664,6 +664,8 @@ def write_outputs(out: Path, method: Method, ckpt: dict[str, Any], metrics: pd.D
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # stages.cli (and jsonschema behind it) is imported here, not at the top: the GPU benchmark imports this module
+    # on machines that have PyTorch but not the workflow's other packages
     from stages import cli
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help="Pretraining method.")
@@ -683,9 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser))
+    cli.setup_logging(args.log, "pretrain")
     if args.method not in cfg.methods:
         log.warning("method %s is not among pretrain.methods %s", args.method, list(cfg.methods))
-    cli.setup_logging(args.log, "pretrain")
     world = World.from_env()
     try:
         train(args.method, cfg, args.splits, args.extract, args.out, max_steps=args.max_steps, world=world)
