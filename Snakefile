@@ -20,6 +20,7 @@ include: "workflow/rules/localise.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/probes.smk"
 
 
 rule all:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -37,6 +36,21 @@ def average_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.diag(matrix)[present] / matrix.sum(axis=1)[present]))
 
 
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative, ties
+    counting one half (the Mann-Whitney statistic, from average ranks); NaN when one class is absent."""
+    y = np.asarray(y_true).astype(bool)
+    score = np.asarray(score, dtype=float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0        # 1-based average rank of each distinct value
+    ranks = average_rank[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Accuracy, sensitivity (recall of the positives), specificity (recall of the negatives) at ``threshold``, and
     the ROC AUC of ``score`` (NaN where the truth has one class only)."""
@@ -50,7 +64,7 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
         "accuracy": float((predicted == y).mean()),
         "sensitivity": float((predicted & y).sum() / positives) if positives else float("nan"),
         "specificity": float((~predicted & ~y).sum() / negatives) if negatives else float("nan"),
-        "auc": float(roc_auc_score(y, score)) if positives and negatives else float("nan"),
+        "auc": roc_auc(y, score),
     }
 
 

@@ -7,8 +7,8 @@ Splits are by family (twins together), so by subject (Jamaludin et al. 2017, sec
 - The self-supervision split (default 80:10:10) is drawn from every family that is *not* in the downstream
   validation or test part, so no downstream test subject is ever seen by pretraining, not even unlabelled. This is
   checked in code (the stage fails if it is not so), and stated in ``summary.json``.
-- Label-fraction subsets of the downstream training part: nested (a smaller subset lies inside every larger one),
-  by subject, one nesting per seed.
+- Label-fraction subsets of the downstream training part are drawn by the probe jobs themselves
+  (stages/probe_data.py), so that adding a subset to the config re-runs nothing that exists.
 
 Pairs (vertebral bodies, same level only): positives are the same subject in two different studies (every pair of
 its studies), with the years between them; negatives are the same level of two different subjects of the same part,
@@ -17,8 +17,8 @@ its studies), with the years between them; negatives are the same level of two d
 Run:
     python -m stages.splits --ingest results/ingest --extract results/extract --out results/splits
 
-Writes subjects.* (parts per subject), volumes.* (every extracted volume with its labels and parts), subsets.*
-(seed, fraction, subject), pairs.* (part, a, b: rows of vertebrae.npy, level, positive, hard, years), summary.json.
+Writes subjects.* (parts per subject), volumes.* (every extracted volume with its labels and parts), pairs.* (part,
+a, b: rows of vertebrae.npy, level, positive, hard, years), summary.json.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ class SplitConfig:
     seed: int
     ssl_fractions: tuple[float, float, float]
     downstream_counts: tuple[int, int, int]
-    label_fractions: tuple[float, ...]
-    subset_seeds: int
     negative_ratio: float
     hard_negative_share: float
 
@@ -125,19 +123,6 @@ def check_leakage(table: pd.DataFrame) -> None:
         raise RuntimeError(f"{len(followups)} subject(s) with follow-up scans in downstream validation/test")
 
 
-def nested_subsets(table: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """For each seed, one random order of the downstream training subjects; the subset of fraction f is its first
-    ceil(f * n) subjects, so every smaller subset lies inside every larger one."""
-    train = sorted(table.subject_id[table.downstream_part == "train"])
-    rows = []
-    for seed in range(cfg.subset_seeds):
-        order = [train[i] for i in np.random.default_rng([cfg.seed, 3, seed]).permutation(len(train))]
-        for fraction in sorted(cfg.label_fractions):
-            n = max(1, int(np.ceil(fraction * len(order)))) if order else 0
-            rows += [{"seed": seed, "fraction": fraction, "n_subjects": n, "subject_id": s} for s in order[:n]]
-    return pd.DataFrame(rows, columns=["seed", "fraction", "n_subjects", "subject_id"])
-
-
 def make_pairs(volumes: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Positive and negative vertebral-body pairs within each self-supervision part (``volumes`` carries the parts)."""
     bodies = volumes[volumes.kind == "vertebra"]
@@ -190,22 +175,19 @@ def run(ingest: Path, extract: Path, out: Path, cfg: SplitConfig) -> dict[str, A
     gradings = pd.read_parquet(ingest / "gradings.parquet")
     table = assign_parts(subject_table(manifest, index, subjects, gradings), cfg)
     volumes = volume_labels(index, gradings, table)
-    subsets = nested_subsets(table, cfg)
     pairs = make_pairs(volumes, cfg)
-    if set(subsets.subject_id) - set(table.subject_id[table.downstream_part == "train"]):
-        raise RuntimeError("a label subset holds a subject outside the downstream training part")
     out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("subjects", table), ("volumes", volumes), ("subsets", subsets), ("pairs", pairs)):
+    for name, frame in (("subjects", table), ("volumes", volumes), ("pairs", pairs)):
         frame.to_parquet(out / f"{name}.parquet", index=False)
         frame.to_csv(out / f"{name}.csv", index=False)
-    summary = summarise(table, volumes, pairs, subsets)
+    summary = summarise(table, volumes, pairs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("downstream train/val/test subjects %s; self-supervision train/val/test/excluded %s; pairs %s",
              summary["downstream_subjects"], summary["ssl_subjects"], summary["pairs"])
     return summary
 
 
-def summarise(table: pd.DataFrame, volumes: pd.DataFrame, pairs: pd.DataFrame, subsets: pd.DataFrame) -> dict:
+def summarise(table: pd.DataFrame, volumes: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     grades = volumes[volumes.kind == "disc"]
     grade_column = "pfirrmann" if "pfirrmann" in grades else None
     return {
@@ -220,8 +202,6 @@ def summarise(table: pd.DataFrame, volumes: pd.DataFrame, pairs: pd.DataFrame, s
         "grade_distribution_per_downstream_part": (
             {part: {str(int(g)): int(n) for g, n in grp[grade_column].dropna().value_counts().sort_index().items()}
              for part, grp in grades.groupby("downstream_part")} if grade_column else {}),
-        "label_subsets": subsets.groupby(["seed", "fraction"]).size().unstack(0).iloc[:, 0].to_dict()
-        if len(subsets) else {},
     }
 
 

@@ -96,7 +96,8 @@ def test_stage_help_explains_every_option(module):
 
 STAGE_SECTIONS = {"demo_cohort": "demo", "ingest": "ingest", "localiser_train": "localise", "localise": "localise",
                   "extract": "extract", "splits": "splits", "pretrain": "pretrain", "demo_montage": None,
-                  "ingest_volumes": None, "extract_qc": None, "pretext_eval": None}
+                  "ingest_volumes": None, "extract_qc": None, "pretext_eval": None, "features": None,
+                  "supervised": "probe_training", "probe": "probe_training", "probe_summary": "probes"}
 
 
 @pytest.mark.parametrize("module", sorted(STAGE_SECTIONS))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
-from stages.metrics import average_class_accuracy, binary_metrics, bootstrap_interval, confusion
+from stages.metrics import average_class_accuracy, binary_metrics, bootstrap_interval, confusion, roc_auc
 
 
 def _from_matrix(matrix: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -69,3 +69,14 @@ def test_bootstrap_interval_resamples_subjects_and_covers_the_estimate():
     assert high2 - low2 > high - low
     with pytest.raises(ValueError, match="level"):
         bootstrap_interval(groups, lambda idx: 0.0, level=1.5)
+
+
+def test_roc_auc_equals_scikit_learn_with_ties_and_is_nan_for_one_class():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        y = rng.integers(0, 2, size=50)
+        score = rng.integers(0, 6, size=50) / 5          # many tied scores
+        if 0 < y.sum() < len(y):
+            assert roc_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert roc_auc([0, 1, 1], [0.2, 0.2, 0.2]) == pytest.approx(0.5)
+    assert np.isnan(roc_auc([1, 1], [0.3, 0.4]))

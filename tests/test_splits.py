@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from stages import levels
-from stages.splits import SplitConfig, assign_parts, check_leakage, make_pairs, nested_subsets, volume_labels
+from stages.probe_data import label_subset
+from stages.splits import SplitConfig, assign_parts, check_leakage, make_pairs, volume_labels
 
 CFG = SplitConfig.from_config()
 
@@ -76,15 +77,18 @@ def test_downstream_parts_are_the_papers_proportions_of_the_graded_subjects(spli
 
 def test_label_subsets_are_nested_by_subject_within_downstream_training(split):
     parts, _, _ = split
-    subsets = nested_subsets(parts, CFG)
     train = set(parts.subject_id[parts.downstream_part == "train"])
-    assert set(subsets.subject_id) <= train
-    for seed, per_seed in subsets.groupby("seed"):
-        members = [set(g.subject_id) for _, g in sorted(per_seed.groupby("fraction"))]
+    fractions = (0.358, 0.539, 1.0)
+    firsts = []
+    for seed in range(3):
+        members = [set(label_subset(parts, f, seed, seed=0)) for f in fractions]
+        assert all(m <= train for m in members)
         assert all(small < large for small, large in zip(members, members[1:]))
-        assert [len(m) for m in members] == [int(np.ceil(f * len(train))) for f in sorted(CFG.label_fractions)]
-    first = [set(g.subject_id) for _, g in subsets[subsets.fraction == min(CFG.label_fractions)].groupby("seed")]
-    assert len({frozenset(m) for m in first}) == CFG.subset_seeds  # each seed its own nesting
+        assert [len(m) for m in members] == [int(np.ceil(f * len(train))) for f in fractions]
+        firsts.append(frozenset(members[0]))
+        assert set(label_subset(parts, 0.358, seed, seed=0)) == members[0]   # a function of (fraction, seed) alone
+    assert len(set(firsts)) == 3  # each seed its own nesting
+    assert set(label_subset(parts, 0.358, 0, seed=1)) != firsts[0]
 
 
 def test_pair_counts_equal_what_the_cohort_implies(split):
@@ -114,7 +118,6 @@ def test_same_seed_same_tables_other_seed_other_tables():
     pd.testing.assert_frame_equal(one, two)
     v = volume_labels(index, gradings, one)
     pd.testing.assert_frame_equal(make_pairs(v, CFG), make_pairs(v, CFG))
-    pd.testing.assert_frame_equal(nested_subsets(one, CFG), nested_subsets(two, CFG))
     other = assign_parts(table, SplitConfig.from_config({"seed": 1}))
     assert not one.downstream_part.equals(other.downstream_part)
     assert not one.ssl_part.equals(other.ssl_part)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import yaml
 from matplotlib.image import imread
 
 from conftest import ROOT
@@ -61,6 +62,65 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     assert "train" in set(metrics.split) and metrics.epoch.max() == 2
     files = pd.read_csv(results / "ingest" / "files.csv")
     assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
+
+
+def _job_counts(text: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table: jobs per rule."""
+    counts = {}
+    table = text.split("Job stats:")[-1].splitlines()
+    for line in table[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+FROZEN, END_TO_END = ("siamese", "random", "supervised"), ("scratch",)
+
+
+@pytest.mark.slow
+def test_probes_run_once_per_job_and_features_once_per_encoder(tiny_run):
+    workdir, run = tiny_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    probes = workdir / "results" / "probes"
+    jobs = (len(FROZEN) * 3 + len(END_TO_END) * 2) * 2 * 2          # models x tasks x 2 subsets x 2 seeds
+    counts = _job_counts(run.stdout + run.stderr)
+    assert counts["probe"] == jobs and counts["features"] == len(FROZEN) and counts["supervised"] == 1
+    results = pd.read_parquet(probes / "results.parquet")
+    assert len(results) == len(FROZEN) * 3 * 2 * 2 * 2 + len(END_TO_END) * 2 * 2 * 2   # heads: 2 frozen, 1 end to end
+    assert set(results.model) == set(FROZEN + END_TO_END) and set(results.fraction) == {0.5, 1.0}
+    assert results[["accuracy"]].notna().all().all()
+    summary = pd.read_parquet(probes / "summary.parquet")
+    assert {"mean", "std", "ci_low", "ci_high"} <= set(summary.columns)
+    efficiency = pd.read_csv(probes / "label_efficiency.csv")
+    assert set(efficiency.model) == {"siamese", "random", "supervised"} and efficiency.verdict.notna().all()
+    subsets = pd.read_parquet(probes / "subsets.parquet")
+    splits = pd.read_parquet(workdir / "results" / "splits" / "subjects.parquet")
+    test = set(splits.subject_id[splits.downstream_part.isin(["val", "test"])])
+    assert not set(subsets.subject_id) & test
+    for job in (probes / "runs").rglob("predictions.parquet"):      # every prediction is of a test subject
+        assert set(pd.read_parquet(job).subject_id) <= set(splits.subject_id[splits.downstream_part == "test"])
+
+
+@pytest.mark.slow
+def test_adding_a_label_subset_runs_only_its_jobs(tiny_run, tmp_path):
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    config = yaml.safe_load(TINY.read_text())
+    config["probes"]["label_fractions"] = [0.5, 0.75, 1.0]
+    more = tmp_path / "more.yaml"
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    counts = _job_counts(plan.stdout + plan.stderr)
+    assert counts.pop("probe") == (len(FROZEN) * 3 + len(END_TO_END) * 2) * 2      # the new subset's jobs only
+    assert set(counts) == {"probe_summary", "all", "total"}, counts
+    assert "/f0.75/" in plan.stdout + plan.stderr and "/f0.5/" not in _planned_outputs(plan.stdout + plan.stderr)
+
+
+def _planned_outputs(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if line.strip().startswith("output:"))
 
 
 @pytest.mark.slow

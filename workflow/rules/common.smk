@@ -81,10 +81,27 @@ def pretrain_launcher():
     return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
 
 
+PROBES = config["probes"]
+# Frozen encoders (features extracted once each) and models trained end to end, as named in results/probes/.
+FROZEN = list(config["pretrain"]["methods"]) + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
+END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
+    [f"{m}-finetune" for m in config["pretrain"]["methods"]] if PROBES["finetune"] else [])
+
+
+def probe_targets():
+    """metrics.json of every probe job: (model, task, label subset, seed); the level task for frozen encoders only."""
+    from stages.probe_data import run_folder
+    return [out("probes", "runs", run_folder(model, task, fraction, seed), "metrics.json")
+            for model in FROZEN + END_TO_END for task in PROBES["tasks"]
+            if not (task == "level" and model in END_TO_END)
+            for fraction in PROBES["label_fractions"] for seed in range(PROBES["seeds"])]
+
+
 def all_targets():
     targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
                out("extract", "qc", "localisation.png"), out("splits", "summary.json")]
     targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
+    targets.append(out("probes", "label_efficiency.csv"))
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets

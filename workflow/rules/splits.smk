@@ -1,4 +1,4 @@
-# Splits (by subject and family) for self-supervision and grading, nested label subsets, and longitudinal pairs.
+# Splits (by subject and family) for self-supervision and grading, and longitudinal pairs.
 
 
 rule splits:
@@ -11,7 +11,6 @@ rule splits:
     output:
         subjects=out("splits", "subjects.parquet"),
         volumes=out("splits", "volumes.parquet"),
-        subsets=out("splits", "subsets.parquet"),
         pairs=out("splits", "pairs.parquet"),
         summary=out("splits", "summary.json"),
     params:

@@ -1,0 +1,266 @@
+"""Stage probe: one (model, task, label subset, seed) of the downstream comparison, trained and scored on the test part.
+
+Models (Jamaludin et al. 2017, section 4.2; Hou et al. 2023):
+
+- frozen (a pretrained encoder, the random encoder, the supervised-transfer encoder): the encoder's features, read
+  from the features stage (``--features``), feed two heads trained on the label subset: ``linear`` (logistic
+  regression on standardised features, class-balanced, its L2 strength chosen from ``linear_c`` by cross-validation
+  grouped by subject) and ``mlp`` (one hidden layer, class-balanced, fixed epochs);
+- end to end (``--end-to-end``): the same network (stages/disc_net.py) trained on the label subset, from random
+  weights (``scratch``) or from a pretrained encoder (``--encoder``: fine-tuning), with early stopping on the
+  downstream validation part.
+
+Training samples are the labelled samples of the subset's subjects (all their scans); the test samples are those of
+the downstream test subjects. Before anything is trained the stage checks that every training subject is a downstream
+training subject of the subset (:class:`stages.probe_data.LeakageError` otherwise).
+
+Run:
+    python -m stages.probe --model siamese --task grade --fraction 0.358 --subset-seed 0 --splits results/splits \\
+        --features results/probes/features/siamese --out results/probes/runs/siamese/grade/f0.358/seed0
+
+Writes ``metrics.json`` (one entry per head: the metrics, the confusion matrix, the training set's size),
+``predictions.parquet`` (per test sample and head: subject, scan, level, truth, prediction, class probabilities) and,
+end to end, ``history.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages import cli
+from stages.config import section_config
+from stages.heads import Head, Standardiser, fit_head, grouped_folds
+from stages.levels import VERTEBRAE
+from stages.metrics import average_class_accuracy, binary_metrics, confusion
+from stages.probe_data import TASKS, LeakageError, Task, check_training_subjects, label_subset, task_samples
+
+log = logging.getLogger("probe")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The ``probe_training`` section of the config (see its schema)."""
+
+    seed: int
+    heads: tuple[str, ...]
+    linear_c: tuple[float, ...]
+    cv_folds: int
+    mlp_hidden: int
+    mlp_alpha: float
+    max_iter: int
+    epochs: int
+    patience: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    level_loss_weight: float
+    threads: int
+    device: str
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None = None) -> ProbeConfig:
+        return section_config(cls, "probe_training", section)
+
+    def fit_config(self, seed: int, level_loss_weight: float = 0.0) -> Any:
+        """The end-to-end trainer's settings (stages.disc_net.FitConfig; PyTorch is imported only for it)."""
+        from stages.disc_net import FitConfig
+        return FitConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
+                         learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed,
+                         threads=self.threads, level_loss_weight=level_loss_weight)
+
+
+def classes_of(task: Task) -> np.ndarray:
+    """Every class the task can have (grades 1-5, herniation 0/1, level 0-6), in order."""
+    return {"grade": np.arange(1, 6), "herniation": np.array([0, 1]), "level": np.arange(len(VERTEBRAE))}[task.name]
+
+
+def feature_matrix(samples: pd.DataFrame, features: np.ndarray) -> np.ndarray:
+    """A sample's features: its body's, or the body above's and the body below's concatenated (a disc)."""
+    upper = np.asarray(features[samples.upper.to_numpy()], dtype=np.float32)
+    if (samples.lower < 0).all():
+        return upper
+    return np.concatenate([upper, np.asarray(features[samples.lower.to_numpy()], dtype=np.float32)], axis=1)
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: ProbeConfig, binary: bool,
+               seed: int) -> tuple[Head, dict[str, Any]]:
+    """Class-balanced logistic regression; C from ``linear_c`` by cross-validation grouped by subject, scored by the
+    task's headline metric (ROC AUC for a binary task, average class accuracy otherwise)."""
+    folds = grouped_folds(groups, min(cfg.cv_folds, len(np.unique(groups))), seed)
+    scores: dict[float, float] = {}
+    grid = sorted(cfg.linear_c)   # strongest penalty first: each fit starts from the previous one
+    if len(grid) > 1 and len(folds) >= 2:
+        values: dict[float, list[float]] = {c: [] for c in grid}
+        for held in folds:
+            train = np.setdiff1d(np.arange(len(y)), held)
+            if len(np.unique(y[train])) < 2:
+                continue
+            std, start = Standardiser.fit(x[train]), None
+            for c in grid:
+                head = fit_head(x[train], y[train], n_classes, 1 / c, max_iter=cfg.max_iter, standardiser=std,
+                                start=start)
+                start, proba = head.theta, head.predict_proba(x[held])
+                values[c].append(binary_metrics(y[held], proba[:, 1])["auc"] if binary
+                                 else average_class_accuracy(y[held], proba.argmax(1)))
+        for c in grid:
+            finite = [v for v in values[c] if np.isfinite(v)]
+            scores[c] = float(np.mean(finite)) if finite else -np.inf
+        best = max(grid, key=lambda c: (scores[c], -c))   # ties: the stronger penalty
+    else:
+        best = sorted(cfg.linear_c)[len(cfg.linear_c) // 2]
+    head = fit_head(x, y, n_classes, 1 / best, max_iter=cfg.max_iter)
+    return head, {"C": best, "cv_scores": {str(c): s for c, s in scores.items()}, "converged": head.converged}
+
+
+def score(task: Task, truth: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
+    """The task's metrics from class probabilities (a prediction is the most probable class)."""
+    predicted = classes[proba.argmax(1)]
+    present = np.unique(np.concatenate([truth, predicted]))
+    metrics: dict[str, Any] = {"accuracy": float((predicted == truth).mean()),
+                               "average_class_accuracy": average_class_accuracy(truth, predicted)}
+    if task.binary:
+        metrics.update(binary_metrics(truth, proba[:, 1]))
+    metrics["confusion"] = {"labels": classes.tolist(), "counts": confusion(truth, predicted, classes).tolist()}
+    metrics["classes_in_test"] = present.tolist()
+    return metrics
+
+
+def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: Path, out: Path, cfg: ProbeConfig,
+        features: Path | None = None, extract: Path | None = None, encoder: Path | None = None,
+        end_to_end: bool = False, width: float = 1.0, embedding_dim: int = 1024) -> dict[str, Any]:
+    task = TASKS[task_name]
+    started = time.perf_counter()
+    subjects = pd.read_parquet(splits / "subjects.parquet")
+    volumes = pd.read_parquet(splits / "volumes.parquet")
+    samples, counts = task_samples(volumes, task)
+    members = set(label_subset(subjects, fraction, subset_seed, cfg.seed))
+    train = samples[samples.subject_id.isin(members)].reset_index(drop=True)
+    test = samples[samples.downstream_part == "test"].reset_index(drop=True)
+    val = samples[samples.downstream_part == "val"].reset_index(drop=True)
+    check_training_subjects(members, subjects, ("train",))
+    crossed = train[train.downstream_part != "train"]
+    if len(crossed) or set(train.subject_id) & set(test.subject_id):
+        raise LeakageError(f"the training subset reaches {crossed.subject_id.nunique()} subject(s) whose volumes are "
+                           "in another downstream part (splits/subjects and splits/volumes disagree: re-run the "
+                           "splits stage); refusing to train")
+    if train.empty:
+        raise ValueError(f"label subset {fraction} (seed {subset_seed}) has no {task.name} samples: "
+                         f"{len(members)} subject(s) of {counts['samples']} labelled samples")
+    if test.empty:
+        raise ValueError(f"the downstream test part has no {task.name} samples (see results/splits/summary.json)")
+    classes = classes_of(task)
+    unknown = sorted(set(samples.label) - set(classes.tolist()))
+    if unknown:
+        raise ValueError(f"{task.name} labels out of range: {unknown} (expected {classes.tolist()})")
+    seed = cfg.seed * 1000 + subset_seed
+    facts = {"model": model, "task": task.name, "fraction": fraction, "seed": subset_seed,
+             "n_subjects": len(members), "n_train_subjects_with_samples": int(train.subject_id.nunique()),
+             "n_scans": int(train.scan_id.nunique()), "n_train": len(train), "n_val": len(val), "n_test": len(test),
+             "n_test_subjects": int(test.subject_id.nunique()), "classes_in_train": sorted(set(train.label.tolist())),
+             "samples": counts}
+    heads: dict[str, dict[str, Any]] = {}
+    predictions = []
+    if end_to_end:
+        if extract is None:
+            raise ValueError("end-to-end training needs --extract")
+        from stages.disc_net import train_and_predict   # PyTorch: end to end only
+        proba, info, history = train_and_predict(task.kind, train, val, test, classes, extract, encoder,
+                                                 cfg.fit_config(seed), cfg.device, (width, embedding_dim))
+        history.to_csv(_mk(out) / "history.csv", index=False)
+        heads["linear"] = {**score(task, test.label.to_numpy(), proba, classes), **info}
+        predictions.append(_predictions(test, proba, classes, "linear"))
+    else:
+        if features is None:
+            raise ValueError("a frozen probe needs --features")
+        feats = np.load(features / "features.npy", mmap_mode="r")
+        x_train, x_test = feature_matrix(train, feats), feature_matrix(test, feats)
+        y_train = np.searchsorted(classes, train.label.to_numpy())
+        groups = train.subject_id.to_numpy()
+        for head in cfg.heads:
+            if head == "linear":
+                fitted, info = fit_linear(x_train, y_train, groups, len(classes), cfg, task.binary, seed)
+            else:
+                fitted = fit_head(x_train, y_train, len(classes), cfg.mlp_alpha, hidden=cfg.mlp_hidden, seed=seed,
+                                  max_iter=cfg.max_iter)
+                info = {"hidden": cfg.mlp_hidden, "alpha": cfg.mlp_alpha, "converged": fitted.converged}
+            proba = fitted.predict_proba(x_test)
+            heads[head] = {**score(task, test.label.to_numpy(), proba, classes), **info}
+            predictions.append(_predictions(test, proba, classes, head))
+    result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
+    _mk(out)
+    pd.concat(predictions, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    for head, m in heads.items():
+        log.info("%s / %s / subset %s seed %d (%d subjects, %d samples) %s head: %s", model, task.name, fraction,
+                 subset_seed, len(members), len(train), head,
+                 ", ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "average_class_accuracy", "auc") if k in m))
+    return result
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value)} as JSON")
+
+
+def _predictions(test: pd.DataFrame, proba: np.ndarray, classes: np.ndarray, head: str) -> pd.DataFrame:
+    frame = test[["subject_id", "scan_id", "level", "label"]].copy()
+    frame.insert(0, "head", head)
+    frame["predicted"] = classes[proba.argmax(1)]
+    for k, c in enumerate(classes):
+        frame[f"p_{c}"] = proba[:, k]
+    return frame
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Name of the model (a label in the result tables).")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="Downstream task.")
+    parser.add_argument("--fraction", type=float, required=True, help="Label subset: share of training subjects.")
+    parser.add_argument("--subset-seed", type=int, required=True, help="Label subset nesting (0, 1, ...).")
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder of this job.")
+    parser.add_argument("--features", type=cli.existing_folder, help="Frozen: output folder of the features stage.")
+    parser.add_argument("--end-to-end", action="store_true", help="Train the whole network, not a head on features.")
+    parser.add_argument("--extract", type=cli.existing_folder, help="End to end: output folder of the extract stage.")
+    parser.add_argument("--encoder", type=cli.existing_file, help="End to end: start from this encoder.pt "
+                                                                  "(fine-tuning; default: random weights).")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="End to end from random weights: channel width (pretrain.width; default 1).")
+    parser.add_argument("--embedding-dim", type=cli.positive_int, default=1024,
+                        help="End to end from random weights: FC7 size (pretrain.embedding_dim; default 1024).")
+    cli.add_section_options(parser, "probe_training")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.end_to_end == (args.features is not None):
+        parser.error("give either --features (a frozen encoder) or --end-to-end")
+    cli.setup_logging(args.log, "probe")
+    run(args.model, args.task, args.fraction, args.subset_seed, args.splits, args.out, cfg, args.features, args.extract,
+        args.encoder, args.end_to_end, args.width, args.embedding_dim)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

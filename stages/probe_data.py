@@ -1,0 +1,121 @@
+"""The downstream tasks' samples, the nested label subsets, and the guard that keeps test subjects out of training.
+
+Tasks (Jamaludin et al. 2017, section 4.2; Hou et al. 2023):
+
+- ``grade``: the Pfirrmann grade of a disc (multi-class, 1-5); headline metric: average class accuracy.
+- ``herniation``: disc herniation (binary); accuracy, sensitivity, specificity, ROC AUC.
+- ``level``: the vertebral level of a body (T12 ... S1), a sanity check of the features.
+
+A disc is seen through the two vertebral bodies around it (the body above and the body below, of the same scan):
+the 3D encoder is pretrained on vertebral-body volumes, and each body volume holds the adjacent halves of both its
+discs (results/extract/qc/gallery.png), so a disc's input is the pair of body volumes and its feature vector is the
+concatenation of their two embeddings. A disc whose either body was not extracted is left out (and counted).
+
+Label subsets: for seed ``s``, every downstream training subject gets a random key from (``probes.seed``, ``s``,
+subject); the subset of fraction ``f`` is the ``ceil(f n)`` subjects with the smallest keys. Subsets of one seed are
+therefore nested, each is a function of its own (fraction, seed) alone, and adding a fraction or a seed to the config
+leaves every existing subset (and every finished probe job) as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from stages.levels import VERTEBRAE, disc_between
+
+TRAINING_PART = "train"
+
+
+class LeakageError(RuntimeError):
+    """A probe was about to train on a subject it must never train on."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str           # "disc" (two body volumes per sample) or "vertebra" (one)
+    label: str          # column of splits/volumes.parquet
+    binary: bool
+    headline: str       # the metric the label-efficiency figure of merit uses
+
+
+TASKS: dict[str, Task] = {
+    "grade": Task("grade", "disc", "pfirrmann", False, "average_class_accuracy"),
+    "herniation": Task("herniation", "disc", "herniation", True, "auc"),
+    "level": Task("level", "vertebra", "level", False, "accuracy"),
+}
+
+
+def task_samples(volumes: pd.DataFrame, task: Task) -> tuple[pd.DataFrame, dict[str, int]]:
+    """One row per labelled sample: subject_id, scan_id, level, downstream_part, label, upper (row of the body above
+    or the body itself), lower (row of the body below; -1 for a body task); and counts of what was left out."""
+    bodies = volumes[volumes.kind == "vertebra"]
+    if task.kind == "vertebra":
+        out = bodies[bodies.downstream_part.isin(["train", "val", "test"])]
+        out = out.assign(label=out.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}), upper=out.row, lower=-1)
+        return _columns(out), {"samples": len(out)}
+    if task.label not in volumes:
+        raise ValueError(f"no {task.label!r} labels in splits/volumes.parquet: the cohort's gradings table has no "
+                         f"such column, so task {task.name!r} cannot run (drop it from probes.tasks)")
+    discs = volumes[(volumes.kind == "disc") & volumes[task.label].notna()
+                    & volumes.downstream_part.isin(["train", "val", "test"])]
+    row_of = {(s, lv): int(r) for s, lv, r in bodies[["scan_id", "level", "row"]].itertuples(index=False)}
+    upper, lower = [], []
+    for scan, level in discs[["scan_id", "level"]].itertuples(index=False):
+        above = level.split("-")[0]
+        below = level.split("-")[1]
+        if disc_between(above) != level:
+            raise ValueError(f"unexpected disc level {level!r}")
+        upper.append(row_of.get((scan, above), -1))
+        lower.append(row_of.get((scan, below), -1))
+    out = discs.assign(upper=upper, lower=lower, label=discs[task.label].astype(int))
+    complete = (out.upper >= 0) & (out.lower >= 0)
+    return _columns(out[complete]), {"samples": int(complete.sum()), "missing_body": int((~complete).sum())}
+
+
+def _columns(frame: pd.DataFrame) -> pd.DataFrame:
+    cols = ["subject_id", "scan_id", "level", "downstream_part", "label", "upper", "lower"]
+    cols += ["ssl_part"] if "ssl_part" in frame else []
+    return frame[cols].sort_values(["scan_id", "level"]).reset_index(drop=True)
+
+
+def fraction_name(fraction: float) -> str:
+    """How a label fraction is written in paths: ``f0.358``, ``f1``."""
+    return f"f{fraction:g}"
+
+
+def run_folder(model: str, task: str, fraction: float, seed: int) -> str:
+    """The output folder of one probe job, relative to the runs folder."""
+    return f"{model}/{task}/{fraction_name(fraction)}/seed{seed}"
+
+
+def _key(seed: int, subset_seed: int, subject: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{subset_seed}:{subject}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def label_subset(subjects: pd.DataFrame, fraction: float, subset_seed: int, seed: int) -> list[str]:
+    """The downstream training subjects of label subset (``fraction``, ``subset_seed``); see the module's doc."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a label fraction must be in (0, 1], got {fraction}")
+    train = subjects.subject_id[subjects.downstream_part == TRAINING_PART].tolist()
+    ordered = sorted(train, key=lambda s: (_key(seed, subset_seed, s), s))
+    n = max(1, int(np.ceil(fraction * len(ordered) - 1e-9))) if ordered else 0
+    return sorted(ordered[:n])
+
+
+def check_training_subjects(train_subjects: set[str], subjects: pd.DataFrame, allowed_parts: tuple[str, ...],
+                            column: str = "downstream_part") -> None:
+    """Raise :class:`LeakageError` unless every training subject is in ``allowed_parts`` of ``column``."""
+    part = subjects.set_index("subject_id")[column]
+    unknown = sorted(set(train_subjects) - set(part.index))
+    if unknown:
+        raise LeakageError(f"{len(unknown)} training subject(s) are not in splits/subjects.parquet: {unknown[:3]}")
+    bad = sorted(s for s in train_subjects if part[s] not in allowed_parts)
+    if bad:
+        raise LeakageError(f"{len(bad)} training subject(s) are in {column} parts outside {allowed_parts} "
+                           f"(first {bad[0]}: {part[bad[0]]}); refusing to train")

@@ -1,0 +1,99 @@
+"""Stage supervised: the supervised-transfer encoder, the "upper bound" of Jamaludin et al. 2017 (section 4.2).
+
+The pretraining network is trained *with labels* over the self-supervision training part (validation: the
+self-supervision validation part): the Pfirrmann grade of each graded disc from its two bodies (stages/disc_net.py)
+plus the vertebral level of each body, both class-balanced. Its encoder is then frozen and probed like the
+self-supervised ones. It sees the grades of every graded training subject there, whatever the label subset: that is
+what makes it an upper bound, not a fair competitor. No downstream validation or test subject is ever in the
+self-supervision training or validation parts (checked again here before training).
+
+Run:
+    python -m stages.supervised --splits results/splits --extract results/extract \\
+        --out results/probes/encoders/supervised --width 0.125 --embedding-dim 1024
+
+Writes ``encoder.pt`` (as pretraining writes it: method, spec, weights) and ``history.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages import cli
+from stages.disc_net import BodyReader, DiscNet, fit, select_device
+from stages.levels import VERTEBRAE
+from stages.probe import ProbeConfig
+from stages.probe_data import TASKS, check_training_subjects, task_samples
+from stages.siamese import EncoderSpec
+
+log = logging.getLogger("supervised")
+GRADES = np.arange(1, 6)
+
+
+def training_samples(volumes: pd.DataFrame, subjects: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Graded discs of the self-supervision training and validation parts, with both bodies' level indices."""
+    samples, _ = task_samples(volumes, TASKS["grade"])
+    level_index = {lv: i for i, lv in enumerate(VERTEBRAE)}
+    samples = samples.assign(target=np.searchsorted(GRADES, samples.label.to_numpy()),
+                             upper_level=[level_index[lv.split("-")[0]] for lv in samples.level],
+                             lower_level=[level_index[lv.split("-")[1]] for lv in samples.level])
+    train = samples[samples.ssl_part == "train"].reset_index(drop=True)
+    val = samples[samples.ssl_part == "val"].reset_index(drop=True)
+    check_training_subjects(set(train.subject_id) | set(val.subject_id), subjects, ("train", "none"))
+    check_training_subjects(set(train.subject_id), subjects, ("train",), column="ssl_part")
+    return train, val
+
+
+def run(splits: Path, extract: Path, out: Path, cfg: ProbeConfig, width: float, embedding_dim: int) -> pd.DataFrame:
+    subjects = pd.read_parquet(splits / "subjects.parquet")
+    volumes = pd.read_parquet(splits / "volumes.parquet")
+    train, val = training_samples(volumes, subjects)
+    if train.empty:
+        raise ValueError("no graded disc in the self-supervision training part: the supervised-transfer encoder "
+                         "cannot be trained (drop 'supervised' from probes.baselines)")
+    rows = np.concatenate([f[c].to_numpy() for f in (train, val) for c in ("upper", "lower")])
+    read = BodyReader(extract, rows)
+    shape = read.array.shape[1:]
+    spec = EncoderSpec(slices=shape[0], height=shape[1], width_px=shape[2], width=width, embedding_dim=embedding_dim)
+    torch.manual_seed(cfg.seed)
+    net = DiscNet(spec, len(GRADES), inputs=2, level_head=True)
+    log.info("supervised pretraining on %d graded discs (%d subjects), validation %d discs", len(train),
+             train.subject_id.nunique(), len(val))
+    net, history = fit(net, train, val, read, len(GRADES), cfg.fit_config(cfg.seed, cfg.level_loss_weight),
+                       select_device(cfg.device))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"method": "supervised", "spec": spec.to_dict(), "state_dict": net.encoder.cpu().state_dict()},
+               out / "encoder.pt")
+    history.to_csv(out / "history.csv", index=False)
+    return history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.supervised", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
+    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--width", type=float, default=1.0, help="Channel width (pretrain.width; default 1).")
+    parser.add_argument("--embedding-dim", type=cli.positive_int, default=1024,
+                        help="FC7 size (pretrain.embedding_dim; default 1024).")
+    cli.add_section_options(parser, "probe_training")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
+    cli.setup_logging(args.log, "supervised")
+    run(args.splits, args.extract, args.out, cfg, args.width, args.embedding_dim)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
