@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.siamese import N_LEVELS, BalancedCrossEntropy, EncoderSpec, VggM3dEncoder, class_balanced_weights
+from stages.siamese import (N_LEVELS, BalancedCrossEntropy, EncoderSpec, VggM3dEncoder, class_balanced_weights,
+                            load_encoder)
 
 log = logging.getLogger("disc_net")
 
@@ -143,12 +144,13 @@ def fit(model: DiscNet, train: pd.DataFrame, val: pd.DataFrame, read: BodyReader
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         log.info("epoch %d: training loss %.4f, validation loss %s", epoch, train_loss,
                  "n/a" if val_loss is None else f"{val_loss:.4f}")
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}): lower "
+                                     "probe_training.learning_rate")
         if watched < best_loss:
             best, best_loss, best_epoch = copy.deepcopy(model.state_dict()), watched, epoch
         elif epoch - best_epoch >= cfg.patience:
             break
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss})")
     log.info("kept the weights of epoch %d of %d (%s loss %.4f)", best_epoch, len(history),
              "validation" if len(val) else "training", best_loss)
     model.load_state_dict(best)
@@ -180,14 +182,6 @@ def predict(model: DiscNet, samples: pd.DataFrame, read: BodyReader, batch_size:
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
-def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict[str, Any]]:
-    """An encoder saved as ``encoder.pt`` (by pretraining or the supervised stage) and what was saved with it."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    encoder = VggM3dEncoder(EncoderSpec(**saved["spec"]))
-    encoder.load_state_dict(saved["state_dict"])
-    return encoder, saved
-
-
 def select_device(requested: str) -> torch.device:
     """CUDA when asked for or, with ``auto``, when present; else the CPU."""
     if requested == "cuda" and not torch.cuda.is_available():
@@ -201,8 +195,13 @@ def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: p
     """Train a :class:`DiscNet` end to end on ``train`` (from ``encoder``'s weights, or random weights of ``size`` =
     (width, embedding_dim)) and return the test samples' class probabilities, facts, and the training history."""
     device = select_device(device_name)
-    rows = np.concatenate([f[c].to_numpy() for f in (train, val, test) for c in ("upper", "lower")])
-    read = BodyReader(extract, rows[rows >= 0])
+
+    def rows_of(*frames: pd.DataFrame) -> np.ndarray:
+        rows = np.concatenate([f[c].to_numpy() for f in frames for c in ("upper", "lower")])
+        return rows[rows >= 0]
+
+    read = BodyReader(extract, rows_of(train, val))          # training never reads a test volume
+    read_test = BodyReader(extract, rows_of(test))
     inputs = 2 if kind == "disc" else 1
     torch.manual_seed(cfg.seed)
     if encoder is not None:
@@ -218,6 +217,6 @@ def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: p
         return frame.assign(target=np.searchsorted(classes, frame.label.to_numpy()))
 
     net, history = fit(net, target(train), target(val), read, len(classes), cfg, device)
-    proba = predict(net, test, read, cfg.batch_size, device)
+    proba = predict(net, test, read_test, cfg.batch_size, device)
     return proba, {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
                    "init": "pretrained" if encoder is not None else "random", "device": str(device)}, history

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from stages import cli
-from stages.disc_net import load_encoder
-from stages.siamese import EncoderSpec, SiameseNet, VggM3dEncoder
+from stages.siamese import EncoderSpec, SiameseNet, VggM3dEncoder, load_encoder
 
 log = logging.getLogger("features")
 

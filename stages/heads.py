@@ -8,9 +8,11 @@ with L-BFGS on the full batch. For the logistic regression alpha = 1/C, which is
 ``LogisticRegression(C=C, class_weight="balanced")`` objective divided by ``C n`` (the same solution; tested).
 
 Features are standardised with the training samples' mean and deviation, then expressed in the orthonormal basis of
-the training samples' span (all principal axes, nothing dropped). An L2 penalty on the first layer is invariant to
-that rotation and drives the weights' component outside the span to zero, so this is the same minimiser in far
-fewer dimensions when there are fewer samples than features (a few hundred discs, 2 x 1024 features).
+the training samples' span (all principal axes, nothing dropped). For the logistic regression this is exactly the
+same minimiser (the L2-penalised optimum lies in that span; tested against scikit-learn) in far fewer dimensions
+when there are fewer samples than features (a few hundred discs, 2 x 1024 features). For the MLP it is a choice:
+its first layer reads the span only (the penalised optimum also has no weight outside it), but the non-convex fit
+and its random start differ from a fit in the full space.
 
 They are written here rather than taken from scikit-learn because a probe job runs once per (model, task, subset,
 seed) and scikit-learn's import and its solvers on 2,048 features took most of a job's time (over 20 s a job).
@@ -114,33 +116,43 @@ class _Net:
 
 @dataclass
 class Head:
-    """A fitted head: ``predict_proba`` over all ``n_classes`` (classes absent from training get ~0)."""
+    """A fitted head. It is fitted over the classes present in its training labels only (an absent class has no
+    finite optimum: its bias would drift to minus infinity); ``predict_proba`` gives those classes probability 0."""
 
     standardiser: Standardiser
     net: _Net
     theta: np.ndarray
+    present: np.ndarray      # class indices the head was fitted on
+    n_classes: int
     converged: bool
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return _softmax(self.net.forward(self.theta, self.standardiser(x))[0])
+        with threadpool_limits(1):
+            proba = _softmax(self.net.forward(self.theta, self.standardiser(x))[0])
+        out = np.zeros((len(proba), self.n_classes))
+        out[:, self.present] = proba
+        return out
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, alpha: float, hidden: int = 0, seed: int = 0,
              max_iter: int = 500, standardiser: Standardiser | None = None, start: np.ndarray | None = None) -> Head:
-    """Fit a logistic regression (``hidden`` = 0, ``alpha`` = 1/C) or an MLP on ``x`` with class indices ``y``;
-    ``standardiser`` (fitted on ``x``) and ``start`` (parameters, e.g. the fit at a nearby ``alpha``) save time."""
+    """Fit a logistic regression (``hidden`` = 0, ``alpha`` = 1/C) or an MLP on ``x`` with class indices ``y``
+    (at least two classes present); ``standardiser`` (fitted on ``x``) and ``start`` (parameters of a fit with the
+    same classes, e.g. at a nearby ``alpha``) save time."""
     y = np.asarray(y, dtype=np.int64)
-    if len(y) == 0:
-        raise ValueError("no training samples")
-    std = standardiser or Standardiser.fit(x)
-    z = std(x)
-    net = _Net(z.shape[1], hidden, n_classes)
-    onehot = np.eye(n_classes)[y]
-    a = balanced_weights(y, n_classes)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"a head needs two or more classes in its training labels, got {present.tolist()}")
+    compact = np.searchsorted(present, y)
     with threadpool_limits(1):   # small matrices: a second BLAS thread made each step ~15x slower (measured)
-        result = minimize(net.objective, net.init(seed) if start is None else start, args=(z, onehot, a, alpha), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "gtol": 1e-6})
-    return Head(std, net, result.x, bool(result.success))
+        std = standardiser or Standardiser.fit(x)
+        z = std(x)
+        net = _Net(z.shape[1], hidden, len(present))
+        onehot = np.eye(len(present))[compact]
+        a = balanced_weights(compact, len(present))
+        result = minimize(net.objective, net.init(seed) if start is None else start, args=(z, onehot, a, alpha),
+                          jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-6})
+    return Head(std, net, result.x, present, n_classes, bool(result.success))
 
 
 def grouped_folds(groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:

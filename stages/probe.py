@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,45 +36,13 @@ import numpy as np
 import pandas as pd
 
 from stages import cli
-from stages.config import section_config
 from stages.heads import Head, Standardiser, fit_head, grouped_folds
 from stages.levels import VERTEBRAE
 from stages.metrics import average_class_accuracy, binary_metrics, confusion
-from stages.probe_data import TASKS, LeakageError, Task, check_training_subjects, label_subset, task_samples
+from stages.probe_data import (TASKS, LeakageError, ProbeConfig, Task, check_training_subjects, label_subset,
+                               task_samples)
 
 log = logging.getLogger("probe")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The ``probe_training`` section of the config (see its schema)."""
-
-    seed: int
-    heads: tuple[str, ...]
-    linear_c: tuple[float, ...]
-    cv_folds: int
-    mlp_hidden: int
-    mlp_alpha: float
-    max_iter: int
-    epochs: int
-    patience: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    level_loss_weight: float
-    threads: int
-    device: str
-
-    @classmethod
-    def from_config(cls, section: dict[str, Any] | None = None) -> ProbeConfig:
-        return section_config(cls, "probe_training", section)
-
-    def fit_config(self, seed: int, level_loss_weight: float = 0.0) -> Any:
-        """The end-to-end trainer's settings (stages.disc_net.FitConfig; PyTorch is imported only for it)."""
-        from stages.disc_net import FitConfig
-        return FitConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
-                         learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed,
-                         threads=self.threads, level_loss_weight=level_loss_weight)
 
 
 def classes_of(task: Task) -> np.ndarray:
@@ -113,24 +80,24 @@ def fit_linear(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
                                  else average_class_accuracy(y[held], proba.argmax(1)))
         for c in grid:
             finite = [v for v in values[c] if np.isfinite(v)]
-            scores[c] = float(np.mean(finite)) if finite else -np.inf
-        best = max(grid, key=lambda c: (scores[c], -c))   # ties: the stronger penalty
+            scores[c] = float(np.mean(finite)) if finite else float("nan")
+        best = max(grid, key=lambda c: (np.nan_to_num(scores[c], nan=-1.0), -c))   # ties: the stronger penalty
     else:
         best = sorted(cfg.linear_c)[len(cfg.linear_c) // 2]
     head = fit_head(x, y, n_classes, 1 / best, max_iter=cfg.max_iter)
-    return head, {"C": best, "cv_scores": {str(c): s for c, s in scores.items()}, "converged": head.converged}
+    return head, {"C": best, "cv_scores": {str(c): (v if np.isfinite(v) else None) for c, v in scores.items()},
+                  "converged": head.converged}
 
 
 def score(task: Task, truth: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
     """The task's metrics from class probabilities (a prediction is the most probable class)."""
     predicted = classes[proba.argmax(1)]
-    present = np.unique(np.concatenate([truth, predicted]))
     metrics: dict[str, Any] = {"accuracy": float((predicted == truth).mean()),
                                "average_class_accuracy": average_class_accuracy(truth, predicted)}
     if task.binary:
         metrics.update(binary_metrics(truth, proba[:, 1]))
     metrics["confusion"] = {"labels": classes.tolist(), "counts": confusion(truth, predicted, classes).tolist()}
-    metrics["classes_in_test"] = present.tolist()
+    metrics["classes_in_test"] = np.unique(truth).tolist()
     return metrics
 
 
@@ -169,7 +136,17 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
              "samples": counts}
     heads: dict[str, dict[str, Any]] = {}
     predictions = []
-    if end_to_end:
+    if train.label.nunique() < 2:   # nothing to learn: the trivial rule, flagged, not a fitted model
+        only = int(train.label.iloc[0])
+        proba = np.zeros((len(test), len(classes)))
+        proba[:, int(np.flatnonzero(classes == only)[0])] = 1.0
+        log.warning("%s / subset %s seed %d: every training label is %s; the job predicts it for every test sample",
+                    task.name, fraction, subset_seed, only)
+        for head in (["linear"] if end_to_end else cfg.heads):
+            heads[head] = {**score(task, test.label.to_numpy(), proba, classes),
+                           "note": f"one class ({only}) in the training subset: predicts it"}
+            predictions.append(_predictions(test, proba, classes, head))
+    elif end_to_end:
         if extract is None:
             raise ValueError("end-to-end training needs --extract")
         from stages.disc_net import train_and_predict   # PyTorch: end to end only
@@ -181,6 +158,8 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
     else:
         if features is None:
             raise ValueError("a frozen probe needs --features")
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(1)   # one BLAS thread: faster on these small matrices, and the same bits always
         feats = np.load(features / "features.npy", mmap_mode="r")
         x_train, x_test = feature_matrix(train, feats), feature_matrix(test, feats)
         y_train = np.searchsorted(classes, train.label.to_numpy())
@@ -195,6 +174,7 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
             proba = fitted.predict_proba(x_test)
             heads[head] = {**score(task, test.label.to_numpy(), proba, classes), **info}
             predictions.append(_predictions(test, proba, classes, head))
+        limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
     _mk(out)
     pd.concat(predictions, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
@@ -256,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.end_to_end == (args.features is not None):
         parser.error("give either --features (a frozen encoder) or --end-to-end")
+    if args.end_to_end and args.extract is None:
+        parser.error("--end-to-end needs --extract (the array store it trains on)")
+    if not args.end_to_end and args.encoder is not None:
+        parser.error("--encoder is for --end-to-end (fine-tuning); a frozen probe reads --features")
     cli.setup_logging(args.log, "probe")
     run(args.model, args.task, args.fraction, args.subset_seed, args.splits, args.out, cfg, args.features, args.extract,
         args.encoder, args.end_to_end, args.width, args.embedding_dim)

@@ -21,13 +21,47 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from stages.config import section_config
 from stages.levels import VERTEBRAE, disc_between
 
 TRAINING_PART = "train"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The ``probe_training`` section of the config (see its schema)."""
+
+    seed: int
+    heads: tuple[str, ...]
+    linear_c: tuple[float, ...]
+    cv_folds: int
+    mlp_hidden: int
+    mlp_alpha: float
+    max_iter: int
+    epochs: int
+    patience: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    level_loss_weight: float
+    threads: int
+    device: str
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None = None) -> ProbeConfig:
+        return section_config(cls, "probe_training", section)
+
+    def fit_config(self, seed: int, level_loss_weight: float = 0.0) -> Any:
+        """The end-to-end trainer's settings (stages.disc_net.FitConfig; PyTorch is imported only for it)."""
+        from stages.disc_net import FitConfig
+        return FitConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
+                         learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed,
+                         threads=self.threads, level_loss_weight=level_loss_weight)
 
 
 class LeakageError(RuntimeError):

@@ -55,6 +55,10 @@ def bootstrap(task: str, per_seed: list[pd.DataFrame], n_boot: int, level: float
     if n_boot == 0 or not per_seed:
         return {}
     first = per_seed[0]
+    for other in per_seed[1:]:
+        if not (other[["subject_id", "scan_id", "level"]].to_numpy() == first[["subject_id", "scan_id", "level"]]
+                .to_numpy()).all() or len(other) != len(first):
+            raise ValueError("the seeds' predictions are not of the same test samples in the same order")
     subjects = first.subject_id.to_numpy()
     names = np.unique(subjects)
     members = [np.flatnonzero(subjects == s) for s in names]
@@ -79,14 +83,15 @@ def bootstrap(task: str, per_seed: list[pd.DataFrame], n_boot: int, level: float
 def load_runs(runs: Path, models: list[str], tasks: list[str], fractions: list[float],
               seeds: int) -> tuple[pd.DataFrame, dict[tuple, pd.DataFrame]]:
     """The results table and every job's test predictions, keyed by (model, head, task, fraction, seed)."""
-    rows, predictions = [], {}
+    rows, predictions, missing = [], {}, []
     for model in models:
         for task in tasks:
             for fraction in fractions:
                 for seed in range(seeds):
                     folder = runs / run_folder(model, task, fraction, seed)
                     if not (folder / "metrics.json").exists():
-                        continue   # a model that does not run this task (end to end: no level task)
+                        missing.append(str(folder))
+                        continue
                     job = json.loads((folder / "metrics.json").read_text())
                     preds = pd.read_parquet(folder / "predictions.parquet")
                     for head, m in job["heads"].items():
@@ -97,7 +102,15 @@ def load_runs(runs: Path, models: list[str], tasks: list[str], fractions: list[f
                         predictions[(model, head, task, fraction, seed)] = preds[preds["head"] == head]
     if not rows:
         raise ValueError(f"no probe results under {runs}")
-    return pd.DataFrame(rows), predictions
+    frame = pd.DataFrame(rows)
+    for model in models:
+        if model not in set(frame.model):
+            raise ValueError(f"no probe results of model {model!r} under {runs}")
+    ran = {(m, t) for m, t in zip(frame.model, frame.task)}
+    partial = [f for f in missing if (f.split("/")[-4], f.split("/")[-3]) in ran]
+    if partial:   # a (model, task) that ran for some subsets but not others; whole (model, task) gaps are by design
+        log.warning("%d expected probe job(s) have no results, e.g. %s", len(partial), partial[0])
+    return frame, predictions
 
 
 def summarise(results: pd.DataFrame, predictions: dict[tuple, pd.DataFrame], n_boot: int,
@@ -124,7 +137,13 @@ def label_efficiency(summary: pd.DataFrame) -> pd.DataFrame:
         reference = here[here.model == REFERENCE_MODEL]
         if here.empty or reference.empty:
             continue
-        full = reference[reference.fraction == reference.fraction.max()].iloc[0]
+        if not (reference.fraction == 1.0).any():
+            log.warning("%s: %s was not run on every label (fraction 1.0): no figure of merit", task,
+                        REFERENCE_MODEL)
+            continue
+        full = reference[reference.fraction == 1.0].iloc[0]
+        if not np.isfinite(full["mean"]):
+            continue
         for (model, head), group in here[here.model != REFERENCE_MODEL].groupby(["model", "head"], sort=False):
             group = group.sort_values("fraction")
             reached = group[group["mean"] >= full["mean"]]
@@ -138,7 +157,8 @@ def label_efficiency(summary: pd.DataFrame) -> pd.DataFrame:
                 "matched_scans": None if first is None else float(first.n_scans),
                 "value_there": None if first is None else float(first["mean"]),
                 "scan_share": None if first is None else float(first.n_scans / full.n_scans),
-                "verdict": "not reached with any subset" if first is None else
+                "verdict": ("undefined (metric not defined on this test part)" if group["mean"].isna().all()
+                            else "not reached with any subset") if first is None else
                 f"matches with {first.n_scans:.0f} of {full.n_scans:.0f} scans ({first.fraction:g} of the subjects)",
             })
     return pd.DataFrame(rows)

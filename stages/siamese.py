@@ -13,6 +13,7 @@ on the same global batch; group normalisation trains more reliably from scratch 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,3 +188,11 @@ class BalancedCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         per_sample = F.cross_entropy(logits.float(), target, reduction="none")
         return (self.alpha[target] * per_sample).mean()
+
+
+def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict]:
+    """An encoder saved as ``encoder.pt`` (by pretraining or the supervised stage) and what was saved with it."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    encoder = VggM3dEncoder(EncoderSpec(**saved["spec"]))
+    encoder.load_state_dict(saved["state_dict"])
+    return encoder, saved

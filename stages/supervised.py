@@ -27,8 +27,7 @@ import torch
 from stages import cli
 from stages.disc_net import BodyReader, DiscNet, fit, select_device
 from stages.levels import VERTEBRAE
-from stages.probe import ProbeConfig
-from stages.probe_data import TASKS, check_training_subjects, task_samples
+from stages.probe_data import TASKS, ProbeConfig, check_training_subjects, task_samples
 from stages.siamese import EncoderSpec
 
 log = logging.getLogger("supervised")

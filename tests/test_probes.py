@@ -157,6 +157,33 @@ def test_logistic_head_equals_scikit_learn():
     np.testing.assert_allclose(ours.predict_proba(x_new), theirs.predict_proba(scaler.transform(x_new)), atol=2e-3)
 
 
+def test_a_class_absent_from_training_gets_probability_zero_and_one_class_is_refused():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 6))
+    y = np.where(x[:, 0] > 0, 3, 1)                      # classes 1 and 3 of 0..4
+    head = fit_head(x, y, 5, alpha=1.0)
+    proba = head.predict_proba(rng.normal(size=(10, 6)))
+    assert proba.shape == (10, 5) and (proba[:, [0, 2, 4]] == 0).all()
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    assert head.converged
+    with pytest.raises(ValueError, match="two or more classes"):
+        fit_head(x, np.ones(40, dtype=int), 5, alpha=1.0)
+
+
+def test_a_subset_with_one_class_predicts_it_and_says_so(data, tmp_path):
+    volumes = pd.read_parquet(data / "splits" / "volumes.parquet")
+    volumes.loc[volumes.downstream_part == "train", "herniation"] = 0.0
+    one = tmp_path / "splits"
+    one.mkdir()
+    volumes.to_parquet(one / "volumes.parquet", index=False)
+    pd.read_parquet(data / "splits" / "subjects.parquet").to_parquet(one / "subjects.parquet", index=False)
+    result = run("informative", "herniation", 1.0, 0, one, tmp_path / "job", FAST,
+                 features=data / "features" / "informative")
+    for head in ("linear", "mlp"):
+        assert "one class" in result["heads"][head]["note"] and result["heads"][head]["auc"] == 0.5
+        assert result["heads"][head]["sensitivity"] == 0.0
+
+
 def test_balanced_weights_and_grouped_folds():
     y = np.array([0, 0, 0, 1, 2, 2])
     w = balanced_weights(y, 4)
@@ -175,8 +202,9 @@ def _fake_predictions(rng: np.random.Generator, accuracy: float, subjects: int =
     right = rng.random(len(truth)) < accuracy
     predicted = np.where(right, truth, 1 - truth)
     score = np.clip(predicted * 0.6 + 0.2 + 0.1 * rng.normal(size=len(truth)), 0, 1)
-    return pd.DataFrame({"subject_id": np.repeat([f"s{i}" for i in range(subjects)], 5), "label": truth,
-                         "predicted": predicted, "p_1": score})
+    names = np.repeat([f"s{i}" for i in range(subjects)], 5)
+    return pd.DataFrame({"subject_id": names, "scan_id": names, "level": np.tile(levels.DISCS[1:], subjects),
+                         "label": truth, "predicted": predicted, "p_1": score})
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_subjects():
