@@ -244,3 +244,32 @@ def test_results_summary_and_label_efficiency_from_job_folders(tmp_path):
     assert efficiency.loc["random", "matched_at_fraction"] is None or np.isnan(efficiency.loc["random",
                                                                                            "matched_at_fraction"])
     assert "not reached" in efficiency.loc["random", "verdict"]
+
+
+def test_fine_tuning_starts_from_the_given_encoder(data, tmp_path):
+    import torch
+
+    from stages.siamese import EncoderSpec, VggM3dEncoder
+    torch.manual_seed(5)
+    encoder = VggM3dEncoder(EncoderSpec(slices=SHAPE[0], height=SHAPE[1], width_px=SHAPE[2], width=0.125,
+                                        embedding_dim=32))
+    torch.save({"method": "test", "spec": encoder.spec.to_dict(), "state_dict": encoder.state_dict()},
+               tmp_path / "encoder.pt")
+    cfg = ProbeConfig.from_config({"epochs": 1, "batch_size": 8, "threads": 1, "device": "cpu"})
+    result = run("test-finetune", "herniation", 0.5, 0, data / "splits", tmp_path / "job", cfg,
+                 extract=data / "extract", encoder=tmp_path / "encoder.pt", end_to_end=True)
+    assert result["heads"]["linear"]["init"] == "pretrained" and result["n_test"] > 0
+
+
+def test_the_supervised_encoder_learns_only_from_self_supervision_training_and_validation(data, tmp_path):
+    from stages.supervised import run as supervised, training_samples
+    subjects = pd.read_parquet(data / "splits" / "subjects.parquet")
+    volumes = pd.read_parquet(data / "splits" / "volumes.parquet")
+    train, val = training_samples(volumes, subjects)
+    part = subjects.set_index("subject_id")
+    assert (part.loc[train.subject_id, "ssl_part"] == "train").all()
+    assert (part.loc[val.subject_id, "ssl_part"] == "val").all()
+    assert not part.loc[pd.concat([train, val]).subject_id, "downstream_part"].isin(["val", "test"]).any()
+    cfg = ProbeConfig.from_config({"epochs": 1, "batch_size": 8, "threads": 1, "device": "cpu"})
+    history = supervised(data / "splits", data / "extract", tmp_path / "sup", cfg, width=0.125, embedding_dim=32)
+    assert len(history) == 1 and (tmp_path / "sup" / "encoder.pt").is_file()
