@@ -89,9 +89,11 @@ def section_from_args(args: argparse.Namespace, section: str, parser: argparse.A
 
 
 def section_options(values: dict[str, Any]) -> str:
-    """Render a config section back into shell-quoted command-line options (used by the workflow's rules)."""
+    """Render a config section back into shell-quoted command-line options (used by the workflow's rules), keys in
+    sorted order: the same settings give the same string however the user's config orders them (Snakemake re-runs a
+    job whose params string changes)."""
     parts = []
-    for key, value in values.items():
+    for key, value in sorted(values.items()):
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             parts.append(f"{flag} {str(value).lower()}")

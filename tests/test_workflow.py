@@ -212,9 +212,11 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     assert pd.read_parquet(tmp_path / "vols" / "extract" / "index.parquet").empty
     assert sorted(read_back.days_since_first_study) == sorted(theirs.days_since_first_study)
     # ... and pretraining says why it cannot run, rather than failing obscurely
-    third = snakemake(tmp_path, "--configfile", str(vols))
+    third = snakemake(tmp_path, "--configfile", str(vols), "--keep-going")
     assert third.returncode != 0
     assert "nothing to pretrain on" in (tmp_path / "vols" / "logs" / "pretrain" / "siamese.log").read_text()
+    # (and the supervised encoder, with no gradings table, names the missing labels)
+    assert "no 'pfirrmann' labels" in (tmp_path / "vols" / "logs" / "probes" / "supervised.log").read_text()
 
 
 @pytest.mark.slow
@@ -277,7 +279,8 @@ DEMO_PROBE = ROOT / "tests" / "configs" / "demo_probe.yaml"
 def test_pretrained_frozen_beats_random_frozen_on_the_demo_cohort(tmp_path):
     """The ordering the papers report, where it is robust on the demo: the self-supervised encoder's frozen features
     tell vertebral levels and herniated discs apart better than the same network's random features."""
-    run = snakemake(tmp_path, "--configfile", str(DEMO_PROBE), "--", "results/probes/summary.parquet", timeout=2400)
+    run = snakemake(tmp_path, "--configfile", str(ROOT / "config.yaml"), str(DEMO_PROBE), "--",
+                    "results/probes/summary.parquet", timeout=2400)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = pd.read_parquet(tmp_path / "results" / "probes" / "summary.parquet").set_index(["model", "metric"])
     level = summary[summary.task == "level"]
