@@ -12,6 +12,8 @@ configfile: "config.yaml"
 
 config.update(validate_config(config))
 
+report: "workflow/report/workflow.rst"
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo_cohort.smk"
@@ -21,6 +23,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/probes.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

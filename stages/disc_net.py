@@ -14,6 +14,7 @@ epoch with the lowest validation loss kept, stopped after ``patience`` epochs wi
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,9 +192,10 @@ def select_device(requested: str) -> torch.device:
 
 def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
                       extract: Path, encoder: Path | None, cfg: FitConfig, device_name: str,
-                      size: tuple[float, int]) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame]:
+                      size: tuple[float, int]) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, DiscNet]:
     """Train a :class:`DiscNet` end to end on ``train`` (from ``encoder``'s weights, or random weights of ``size`` =
-    (width, embedding_dim)) and return the test samples' class probabilities, facts, and the training history."""
+    (width, embedding_dim)) and return the test samples' class probabilities, facts, the training history and the
+    trained network (on the CPU)."""
     device = select_device(device_name)
 
     def rows_of(*frames: pd.DataFrame) -> np.ndarray:
@@ -219,4 +221,24 @@ def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: p
     net, history = fit(net, target(train), target(val), read, len(classes), cfg, device)
     proba = predict(net, test, read_test, cfg.batch_size, device)
     return proba, {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
-                   "init": "pretrained" if encoder is not None else "random", "device": str(device)}, history
+                   "init": "pretrained" if encoder is not None else "random", "device": str(device)}, history, net.cpu()
+
+
+def save_net(net: DiscNet) -> dict[str, np.ndarray]:
+    """A :class:`DiscNet` as named arrays (for ``np.savez``; :func:`load_net` rebuilds it)."""
+    arrays = {f"net/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    arrays["net/spec"] = np.array(json.dumps(net.encoder.spec.to_dict()))
+    arrays["net/shape"] = np.array([net.head.out_features, net.inputs, int(net.level_head is not None)])
+    return arrays
+
+
+def load_net(arrays: Any) -> DiscNet:
+    """The network written by :func:`save_net` (``arrays``: e.g. an ``np.load`` of the ``.npz``), in eval mode."""
+    if "net/spec" not in arrays:
+        raise KeyError("the saved model holds no end-to-end network")
+    n_classes, inputs, level_head = (int(v) for v in arrays["net/shape"])
+    net = DiscNet(EncoderSpec(**json.loads(str(arrays["net/spec"]))), n_classes, inputs, bool(level_head))
+    state = {k.removeprefix("net/"): torch.from_numpy(np.asarray(arrays[k])) for k in arrays.keys()
+             if k.startswith("net/") and k not in ("net/spec", "net/shape")}
+    net.load_state_dict(state)
+    return net.eval()

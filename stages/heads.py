@@ -21,6 +21,7 @@ seed) and scikit-learn's import and its solvers on 2,048 features took most of a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -132,6 +133,32 @@ class Head:
         out = np.zeros((len(proba), self.n_classes))
         out[:, self.present] = proba
         return out
+
+    def layers(self) -> list[np.ndarray]:
+        """The network's weights and biases, ``[W1, b1]`` (linear) or ``[W1, b1, W2, b2]`` (MLP; ReLU between),
+        acting on ``standardiser(x)``; its outputs are the logits of the classes in ``present``."""
+        return self.net.unpack(self.theta)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """Everything needed to rebuild the head, as named arrays (for ``np.savez``)."""
+        s = self.standardiser
+        return {f"{prefix}/{k}": np.asarray(v) for k, v in (
+            ("mean", s.mean), ("scale", s.scale), ("basis", s.basis), ("theta", self.theta),
+            ("present", self.present), ("n_classes", self.n_classes), ("hidden", self.net.shapes[0][1]
+                                                                        if len(self.net.shapes) == 4 else 0),
+            ("converged", self.converged))}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str) -> Head:
+        """The head written by :meth:`to_arrays` (``arrays``: a mapping such as an ``np.load`` of the ``.npz``)."""
+        if f"{prefix}/theta" not in arrays:
+            raise KeyError(f"no head {prefix!r} in the saved model (heads there: "
+                           f"{sorted({k.split('/')[0] for k in arrays.keys()})})")
+        get = lambda k: np.asarray(arrays[f"{prefix}/{k}"])  # noqa: E731
+        std = Standardiser(get("mean"), get("scale"), get("basis"))
+        present = get("present")
+        return cls(std, _Net(std.basis.shape[1], int(get("hidden")), len(present)), get("theta"), present,
+                   int(get("n_classes")), bool(get("converged")))
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, alpha: float, hidden: int = 0, seed: int = 0,

@@ -51,6 +51,20 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every threshold of ``score`` (tied scores move together), from (0, 0) to
+    (1, 1); the area under them is :func:`roc_auc`."""
+    y = np.asarray(y_true).astype(bool)
+    score = np.asarray(score, dtype=float)
+    if y.all() or not y.any():
+        raise ValueError("a ROC curve needs both classes in the truth")
+    order = np.argsort(-score, kind="stable")
+    y, score = y[order], score[order]
+    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]       # the last sample of each tied group
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / (~y).sum()], np.r_[0.0, tp / y.sum()]
+
+
 def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Accuracy, sensitivity (recall of the positives), specificity (recall of the negatives) at ``threshold``, and
     the ROC AUC of ``score`` (NaN where the truth has one class only)."""

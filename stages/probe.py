@@ -19,8 +19,9 @@ Run:
         --features results/probes/features/siamese --out results/probes/runs/siamese/grade/f0.358/seed0
 
 Writes ``metrics.json`` (one entry per head: the metrics, the confusion matrix, the training set's size),
-``predictions.parquet`` (per test sample and head: subject, scan, level, truth, prediction, class probabilities) and,
-end to end, ``history.csv``.
+``predictions.parquet`` (per test sample and head: subject, scan, level, truth, prediction, class probabilities),
+``model.npz`` (the fitted heads, or end to end the trained network, for Grad-CAM; nothing but ``classes`` when the
+subset had one class) and, end to end, ``history.csv``.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
              "samples": counts}
     heads: dict[str, dict[str, Any]] = {}
     predictions = []
+    saved: dict[str, np.ndarray] = {"classes": classes}   # the fitted model(s), for Grad-CAM (stages/gradcam.py)
     if train.label.nunique() < 2:   # nothing to learn: the trivial rule, flagged, not a fitted model
         only = int(train.label.iloc[0])
         proba = np.zeros((len(test), len(classes)))
@@ -150,9 +152,11 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
         if extract is None:
             raise ValueError("end-to-end training needs --extract")
         from stages.disc_net import train_and_predict   # PyTorch: end to end only
-        proba, info, history = train_and_predict(task.kind, train, val, test, classes, extract, encoder,
-                                                 cfg.fit_config(seed), cfg.device, (width, embedding_dim))
+        from stages.disc_net import save_net
+        proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, extract, encoder,
+                                                       cfg.fit_config(seed), cfg.device, (width, embedding_dim))
         history.to_csv(_mk(out) / "history.csv", index=False)
+        saved.update(save_net(net))
         heads["linear"] = {**score(task, test.label.to_numpy(), proba, classes), **info}
         predictions.append(_predictions(test, proba, classes, "linear"))
     else:
@@ -172,12 +176,14 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
                                   max_iter=cfg.max_iter)
                 info = {"hidden": cfg.mlp_hidden, "alpha": cfg.mlp_alpha, "converged": fitted.converged}
             proba = fitted.predict_proba(x_test)
+            saved.update(fitted.to_arrays(head))
             heads[head] = {**score(task, test.label.to_numpy(), proba, classes), **info}
             predictions.append(_predictions(test, proba, classes, head))
         limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
     _mk(out)
     pd.concat(predictions, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    np.savez(out / "model.npz", **saved)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
     for head, m in heads.items():
         log.info("%s / %s / subset %s seed %d (%d subjects, %d samples) %s head: %s", model, task.name, fraction,

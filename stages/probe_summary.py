@@ -12,6 +12,7 @@ subsets, and the label-efficiency figure of merit.
   reaches that of the model trained from scratch on every label (Jamaludin et al. 2017: 667 vs 976 scans; Hou et
   al. 2023: 1,024 vs 3,036 labels; Cao et al. 2022: 70% vs 100%), or "not reached".
 - ``subsets.parquet`` / ``.csv``: the label subsets (seed, fraction, subject).
+- ``predictions.parquet``: every job's test predictions (for the ROC curves and confusion matrices of the report).
 
 Run:
     python -m stages.probe_summary --runs results/probes/runs --splits results/splits --out results/probes \\
@@ -124,6 +125,7 @@ def summarise(results: pd.DataFrame, predictions: dict[tuple, pd.DataFrame], n_b
             low, high = intervals.get(metric, (np.nan, np.nan))
             rows.append({"model": model, "head": head, "task": task, "fraction": fraction,
                          "n_subjects": float(group.n_subjects.mean()), "n_scans": float(group.n_scans.mean()),
+                         "n_train": float(group.n_train.mean()),
                          "metric": metric, "mean": float(values.mean()), "std": float(values.std(ddof=1))
                          if len(values) > 1 else np.nan, "ci_low": low, "ci_high": high, "seeds": len(seeds)})
     return pd.DataFrame(rows)
@@ -164,6 +166,16 @@ def label_efficiency(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def all_predictions(predictions: dict[tuple, pd.DataFrame]) -> pd.DataFrame:
+    """Every job's test predictions in one table, keyed by model, head, task, fraction and seed (the class
+    probability columns ``p_*`` of another task are empty)."""
+    frames = [p.drop(columns="head").assign(model=m, head=h, task=t, fraction=f, seed=s)
+              for (m, h, t, f, s), p in predictions.items()]
+    table = pd.concat(frames, ignore_index=True)
+    keys = ["model", "head", "task", "fraction", "seed"]
+    return table[keys + [c for c in table.columns if c not in keys]]
+
+
 def run(runs: Path, splits: Path, out: Path, models: list[str], section: dict[str, Any],
         probe_seed: int) -> dict[str, Any]:
     cfg = section
@@ -179,6 +191,7 @@ def run(runs: Path, splits: Path, out: Path, models: list[str], section: dict[st
                         ("subsets", subsets)):
         frame.to_parquet(out / f"{name}.parquet", index=False)
         frame.to_csv(out / f"{name}.csv", index=False)
+    all_predictions(predictions).to_parquet(out / "predictions.parquet", index=False)
     (out / "label_efficiency.json").write_text(json.dumps(efficiency.to_dict("records"), indent=2) + "\n")
     for row in efficiency.itertuples():
         log.info("%s, %s (%s head): %s; reference %s = %.3f", row.task, row.model, row.head, row.verdict,

@@ -97,7 +97,8 @@ def test_stage_help_explains_every_option(module):
 STAGE_SECTIONS = {"demo_cohort": "demo", "ingest": "ingest", "localiser_train": "localise", "localise": "localise",
                   "extract": "extract", "splits": "splits", "pretrain": "pretrain", "demo_montage": None,
                   "ingest_volumes": None, "extract_qc": None, "pretext_eval": None, "features": None,
-                  "supervised": "probe_training", "probe": "probe_training", "probe_summary": "probes"}
+                  "supervised": "probe_training", "probe": "probe_training", "probe_summary": "probes",
+                  "disc_masks": None, "gradcam": None, "embeddings": None, "figures": None, "report_config": None}
 
 
 @pytest.mark.parametrize("module", sorted(STAGE_SECTIONS))

@@ -144,6 +144,22 @@ def test_end_to_end_from_scratch_is_seeded_and_learns(data, tmp_path):
     assert one["heads"]["linear"]["average_class_accuracy"] > 0.35          # 5 grades: chance is 0.2
     history = pd.read_csv(tmp_path / "one" / "history.csv")
     assert history.kept.sum() == 1 and len(history) <= 6
+    # the saved network (model.npz, for Grad-CAM) is the one that made the job's predictions
+    import torch
+    from stages.disc_net import load_net
+    net = load_net(np.load(tmp_path / "one" / "model.npz"))
+    bodies = np.load(data / "extract" / "vertebrae.npy")
+    first = p1.iloc[:5]
+    volumes = pd.read_parquet(data / "splits" / "volumes.parquet")
+    row = {(s, lv): r for s, lv, r in volumes[volumes.kind == "vertebra"][["scan_id", "level", "row"]].itertuples(
+        index=False)}
+    upper = torch.tensor(bodies[[row[(s, lv.split("-")[0])] for s, lv in zip(first.scan_id, first.level)]],
+                         dtype=torch.float32)
+    lower = torch.tensor(bodies[[row[(s, lv.split("-")[1])] for s, lv in zip(first.scan_id, first.level)]],
+                         dtype=torch.float32)
+    with torch.no_grad():
+        proba = torch.softmax(net(upper, lower), dim=1).numpy()
+    np.testing.assert_allclose(proba, first[[f"p_{g}" for g in range(1, 6)]].to_numpy(), atol=1e-5)
 
 
 def test_logistic_head_equals_scikit_learn():

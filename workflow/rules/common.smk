@@ -1,5 +1,6 @@
 # Config look-ups, path builders and input functions shared by every rule. A rule passes its stage only the slice of
 # the config it needs; every output path is built by `out()`, so the layout of results/ is decided here alone.
+import json
 import os
 
 from stages.cli import section_options
@@ -97,11 +98,76 @@ def probe_targets():
             for fraction in PROBES["label_fractions"] for seed in range(PROBES["seeds"])]
 
 
+REPORTS = config["reports"]
+# The probe job each report figure of a model reads: the Grad-CAM task (or the first disc task), every label, seed 0.
+REPORT_TASK = REPORTS["gradcam_task"] if REPORTS["gradcam_task"] in PROBES["tasks"] else next(
+    (t for t in PROBES["tasks"] if t != "level"), None)
+GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] else []
+
+
+def report_run(model):
+    """The probe job folder the report explains for ``model``: REPORT_TASK, the largest label fraction, seed 0."""
+    from stages.probe_data import run_folder
+    return out("probes", "runs", run_folder(model, REPORT_TASK, max(PROBES["label_fractions"]), 0))
+
+
+def training_history_inputs(kind):
+    """Inputs of the training-curves figure: the supervised encoder's history, or the end-to-end probe jobs'
+    metrics.json (their history.csv is written beside it by the same job)."""
+    if kind == "supervised":
+        return [out("probes", "encoders", "supervised", "history.csv")] if "supervised" in PROBES["baselines"] else []
+    return [os.path.join(report_run(m), "metrics.json") for m in END_TO_END] if REPORT_TASK else []
+
+
+def training_flags(wildcards, input):
+    flags = [f"--pretrain {' '.join(input.pretrain)}"] if input.pretrain else []
+    if input.supervised:
+        flags.append(f"--supervised {input.supervised[0]}")
+    if input.end_to_end:
+        flags.append("--end-to-end " + " ".join(os.path.join(os.path.dirname(m), "history.csv")
+                                                for m in input.end_to_end))
+    return " ".join(flags)
+
+
+def gradcam_inputs(wildcards):
+    model = wildcards.model
+    inputs = {"code": [src("gradcam"), src("heads"), src("disc_net"), src("siamese"), src("features")],
+              "model": os.path.join(report_run(model), "model.npz"), "masks": out("report", "gradcam", "disc_masks.npz"),
+              "vertebrae": out("extract", "vertebrae.npy")}
+    if model in FROZEN and model != "random":
+        inputs["encoder"] = encoder_file(model)
+    return inputs
+
+
+def gradcam_encoder_flags(wildcards, input):
+    if wildcards.model == "random":
+        p = config["pretrain"]
+        return f"--random {p['seed']} {p['width']} {p['embedding_dim']}"
+    return f"--encoder {input.encoder}" if "encoder" in input.keys() else ""
+
+
+def report_targets():
+    """Every figure and table of the report (those whose task was run)."""
+    figures = ["label_efficiency", "training_curves"]
+    figures += ["pretext"] if config["pretrain"]["methods"] else []
+    figures += ["label_curves_herniation", "roc_herniation"] if "herniation" in PROBES["tasks"] else []
+    figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
+    figures += ["embeddings"] if REPORTS["embeddings"] else []
+    figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
+    figures += [f"pairs_{m}" for m in config["pretrain"]["methods"]]
+    tables = ["figure_of_merit", "configuration"]
+    tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
+    tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
+    return ([out("report", "figures", f"{f}.{ext}") for f in figures for ext in ("png", "pdf")]
+            + [out("report", "tables", f"{t}.html") for t in tables])
+
+
 def all_targets():
     targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
                out("extract", "qc", "localisation.png"), out("splits", "summary.json")]
     targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
     targets.append(out("probes", "label_efficiency.csv"))
+    targets += report_targets()
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets

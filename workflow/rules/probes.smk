@@ -122,6 +122,7 @@ rule probe:
     output:
         metrics=out("probes", "runs", "{model}", "{task}", "f{fraction}", "seed{seed}", "metrics.json"),
         predictions=out("probes", "runs", "{model}", "{task}", "f{fraction}", "seed{seed}", "predictions.parquet"),
+        model=out("probes", "runs", "{model}", "{task}", "f{fraction}", "seed{seed}", "model.npz"),
     wildcard_constraints:
         model="|".join(FROZEN + END_TO_END),
         task="grade|herniation|level",
@@ -158,6 +159,7 @@ rule probe_summary:
         summary=out("probes", "summary.parquet"),
         efficiency=out("probes", "label_efficiency.csv"),
         subsets=out("probes", "subsets.parquet"),
+        predictions=out("probes", "predictions.parquet"),
     params:
         runs=out("probes", "runs"),
         splits=out("splits"),

@@ -1,0 +1,108 @@
+"""Stage disc_masks: the disc's label map cut like the vertebral-body volumes, for the attention-inside-the-disc score.
+
+A disc sample is the body above and the body below the disc (stages/probe_data.py). For each test sample whose scan
+has a label map (``has_mask``; the masks of the others are empty and they are left out of the score), the disc's voxels (its label in the map) are cut with exactly the crop of each body (the same centre,
+spine axis, pixel size and slices as stages/extract.py, linear interpolation, then thresholded at 0.5): two masks
+aligned voxel for voxel with the two volumes the model reads.
+
+Run:
+    python -m stages.disc_masks --ingest results/ingest --localise results/localise --splits results/splits \\
+        --task grade --vertebra-size 64 64 9 --width-fraction 0.5 --out results/report/gradcam/disc_masks.npz
+
+Writes ``disc_masks.npz``: every downstream test sample of the task, ``masks`` (n, 2, S, H, W) uint8, ``has_mask``
+(n,) and ``sample_*`` columns (scan_id, level, label, upper, lower: rows of ``extract/vertebrae.npy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from stages import cli, levels
+from stages.extract import crop
+from stages.probe_data import TASKS, task_samples
+
+log = logging.getLogger("disc_masks")
+
+
+def scan_masks(label: np.ndarray, image: sitk.Image, structures: pd.DataFrame, samples: pd.DataFrame,
+               size: tuple[int, int, int], width_fraction: float) -> np.ndarray:
+    """``(n, 2, S, H, W)`` masks of one scan's disc samples: the disc of each sample cut with the crop of its upper
+    and of its lower body. ``label``: the label map as an array (slices, rows, columns) on ``image``'s grid."""
+    bodies = structures[structures.kind == "vertebra"].set_index("level")
+    out = np.zeros((len(samples), 2, size[2], size[0], size[1]), dtype=np.uint8)
+    for i, level in enumerate(samples.level):
+        disc = (label == levels.DISC_LABELS[level]).astype(np.float32)
+        for j, body in enumerate(level.split("-")):
+            row = next(bodies.loc[[body]].itertuples())
+            cut, _ = crop(disc, image, row, size, width_fraction)
+            out[i, j] = cut >= 0.5
+    return out
+
+
+def run(ingest: Path, localise: Path, splits: Path, task: str, size: tuple[int, int, int], width_fraction: float,
+        out: Path) -> dict[str, Any]:
+    if TASKS[task].kind != "disc":
+        raise ValueError(f"task {task!r} is not a disc task: the score needs a disc (grade or herniation)")
+    manifest = pd.read_parquet(ingest / "manifest.parquet")
+    structures = pd.read_parquet(localise / "structures.parquet")
+    volumes = pd.read_parquet(splits / "volumes.parquet")
+    samples, _ = task_samples(volumes, TASKS[task])
+    samples = samples[samples.downstream_part == "test"].reset_index(drop=True)
+    label_of = dict(zip(manifest.scan_id, manifest.label_map.fillna("")))
+    has_mask = samples.scan_id.map(lambda s: bool(label_of.get(s, ""))).to_numpy(dtype=bool)
+    if not has_mask.all():
+        log.warning("%d of %d test samples (%d scans) have no label map: left out of the attention score",
+                    int((~has_mask).sum()), len(samples), samples.scan_id[~has_mask].nunique())
+    masks = np.zeros((len(samples), 2, size[2], size[0], size[1]), dtype=np.uint8)
+    for scan_id, group in samples[has_mask].groupby("scan_id", sort=False):
+        image = sitk.ReadImage(str(ingest / label_of[scan_id]))
+        label = sitk.GetArrayFromImage(image)
+        masks[group.index.to_numpy()] = scan_masks(label, image, structures[structures.scan_id == scan_id], group,
+                                                   size, width_fraction)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = {"scan_id": str, "level": str, "label": np.int64, "upper": np.int64, "lower": np.int64}
+    np.savez_compressed(out, masks=masks, has_mask=has_mask,
+                        **{f"sample_{c}": samples[c].to_numpy().astype(t) for c, t in columns.items()})
+    empty = int((has_mask & (masks.reshape(len(masks), -1).sum(1) == 0)).sum()) if len(masks) else 0
+    if empty:
+        log.warning("%d sample(s) have an empty disc mask (the disc lies outside both crops)", empty)
+    summary = {"samples": len(samples), "scans": int(samples.scan_id.nunique()), "without_label_map":
+               int((~has_mask).sum()), "empty_masks": empty}
+    log.info("disc masks of %d test samples (%d scans)", summary["samples"], summary["scans"])
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.disc_masks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of ingest.")
+    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of localise.")
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of splits.")
+    parser.add_argument("--task", choices=sorted(t for t, spec in TASKS.items() if spec.kind == "disc"),
+                        default="grade", help="The disc task whose test samples are cut (default grade).")
+    parser.add_argument("--vertebra-size", type=cli.positive_int, nargs=3, required=True,
+                        metavar=("HEIGHT", "WIDTH", "SLICES"), help="extract.vertebra_size.")
+    parser.add_argument("--width-fraction", type=float, required=True, help="extract.width_fraction.")
+    parser.add_argument("--out", type=Path, required=True, help="The .npz file to write.")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.width_fraction <= 1:
+        parser.error(f"--width-fraction must be in (0, 1], got {args.width_fraction}")
+    cli.setup_logging(args.log, "disc_masks")
+    run(args.ingest, args.localise, args.splits, args.task, tuple(args.vertebra_size), args.width_fraction, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Stage embeddings: a 2D map (t-SNE) of one frozen encoder's features of the test subjects' vertebral bodies, with
+what each body is (level, the grade of the disc below it, subject, the scanner's field strength), to see whether the
+representation separates anatomy or the scanner.
+
+Only downstream test subjects are mapped (no training subject, none the probes learnt from). t-SNE (scikit-learn,
+PCA initialisation, seeded: the same map on the same features) runs on the standardised features.
+
+Run:
+    python -m stages.embeddings --features results/probes/features/siamese --splits results/splits \\
+        --ingest results/ingest --out results/report/embeddings/siamese.parquet
+
+Writes one row per test body: x, y, scan (pseudonymous), subject (pseudonymous), level, grade, field_strength_t.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages import cli
+
+log = logging.getLogger("embeddings")
+
+
+def bodies_of_test_part(volumes: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The downstream test part's vertebral bodies with their level, the grade of the disc below them (the body
+    above a graded disc) and the scan's field strength."""
+    bodies = volumes[(volumes.kind == "vertebra") & (volumes.downstream_part == "test")]
+    table = bodies[["row", "scan_id", "subject_id", "level"]].copy()
+    table["grade"] = np.nan
+    if "pfirrmann" in volumes:
+        discs = volumes[(volumes.kind == "disc") & volumes.pfirrmann.notna()]
+        grade = {(s, lv.split("-")[0]): g for s, lv, g in zip(discs.scan_id, discs.level, discs.pfirrmann)}
+        table["grade"] = [grade.get((s, lv), np.nan) for s, lv in zip(table.scan_id, table.level)]
+    field = dict(zip(manifest.scan_id, manifest.field_strength_t)) if "field_strength_t" in manifest else {}
+    table["field_strength_t"] = table.scan_id.map(field).astype(float)
+    return table.sort_values(["scan_id", "level"]).reset_index(drop=True)
+
+
+def tsne(features: np.ndarray, seed: int, perplexity: float = 30.0) -> np.ndarray:
+    """2D t-SNE of standardised features; the perplexity is capped for small sets (it must stay below n)."""
+    from sklearn.manifold import TSNE
+    n = len(features)
+    if n < 3:
+        raise ValueError(f"t-SNE needs at least 3 test bodies, got {n}")
+    x = np.asarray(features, dtype=np.float64)
+    x = (x - x.mean(0)) / np.where(x.std(0) > 1e-12, x.std(0), 1.0)
+    return TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed,
+                learning_rate="auto").fit_transform(x)
+
+
+def run(features: Path, splits: Path, ingest: Path, out: Path, seed: int) -> dict[str, Any]:
+    feats = np.load(features / "features.npy", mmap_mode="r")
+    table = bodies_of_test_part(pd.read_parquet(splits / "volumes.parquet"), pd.read_parquet(ingest / "manifest.parquet"))
+    xy = tsne(np.asarray(feats[table.row.to_numpy()]), seed)
+    table.insert(0, "x", xy[:, 0])
+    table.insert(1, "y", xy[:, 1])
+    table = table.rename(columns={"subject_id": "subject"}).drop(columns="row")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    log.info("t-SNE of %d test bodies (%d subjects)", len(table), table.subject.nunique())
+    return {"bodies": len(table)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.embeddings", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", type=cli.existing_folder, required=True,
+                        help="The encoder's output folder of the features stage.")
+    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of splits.")
+    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of ingest.")
+    parser.add_argument("--out", type=Path, required=True, help="The .parquet file to write.")
+    parser.add_argument("--seed", type=int, default=0, help="t-SNE seed (default 0).")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.log, "embeddings")
+    run(args.features, args.splits, args.ingest, args.out, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

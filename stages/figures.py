@@ -1,0 +1,628 @@
+"""Stage figures: the report's figures and tables, each drawn from result tables only (one subcommand per figure).
+
+- ``pretext``: per pretrained method, the histogram of the L2 distances of positive (same subject, years apart) and
+  negative test pairs and the ROC curve of "same subject" with its AUC, beside the untrained network's
+  (Jamaludin et al. 2017, Fig. 6).
+- ``label-efficiency``: the headline metric of every task against the number of training subjects (and scans), per
+  model, with the bootstrap confidence band (Jamaludin Fig. 8); and a table of the figure of merit.
+- ``label-curves``: herniation accuracy and ROC AUC against the number of labelled training discs, every model with
+  the supervised-transfer baseline (Hou et al. 2023, Fig. 9).
+- ``roc``: herniation ROC curves per model, every label (Hou Fig. 8).
+- ``confusion``: the grade's confusion matrices per model, every label, summed over the seeds.
+- ``metrics-table``: ACC, SEN, SPE and AUC of herniation as mean +- std over seeds per model and head (Cao et al. 2022,
+  Table 1 layout).
+- ``embeddings``: 2D t-SNE of the test bodies' frozen features, per encoder, coloured by level, grade, subject and
+  field strength (from stages/embeddings.py).
+- ``training``: training curves: pretraining loss and level accuracy per method and epoch, the supervised encoder's
+  and the end-to-end models' losses.
+- ``gradcam``, ``pairs`` and ``attention``: the Grad-CAM examples, the Siamese pair explanations and the
+  attention-inside-the-disc table (from stages/gradcam.py).
+
+Every figure is written as PNG (200 dpi) and PDF; every table as HTML (for the report) and CSV.
+
+Run:
+    python -m stages.figures label-efficiency --summary results/probes/summary.parquet \\
+        --out results/report/label_efficiency
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages import cli  # noqa: E402
+from stages.levels import DISCS, VERTEBRAE  # noqa: E402
+from stages.metrics import roc_auc, roc_curve  # noqa: E402
+from stages.probe_data import TASKS  # noqa: E402
+
+log = logging.getLogger("figures")
+METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": "accuracy", "auc": "ROC AUC",
+                "sensitivity": "sensitivity", "specificity": "specificity"}
+TASK_NAMES = {"grade": "Pfirrmann grade", "herniation": "herniation", "level": "vertebral level"}
+# Fixed colours per model, so that a model has one colour in every figure.
+KNOWN = {"siamese": "#1b6ca8", "random": "#8c8c8c", "scratch": "#d9822b", "supervised": "#2e8b57"}
+CYCLE = ["#7b3294", "#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+                     "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.bbox": "tight",
+                     "axes.spines.top": False, "axes.spines.right": False})
+
+
+def colour(model: str, models: list[str]) -> str:
+    """A model's colour: fixed for the built-in names, then from a cycle in the order of ``models``."""
+    if model in KNOWN:
+        return KNOWN[model]
+    if model.endswith("-finetune") and model.removesuffix("-finetune") in KNOWN:
+        return KNOWN[model.removesuffix("-finetune")]
+    others = [m for m in models if m not in KNOWN]
+    return CYCLE[others.index(model) % len(CYCLE)] if model in others else "#000000"
+
+
+def style(model: str, head: str) -> dict[str, Any]:
+    """Line style: solid for a linear head (or end to end), dashed for an MLP, dotted for fine-tuning."""
+    if model.endswith("-finetune"):
+        return {"linestyle": ":"}
+    return {"linestyle": "--" if head == "mlp" else "-"}
+
+
+def label(model: str, head: str, end_to_end: Iterable[str] = ("scratch",)) -> str:
+    if model in end_to_end or model.endswith("-finetune"):
+        return f"{model} (end to end)"
+    return f"{model} ({head} probe)"
+
+
+def save(fig: plt.Figure, out: Path) -> list[Path]:
+    """``out``.png (200 dpi) and ``out``.pdf."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=200)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    log.info("wrote %s", ", ".join(map(str, paths)))
+    return paths
+
+
+def write_table(frame: pd.DataFrame, out: Path, title: str, note: str = "") -> list[Path]:
+    """``out``.html (a standalone page with a readable table) and ``out``.csv."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = frame.to_html(index=False, border=0, classes="results", na_rep="n/a", escape=True)
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table.results {{ border-collapse: collapse; font-size: 0.9em; }}
+table.results th, table.results td {{ padding: 0.3em 0.8em; border-bottom: 1px solid #ccc; text-align: right; }}
+table.results th {{ background: #f0f0f0; }}
+table.results td:first-child, table.results th:first-child {{ text-align: left; }}
+p.note {{ max-width: 60em; font-size: 0.9em; color: #444; }}
+</style></head><body>
+<h3>{html.escape(title)}</h3>
+{body}
+<p class="note">{html.escape(note)}</p>
+</body></html>
+"""
+    out.with_suffix(".html").write_text(page)
+    frame.to_csv(out.with_suffix(".csv"), index=False)
+    return [out.with_suffix(".html"), out.with_suffix(".csv")]
+
+
+def _empty(ax: plt.Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#555", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --- Pretext ------------------------------------------------------------------------------------------------------
+
+def pretext_figure(distances: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+    """Jamaludin Fig. 6 per method: distance histograms of positive and negative test pairs, and the ROC curve of
+    same-subject detection (score: minus the distance), trained and untrained."""
+    methods = list(distances)
+    fig, axes = plt.subplots(len(methods), 2, figsize=(8.5, 3.2 * len(methods)), squeeze=False)
+    for (hist_ax, roc_ax), method in zip(axes, methods):
+        table = distances[method]
+        positive = table.positive.astype(bool).to_numpy()
+        if positive.all() or not positive.any():
+            _empty(hist_ax, f"{method}: the test part has only {'positive' if positive.any() else 'negative'} "
+                            "pairs")
+            _empty(roc_ax, "no ROC curve without both kinds of pairs")
+            continue
+        bins = np.histogram_bin_edges(table.distance, bins=30)
+        hist_ax.hist(table.distance[~positive], bins=bins, color="#c0392b", alpha=0.55,
+                     label=f"negative pairs (n={int((~positive).sum())})")
+        hist_ax.hist(table.distance[positive], bins=bins, color="#1b6ca8", alpha=0.55,
+                     label=f"positive pairs (n={int(positive.sum())})")
+        hist_ax.set_xlabel("L2 distance between FC7 embeddings")
+        hist_ax.set_ylabel("test pairs")
+        hist_ax.set_title(f"{method}: distances of test pairs")
+        hist_ax.legend(frameon=False)
+        for column, name, line in (("distance", "trained", "-"), ("untrained_distance", "untrained (same seed)", ":")):
+            if column not in table:
+                continue
+            fpr, tpr = roc_curve(positive, -table[column].to_numpy())
+            auc = roc_auc(positive, -table[column].to_numpy())
+            roc_ax.plot(fpr, tpr, line, color="#1b6ca8" if column == "distance" else "#8c8c8c",
+                        label=f"{name}: AUC {auc:.3f}")
+        roc_ax.plot([0, 1], [0, 1], color="#cccccc", linewidth=0.8)
+        roc_ax.set_xlabel("false-positive rate (other subject called same)")
+        roc_ax.set_ylabel("true-positive rate")
+        roc_ax.set_title(f"{method}: same-subject detection (ROC)")
+        roc_ax.set_aspect("equal")
+        roc_ax.legend(frameon=False, loc="lower right")
+    fig.tight_layout()
+    return save(fig, out)
+
+
+# --- Label efficiency ---------------------------------------------------------------------------------------------
+
+def _curves(summary: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
+    here = summary[(summary.task == task) & (summary.metric == metric)]
+    return here.sort_values(["model", "head", "fraction"])
+
+
+def label_efficiency_figure(summary: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+    """Jamaludin Fig. 8: each task's headline metric against the training subjects, per model and head, with the
+    bootstrap band; the x axis also gives the mean number of scans."""
+    tasks = [t for t in TASKS if t in set(summary.task)]
+    models = list(dict.fromkeys(summary.model))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.3 * len(tasks) + 2.2, 3.8), squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, task in zip(axes[0], tasks):
+        metric = TASKS[task].headline
+        here = _curves(summary, task, metric)
+        for (model, head), group in here.groupby(["model", "head"], sort=False):
+            c = colour(model, models)
+            (line,) = ax.plot(group.n_subjects, group["mean"], marker="o", markersize=3.5, color=c,
+                              **style(model, head))
+            if group.ci_low.notna().any():
+                ax.fill_between(group.n_subjects, group.ci_low, group.ci_high, color=c, alpha=0.12, linewidth=0)
+            handles.setdefault(label(model, head, end_to_end), line)
+        ticks = here.drop_duplicates("fraction").sort_values("fraction")
+        ax.set_xticks(ticks.n_subjects)
+        ax.set_xticklabels([f"{s:.0f}\n({n:.0f})" for s, n in zip(ticks.n_subjects, ticks.n_scans)])
+        ax.set_xlabel("training subjects (scans)")
+        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_title(f"{TASK_NAMES[task]}: {METRIC_NAMES[metric]}")
+        ax.grid(alpha=0.25)
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def figure_of_merit_table(efficiency: pd.DataFrame, out: Path) -> list[Path]:
+    if efficiency.empty:
+        frame = pd.DataFrame({"note": ["no figure of merit: the scratch model was not run on every label"]})
+    else:
+        frame = pd.DataFrame({
+            "task": efficiency.task.map(TASK_NAMES), "metric": efficiency.metric.map(METRIC_NAMES),
+            "model": efficiency.model, "head": efficiency["head"],
+            "scratch, every label": efficiency.reference_value.map("{:.3f}".format),
+            "scans (scratch)": efficiency.reference_scans.map("{:.0f}".format),
+            "first subset matching it": efficiency.matched_at_fraction.map(
+                lambda v: "not reached" if pd.isna(v) else f"{v:g}"),
+            "scans there": efficiency.matched_scans.map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
+            "share of scans": efficiency.scan_share.map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
+            "value there": efficiency.value_there.map(lambda v: "" if pd.isna(v) else f"{v:.3f}")})
+    return write_table(frame, out, "Label efficiency: labels needed to match the model trained from scratch",
+                       "For each model and head: the smallest label subset whose mean headline metric (over seeds) "
+                       "reaches that of the model trained from scratch on every label (Jamaludin et al. 2017 report "
+                       "667 vs 976 scans).")
+
+
+def label_curves_figure(summary: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+    """Hou Fig. 9: herniation accuracy and AUC against the number of labelled training discs, with the
+    supervised-transfer baseline."""
+    here = summary[summary.task == "herniation"]
+    models = list(dict.fromkeys(summary.model))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    handles: dict[str, Any] = {}
+    if here.empty:
+        for ax in axes:
+            _empty(ax, "herniation was not among probes.tasks")
+    for ax, metric in zip(axes, ("accuracy", "auc")):
+        curves = _curves(here, "herniation", metric)
+        for (model, head), group in curves.groupby(["model", "head"], sort=False):
+            if head == "mlp":
+                continue   # Hou's comparison is of linear heads; the MLP is in the other figures
+            c = colour(model, models)
+            (line,) = ax.plot(group.n_train, group["mean"], marker="o", markersize=3.5, color=c,
+                              linewidth=2.2 if model == "supervised" else 1.4, **style(model, head))
+            lower = group["mean"] - group["std"].fillna(0)
+            upper = group["mean"] + group["std"].fillna(0)
+            ax.fill_between(group.n_train, lower, upper, color=c, alpha=0.12, linewidth=0)
+            handles.setdefault(label(model, head, end_to_end), line)
+        if not curves.empty:
+            ax.set_xlabel("labelled training discs")
+            ax.set_ylabel(METRIC_NAMES[metric])
+            ax.set_title(f"herniation: {METRIC_NAMES[metric]} (mean \u00b1 std over seeds)")
+            ax.grid(alpha=0.25)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+# --- ROC, confusion, Cao table ------------------------------------------------------------------------------------
+
+def _full(predictions: pd.DataFrame, task: str) -> pd.DataFrame:
+    here = predictions[predictions.task == task]
+    return here[here.fraction == here.fraction.max()] if len(here) else here
+
+
+def roc_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+    """Hou Fig. 8: herniation ROC per model (every label; seed 0's curve, AUC as mean +- std over seeds)."""
+    here = _full(predictions, "herniation")
+    models = list(dict.fromkeys(predictions.model))
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    if here.empty:
+        _empty(ax, "herniation was not among probes.tasks")
+        return save(fig, out)
+    for (model, head), group in here.groupby(["model", "head"], sort=False):
+        aucs = [roc_auc(g.label.to_numpy(), g.p_1.to_numpy()) for _, g in group.groupby("seed")]
+        first = group[group.seed == group.seed.min()]
+        if first.label.nunique() < 2:
+            continue
+        fpr, tpr = roc_curve(first.label.to_numpy(), first.p_1.to_numpy())
+        spread = f" \u00b1 {np.nanstd(aucs, ddof=1):.3f}" if len(aucs) > 1 else ""
+        ax.plot(fpr, tpr, color=colour(model, models), **style(model, head),
+                label=f"{label(model, head, end_to_end)}: AUC {np.nanmean(aucs):.3f}{spread}")
+    ax.plot([0, 1], [0, 1], color="#cccccc", linewidth=0.8)
+    ax.set_xlabel("false-positive rate (1 - specificity)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
+    n_discs, n_subjects = first_counts(here)
+    ax.set_title(f"Herniation, every training label: test ROC ({n_discs} discs, {n_subjects} subjects)")
+    ax.set_aspect("equal")
+    ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def first_counts(frame: pd.DataFrame) -> tuple[int, int]:
+    """Test discs and subjects of one job (the first model, head and seed)."""
+    key = frame.iloc[0]
+    one = frame[(frame.model == key.model) & (frame["head"] == key["head"]) & (frame.seed == key.seed)]
+    return len(one), one.subject_id.nunique()
+
+
+def confusion_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+    """Confusion matrices of the grade per model and head (every label, summed over seeds), row-normalised colours
+    with the counts written in."""
+    here = _full(predictions, "grade")
+    if here.empty:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        _empty(ax, "the grade was not among probes.tasks")
+        return save(fig, out)
+    groups = list(here.groupby(["model", "head"], sort=False))
+    cols = min(4, len(groups))
+    rows = int(np.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 0.8, 2.9 * rows), squeeze=False)
+    grades = np.arange(1, 6)
+    image = None
+    for ax, ((model, head), group) in zip(axes.flat, groups):
+        matrix = np.zeros((5, 5), dtype=int)
+        for t, p in zip(group.label.astype(int), group.predicted.astype(int)):
+            matrix[t - 1, p - 1] += 1
+        share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(5):
+            for j in range(5):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.6 else "#222")
+        ax.set_xticks(range(5), [f"P{g}" for g in grades])
+        ax.set_yticks(range(5), [f"P{g}" for g in grades])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(label(model, head, end_to_end), fontsize=9)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"Pfirrmann grade, every training label: test discs (counts summed over "
+                 f"{here.seed.nunique()} seed(s); colour: share of the true grade's row)", fontsize=10)
+    fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="share of the row")
+    return save(fig, out)
+
+
+def metrics_table(results: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+    """Cao et al. 2022 Table 1: ACC, SEN, SPE, AUC (herniation, every label) as mean +- std over seeds."""
+    here = results[results.task == "herniation"]
+    if here.empty:
+        frame = pd.DataFrame({"note": ["herniation was not among probes.tasks"]})
+    else:
+        here = here[here.fraction == here.fraction.max()]
+        rows = []
+        for (model, head), group in here.groupby(["model", "head"], sort=False):
+            row = {"method": label(model, head, end_to_end), "seeds": len(group),
+                   "training subjects": f"{group.n_subjects.mean():.0f}"}
+            for metric, name in (("accuracy", "ACC (%)"), ("sensitivity", "SEN (%)"), ("specificity", "SPE (%)"),
+                                 ("auc", "AUC (%)")):
+                v = group[metric].astype(float) * 100
+                row[name] = "n/a" if v.isna().all() else (
+                    f"{v.mean():.1f} \u00b1 {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}")
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+    return write_table(frame, out, "Herniation on the test subjects, every training label (mean \u00b1 std over seeds)",
+                       "ACC accuracy, SEN sensitivity, SPE specificity at probability 0.5, AUC area under the ROC "
+                       "curve; the seeds differ in the heads' initialisation and folds (every label: the same "
+                       "training subjects). Layout of Cao et al. 2022, Table 1.")
+
+
+# --- Embeddings ---------------------------------------------------------------------------------------------------
+
+def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+    """Rows: encoders; columns: the same 2D map coloured by level, grade, subject and field strength."""
+    encoders = list(coords)
+    columns = [("level", "vertebral level"), ("grade", "grade of the disc below"), ("subject", "subject"),
+               ("field_strength_t", "field strength")]
+    fig, axes = plt.subplots(len(encoders), 4, figsize=(15, 3.5 * len(encoders)), squeeze=False)
+    for row_axes, encoder in zip(axes, encoders):
+        table = coords[encoder]
+        for ax, (column, title) in zip(row_axes, columns):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{encoder}: {title}")
+            values = table[column]
+            if values.isna().all():
+                _empty(ax, f"no {title} known")
+                continue
+            if column == "subject":
+                codes = pd.factorize(values)[0]
+                ax.scatter(table.x, table.y, c=codes, cmap="tab20", s=9, linewidths=0)
+                ax.text(0.02, 0.02, f"{values.nunique()} subjects", transform=ax.transAxes, fontsize=7.5)
+                continue
+            if column == "level":
+                order = [lv for lv in VERTEBRAE if lv in set(values)]
+            else:
+                order = sorted(values.dropna().unique())
+            cmap = plt.get_cmap("viridis", max(len(order), 2))
+            for k, value in enumerate(order):
+                sel = values == value
+                name = f"P{int(value)}" if column == "grade" else (f"{value:g} T" if column == "field_strength_t"
+                                                                    else str(value))
+                ax.scatter(table.x[sel], table.y[sel], s=9, color=cmap(k / max(len(order) - 1, 1)), label=name,
+                           linewidths=0)
+            missing = values.isna()
+            if missing.any():
+                ax.scatter(table.x[missing], table.y[missing], s=6, color="#dddddd", label="unknown",
+                           linewidths=0)
+            ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.5)
+    fig.suptitle("t-SNE of the frozen FC7 features of the test subjects' vertebral bodies (axes have no units)",
+                 fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+# --- Training curves ----------------------------------------------------------------------------------------------
+
+def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame | None,
+                    end_to_end: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+    """Pretraining loss and level accuracy per method; the downstream networks' losses."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    models = list(pretrain) + ["supervised"] + list(end_to_end)
+    loss_ax, acc_ax, down_ax = axes
+    for method, table in pretrain.items():
+        c = colour(method, models)
+        for split, line in (("train", "-"), ("val", "--")):
+            part = table[table.split == split]
+            if part.empty:
+                continue
+            loss_ax.plot(part.epoch, part.loss, line, color=c, label=f"{method} ({split})")
+            if part.level_accuracy.notna().any():
+                acc_ax.plot(part.epoch, part.level_accuracy, line, color=c, label=f"{method} ({split})")
+    loss_ax.set_title("pretraining: loss (contrastive + level)")
+    acc_ax.set_title("pretraining: FC8 level accuracy")
+    acc_ax.set_ylim(0, 1.02)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.25)
+        if ax.lines:
+            ax.legend(frameon=False)
+        else:
+            _empty(ax, "no pretraining method")
+    loss_ax.set_ylabel("loss")
+    acc_ax.set_ylabel("accuracy")
+    curves = ({"supervised encoder": supervised} if supervised is not None else {}) | end_to_end
+    for name, table in curves.items():
+        c = colour(name.split(" ")[0], models)
+        down_ax.plot(table.epoch, table.train_loss, "-", color=c, label=f"{name} (train)")
+        if table.val_loss.notna().any():
+            down_ax.plot(table.epoch, table.val_loss, "--", color=c, label=f"{name} (val)")
+        if "kept" in table and table.kept.any():
+            kept = table[table.kept.astype(bool)].iloc[0]
+            down_ax.plot([kept.epoch], [kept.val_loss if pd.notna(kept.val_loss) else kept.train_loss], "o",
+                         color=c, markersize=5)
+    down_ax.set_title("downstream networks: class-balanced cross-entropy\n(dot: the epoch kept)")
+    down_ax.set_xlabel("epoch")
+    down_ax.set_ylabel("loss")
+    down_ax.grid(alpha=0.25)
+    if down_ax.lines:
+        down_ax.legend(frameon=False, fontsize=7)
+    else:
+        _empty(down_ax, "no network trained end to end")
+    fig.tight_layout()
+    return save(fig, out)
+
+
+# --- Grad-CAM -----------------------------------------------------------------------------------------------------
+
+def _overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> None:
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1.2)
+    ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    if mask is not None and mask.any():
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, out: Path, variant: str,
+                   example: int = 0) -> list[Path]:
+    """One test disc, every model: the upper and the lower body's middle slice and the slices either side, with the
+    map over them and the disc's outline (white)."""
+    models = list(maps)
+    first = maps[models[0]]
+    slices = bodies.shape[1]
+    shown = sorted({max(slices // 2 - 2, 0), slices // 2, min(slices // 2 + 2, slices - 1)})
+    fig, axes = plt.subplots(len(models), 2 * len(shown), figsize=(1.9 * 2 * len(shown), 2.1 * len(models) + 0.6),
+                             squeeze=False)
+    key = "cam_up" if variant == "gradcam" else "hou_up"
+    for row, model in zip(axes, models):
+        m = maps[model]
+        if len(m[key]) <= example:
+            for ax in row:
+                ax.axis("off")
+            continue
+        for j, (volume_key, name) in enumerate((("upper", "upper body"), ("lower", "lower body"))):
+            volume = np.asarray(bodies[int(m[volume_key][example])], dtype=np.float32)
+            for s_i, s in enumerate(shown):
+                ax = row[j * len(shown) + s_i]
+                _overlay(ax, volume[s], np.asarray(m[key][example, j, s], dtype=np.float32), m["masks"][example, j, s])
+                if model == models[0]:
+                    ax.set_title(f"{name}, slice {s + 1}/{slices}", fontsize=8)
+        row[0].set_ylabel(f"{model}\npredicted P{m['predicted'][example]}", fontsize=8)
+    title = ("Grad-CAM (standard)" if variant == "gradcam" else
+             "Grad-CAM, variant of Hou et al. 2023 (|gradient| weights, softmax across maps, each map in [0, 1])")
+    fig.suptitle(f"{title}: test disc {first['level'][example]} (true grade P{first['label'][example]}); "
+                 "white: the disc's label map", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
+    frame = pd.DataFrame([{"model": s["model"], "layer": s["layer"], "test samples": s["samples"],
+                           "inside the disc, Grad-CAM": f"{s['inside_disc']:.3f}",
+                           "inside the disc, Hou et al. variant": f"{s['inside_disc_hou']:.3f}",
+                           "uniform attention (disc share of the volumes)": f"{s['disc_share_of_volume']:.3f}"}
+                          for s in summaries])
+    return write_table(frame, out, "Attention inside the disc (share of the Grad-CAM mass inside the disc's label map)",
+                       "Averaged over the test discs with a label map. Uniform attention would score the disc's share "
+                       "of the two body volumes; a higher score means the model looks at the disc.")
+
+
+def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: Path) -> list[Path]:
+    """The Siamese similarity maps of a few test pairs: each pair's two bodies (middle slice) with the map."""
+    n = len(pairs["a"])
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.6), squeeze=False)
+    mid = bodies.shape[1] // 2
+    for i in range(n):
+        for j, key in enumerate(("a", "b")):
+            ax = axes[j, i]
+            volume = np.asarray(bodies[int(pairs[key][i])], dtype=np.float32)
+            _overlay(ax, volume[mid], np.asarray(pairs["cam_up"][i, j, mid], dtype=np.float32), None)
+        kind = "same subject" if pairs["positive"][i] else "other subject"
+        axes[0, i].set_title(f"{pairs['level'][i]}, {kind}\ndistance {pairs['distance'][i]:.2f}", fontsize=8)
+    axes[0, 0].set_ylabel("first scan", fontsize=8)
+    axes[1, 0].set_ylabel("second scan", fontsize=8)
+    fig.suptitle("Siamese network: where the features make the two bodies of a test pair alike\n"
+                 "(Grad-CAM of minus the L2 distance of the embeddings; middle slice)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.figures", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--out", type=Path, required=True, help="Output path without suffix (.png and .pdf, or "
+                                                               ".html and .csv, are added).")
+        cli.add_log_option(p)
+        return p
+
+    p = add("pretext", "Distance histograms and ROC of the pretext test pairs (Jamaludin Fig. 6).")
+    p.add_argument("--distances", type=cli.existing_file, nargs="+", required=True,
+                   help="pretrain/{method}/pretext/distances.parquet, one per method.")
+    p.add_argument("--methods", nargs="+", required=True, help="The methods' names, in the same order.")
+    for name, text in (("label-efficiency", "Headline metric vs training subjects with bands (Jamaludin Fig. 8)."),
+                       ("label-curves", "Herniation accuracy and AUC vs labels (Hou Fig. 9).")):
+        p = add(name, text)
+        p.add_argument("--summary", type=cli.existing_file, required=True, help="probes/summary.parquet.")
+        p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
+    p = add("figure-of-merit", "The label-efficiency figure of merit as a table.")
+    p.add_argument("--efficiency", type=cli.existing_file, required=True, help="probes/label_efficiency.csv.")
+    for name, text in (("roc", "Herniation ROC curves per model (Hou Fig. 8)."),
+                       ("confusion", "Grade confusion matrices per model.")):
+        p = add(name, text)
+        p.add_argument("--predictions", type=cli.existing_file, required=True, help="probes/predictions.parquet.")
+        p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
+    p = add("metrics-table", "ACC, SEN, SPE, AUC mean +- std over seeds (Cao Table 1).")
+    p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
+    p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
+    p = add("embeddings", "t-SNE maps of the test bodies' features.")
+    p.add_argument("--coords", type=cli.existing_file, nargs="+", required=True,
+                   help="report/embeddings/{encoder}.parquet, one per encoder (named by the file).")
+    p = add("training", "Training curves.")
+    p.add_argument("--pretrain", type=cli.existing_file, nargs="*", default=[],
+                   help="pretrain/{method}/metrics.csv (the method is the folder's name).")
+    p.add_argument("--supervised", type=cli.existing_file, help="probes/encoders/supervised/history.csv.")
+    p.add_argument("--end-to-end", type=cli.existing_file, nargs="*", default=[],
+                   help="history.csv of end-to-end probe jobs (runs/{model}/{task}/...: named by the model).")
+    for name, text in (("gradcam", "Grad-CAM examples per model."),):
+        p = add(name, text)
+        p.add_argument("--maps", type=cli.existing_file, nargs="+", required=True,
+                       help="report/gradcam/{model}/maps.npz (the model is the folder's name).")
+        p.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of extract.")
+        p.add_argument("--variant", choices=("gradcam", "hou"), default="gradcam", help="Which maps.")
+    p = add("attention", "The attention-inside-the-disc table.")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="report/gradcam/{model}/summary.json.")
+    p = add("pairs", "Siamese pair explanations.")
+    p.add_argument("--pairs", type=cli.existing_file, required=True, help="report/gradcam/{method}/pairs.npz.")
+    p.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of extract.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.setup_logging(args.log, "figures")
+    if args.figure == "pretext":
+        if len(args.methods) != len(args.distances):
+            parser.error(f"give one --methods name per --distances file ({len(args.distances)} files, "
+                         f"{len(args.methods)} names)")
+        pretext_figure({m: pd.read_parquet(p) for m, p in zip(args.methods, args.distances)}, args.out)
+    elif args.figure == "label-efficiency":
+        label_efficiency_figure(pd.read_parquet(args.summary), args.out, args.end_to_end)
+    elif args.figure == "label-curves":
+        label_curves_figure(pd.read_parquet(args.summary), args.out, args.end_to_end)
+    elif args.figure == "figure-of-merit":
+        figure_of_merit_table(pd.read_csv(args.efficiency), args.out)
+    elif args.figure == "roc":
+        roc_figure(pd.read_parquet(args.predictions), args.out, args.end_to_end)
+    elif args.figure == "confusion":
+        confusion_figure(pd.read_parquet(args.predictions), args.out, args.end_to_end)
+    elif args.figure == "metrics-table":
+        metrics_table(pd.read_parquet(args.results), args.out, args.end_to_end)
+    elif args.figure == "embeddings":
+        embeddings_figure({p.stem: pd.read_parquet(p) for p in args.coords}, args.out)
+    elif args.figure == "training":
+        pretrain = {p.parent.name: pd.read_csv(p) for p in args.pretrain}
+        supervised = pd.read_csv(args.supervised) if args.supervised else None
+        end_to_end = {p.parents[3].name: pd.read_csv(p) for p in args.end_to_end}
+        training_figure(pretrain, supervised, end_to_end, args.out)
+    elif args.figure == "gradcam":
+        bodies = np.load(args.extract / "vertebrae.npy", mmap_mode="r")
+        maps = {p.parent.name: dict(np.load(p)) for p in args.maps}
+        gradcam_figure(maps, bodies, args.out, args.variant)
+    elif args.figure == "attention":
+        attention_table([json.loads(p.read_text()) for p in args.summaries], args.out)
+    elif args.figure == "pairs":
+        pairs_figure(dict(np.load(args.pairs)), np.load(args.extract / "vertebrae.npy", mmap_mode="r"), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Stage report_config: the run's configuration (after validation, every default filled in) as YAML and as an HTML
+page for the report, so that a reader sees exactly which settings made the figures.
+
+Run:
+    python -m stages.report_config --config "$(python -c 'import json; print(json.dumps({"seed": 1}))')" \\
+        --out results/report/tables/configuration.yaml --html results/report/tables/configuration.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages import cli
+
+
+def render(config: dict[str, Any]) -> tuple[str, str]:
+    """The configuration as YAML text and as a standalone HTML page (one section per top-level key)."""
+    text = yaml.safe_dump(config, sort_keys=True, default_flow_style=None, width=110)
+    sections = []
+    for key in sorted(config):
+        body = yaml.safe_dump({key: config[key]}, sort_keys=True, default_flow_style=None, width=110)
+        sections.append(f"<h4>{html.escape(key)}</h4>\n<pre>{html.escape(body)}</pre>")
+    page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Configuration</title>\n<style>body "
+            "{ font-family: sans-serif; margin: 1.5em; } pre { background: #f6f6f6; padding: 0.6em; "
+            "font-size: 0.85em; }</style></head><body>\n<h3>The run's configuration (defaults filled in)</h3>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+    return text, page
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.report_config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="The validated configuration as a JSON object.")
+    parser.add_argument("--out", type=Path, required=True, help="The YAML file to write.")
+    parser.add_argument("--html", type=Path, required=True, help="The HTML page to write.")
+    cli.add_log_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = json.loads(args.config)
+    except json.JSONDecodeError as error:
+        parser.error(f"--config is not valid JSON: {error}")
+    if not isinstance(config, dict):
+        parser.error(f"--config must be a JSON object, got {type(config).__name__}")
+    text, page = render(config)
+    for path, content in ((args.out, text), (args.html, page)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""The report's parts: Grad-CAM (standard and Hou et al.'s variant) against the papers' equations written as plain
+loops, the explained models against the probes they explain, the attention score, the figures and tables from
+synthetic result tables, the t-SNE inputs and the configuration page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from stages import figures, gradcam, levels
+from stages.disc_net import DiscNet, load_net, save_net
+from stages.embeddings import bodies_of_test_part
+from stages.features import embed_all, random_encoder
+from stages.heads import Head, fit_head
+from stages.metrics import roc_curve
+from stages.probe import run as run_probe
+from stages.probe_data import run_folder
+from stages.report_config import render
+from stages.siamese import EncoderSpec, VggM3dEncoder
+from tests.test_probes import FAST, SHAPE, write_probe_data
+
+
+# --- Grad-CAM against the definitions -----------------------------------------------------------------------------
+
+def naive_grad_cam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Selvaraju et al. 2017, eqs. 1-2, one sample ``(C, *spatial)``, as loops."""
+    channels = acts.shape[0]
+    weights = [grads[c].sum() / grads[c].size for c in range(channels)]
+    total = np.zeros(acts.shape[1:])
+    for c in range(channels):
+        total += weights[c] * acts[c]
+    return np.maximum(total, 0)
+
+
+def naive_hou(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """Hou et al. 2023, eqs. 16-20, for K maps ``(K, C, *spatial)``, as loops."""
+    k_maps, channels = acts.shape[:2]
+    w = np.zeros((k_maps, channels))
+    for k in range(k_maps):
+        for c in range(channels):
+            w[k, c] = np.abs(grads[k, c]).sum() / grads[k, c].size          # (16)
+    w = w / w.std(ddof=1)                                                     # (17) (torch.std: unbiased)
+    a = np.zeros_like(w)
+    for c in range(channels):
+        e = np.exp(w[:, c] - w[:, c].max())
+        a[:, c] = e / e.sum()                                                 # (18)
+    out = []
+    for k in range(k_maps):
+        m = np.maximum(sum(a[k, c] * acts[k, c] for c in range(channels)), 0)   # (19)
+        out.append((m - m.min()) / (m.max() - m.min()))                       # (20)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 5)])
+def test_grad_cam_matches_its_definition(spatial):
+    rng = np.random.default_rng(0)
+    acts, grads = rng.normal(size=(3, 6, *spatial)), rng.normal(size=(3, 6, *spatial))
+    ours = gradcam.grad_cam(torch.tensor(acts), torch.tensor(grads)).numpy()
+    for i in range(3):
+        np.testing.assert_allclose(ours[i], naive_grad_cam(acts[i], grads[i]), atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (2, 4, 5)])
+def test_hou_variant_matches_equations_16_to_20(spatial):
+    rng = np.random.default_rng(1)
+    acts = np.abs(rng.normal(size=(3, 8, *spatial)))          # post-ReLU activations
+    grads = rng.normal(size=(3, 8, *spatial))
+    ours = gradcam.hou_cam(torch.tensor(acts), torch.tensor(grads)).numpy()
+    np.testing.assert_allclose(ours, naive_hou(acts, grads), atol=1e-9)
+    for k in range(3):        # each map on its own [0, 1] scale
+        assert ours[k].min() == pytest.approx(0) and ours[k].max() == pytest.approx(1)
+    # the sign of the gradient does not matter (|dh/dA|), unlike standard Grad-CAM
+    np.testing.assert_allclose(gradcam.hou_cam(torch.tensor(acts), torch.tensor(-grads)).numpy(), ours, atol=1e-12)
+
+
+def test_cam_shapes_are_checked_and_a_flat_map_is_zero():
+    with pytest.raises(ValueError, match="activations and gradients"):
+        gradcam.grad_cam(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 5))
+    flat = gradcam.hou_cam(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4))
+    assert torch.equal(flat, torch.zeros(2, 4, 4))
+
+
+def test_inside_share_and_upsampling():
+    maps = torch.zeros(2, 4, 8, 8)
+    maps[0, :, :4] = 1.0                    # all mass in the top half
+    maps[1] = 1.0                           # uniform
+    mask = torch.zeros(2, 4, 8, 8)
+    mask[:, :, :2] = 1.0                    # the top quarter
+    share = gradcam.inside_share(maps, mask)
+    assert share[0].item() == pytest.approx(0.5) and share[1].item() == pytest.approx(0.25)
+    assert torch.isnan(gradcam.inside_share(torch.zeros(1, 3), torch.ones(1, 3)))[0]
+    up2d = gradcam.upsample(torch.rand(3, 2, 2), (5, 16, 16))
+    assert up2d.shape == (3, 5, 16, 16) and torch.equal(up2d[:, 0], up2d[:, 4])    # a 2D map: every slice alike
+    assert gradcam.upsample(torch.rand(3, 5, 4, 4), (5, 16, 16)).shape == (3, 5, 16, 16)
+
+
+# --- The explained models are the probes --------------------------------------------------------------------------
+
+def _encoder(seed: int = 0) -> VggM3dEncoder:
+    torch.manual_seed(seed)
+    return VggM3dEncoder(EncoderSpec(slices=SHAPE[0], height=SHAPE[1], width_px=SHAPE[2], width=0.125,
+                                     embedding_dim=16, dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_frozen_probe_reproduces_the_fitted_heads_probabilities(hidden):
+    rng = np.random.default_rng(2)
+    encoder = _encoder()
+    upper = torch.tensor(rng.normal(size=(12, *SHAPE)), dtype=torch.float32)
+    lower = torch.tensor(rng.normal(size=(12, *SHAPE)), dtype=torch.float32)
+    with torch.no_grad():
+        x = torch.cat([encoder(upper), encoder(lower)], dim=1).numpy()
+    y = np.array([0, 1, 3] * 4)                       # class 2 and 4 absent: their probability is 0
+    head = fit_head(x, y, 5, 1.0, hidden=hidden, seed=0, max_iter=50)
+    saved = head.to_arrays("linear")
+    rebuilt = Head.from_arrays(saved, "linear")
+    np.testing.assert_allclose(rebuilt.predict_proba(x), head.predict_proba(x))
+    probe = gradcam.FrozenProbe(encoder, rebuilt, inputs=2)
+    with torch.no_grad():
+        proba = torch.softmax(probe(upper, lower).double(), dim=1).numpy()
+    np.testing.assert_allclose(proba, head.predict_proba(x), atol=1e-4)
+    with pytest.raises(KeyError, match="no head 'mlp'"):
+        Head.from_arrays(saved, "mlp")
+
+
+def test_saved_end_to_end_network_loads_with_the_same_outputs():
+    torch.manual_seed(3)
+    net = DiscNet(EncoderSpec(slices=SHAPE[0], height=SHAPE[1], width_px=SHAPE[2], width=0.125, embedding_dim=16),
+                  5, 2).eval()
+    x = torch.randn(4, *SHAPE)
+    loaded = load_net({k: v for k, v in save_net(net).items()})
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, x.flip(0)), net(x, x.flip(0)))
+
+
+def test_explain_targets_the_predicted_class_and_matches_a_manual_gradient():
+    encoder = _encoder(4)
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(size=(6, *SHAPE)), dtype=torch.float32)
+    head = fit_head(rng.normal(size=(20, 32)), np.arange(20) % 3, 3, 1.0, max_iter=30)
+    probe = gradcam.FrozenProbe(encoder, head, inputs=2)
+    result = gradcam.explain(probe, encoder, x[:3], x[3:], "conv5")
+    assert torch.equal(result["target"], result["logits"].argmax(1))
+    # the same map by hand: conv5 maps of the upper volume of sample 0, gradient of its predicted logit
+    maps = encoder.feature_maps(torch.cat([x[:3], x[3:]])).detach().requires_grad_(True)
+    emb = encoder.fc(encoder.conv5[-1](maps))
+    logits = probe.layers[0].T @ (((torch.cat(emb.chunk(2), 1)[0] - probe.mean) / probe.scale) @ probe.basis) \
+        + probe.layers[1]
+    grad, = torch.autograd.grad(logits[result["target"][0]], maps)
+    manual = naive_grad_cam(maps[[0, 3]].detach().numpy().reshape(2, *maps.shape[1:])[0],
+                            grad[0].numpy())
+    cam = result["cam"][0, 0].numpy()
+    scale = max(manual.max(), naive_grad_cam(maps[3].detach().numpy(), grad[3].numpy()).max())
+    np.testing.assert_allclose(cam, manual / scale, atol=1e-5)
+    assert result["hou"].shape == (3, 2, *maps.shape[2:])
+    deep = gradcam.explain(probe, encoder, x[:3], x[3:], "conv3")
+    assert deep["cam"].dim() == 5 and deep["cam"].shape[2] == SHAPE[0]     # a map per slice
+
+
+def test_pair_maps_explain_the_distance_of_the_embeddings(tmp_path):
+    encoder = _encoder(5)
+    bodies = np.random.default_rng(5).normal(size=(8, *SHAPE)).astype(np.float16)
+    with torch.no_grad():
+        emb = encoder(torch.tensor(bodies, dtype=torch.float32)).numpy()
+    pairs = pd.DataFrame({"a": [0, 1, 2, 3], "b": [4, 5, 6, 7], "level": ["L1", "L2", "L3", "L4"],
+                          "positive": [True, True, False, False]})
+    pairs["distance"] = np.linalg.norm(emb[pairs.a] - emb[pairs.b], axis=1)
+    picked = gradcam.explain_pairs(encoder, bodies, pairs, "conv5", tmp_path / "pairs.npz", per_kind=2)
+    np.testing.assert_allclose(picked.recomputed_distance, picked.distance, rtol=1e-4)
+    saved = np.load(tmp_path / "pairs.npz")
+    assert saved["cam_up"].shape == (4, 2, *SHAPE) and saved["positive"].tolist() == [True, True, False, False]
+
+
+def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
+    """A real probe job on features of a real (random) encoder, explained; masks on the rows where the synthetic
+    discs are (the top and bottom rows of each body's crop)."""
+    root = write_probe_data(tmp_path, n_subjects=24)
+    encoder = random_encoder(SHAPE, 0, 0.125, 16)
+    folder = root / "features" / "enc"
+    folder.mkdir(parents=True)
+    embed_all(encoder, np.load(root / "extract" / "vertebrae.npy", mmap_mode="r"), folder / "features.npy")
+    job = root / "runs" / run_folder("enc", "grade", 1.0, 0)
+    run_probe("enc", "grade", 1.0, 0, root / "splits", job, FAST, features=folder)
+    predictions = pd.read_parquet(job / "predictions.parquet")
+    linear = predictions[predictions["head"] == "linear"].reset_index(drop=True)
+    masks = np.zeros((len(linear), 2, *SHAPE), np.uint8)
+    masks[:, 0, :, -6:] = 1                 # the disc below the upper body, above the lower one
+    masks[:, 1, :, :6] = 1
+    has_mask = np.arange(len(linear)) % 5 != 0          # a few scans without a label map
+    volumes = pd.read_parquet(root / "splits" / "volumes.parquet")
+    row = {(s, lv): r for s, lv, r in volumes[volumes.kind == "vertebra"][["scan_id", "level", "row"]].itertuples(
+        index=False)}
+    np.savez(tmp_path / "masks.npz", masks=masks, has_mask=has_mask, sample_scan_id=linear.scan_id.to_numpy().astype(str),
+             sample_level=linear.level.to_numpy().astype(str), sample_label=linear.label.to_numpy(),
+             sample_upper=np.array([row[(s, lv.split("-")[0])] for s, lv in zip(linear.scan_id, linear.level)]),
+             sample_lower=np.array([row[(s, lv.split("-")[1])] for s, lv in zip(linear.scan_id, linear.level)]))
+    summary = gradcam.run("enc", job, tmp_path / "masks.npz", root / "extract", tmp_path / "out", "conv5", encoder)
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert len(scores) == len(linear) and summary["samples"] == int(has_mask.sum())
+    # the explained model predicts what the probe job predicted
+    merged = scores.merge(linear, on=["scan_id", "level"], suffixes=("", "_job"))
+    assert (merged.predicted == merged.predicted_job).all()
+    unscored = scores.disc_share_of_volume.isna()          # the samples without a label map
+    assert unscored.sum() == (~has_mask).sum() and scores.inside_disc[unscored].isna().all()
+    scored = scores.dropna(subset=["inside_disc"])   # an all-zero map (ReLU) has no attention to measure
+    assert len(scored) + summary["empty_maps"] == has_mask.sum() and scored.inside_disc.between(0, 1).all()
+    assert summary["inside_disc"] == pytest.approx(scored.inside_disc.mean())
+    assert scored.disc_share_of_volume.to_numpy() == pytest.approx(6 / 48)   # 6 of 48 rows in each volume
+    maps = np.load(tmp_path / "out" / "maps.npz")
+    assert maps["cam_up"].shape[1:] == (2, *SHAPE) and maps["has_mask"].all()   # examples with a mask come first
+    with pytest.raises(ValueError, match="give its encoder"):
+        gradcam.load_model(job, None)
+
+
+# --- Figures and tables -------------------------------------------------------------------------------------------
+
+def test_roc_curve_matches_scikit_learn():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 200)
+    score = np.round(rng.normal(size=200) + y, 1)        # ties
+    fpr, tpr = roc_curve(y, score)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(y, score))
+    with pytest.raises(ValueError, match="both classes"):
+        roc_curve(np.ones(3), np.arange(3))
+
+
+def synthetic_results(seeds: int = 3) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """results, summary and predictions tables shaped like the probes stage's."""
+    rng = np.random.default_rng(7)
+    results, summary, predictions = [], [], []
+    for model, heads in (("siamese", ["linear", "mlp"]), ("random", ["linear"]), ("scratch", ["linear"])):
+        for head in heads:
+            for fraction, n in ((0.5, 10), (1.0, 20)):
+                for task, metrics in (("grade", ("average_class_accuracy", "accuracy")),
+                                      ("herniation", ("auc", "accuracy", "sensitivity", "specificity"))):
+                    for seed in range(seeds):
+                        results.append({"model": model, "head": head, "task": task, "fraction": fraction,
+                                        "seed": seed, "n_subjects": n, "n_scans": 1.5 * n, "n_train": 6 * n,
+                                        **{m: rng.uniform(0.5, 0.9) for m in metrics}})
+                        truth = rng.integers(1, 6, 30) if task == "grade" else rng.integers(0, 2, 30)
+                        p1 = np.clip(0.3 * truth + rng.uniform(0, 0.7, 30), 0, 1) if task == "herniation" else None
+                        predictions.append(pd.DataFrame({
+                            "model": model, "head": head, "task": task, "fraction": fraction, "seed": seed,
+                            "subject_id": [f"s{i % 6}" for i in range(30)], "scan_id": [f"c{i % 9}" for i in range(30)],
+                            "level": "L4-L5", "label": truth,
+                            "predicted": truth if task == "grade" else (p1 >= 0.5).astype(int),
+                            **({"p_0": 1 - p1, "p_1": p1} if p1 is not None else {})}))
+                    for metric in metrics:
+                        v = pd.DataFrame(results).query("model == @model and head == @head and task == @task and "
+                                                        "fraction == @fraction")[metric]
+                        summary.append({"model": model, "head": head, "task": task, "fraction": fraction,
+                                        "n_subjects": n, "n_scans": 1.5 * n, "n_train": 6.0 * n, "metric": metric,
+                                        "mean": v.mean(), "std": v.std(), "ci_low": v.min(), "ci_high": v.max(),
+                                        "seeds": seeds})
+    return pd.DataFrame(results), pd.DataFrame(summary), pd.concat(predictions, ignore_index=True)
+
+
+def _is_image(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_every_result_figure_is_written_as_png_and_pdf(tmp_path):
+    results, summary, predictions = synthetic_results()
+    written = []
+    written += figures.label_efficiency_figure(summary, tmp_path / "eff", ["scratch"])
+    written += figures.label_curves_figure(summary, tmp_path / "curves", ["scratch"])
+    written += figures.roc_figure(predictions, tmp_path / "roc", ["scratch"])
+    written += figures.confusion_figure(predictions, tmp_path / "confusion", ["scratch"])
+    distances = pd.DataFrame({"positive": [True] * 20 + [False] * 40,
+                              "distance": np.r_[np.linspace(0, 1, 20), np.linspace(0.5, 2, 40)],
+                              "untrained_distance": np.linspace(0, 1, 60)})
+    written += figures.pretext_figure({"siamese": distances}, tmp_path / "pretext")
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.95],
+                            "kept": [False, True, False]})
+    metrics = pd.DataFrame({"epoch": [1, 1, 2, 2], "split": ["train", "val"] * 2, "loss": [1.0, 1.1, 0.8, 0.9],
+                            "level_accuracy": [0.3, 0.3, 0.6, 0.5]})
+    written += figures.training_figure({"siamese": metrics}, history, {"scratch": history}, tmp_path / "training")
+    for path in written:
+        assert path.exists() and path.stat().st_size > 1000, path
+    assert all(_is_image(p) for p in written if p.suffix == ".png")
+    assert sorted(p.suffix for p in written) == [".pdf"] * 6 + [".png"] * 6
+
+
+def test_cao_table_gives_mean_and_std_over_seeds(tmp_path):
+    results, _, _ = synthetic_results()
+    figures.metrics_table(results, tmp_path / "table", ["scratch"])
+    table = pd.read_csv(tmp_path / "table.csv")
+    full = results[(results.task == "herniation") & (results.fraction == 1.0) & (results.model == "random")]
+    row = table[table.method == "random (linear probe)"].iloc[0]
+    assert row["ACC (%)"] == f"{100 * full.accuracy.mean():.1f} \u00b1 {100 * full.accuracy.std():.1f}"
+    assert set(table.method) == {"siamese (linear probe)", "siamese (mlp probe)", "random (linear probe)",
+                                 "scratch (end to end)"}
+    page = (tmp_path / "table.html").read_text()
+    assert "<table" in page and "AUC (%)" in page
+
+
+def test_figure_of_merit_table_says_not_reached(tmp_path):
+    efficiency = pd.DataFrame([{"task": "grade", "metric": "average_class_accuracy", "model": "siamese",
+                                "head": "linear", "reference_value": 0.7, "reference_scans": 30.0,
+                                "matched_at_fraction": 0.5, "matched_scans": 15.0, "scan_share": 0.5,
+                                "value_there": 0.72},
+                               {"task": "grade", "metric": "average_class_accuracy", "model": "random",
+                                "head": "linear", "reference_value": 0.7, "reference_scans": 30.0,
+                                "matched_at_fraction": None, "matched_scans": None, "scan_share": None,
+                                "value_there": None}])
+    figures.figure_of_merit_table(efficiency, tmp_path / "merit")
+    table = pd.read_csv(tmp_path / "merit.csv", keep_default_na=False)
+    assert table["first subset matching it"].tolist() == ["0.5", "not reached"]
+    assert table["share of scans"].tolist() == ["50%", ""]
+
+
+def test_embeddings_map_only_test_bodies_with_the_grade_of_the_disc_below(tmp_path):
+    root = write_probe_data(tmp_path, n_subjects=24)
+    volumes = pd.read_parquet(root / "splits" / "volumes.parquet")
+    manifest = pd.DataFrame({"scan_id": volumes.scan_id.unique(), "field_strength_t": 1.5})
+    table = bodies_of_test_part(volumes, manifest)
+    assert set(table.subject_id) == set(volumes[volumes.downstream_part == "test"].subject_id)
+    assert set(table.level) == set(levels.VERTEBRAE)
+    one = table[table.level == "L4"].iloc[0]
+    disc = volumes[(volumes.scan_id == one.scan_id) & (volumes.level == "L4-L5")].iloc[0]
+    assert one.grade == disc.pfirrmann
+    assert table[table.level == "S1"].grade.isna().all()          # no disc below S1 in the table
+    coords = table.assign(x=np.arange(len(table)), y=np.arange(len(table)) % 7).rename(
+        columns={"subject_id": "subject"})
+    paths = figures.embeddings_figure({"siamese": coords, "random": coords}, tmp_path / "emb")
+    assert all(p.exists() for p in paths)
+
+
+def test_configuration_page_round_trips():
+    config = {"pretrain": {"methods": ["siamese"], "seed": 0}, "results": "results", "note": "<b>"}
+    text, page = render(config)
+    assert yaml.safe_load(text) == config
+    assert "&lt;b&gt;" in page and "<h4>pretrain</h4>" in page
+
+
+def test_figures_cli_rejects_mismatched_names(tmp_path):
+    distances = tmp_path / "d.parquet"
+    pd.DataFrame({"positive": [True, False], "distance": [0.1, 1.0]}).to_parquet(distances)
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main(["pretext", "--distances", str(distances), "--methods", "a", "b", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
