@@ -3,7 +3,8 @@
 A disc sample is the body above and the body below the disc (stages/probe_data.py). For each test sample whose scan
 has a label map (``has_mask``; the masks of the others are empty and they are left out of the score), the disc's voxels (its label in the map) are cut with exactly the crop of each body (the same centre,
 spine axis, pixel size and slices as stages/extract.py, linear interpolation, then thresholded at 0.5): two masks
-aligned voxel for voxel with the two volumes the model reads.
+aligned voxel for voxel with the two volumes the model reads. (Ingest copies a label map only when its grid equals
+the volume's: size, origin, spacing and direction; so the structures' voxel coordinates hold for it too.)
 
 Run:
     python -m stages.disc_masks --ingest results/ingest --localise results/localise --splits results/splits \\

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -116,6 +117,12 @@ p.note {{ max-width: 60em; font-size: 0.9em; color: #444; }}
     return [out.with_suffix(".html"), out.with_suffix(".csv")]
 
 
+def _undefined(ax: plt.Axes, task: str, metric: str) -> None:
+    ax.set_title(f"{TASK_NAMES[task]}: {METRIC_NAMES[metric]}")
+    _empty(ax, f"{METRIC_NAMES[metric]} is undefined on this test part\n(its {TASK_NAMES[task]} labels have one "
+               "class)")
+
+
 def _empty(ax: plt.Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#555", wrap=True)
     ax.set_xticks([])
@@ -133,8 +140,8 @@ def pretext_figure(distances: dict[str, pd.DataFrame], out: Path) -> list[Path]:
         table = distances[method]
         positive = table.positive.astype(bool).to_numpy()
         if positive.all() or not positive.any():
-            _empty(hist_ax, f"{method}: the test part has only {'positive' if positive.any() else 'negative'} "
-                            "pairs")
+            kind = "no" if not len(positive) else "only positive" if positive.any() else "only negative"
+            _empty(hist_ax, f"{method}: the self-supervision test part has {kind} pairs")
             _empty(roc_ax, "no ROC curve without both kinds of pairs")
             continue
         bins = np.histogram_bin_edges(table.distance, bins=30)
@@ -181,12 +188,17 @@ def label_efficiency_figure(summary: pd.DataFrame, out: Path, end_to_end: list[s
         metric = TASKS[task].headline
         here = _curves(summary, task, metric)
         for (model, head), group in here.groupby(["model", "head"], sort=False):
+            if group["mean"].isna().all():
+                continue
             c = colour(model, models)
             (line,) = ax.plot(group.n_subjects, group["mean"], marker="o", markersize=3.5, color=c,
                               **style(model, head))
             if group.ci_low.notna().any():
                 ax.fill_between(group.n_subjects, group.ci_low, group.ci_high, color=c, alpha=0.12, linewidth=0)
             handles.setdefault(label(model, head, end_to_end), line)
+        if not ax.lines:
+            _undefined(ax, task, metric)
+            continue
         ticks = here.drop_duplicates("fraction").sort_values("fraction")
         ax.set_xticks(ticks.n_subjects)
         ax.set_xticklabels([f"{s:.0f}\n({n:.0f})" for s, n in zip(ticks.n_subjects, ticks.n_scans)])
@@ -232,16 +244,18 @@ def label_curves_figure(summary: pd.DataFrame, out: Path, end_to_end: list[str])
     for ax, metric in zip(axes, ("accuracy", "auc")):
         curves = _curves(here, "herniation", metric)
         for (model, head), group in curves.groupby(["model", "head"], sort=False):
-            if head == "mlp":
+            if head == "mlp" or group["mean"].isna().all():
                 continue   # Hou's comparison is of linear heads; the MLP is in the other figures
             c = colour(model, models)
             (line,) = ax.plot(group.n_train, group["mean"], marker="o", markersize=3.5, color=c,
                               linewidth=2.2 if model == "supervised" else 1.4, **style(model, head))
-            lower = group["mean"] - group["std"].fillna(0)
-            upper = group["mean"] + group["std"].fillna(0)
+            lower = (group["mean"] - group["std"].fillna(0)).clip(0, 1)     # the metrics live in [0, 1]
+            upper = (group["mean"] + group["std"].fillna(0)).clip(0, 1)
             ax.fill_between(group.n_train, lower, upper, color=c, alpha=0.12, linewidth=0)
             handles.setdefault(label(model, head, end_to_end), line)
-        if not curves.empty:
+        if not curves.empty and not ax.lines:
+            _undefined(ax, "herniation", metric)
+        elif not curves.empty:
             ax.set_xlabel("labelled training discs")
             ax.set_ylabel(METRIC_NAMES[metric])
             ax.set_title(f"herniation: {METRIC_NAMES[metric]} (mean \u00b1 std over seeds)")
@@ -276,6 +290,9 @@ def roc_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]) -> l
         spread = f" \u00b1 {np.nanstd(aucs, ddof=1):.3f}" if len(aucs) > 1 else ""
         ax.plot(fpr, tpr, color=colour(model, models), **style(model, head),
                 label=f"{label(model, head, end_to_end)}: AUC {np.nanmean(aucs):.3f}{spread}")
+    if not ax.lines:
+        _empty(ax, "the herniation test part has one class only: no ROC curve can be drawn")
+        return save(fig, out)
     ax.plot([0, 1], [0, 1], color="#cccccc", linewidth=0.8)
     ax.set_xlabel("false-positive rate (1 - specificity)")
     ax.set_ylabel("true-positive rate (sensitivity)")
@@ -379,7 +396,8 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
             if column == "subject":
                 codes = pd.factorize(values)[0]
                 ax.scatter(table.x, table.y, c=codes, cmap="tab20", s=9, linewidths=0)
-                ax.text(0.02, 0.02, f"{values.nunique()} subjects", transform=ax.transAxes, fontsize=7.5)
+                ax.text(0.02, 0.02, f"{values.nunique()} subject(s), one colour each", transform=ax.transAxes,
+                        fontsize=7.5)
                 continue
             if column == "level":
                 order = [lv for lv in VERTEBRAE if lv in set(values)]
@@ -432,6 +450,8 @@ def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame 
             _empty(ax, "no pretraining method")
     loss_ax.set_ylabel("loss")
     acc_ax.set_ylabel("accuracy")
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     curves = ({"supervised encoder": supervised} if supervised is not None else {}) | end_to_end
     for name, table in curves.items():
         c = colour(name.split(" ")[0], models)
@@ -470,39 +490,59 @@ def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, o
     """One test disc, every model: the upper and the lower body's middle slice and the slices either side, with the
     map over them and the disc's outline (white)."""
     models = list(maps)
-    first = maps[models[0]]
+    key = "cam_up" if variant == "gradcam" else "hou_up"
+    drawn = [m for m in models if len(maps[m][key]) > example]
+    if not drawn:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        _empty(ax, "no model to explain (every job predicted one class)")
+        return save(fig, out)
+    first = maps[drawn[0]]
+    task = str(first["task"]) if "task" in first else "grade"
+
+    def name(value: Any) -> str:
+        return f"P{int(value)}" if task == "grade" else ("herniated" if int(value) else "not herniated")
+
     slices = bodies.shape[1]
     shown = sorted({max(slices // 2 - 2, 0), slices // 2, min(slices // 2 + 2, slices - 1)})
     fig, axes = plt.subplots(len(models), 2 * len(shown), figsize=(1.9 * 2 * len(shown), 2.1 * len(models) + 0.6),
                              squeeze=False)
-    key = "cam_up" if variant == "gradcam" else "hou_up"
     for row, model in zip(axes, models):
         m = maps[model]
         if len(m[key]) <= example:
             for ax in row:
                 ax.axis("off")
+            row[0].text(0, 0.5, f"{model}: nothing to explain (one-class rule)", transform=row[0].transAxes,
+                        fontsize=8)
             continue
-        for j, (volume_key, name) in enumerate((("upper", "upper body"), ("lower", "lower body"))):
+        for j, (volume_key, part) in enumerate((("upper", "upper body"), ("lower", "lower body"))):
             volume = np.asarray(bodies[int(m[volume_key][example])], dtype=np.float32)
             for s_i, s in enumerate(shown):
                 ax = row[j * len(shown) + s_i]
                 _overlay(ax, volume[s], np.asarray(m[key][example, j, s], dtype=np.float32), m["masks"][example, j, s])
-                if model == models[0]:
-                    ax.set_title(f"{name}, slice {s + 1}/{slices}", fontsize=8)
-        row[0].set_ylabel(f"{model}\npredicted P{m['predicted'][example]}", fontsize=8)
+                if model == drawn[0]:
+                    ax.set_title(f"{part}, slice {s + 1}/{slices}", fontsize=8)
+        row[0].set_ylabel(f"{model}\npredicted {name(m['predicted'][example])}", fontsize=8)
     title = ("Grad-CAM (standard)" if variant == "gradcam" else
              "Grad-CAM, variant of Hou et al. 2023 (|gradient| weights, softmax across maps, each map in [0, 1])")
-    fig.suptitle(f"{title}: test disc {first['level'][example]} (true grade P{first['label'][example]}); "
-                 "white: the disc's label map", fontsize=10)
+    outline = "white: the disc's label map" if first["has_mask"][example] else "no label map for this scan"
+    fig.suptitle(f"{title}\ntest disc {first['level'][example]}, truth: {name(first['label'][example])}; {outline}",
+                 fontsize=10)
     fig.tight_layout()
     return save(fig, out)
 
 
+def _number(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3f}"
+
+
 def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
-    frame = pd.DataFrame([{"model": s["model"], "layer": s["layer"], "test samples": s["samples"],
-                           "inside the disc, Grad-CAM": f"{s['inside_disc']:.3f}",
-                           "inside the disc, Hou et al. variant": f"{s['inside_disc_hou']:.3f}",
-                           "uniform attention (disc share of the volumes)": f"{s['disc_share_of_volume']:.3f}"}
+    frame = pd.DataFrame([{"model": s["model"], "layer (map size)": f"{s['layer']} ("
+                           + " x ".join(str(v) for v in s.get("map_size", [])) + ")",
+                           "test discs scored": s["samples"],
+                           "inside the disc, Grad-CAM": _number(s["inside_disc"]),
+                           "inside the disc, Hou et al. variant": _number(s["inside_disc_hou"]),
+                           "uniform attention (disc share of the volumes)": _number(s["disc_share_of_volume"]),
+                           "note": s.get("note", "")}
                           for s in summaries])
     return write_table(frame, out, "Attention inside the disc (share of the Grad-CAM mass inside the disc's label map)",
                        "Averaged over the test discs with a label map. Uniform attention would score the disc's share "
@@ -512,6 +552,11 @@ def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
 def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: Path) -> list[Path]:
     """The Siamese similarity maps of a few test pairs: each pair's two bodies (middle slice) with the map."""
     n = len(pairs["a"])
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        _empty(ax, "the self-supervision test part has no pairs (too few subjects with follow-up studies): "
+                   "nothing to explain")
+        return save(fig, out)
     fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.6), squeeze=False)
     mid = bodies.shape[1] // 2
     for i in range(n):
@@ -568,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", type=cli.existing_file, nargs="*", default=[],
                    help="pretrain/{method}/metrics.csv (the method is the folder's name).")
     p.add_argument("--supervised", type=cli.existing_file, help="probes/encoders/supervised/history.csv.")
-    p.add_argument("--end-to-end", type=cli.existing_file, nargs="*", default=[],
+    p.add_argument("--end-to-end", type=Path, nargs="*", default=[],
                    help="history.csv of end-to-end probe jobs (runs/{model}/{task}/...: named by the model).")
     for name, text in (("gradcam", "Grad-CAM examples per model."),):
         p = add(name, text)
@@ -611,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.figure == "training":
         pretrain = {p.parent.name: pd.read_csv(p) for p in args.pretrain}
         supervised = pd.read_csv(args.supervised) if args.supervised else None
-        end_to_end = {p.parents[3].name: pd.read_csv(p) for p in args.end_to_end}
+        end_to_end = {}
+        for p in args.end_to_end:   # a job whose subset had one class trained nothing (and wrote no history)
+            if p.exists():
+                end_to_end[p.parents[3].name] = pd.read_csv(p)
+            else:
+                log.warning("no %s: the job trained nothing (one-class subset?)", p)
         training_figure(pretrain, supervised, end_to_end, args.out)
     elif args.figure == "gradcam":
         bodies = np.load(args.extract / "vertebrae.npy", mmap_mode="r")

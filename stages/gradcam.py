@@ -51,6 +51,7 @@ from stages.siamese import VggM3dEncoder
 
 log = logging.getLogger("gradcam")
 LAYERS = ("conv5", "conv3")
+SCORE_COLUMNS = ["scan_id", "level", "label", "predicted", "inside_disc", "inside_disc_hou", "disc_share_of_volume"]
 
 
 # --- Grad-CAM, pure functions on tensors -------------------------------------------------------------------------
@@ -131,11 +132,11 @@ class FrozenProbe(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.inputs = inputs
-        std = head.standardiser
-        self.register_buffer("mean", torch.as_tensor(std.mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(std.scale, dtype=torch.float32))
-        self.register_buffer("basis", torch.as_tensor(std.basis, dtype=torch.float32))
-        self.layers = [torch.as_tensor(p, dtype=torch.float32) for p in head.layers()]
+        std = head.standardiser   # the head runs in float64, as it was fitted (stages/heads.py)
+        self.register_buffer("mean", torch.as_tensor(std.mean, dtype=torch.float64))
+        self.register_buffer("scale", torch.as_tensor(std.scale, dtype=torch.float64))
+        self.register_buffer("basis", torch.as_tensor(std.basis, dtype=torch.float64))
+        self.layers = [torch.as_tensor(p, dtype=torch.float64) for p in head.layers()]
         self.present = torch.as_tensor(head.present, dtype=torch.long)
         self.n_classes = head.n_classes
 
@@ -143,7 +144,7 @@ class FrozenProbe(nn.Module):
         x = upper if self.inputs == 1 else torch.cat([upper, lower])
         emb = self.encoder(x)                       # one pass for both volumes: one capture of the layer
         features = emb if self.inputs == 1 else torch.cat(emb.chunk(2), dim=1)
-        z = ((features - self.mean) / self.scale) @ self.basis
+        z = ((features.double() - self.mean) / self.scale) @ self.basis
         h = z @ self.layers[0] + self.layers[1]
         if len(self.layers) == 4:
             h = F.relu(h) @ self.layers[2] + self.layers[3]
@@ -152,16 +153,20 @@ class FrozenProbe(nn.Module):
         return logits
 
 
-def load_model(run: Path, encoder: nn.Module | None, head: str = "linear") -> nn.Module:
-    """The probe job's model: ``encoder`` + its saved head (frozen), or the saved network (end to end)."""
+def load_model(run: Path, encoder: nn.Module | None, head: str = "linear") -> nn.Module | None:
+    """The probe job's model: ``encoder`` + its saved head (frozen), or the saved network (end to end); None when
+    the job fitted nothing (its training labels had one class: it predicts that class, there is nothing to explain)."""
     saved = np.load(run / "model.npz")
     if "net/spec" in saved:
         from stages.disc_net import load_net
         return load_net(saved)
+    if f"{head}/theta" not in saved:
+        if not any(k.endswith("/theta") for k in saved.files):
+            return None
+        raise ValueError(f"{run}/model.npz has no fitted {head!r} head (heads there: "
+                         f"{sorted(k.split('/')[0] for k in saved.files if k.endswith('/theta'))})")
     if encoder is None:
         raise ValueError(f"{run}/model.npz holds a frozen head: give its encoder (--encoder or --random)")
-    if f"{head}/theta" not in saved:
-        raise ValueError(f"{run}/model.npz has no fitted {head!r} head (the subset had one class?): nothing to explain")
     return FrozenProbe(encoder.eval(), Head.from_arrays(saved, head), inputs=2).eval()
 
 
@@ -235,8 +240,20 @@ def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, l
         encoder: VggM3dEncoder | None, batch_size: int = 16, examples: int = 6) -> dict[str, Any]:
     torch.manual_seed(0)
     model = load_model(run_dir, encoder)
-    enc = model.encoder
     samples, disc_masks = explained_samples(run_dir, masks)
+    task = json.loads((run_dir / "metrics.json").read_text())["task"]
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        note = "the job's training labels had one class: it predicts that class, no model to explain"
+        log.warning("%s: %s", model_name, note)
+        pd.DataFrame(columns=SCORE_COLUMNS).to_csv(out / "scores.csv", index=False)
+        np.savez_compressed(out / "maps.npz", cam=np.zeros(0), hou=np.zeros(0), cam_up=np.zeros((0, 2, 1, 1, 1)),
+                            hou_up=np.zeros((0, 2, 1, 1, 1)), task=task)
+        summary = {"model": model_name, "layer": layer, "task": task, "samples": 0, "note": note,
+                   **{k: None for k in ("inside_disc", "inside_disc_hou", "disc_share_of_volume")}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    enc = model.encoder
     if samples.empty:
         raise ValueError(f"none of the test samples of {run_dir} is in {masks}: were they made for another task?")
     if not samples.has_mask.any():
@@ -274,13 +291,19 @@ def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, l
     scores = pd.DataFrame(rows)
     classes = np.load(run_dir / "model.npz")["classes"]
     scores["predicted"] = classes[scores.pop("predicted_index").to_numpy()]
-    scored = scores[samples.has_mask.to_numpy()]
-    summary = {"model": model_name, "layer": layer, "samples": int(len(scored)),
-               "without_label_map": int((~samples.has_mask).sum()),
-               "empty_maps": int(scored.inside_disc.isna().sum()),   # all-zero map: no attention to measure
+    if int(np.prod(kept["cam"][0].shape[2:])) == 1:
+        log.warning("%s's map is 1 x 1 at this crop size: it holds no spatial information (try the layer conv3, or "
+                    "larger crops)", layer)
+    with_mask = scores[samples.has_mask.to_numpy()]
+    # an all-zero map (every weighted channel below 0) has no attention to measure: every average is over the same
+    # samples, those with a label map and both maps non-empty
+    scored = with_mask.dropna(subset=["inside_disc", "inside_disc_hou"])
+    summary = {"model": model_name, "layer": layer, "task": task, "map_size": list(kept["cam"][0].shape[2:]),
+               "samples": int(len(scored)), "without_label_map": int((~samples.has_mask).sum()),
+               "empty_maps": int(len(with_mask) - len(scored)),
                **{k: float(scored[k].mean()) if len(scored) else None
                   for k in ("inside_disc", "inside_disc_hou", "disc_share_of_volume")}}
-    out.mkdir(parents=True, exist_ok=True)
+    scores = scores[SCORE_COLUMNS]
     scores.to_csv(out / "scores.csv", index=False)
     shown = samples.iloc[:examples]
     np.savez_compressed(out / "maps.npz", cam=np.concatenate(kept["cam"]), hou=np.concatenate(kept["hou"]),
@@ -288,7 +311,7 @@ def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, l
                         hou_up=np.concatenate(kept["hou_up"])[:examples], upper=shown.upper.to_numpy(),
                         lower=shown.lower.to_numpy(), masks=disc_masks[:examples], has_mask=shown.has_mask.to_numpy(),
                         scan_id=shown.scan_id.to_numpy().astype(str), level=shown.level.to_numpy().astype(str),
-                        label=shown.label.to_numpy(), predicted=scores.predicted.to_numpy()[:examples])
+                        label=shown.label.to_numpy(), predicted=scores.predicted.to_numpy()[:examples], task=task)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if len(scored):
         log.info("%s: %d test samples; attention inside the disc %.3f (Grad-CAM), %.3f (Hou et al.); uniform %.3f",
@@ -314,8 +337,12 @@ def explain_pairs(encoder: VggM3dEncoder, bodies: np.ndarray, distances: pd.Data
                   out: Path, per_kind: int = 3) -> pd.DataFrame:
     """Similarity maps of a few test pairs of the pretext evaluation, written to ``out`` (``pairs.npz``)."""
     pairs = pick_pairs(distances, per_kind)
-    if pairs.empty:
-        raise ValueError("the pretext evaluation has no test pairs to explain")
+    if pairs.empty:   # a cohort too small for a self-supervision test part with pairs: said in the figure
+        log.warning("the pretext evaluation has no test pairs: nothing to explain")
+        np.savez_compressed(out, a=np.zeros(0, np.int64), b=np.zeros(0, np.int64), level=np.zeros(0, str),
+                            positive=np.zeros(0, bool), distance=np.zeros(0), cam=np.zeros(0),
+                            cam_up=np.zeros((0, 2, *bodies.shape[1:]), np.float16))
+        return pairs.assign(recomputed_distance=np.zeros(0))
     a = torch.from_numpy(np.asarray(bodies[pairs.a.to_numpy()], dtype=np.float32))
     b = torch.from_numpy(np.asarray(bodies[pairs.b.to_numpy()], dtype=np.float32))
     distance, cam = siamese_pair_cam(encoder.eval(), a, b, layer)

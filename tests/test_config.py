@@ -26,6 +26,24 @@ def test_shipped_configs_are_valid():
         validate_config(_load(path))
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section, as Snakemake merges --configfile files."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("paper", sorted(p.name for p in (ROOT / "config" / "paper").glob("*.yaml")))
+def test_paper_configs_are_valid_on_top_of_config_yaml(paper):
+    over = _load(ROOT / "config" / "paper" / paper)
+    config = validate_config(_merged(_load(ROOT / "config.yaml"), over))
+    assert config["cohort"] == validate_config(_load(ROOT / "config.yaml"))["cohort"]   # the cohort is the user's
+    assert "cohort" not in over and "demo" not in over and "results" not in over
+    if config["reports"]["gradcam_task"] not in config["probes"]["tasks"]:
+        pytest.fail(f"{paper}: reports.gradcam_task is not among probes.tasks")
+
+
 def test_empty_config_gets_every_default():
     filled = validate_config({})
     schema = load_schema()

@@ -201,7 +201,7 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
              sample_level=linear.level.to_numpy().astype(str), sample_label=linear.label.to_numpy(),
              sample_upper=np.array([row[(s, lv.split("-")[0])] for s, lv in zip(linear.scan_id, linear.level)]),
              sample_lower=np.array([row[(s, lv.split("-")[1])] for s, lv in zip(linear.scan_id, linear.level)]))
-    summary = gradcam.run("enc", job, tmp_path / "masks.npz", root / "extract", tmp_path / "out", "conv5", encoder)
+    summary = gradcam.run("enc", job, tmp_path / "masks.npz", root / "extract", tmp_path / "out", "conv3", encoder)
     scores = pd.read_csv(tmp_path / "out" / "scores.csv")
     assert len(scores) == len(linear) and summary["samples"] == int(has_mask.sum())
     # the explained model predicts what the probe job predicted
@@ -209,9 +209,10 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     assert (merged.predicted == merged.predicted_job).all()
     unscored = scores.disc_share_of_volume.isna()          # the samples without a label map
     assert unscored.sum() == (~has_mask).sum() and scores.inside_disc[unscored].isna().all()
-    scored = scores.dropna(subset=["inside_disc"])   # an all-zero map (ReLU) has no attention to measure
+    scored = scores.dropna(subset=["inside_disc", "inside_disc_hou"])   # an all-zero map has no attention
     assert len(scored) + summary["empty_maps"] == has_mask.sum() and scored.inside_disc.between(0, 1).all()
     assert summary["inside_disc"] == pytest.approx(scored.inside_disc.mean())
+    assert summary["map_size"] == [SHAPE[0], 3, 3] and summary["task"] == "grade"     # conv3 of 48 px crops
     assert scored.disc_share_of_volume.to_numpy() == pytest.approx(6 / 48)   # 6 of 48 rows in each volume
     maps = np.load(tmp_path / "out" / "maps.npz")
     assert maps["cam_up"].shape[1:] == (2, *SHAPE) and maps["has_mask"].all()   # examples with a mask come first

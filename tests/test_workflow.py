@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -62,6 +63,67 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     assert "train" in set(metrics.split) and metrics.epoch.max() == 2
     files = pd.read_csv(results / "ingest" / "files.csv")
     assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
+
+
+REPORT_FIGURES = ["pretext", "label_efficiency", "label_curves_herniation", "roc_herniation", "confusion_grade",
+                  "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese"]
+REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "configuration"]
+CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine MRI",
+                   "pretext.rst": "Jamaludin et al. 2017, Fig. 6", "label_efficiency.rst": "50 replicates",
+                   "label_curves.rst": "Herniation against the number of labels",
+                   "figure_of_merit.rst": "The label-efficiency figure of merit",
+                   "roc.rst": "Herniation ROC curves per model", "confusion.rst": "Pfirrmann grade confusion matrices",
+                   "metrics_table.rst": "in the layout of Cao et al. 2022", "embeddings.rst": "t-SNE maps of the frozen",
+                   "training.rst": "report's task (&quot;grade&quot;", "gradcam.rst": "Layer: conv3 (the deepest layer",
+                   "attention.rst": "Attention inside the disc", "pairs.rst": "Grad-CAM of minus the L2 distance",
+                   "configuration.rst": "The configuration of this run as validated"}
+
+
+@pytest.mark.slow
+def test_report_builds_with_every_figure_table_and_caption(tiny_run):
+    workdir, run = tiny_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = workdir / "report.html"
+    made = snakemake(workdir, "--configfile", str(TINY), "--report", str(report))
+    assert made.returncode == 0, made.stderr[-3000:]
+    page = report.read_text()
+    results = workdir / "results" / "report"
+    for name in REPORT_FIGURES:
+        png, pdf = results / "figures" / f"{name}.png", results / "figures" / f"{name}.pdf"
+        assert pdf.read_bytes()[:5] == b"%PDF-", name
+        image = imread(png)
+        assert image.shape[0] > 100 and image.shape[1] > 300, name
+        if name not in ("pretext", "pairs_siamese"):   # the tiny cohort has no self-supervision test pairs
+            assert image.shape[0] > 300 and image[..., :3].std() > 0.05, name
+        assert f"{name}.png" in page, f"{name} is not in the report"
+    for name in REPORT_TABLES:
+        assert "<table" in (results / "tables" / f"{name}.html").read_text() or name == "configuration"
+        assert f"{name}.html" in page, f"table {name} is not in the report"
+    for caption, phrase in CAPTION_PHRASES.items():      # every caption, rendered (Jinja filled in, RST to HTML)
+        assert (ROOT / "workflow" / "report" / caption).is_file()
+        assert phrase in page, caption
+    assert "System Message" not in page and "{{" not in page.split("<script")[0]   # no RST error, no raw Jinja
+    configuration = (results / "tables" / "configuration.yaml").read_text()
+    assert yaml.safe_load(configuration)["reports"]["gradcam_layer"] == "conv3"    # the run's own configuration
+
+
+@pytest.mark.slow
+def test_disc_masks_lie_between_the_two_bodies(tiny_run):
+    """The disc cut with the upper body's crop lies in its lower half, with the lower body's crop in its upper half
+    (rows run down the spine), for every test disc with a label map."""
+    workdir, _ = tiny_run
+    store = np.load(workdir / "results" / "report" / "gradcam" / "disc_masks.npz")
+    masks = store["masks"][store["has_mask"]].astype(float)
+    assert len(masks) > 0
+    rows = np.arange(masks.shape[3])[None, :]
+    for j, below in ((0, True), (1, False)):
+        mass = masks[:, j].sum(axis=(1, 3))                               # (n, rows)
+        assert (mass.sum(1) > 0).all()
+        centre = (mass * rows).sum(1) / mass.sum(1)
+        half = (masks.shape[3] - 1) / 2
+        assert ((centre > half) if below else (centre < half)).all(), centre
+    scores = pd.concat([pd.read_csv(p) for p in (workdir / "results" / "report" / "gradcam").glob("*/scores.csv")])
+    assert scores.inside_disc.dropna().between(0, 1).all()
 
 
 def _job_counts(text: str) -> dict[str, int]:
