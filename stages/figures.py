@@ -396,8 +396,10 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
             if column == "subject":
                 codes = pd.factorize(values)[0]
                 ax.scatter(table.x, table.y, c=codes, cmap="tab20", s=9, linewidths=0)
-                ax.text(0.02, 0.02, f"{values.nunique()} subject(s), one colour each", transform=ax.transAxes,
-                        fontsize=7.5)
+                n = values.nunique()
+                ax.text(0.02, 0.02, f"{n} subject(s), one colour each" + (" (colours repeat after 20)" if n > 20
+                                                                            else ""),
+                        transform=ax.transAxes, fontsize=7.5)
                 continue
             if column == "level":
                 order = [lv for lv in VERTEBRAE if lv in set(values)]
