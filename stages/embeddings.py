@@ -1,15 +1,18 @@
-"""Stage embeddings: a 2D map (t-SNE) of one frozen encoder's features of the test subjects' vertebral bodies, with
+"""Stage embeddings: a 2D map (t-SNE) of one frozen encoder's features of the held-out subjects' vertebral bodies, with
 what each body is (level, the grade of the disc below it, subject, the scanner's field strength), to see whether the
 representation separates anatomy or the scanner.
 
-Only downstream test subjects are mapped (no training subject, none the probes learnt from). t-SNE (scikit-learn,
-PCA initialisation, seeded: the same map on the same features) runs on the standardised features.
+The bodies mapped are those of the two test parts: the downstream test subjects (no probe learnt from them) and the
+self-supervision test subjects (no encoder learnt from them: pretraining and the supervised encoder use the
+self-supervision training and validation parts only); column ``part`` says which. The latter hold the follow-up
+studies, often on another scanner, so that the map can show whether the features group by field strength. t-SNE
+(scikit-learn, PCA initialisation, seeded: the same map on the same features) runs on the standardised features.
 
 Run:
     python -m stages.embeddings --features results/probes/features/siamese --splits results/splits \\
         --ingest results/ingest --out results/report/embeddings/siamese.parquet
 
-Writes one row per test body: x, y, scan (pseudonymous), subject (pseudonymous), level, grade, field_strength_t.
+Writes one row per body: x, y, scan (pseudonymous), subject (pseudonymous), part, level, grade, field_strength_t.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ log = logging.getLogger("embeddings")
 
 
 def bodies_of_test_part(volumes: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The downstream test part's vertebral bodies with their level, the grade of the disc below them (the body
-    above a graded disc) and the scan's field strength."""
-    bodies = volumes[(volumes.kind == "vertebra") & (volumes.downstream_part == "test")]
+    """The vertebral bodies of the downstream and the self-supervision test parts with their level, the grade of
+    the disc below them (the body above a graded disc) and the scan's field strength."""
+    ssl_test = volumes.ssl_part == "test" if "ssl_part" in volumes else False
+    bodies = volumes[(volumes.kind == "vertebra") & ((volumes.downstream_part == "test") | ssl_test)]
     table = bodies[["row", "scan_id", "subject_id", "level"]].copy()
+    table["part"] = np.where(bodies.downstream_part == "test", "downstream test", "self-supervision test")
     table["grade"] = np.nan
     if "pfirrmann" in volumes:
         discs = volumes[(volumes.kind == "disc") & volumes.pfirrmann.notna()]
@@ -63,7 +68,7 @@ def run(features: Path, splits: Path, ingest: Path, out: Path, seed: int) -> dic
     table = table.rename(columns={"subject_id": "subject"}).drop(columns="row")
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
-    log.info("t-SNE of %d test bodies (%d subjects)", len(table), table.subject.nunique())
+    log.info("t-SNE of %d bodies (%d subjects) of the test parts", len(table), table.subject.nunique())
     return {"bodies": len(table)}
 
 

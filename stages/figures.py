@@ -165,7 +165,7 @@ def pretext_figure(distances: dict[str, pd.DataFrame], out: Path) -> list[Path]:
         roc_ax.set_ylabel("true-positive rate")
         roc_ax.set_title(f"{method}: same-subject detection (ROC)")
         roc_ax.set_aspect("equal")
-        roc_ax.legend(frameon=False, loc="lower right")
+        roc_ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     return save(fig, out)
 
@@ -193,8 +193,8 @@ def label_efficiency_figure(summary: pd.DataFrame, out: Path, end_to_end: list[s
             c = colour(model, models)
             (line,) = ax.plot(group.n_subjects, group["mean"], marker="o", markersize=3.5, color=c,
                               **style(model, head))
-            if group.ci_low.notna().any():
-                ax.fill_between(group.n_subjects, group.ci_low, group.ci_high, color=c, alpha=0.12, linewidth=0)
+            if group.ci_low.notna().any() and head != "mlp":   # bands of the MLP heads would hide the rest
+                ax.fill_between(group.n_subjects, group.ci_low, group.ci_high, color=c, alpha=0.1, linewidth=0)
             handles.setdefault(label(model, head, end_to_end), line)
         if not ax.lines:
             _undefined(ax, task, metric)
@@ -414,11 +414,11 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
                            linewidths=0)
             missing = values.isna()
             if missing.any():
-                ax.scatter(table.x[missing], table.y[missing], s=6, color="#dddddd", label="unknown",
+                ax.scatter(table.x[missing], table.y[missing], s=6, color="#dddddd", label="no grade" if column == "grade" else "unknown",
                            linewidths=0)
             ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.5)
-    fig.suptitle("t-SNE of the frozen FC7 features of the test subjects' vertebral bodies (axes have no units)",
-                 fontsize=10)
+    fig.suptitle("t-SNE of the frozen FC7 features of the vertebral bodies of the downstream and self-supervision test "
+                 "subjects (axes have no units)", fontsize=10)
     fig.tight_layout()
     return save(fig, out)
 

@@ -24,7 +24,7 @@ from stages.probe import run as run_probe
 from stages.probe_data import run_folder
 from stages.report_config import render
 from stages.siamese import EncoderSpec, VggM3dEncoder
-from tests.test_probes import FAST, SHAPE, write_probe_data
+from test_probes import FAST, SHAPE, write_probe_data
 
 
 # --- Grad-CAM against the definitions -----------------------------------------------------------------------------
@@ -320,12 +320,16 @@ def test_figure_of_merit_table_says_not_reached(tmp_path):
     assert table["share of scans"].tolist() == ["50%", ""]
 
 
-def test_embeddings_map_only_test_bodies_with_the_grade_of_the_disc_below(tmp_path):
+def test_embeddings_map_the_test_parts_bodies_with_the_grade_of_the_disc_below(tmp_path):
     root = write_probe_data(tmp_path, n_subjects=24)
     volumes = pd.read_parquet(root / "splits" / "volumes.parquet")
     manifest = pd.DataFrame({"scan_id": volumes.scan_id.unique(), "field_strength_t": 1.5})
     table = bodies_of_test_part(volumes, manifest)
-    assert set(table.subject_id) == set(volumes[volumes.downstream_part == "test"].subject_id)
+    held_out = (volumes.downstream_part == "test") | (volumes.ssl_part == "test")
+    assert set(table.subject_id) == set(volumes[held_out].subject_id)
+    assert not set(table.subject_id) & set(volumes[volumes.downstream_part == "train"].subject_id
+                                          ) - set(volumes[volumes.ssl_part == "test"].subject_id)
+    assert set(table.part) <= {"downstream test", "self-supervision test"}
     assert set(table.level) == set(levels.VERTEBRAE)
     one = table[table.level == "L4"].iloc[0]
     disc = volumes[(volumes.scan_id == one.scan_id) & (volumes.level == "L4-L5")].iloc[0]

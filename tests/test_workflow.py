@@ -73,7 +73,8 @@ CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine 
                    "label_curves.rst": "Herniation against the number of labels",
                    "figure_of_merit.rst": "The label-efficiency figure of merit",
                    "roc.rst": "Herniation ROC curves per model", "confusion.rst": "Pfirrmann grade confusion matrices",
-                   "metrics_table.rst": "in the layout of Cao et al. 2022", "embeddings.rst": "t-SNE maps of the frozen",
+                   "metrics_table.rst": "in the layout of Cao et al. 2022",
+                   "embeddings.rst": "every vertebral body of the held-out subjects",
                    "training.rst": "report's task (&quot;grade&quot;", "gradcam.rst": "Layer: conv3 (the deepest layer",
                    "attention.rst": "Attention inside the disc", "pairs.rst": "Grad-CAM of minus the L2 distance",
                    "configuration.rst": "The configuration of this run as validated"}
