@@ -546,6 +546,8 @@ def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
                            "uniform attention (disc share of the volumes)": _number(s["disc_share_of_volume"]),
                            "note": s.get("note", "")}
                           for s in summaries])
+    if not frame.note.astype(bool).any():
+        frame = frame.drop(columns="note")
     return write_table(frame, out, "Attention inside the disc (share of the Grad-CAM mass inside the disc's label map)",
                        "Averaged over the test discs with a label map. Uniform attention would score the disc's share "
                        "of the two body volumes; a higher score means the model looks at the disc.")

@@ -38,7 +38,8 @@ rule demo_montage:
         gradings=rules.demo_cohort.output.gradings,
         landmarks=rules.demo_cohort.output.landmarks,
     output:
-        png=report(out("demo_cohort", "montage.png"), caption="../report/demo_montage.rst", category="1. Demo cohort"),
+        png=report(out("demo_cohort", "montage.png"), caption="../report/demo_montage.rst", category="1. Demo cohort",
+                   labels={"name": "demo cohort montage"}),
     params:
         root=out("demo_cohort"),
         subjects=config["demo"]["montage_subjects"],

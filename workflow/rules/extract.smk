@@ -46,9 +46,9 @@ rule extract_qc:
         axial=rules.extract.output.axial,
     output:
         localisation=report(out("extract", "qc", "localisation.png"), caption="../report/localisation_qc.rst",
-                            category="2. Localisation and extraction"),
+                            category="2. Localisation and extraction", labels={"name": "localisation QC"}),
         gallery=report(out("extract", "qc", "gallery.png"), caption="../report/extraction_gallery.rst",
-                       category="2. Localisation and extraction"),
+                       category="2. Localisation and extraction", labels={"name": "extracted volumes"}),
     params:
         ingest=out("ingest"),
         localise=out("localise"),

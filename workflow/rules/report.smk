@@ -30,7 +30,8 @@ rule figure_pretext:
         distances=expand(out("pretrain", "{method}", "pretext", "distances.parquet"),
                          method=config["pretrain"]["methods"]),
     output:
-        png=report(fig("pretext"), caption=f"{CAPTIONS}/pretext.rst", category="3. Pretext task"),
+        png=report(fig("pretext"), caption=f"{CAPTIONS}/pretext.rst", category="3. Pretext task",
+                   labels={"name": "pretext task: pair distances and ROC"}),
         pdf=fig_pdf("pretext"),
     params:
         methods=" ".join(config["pretrain"]["methods"]),
@@ -54,7 +55,7 @@ rule figure_label_efficiency:
         summary=rules.probe_summary.output.summary,
     output:
         png=report(fig("label_efficiency"), caption=f"{CAPTIONS}/label_efficiency.rst",
-                   category="4. Label efficiency"),
+                   category="4. Label efficiency", labels={"name": "label efficiency, every task"}),
         pdf=fig_pdf("label_efficiency"),
     params:
         root=out("report", "figures", "label_efficiency"),
@@ -78,7 +79,7 @@ rule figure_label_curves:
         summary=rules.probe_summary.output.summary,
     output:
         png=report(fig("label_curves_herniation"), caption=f"{CAPTIONS}/label_curves.rst",
-                   category="4. Label efficiency"),
+                   category="4. Label efficiency", labels={"name": "herniation vs number of labels"}),
         pdf=fig_pdf("label_curves_herniation"),
     params:
         root=out("report", "figures", "label_curves_herniation"),
@@ -102,7 +103,7 @@ rule table_figure_of_merit:
         efficiency=rules.probe_summary.output.efficiency,
     output:
         html=report(table("figure_of_merit"), caption=f"{CAPTIONS}/figure_of_merit.rst",
-                    category="4. Label efficiency"),
+                    category="4. Label efficiency", labels={"name": "figure of merit (table)"}),
         csv=table("figure_of_merit", "csv"),
     params:
         root=out("report", "tables", "figure_of_merit"),
@@ -123,7 +124,8 @@ rule figure_roc:
         code=figure_rule_code(),
         predictions=rules.probe_summary.output.predictions,
     output:
-        png=report(fig("roc_herniation"), caption=f"{CAPTIONS}/roc.rst", category="5. Downstream results"),
+        png=report(fig("roc_herniation"), caption=f"{CAPTIONS}/roc.rst", category="5. Downstream results",
+                   labels={"name": "herniation ROC curves"}),
         pdf=fig_pdf("roc_herniation"),
     params:
         root=out("report", "figures", "roc_herniation"),
@@ -146,7 +148,8 @@ rule figure_confusion:
         code=figure_rule_code(),
         predictions=rules.probe_summary.output.predictions,
     output:
-        png=report(fig("confusion_grade"), caption=f"{CAPTIONS}/confusion.rst", category="5. Downstream results"),
+        png=report(fig("confusion_grade"), caption=f"{CAPTIONS}/confusion.rst", category="5. Downstream results",
+                   labels={"name": "grade confusion matrices"}),
         pdf=fig_pdf("confusion_grade"),
     params:
         root=out("report", "figures", "confusion_grade"),
@@ -170,7 +173,7 @@ rule table_metrics:
         results=rules.probe_summary.output.results,
     output:
         html=report(table("herniation_metrics"), caption=f"{CAPTIONS}/metrics_table.rst",
-                    category="5. Downstream results"),
+                    category="5. Downstream results", labels={"name": "ACC, SEN, SPE, AUC (table)"}),
         csv=table("herniation_metrics", "csv"),
     params:
         root=out("report", "tables", "herniation_metrics"),
@@ -223,7 +226,8 @@ rule figure_embeddings:
         code=figure_rule_code(),
         coords=expand(out("report", "embeddings", "{encoder}.parquet"), encoder=FROZEN),
     output:
-        png=report(fig("embeddings"), caption=f"{CAPTIONS}/embeddings.rst", category="6. Representations"),
+        png=report(fig("embeddings"), caption=f"{CAPTIONS}/embeddings.rst", category="6. Representations",
+                   labels={"name": "t-SNE maps of the features"}),
         pdf=fig_pdf("embeddings"),
     params:
         root=out("report", "figures", "embeddings"),
@@ -246,7 +250,8 @@ rule figure_training:
         supervised=training_history_inputs("supervised"),
         end_to_end=training_history_inputs("end_to_end"),
     output:
-        png=report(fig("training_curves"), caption=f"{CAPTIONS}/training.rst", category="7. Training"),
+        png=report(fig("training_curves"), caption=f"{CAPTIONS}/training.rst", category="7. Training",
+                   labels={"name": "training curves"}),
         pdf=fig_pdf("training_curves"),
     params:
         root=out("report", "figures", "training_curves"),
@@ -360,7 +365,8 @@ rule figure_gradcam:
         maps=expand(out("report", "gradcam", "{model}", "maps.npz"), model=GRADCAM_MODELS),
         vertebrae=rules.extract.output.vertebrae,
     output:
-        png=report(fig("gradcam_{variant}"), caption=f"{CAPTIONS}/gradcam.rst", category="8. Grad-CAM"),
+        png=report(fig("gradcam_{variant}"), caption=f"{CAPTIONS}/gradcam.rst", category="8. Grad-CAM",
+                   labels={"name": "Grad-CAM, {variant}"}),
         pdf=fig_pdf("gradcam_{variant}"),
     wildcard_constraints:
         variant="standard|hou",
@@ -386,7 +392,8 @@ rule table_attention:
         code=figure_rule_code(),
         summaries=expand(out("report", "gradcam", "{model}", "summary.json"), model=GRADCAM_MODELS),
     output:
-        html=report(table("attention_inside_disc"), caption=f"{CAPTIONS}/attention.rst", category="8. Grad-CAM"),
+        html=report(table("attention_inside_disc"), caption=f"{CAPTIONS}/attention.rst", category="8. Grad-CAM",
+                    labels={"name": "attention inside the disc (table)"}),
         csv=table("attention_inside_disc", "csv"),
     params:
         root=out("report", "tables", "attention_inside_disc"),
@@ -408,7 +415,8 @@ rule figure_pairs:
         pairs=rules.gradcam_pairs.output.pairs,
         vertebrae=rules.extract.output.vertebrae,
     output:
-        png=report(fig("pairs_{method}"), caption=f"{CAPTIONS}/pairs.rst", category="8. Grad-CAM"),
+        png=report(fig("pairs_{method}"), caption=f"{CAPTIONS}/pairs.rst", category="8. Grad-CAM",
+                   labels={"name": "Siamese pair maps, {method}"}),
         pdf=fig_pdf("pairs_{method}"),
     wildcard_constraints:
         method=METHODS_PATTERN,
@@ -433,7 +441,7 @@ rule report_config:
         code=src("report_config"),
     output:
         html=report(out("report", "tables", "configuration.html"), caption=f"{CAPTIONS}/configuration.rst",
-                    category="9. Configuration"),
+                    category="9. Configuration", labels={"name": "the run's configuration"}),
         yaml=out("report", "tables", "configuration.yaml"),
     params:
         config=lambda wildcards: json.dumps(config, sort_keys=True),
