@@ -30,3 +30,6 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+apply_cluster_resources(workflow.rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,7 +179,11 @@ def test_adding_a_label_subset_runs_only_its_jobs(tiny_run, tmp_path):
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = _job_counts(plan.stdout + plan.stderr)
     assert counts.pop("probe") == (len(FROZEN) * 3 + len(END_TO_END) * 2) * 2      # the new subset's jobs only
-    assert set(counts) == {"probe_summary", "all", "total"}, counts
+    # and what reads the summary: its figures and tables, and the configuration page (the config changed); the
+    # Grad-CAM of the models on every label, the features and everything upstream are kept
+    readers = {"figure_label_efficiency", "figure_label_curves", "figure_roc", "figure_confusion", "table_metrics",
+               "table_figure_of_merit", "report_config"}
+    assert set(counts) == {"probe_summary", "all", "total"} | readers, counts
     assert "/f0.75/" in plan.stdout + plan.stderr and "/f0.5/" not in _planned_outputs(plan.stdout + plan.stderr)
 
 
@@ -350,3 +355,50 @@ def test_pretrained_frozen_beats_random_frozen_on_the_demo_cohort(tmp_path):
     summary = pd.read_parquet(tmp_path / "results" / "probes" / "summary.parquet").set_index(["model", "metric"])
     level = summary[summary.task == "level"]
     assert level.loc[("siamese", "accuracy"), "mean"] > level.loc[("random", "accuracy"), "mean"] + 0.05
+
+
+@pytest.mark.slow
+def test_tiny_workflow_through_the_slurm_profile_on_a_real_slurm(tiny_run, tmp_path):
+    """A single-node SLURM cluster on localhost (tests/slurm_cluster.py), the tiny workflow through
+    workflow/profiles/slurm: every job is a SLURM job, on the partition named in config.yaml's `cluster` section,
+    and the outputs equal the local run's."""
+    from slurm_cluster import LocalSlurm, SlurmUnavailable
+    local, run = tiny_run
+    assert run.returncode == 0
+    cluster = LocalSlurm(tmp_path / "slurm", partitions=("debug", "spine"))     # debug is the default
+    try:
+        cluster.__enter__()
+    except SlurmUnavailable as reason:
+        pytest.skip(f"no SLURM cluster can run here: {reason}")
+    try:
+        config = yaml.safe_load(TINY.read_text())
+        config["cluster"] = {"partition": "spine"}
+        on_cluster = tmp_path / "cluster.yaml"
+        on_cluster.write_text(yaml.safe_dump(config))
+        workdir = tmp_path / "work"
+        env = {**cluster.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        done = subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                               "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--configfile",
+                               str(on_cluster), "--slurm-status-command", "squeue", "--max-threads", "2",
+                               "--slurm-init-seconds-before-status-checks", "5"],
+                              capture_output=True, text=True, env=env, timeout=3000)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        text = done.stdout + done.stderr
+        counts = _job_counts(text)
+        submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
+        assert len(submitted) == counts["total"] - counts.get("all", 0)          # every job but `all` was sbatch'ed
+        slurm_logs = {p.parent.name.removeprefix("rule_") for p in (workdir / "results" / "logs" / "slurm").rglob(
+            "*.log")}
+        assert slurm_logs == set(counts) - {"all", "total"}
+        partitions = {subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                                     env=cluster.env).stdout.split("Partition=")[1].split()[0] for job in submitted}
+        assert partitions == {"spine"}                                    # config.yaml's cluster.partition
+    finally:
+        cluster.stop()
+    for table in ("ingest/manifest.parquet", "splits/subjects.parquet", "splits/pairs.parquet",
+                  "probes/results.parquet", "report/gradcam/siamese/scores.csv"):
+        read = pd.read_csv if table.endswith(".csv") else pd.read_parquet
+        pd.testing.assert_frame_equal(read(workdir / "results" / table), read(local / "results" / table),
+                                      check_exact=False, rtol=1e-6)
+    assert (np.load(workdir / "results" / "extract" / "vertebrae.npy")
+            == np.load(local / "results" / "extract" / "vertebrae.npy")).all()

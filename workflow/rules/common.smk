@@ -171,3 +171,17 @@ def all_targets():
     if config["cohort"]["source"] == "demo":
         targets.append(out("demo_cohort", "montage.png"))
     return targets
+
+
+def apply_cluster_resources(rules):
+    """config.yaml's `cluster` section as SLURM resources of every rule (read by the SLURM executor plugin with
+    --profile workflow/profiles/slurm; a local run ignores them): partition, account, qos, and the GPU type of the
+    rules that ask for GPUs."""
+    settings = {"slurm_partition": config["cluster"]["partition"], "slurm_account": config["cluster"]["account"],
+                "qos": config["cluster"]["qos"]}
+    for job_rule in rules:
+        for name, value in settings.items():
+            if value:
+                job_rule.resources[name] = value
+        if config["cluster"]["gpu_model"] and "gpu" in job_rule.resources:
+            job_rule.resources["gpu_model"] = config["cluster"]["gpu_model"]
