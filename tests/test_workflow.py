@@ -387,8 +387,8 @@ def test_tiny_workflow_through_the_slurm_profile_on_a_real_slurm(tiny_run, tmp_p
         counts = _job_counts(text)
         submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
         assert len(submitted) == counts["total"] - counts.get("all", 0)          # every job but `all` was sbatch'ed
-        slurm_logs = {p.parent.name.removeprefix("rule_") for p in (workdir / "results" / "logs" / "slurm").rglob(
-            "*.log")}
+        logdir = workdir / "results" / "logs" / "slurm"        # rule_{name}[/{wildcards}]/{jobid}.log
+        slurm_logs = {p.relative_to(logdir).parts[0].removeprefix("rule_") for p in logdir.rglob("*.log")}
         assert slurm_logs == set(counts) - {"all", "total"}
         partitions = {subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
                                      env=cluster.env).stdout.split("Partition=")[1].split()[0] for job in submitted}
