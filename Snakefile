@@ -17,9 +17,12 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo_cohort.smk"
-include: "workflow/rules/ingest.smk"
-include: "workflow/rules/localise.smk"
-include: "workflow/rules/extract.smk"
+if config["cohort"]["source"] == "crops":  # pre-cut crops stand in for ingest, localisation and extraction
+    include: "workflow/rules/crops.smk"
+else:
+    include: "workflow/rules/ingest.smk"
+    include: "workflow/rules/localise.smk"
+    include: "workflow/rules/extract.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/probes.smk"

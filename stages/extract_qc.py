@@ -92,6 +92,9 @@ def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
     arrays = {name: np.load(extract / f"{name}.npy", mmap_mode="r") for name in ("vertebrae", "discs", "axial")}
     scans = list(dict.fromkeys(index.scan_id))[:n_scans]
     panels = [("vertebrae", "vertebra", levels.VERTEBRAE), ("discs", "disc", levels.DISCS), ("axial", "disc", levels.DISCS)]
+    crops = bool((index.source == "crop_table").all())
+    if crops:  # pre-cut crops are not resliced: no axial slices
+        panels = panels[:2]
     n_cols = sum(len(p[2]) for p in panels)
     fig, axes = plt.subplots(len(scans), n_cols, figsize=(1.25 * n_cols, 1.5 * len(scans) + 0.8), squeeze=False,
                              facecolor="black")
@@ -111,9 +114,11 @@ def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
                 c += 1
         axes[r, 0].text(-0.1, 0.5, scan[:13], transform=axes[r, 0].transAxes, color="white", fontsize=6,
                         rotation=90, va="center", ha="right")
-    fig.suptitle("Extracted volumes, middle slice: vertebral bodies (rows down the spine, anterior left), discs, and "
-                 "axial slices through each disc; intensity 0-1.2 (neighbouring bodies' median = 0.5)",
-                 color="white", fontsize=9)
+    title = ("Crops of the crop table as the later stages see them, middle slice: vertebral bodies and discs brought "
+             "to the extraction sizes; intensity 0-1.2 (neighbouring bodies' median, or the crop's own, = 0.5)" if crops
+             else "Extracted volumes, middle slice: vertebral bodies (rows down the spine, anterior left), discs, and "
+                  "axial slices through each disc; intensity 0-1.2 (neighbouring bodies' median = 0.5)")
+    fig.suptitle(title, color="white", fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(out, dpi=100, facecolor="black")
     plt.close(fig)
@@ -122,10 +127,12 @@ def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract_qc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--localise", type=cli.existing_folder, default=None,
+                        help="Output folder of the localise stage (none for a crop-table cohort: gallery only).")
     parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
     parser.add_argument("--scans", type=cli.positive_int, default=12, help="Scans in the localisation figure (default: 12).")
-    parser.add_argument("--out-localisation", type=Path, required=True, help="PNG of the localisation figure.")
+    parser.add_argument("--out-localisation", type=Path, default=None,
+                        help="PNG of the localisation figure (needs --localise).")
     parser.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
     cli.add_log_option(parser)
     return parser
@@ -134,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.localise is None) != (args.out_localisation is None):
+        parser.error("--localise and --out-localisation go together")
     cli.setup_logging(args.log, "extract_qc")
-    structures = pd.read_parquet(args.localise / "structures.parquet")
-    flags = pd.read_csv(args.localise / "flags.csv")
-    localisation_figure(args.ingest, structures, flags, pick_scans(structures, flags, args.scans), args.out_localisation)
+    if args.localise is not None:
+        structures = pd.read_parquet(args.localise / "structures.parquet")
+        flags = pd.read_csv(args.localise / "flags.csv")
+        localisation_figure(args.ingest, structures, flags, pick_scans(structures, flags, args.scans),
+                            args.out_localisation)
+        log.info("wrote %s", args.out_localisation)
     gallery_figure(args.extract, 4, args.out_gallery)
-    log.info("wrote %s and %s", args.out_localisation, args.out_gallery)
+    log.info("wrote %s", args.out_gallery)
     return 0
 
 

@@ -22,6 +22,9 @@ Writes, under ``--out``:
                                with the reason; the counts add up to the number of files
     series.csv                 one row per series: classification and decision
     gradings.*, subjects.*     pseudonymised copies of the --gradings / --subjects tables (empty when not given)
+    landmarks.parquet / .csv   the --landmarks table's usable rows under scan ids (scan_id, kind, level, i, j, k,
+                               depth_mm; stages.landmarks), empty when not given
+    landmark_rows.csv          every row of the --landmarks table by row number: used, or rejected with the reason
     summary.json               the counts
 
 Identity never leaves this stage: subject, study and scan ids are keyed hashes (HMAC-SHA256); names, IDs, birth dates,
@@ -48,7 +51,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from stages import cli
+from stages import cli, landmarks, levels
 from stages import pseudonym as pn
 from stages.dicom_index import ClassifyRules, classify_series, fill_missing_uids, read_header, tie_break_key, walk
 from stages.dicom_volume import SeriesError, assemble, write_volume
@@ -204,12 +207,44 @@ def _write_table(frame: pd.DataFrame, base: Path, parquet: bool = True) -> None:
     frame.to_csv(base.with_suffix(".csv"), index=False)
 
 
+def read_landmark_table(path: Path | None, columns: dict[str, str] | None, count_from: str,
+                        first: str | None) -> pd.DataFrame | None:
+    """The landmark table read and normalised (stages.landmarks), None without one; a bad table raises
+    landmarks.LandmarkError at once, before any work."""
+    if path is None:
+        return None
+    return landmarks.normalise_landmarks(landmarks.read_landmarks(path, columns), count_from, first)
+
+
+def write_landmarks(out: Path, table: pd.DataFrame | None, scan_ids: dict[str, str],
+                    sizes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+    """landmarks.parquet / .csv (empty without a table) and landmark_rows.csv; returns their summary."""
+    if table is None:
+        marks, account = landmarks.empty_landmarks(), pd.DataFrame(columns=landmarks.ACCOUNT)
+    else:
+        marks, account = landmarks.pseudonymise_landmarks(table, scan_ids, sizes)
+    _write_table(marks, out / "landmarks")
+    account.to_csv(out / "landmark_rows.csv", index=False)
+    summary = landmarks.summarise_landmarks(account)
+    if table is not None:
+        log.info("landmark table: %d rows, %d used (%d scans), %d rejected (see landmark_rows.csv)", summary["rows"],
+                 summary["used"], marks.scan_id.nunique(), summary["rejected"])
+    return summary
+
+
 def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, workers: int = 1,
                  label_dir: Path | None = None, gradings: Path | None = None,
-                 subjects: Path | None = None) -> dict[str, Any]:
-    """Run the stage; return the summary. Raises RuntimeError when no volume could be written."""
+                 subjects: Path | None = None, landmark_table: Path | None = None,
+                 landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
+                 level_first: str | None = None) -> dict[str, Any]:
+    """Run the stage; return the summary. Raises RuntimeError when no volume could be written.
+
+    ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.landmarks), its columns
+    named as in ``landmark_columns`` (ours -> the table's), numeric levels counted from ``level_count_from`` starting
+    at ``level_first``."""
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM folder {root} does not exist")
+    marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     root = root.resolve()
     files = walk(root)
     log.info("found %d files", len(files))
@@ -296,12 +331,18 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
             table = _pseudonymise_table(pd.read_csv(path, dtype={"patient_id": str, "family_id": str}), key, name)
         _write_table(table, out / name)
         tables[name] = len(table)
+    ingested = set(manifest.scan_id)
+    scan_ids = {} if marks is None else {
+        uid: sid for uid in set(marks.scan) - {""} if (sid := pn.series_id(key, uid)) in ingested}
+    sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
+    landmark_summary = write_landmarks(out, marks, scan_ids, sizes)
     counts = accounting.status.value_counts().to_dict()
     summary = {"files": len(files), "used": counts.get(USED, 0), "skipped": counts.get(SKIPPED, 0),
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
                "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
-               "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason)}
+               "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason),
+               "landmarks": landmark_summary}
     assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d files: %(used)d used in %(volumes)d volumes (%(subjects)d subjects), "
@@ -335,14 +376,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", type=Path, default=None,
                         help="Optional CSV with patient_id (and family_id, sex, age...), written pseudonymised.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
+    add_landmark_options(parser, "the SeriesInstanceUID")
     cli.add_section_options(parser, "ingest")
     cli.add_log_option(parser)
     return parser
 
 
+def _column_pair(text: str) -> tuple[str, str]:
+    """argparse type of --landmark-column: OURS=THEIRS, OURS one of the landmark table's columns."""
+    ours, sep, theirs = text.partition("=")
+    if not sep or not ours.strip() or not theirs.strip():
+        raise argparse.ArgumentTypeError(f"expected OURS=THEIRS (e.g. level=vertebra_name), got {text!r}")
+    if ours.strip() not in landmarks.OURS:
+        raise argparse.ArgumentTypeError(f"unknown landmark column {ours.strip()!r}; ours are "
+                                         f"{', '.join(landmarks.OURS)}")
+    return ours.strip(), theirs.strip()
+
+
+def add_landmark_options(parser: argparse.ArgumentParser, scan: str) -> None:
+    """--landmarks, --landmark-column, --level-count-from, --level-first (shared with stages.ingest_volumes)."""
+    group = parser.add_argument_group("landmark table (level centres standing in for the localiser; see "
+                                      "stages/landmarks.py)")
+    group.add_argument("--landmarks", type=Path, default=None,
+                       help=f"Optional CSV or Parquet table of level centres: scan ({scan}), slice, x, y, level, "
+                            "optional structure and depth_mm.")
+    group.add_argument("--landmark-column", type=_column_pair, action="append", default=[], metavar="OURS=THEIRS",
+                       help="The landmark table's name of one of our columns (scan, slice, x, y, level, structure, "
+                            "depth_mm), e.g. level=vertebra; repeatable.")
+    group.add_argument("--level-count-from", choices=levels.NUMBERINGS, default="top",
+                       help="Numeric levels count from the top or from the sacrum (default: top).")
+    group.add_argument("--level-first", choices=levels.VERTEBRAE, default=None,
+                       help="The vertebra numbered 1 (default: T12 counting from the top, L5 from the sacrum).")
+
+
+def landmark_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The landmark keyword arguments of ingest_dicom / ingest_volumes; a missing or bad table exits with code 2."""
+    columns = dict(args.landmark_column)
+    if args.landmarks is not None:
+        if not args.landmarks.is_file():
+            parser.error(f"--landmarks {args.landmarks} is not a file")
+        try:
+            read_landmark_table(args.landmarks, columns, args.level_count_from, args.level_first)
+        except (landmarks.LandmarkError, ValueError) as err:
+            parser.error(str(err))
+    return {"landmark_table": args.landmarks, "landmark_columns": columns, "level_count_from": args.level_count_from,
+            "level_first": args.level_first}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    marks = landmark_options(args, parser)
     for name in ("dicom_dir", "label_dir"):
         value = getattr(args, name)
         if value is not None and not value.is_dir():
@@ -358,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     cli.setup_logging(args.log, "ingest")
     try:
-        ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings, args.subjects)
+        ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings, args.subjects,
+                     **marks)
     except RuntimeError as err:
         log.error("%s", err)
         return 1

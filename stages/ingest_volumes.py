@@ -14,8 +14,9 @@ The table (CSV) has one row per volume:
 Run:
     python -m stages.ingest_volumes --table cohort.csv --out results/ingest --key-file KEY
 
-Writes volumes/, labels/, manifest.*, files.*, series.csv, gradings.*, subjects.* and summary.json exactly as
-``stages.ingest`` does; ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
+Writes volumes/, labels/, manifest.*, files.*, series.csv, gradings.*, subjects.*, landmarks.*, landmark_rows.csv
+and summary.json exactly as ``stages.ingest`` does (a --landmarks table names each scan by the value of its ``image``
+column here); ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
 file, unreadable image, label map with another geometry, duplicated row).
 """
 
@@ -33,7 +34,8 @@ import SimpleITK as sitk
 
 from stages import cli
 from stages import pseudonym as pn
-from stages.ingest import MANIFEST_COLUMNS, QUARANTINED, USED, _pseudonymise_table, _write_table
+from stages.ingest import (MANIFEST_COLUMNS, QUARANTINED, USED, _pseudonymise_table, _write_table,
+                           add_landmark_options, landmark_options, read_landmark_table, write_landmarks)
 
 log = logging.getLogger("ingest_volumes")
 
@@ -54,7 +56,12 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | None = None,
-                   subjects: Path | None = None) -> dict[str, Any]:
+                   subjects: Path | None = None, landmark_table: Path | None = None,
+                   landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
+                   level_first: str | None = None) -> dict[str, Any]:
+    """Run the stage; return the summary. Raises RuntimeError when no volume could be read, ValueError for a table
+    without image and subject columns. A landmark table (stages.landmarks) names scans by the ``image`` value."""
+    marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     table = pd.read_csv(table_path, dtype={"subject": str, "study": str})
     missing = {"image", "subject"} - set(table.columns)
     if missing:
@@ -71,6 +78,7 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
     (out / "labels").mkdir(parents=True, exist_ok=True)
     rows, files = [], []
     seen: dict[str, int] = {}
+    scan_ids: dict[str, str] = {}  # the image column's value -> scan id, for the landmark table
     for i, rec in enumerate(table.to_dict("records")):
         image_path = _resolve(base, rec["image"])
         entry = {"file": f"row {i + 2}: {rec['image']}", "status": QUARANTINED, "reason": "", "series": ""}
@@ -110,6 +118,7 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
                 else:
                     label_problem = "label map geometry differs from the volume"
         sitk.WriteImage(image, str(out / "volumes" / f"{scan_id}.nii.gz"), useCompression=True)
+        scan_ids.setdefault(str(rec["image"]).strip(), scan_id)
         entry.update(status=USED, reason=f"in volume {scan_id}", series=scan_id)
         size, spacing = image.GetSize(), image.GetSpacing()
         rows.append({
@@ -133,11 +142,14 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
                  if path is None else _pseudonymise_table(pd.read_csv(path, dtype=str), key, name))
         _write_table(frame, out / name)
         tables[name] = len(frame)
+    sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
+    landmark_summary = write_landmarks(out, marks, scan_ids, sizes)
     counts = accounting.status.value_counts().to_dict()
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
-               "with_label_map": int((manifest.label_map != "").sum()), "tables": tables}
+               "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
+               "landmarks": landmark_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d table rows: %(used)d used, %(quarantined)d quarantined (see files.csv)", summary)
     if not len(manifest):
@@ -154,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Threads for reading and writing images (default: 1).")
     parser.add_argument("--gradings", type=Path, default=None, help="Optional gradings CSV (patient_id = subject).")
     parser.add_argument("--subjects", type=Path, default=None, help="Optional subjects CSV (patient_id = subject).")
+    add_landmark_options(parser, "the value of the table's image column")
     cli.add_log_option(parser)
     return parser
 
@@ -163,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.table.is_file():
         parser.error(f"--table {args.table} is not a file")
+    marks = landmark_options(args, parser)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     try:
         key = pn.load_key(args.key_file)
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     cli.setup_logging(args.log, "ingest_volumes")
     try:
-        ingest_volumes(args.table, args.out, key, args.gradings, args.subjects)
+        ingest_volumes(args.table, args.out, key, args.gradings, args.subjects, **marks)
     except (RuntimeError, ValueError) as err:
         log.error("%s", err)
         return 1

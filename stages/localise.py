@@ -3,17 +3,19 @@
 A scan with a label map is localised from it (centre, spine axis, height, depth, width per level). A scan without
 one, or whose subject's label maps are withheld (``localise.withhold_label_fraction``, so that the demo runs both
 paths), is localised by the learned localiser (``stages.localiser``); on withheld scans its result is compared with
-the label map: centre error in mm (mean, 95th percentile) and level-labelling accuracy. Scans where localisation fails
-or is doubtful (missing levels, a transitional vertebra, levels out of order, implausible spacing) are listed in
-``flags.csv`` with the reason, and later stages skip them.
+the label map: centre error in mm (mean, 95th percentile) and level-labelling accuracy. A scan without a usable label
+map that has rows in ingest's landmark table (``landmarks.parquet``, a user's table of level centres) is localised
+from them instead of by the learned localiser (stages.landmarks), and compared with its label map likewise when that
+is withheld. Scans where localisation fails or is doubtful (missing levels, a transitional vertebra, levels out of
+order, implausible spacing) are listed in ``flags.csv`` with the reason, and later stages skip them.
 
 Run:
     python -m stages.localise --ingest results/ingest --model results/localise/model/localiser.pt \\
         --out results/localise --threads 2
 
 Writes ``structures.parquet`` / ``.csv`` (one row per scan and structure; see stages.spine_structures),
-``flags.csv`` (scan_id, source, reason), ``evaluation.csv`` (per withheld structure: error, level correct) and
-``evaluation.json`` (the summary figures).
+``flags.csv`` (scan_id, source, reason), ``evaluation.csv`` (per withheld structure: error, level correct, source:
+learned or landmarks) and ``evaluation.json`` (the summary figures, with the number of scans from each source).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from stages import cli
+from stages.landmarks import structures_from_landmarks
 from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
                               withheld_subjects)
 from stages.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
@@ -50,9 +53,11 @@ def load_model(path: Path) -> tuple[HeatmapUNet | None, LocaliseConfig]:
     return model.eval(), cfg
 
 
-def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None]) -> dict[str, Any]:
-    """Structures, problems and (for withheld scans) the comparison with the label map, for one scan."""
-    ingest, scan, use_label, model_path = job
+def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None, pd.DataFrame | None]) -> dict[str, Any]:
+    """Structures, problems and (for withheld scans) the comparison with the label map, for one scan: from its label
+    map (when ``use_label``), else from its landmarks (rows of ingest's landmarks.parquet, or None), else by the
+    learned localiser."""
+    ingest, scan, use_label, model_path, marks = job
     torch.set_num_threads(1)
     result: dict[str, Any] = {"scan_id": scan["scan_id"], "evaluation": None}
     label_path = ingest / scan["label_map"] if scan["label_map"] else None
@@ -61,6 +66,14 @@ def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None]) -> dict[s
         table = structures_from_label_map(label)
         result.update(source="label_map", structures=table,
                       problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label)))))
+        return result
+    if marks is not None and len(marks):
+        image = sitk.ReadImage(str(ingest / scan["volume"]), sitk.sitkFloat32)
+        table = structures_from_landmarks(image, marks)
+        result.update(source="landmarks", structures=table, problems=check_structures(table))
+        if label_path is not None:
+            result["evaluation"] = compare(table, structures_from_label_map(sitk.ReadImage(str(label_path))),
+                                           slice_normal(image))
         return result
     model, cfg = load_model(model_path) if model_path is not None else (None, None)
     if model is None:
@@ -93,12 +106,22 @@ def summarise(evaluation: pd.DataFrame) -> dict[str, Any]:
                         for k, g in evaluation.groupby("kind")}}
 
 
+def read_landmarks(ingest: Path) -> dict[str, pd.DataFrame]:
+    """Ingest's landmark table (landmarks.parquet; absent from older ingest outputs) by scan id."""
+    path = ingest / "landmarks.parquet"
+    if not path.is_file():
+        return {}
+    return {scan_id: rows.reset_index(drop=True) for scan_id, rows in pd.read_parquet(path).groupby("scan_id")}
+
+
 def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, workers: int) -> dict[str, Any]:
     manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
     manifest["label_map"] = manifest.label_map.fillna("")
     hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
-    jobs = [(ingest, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path)
-            for scan in manifest.to_dict("records")]
+    marks = read_landmarks(ingest)
+    jobs = [(ingest, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path,
+             marks.get(scan["scan_id"])) for scan in manifest.to_dict("records")]
+    from_landmarks = sum(not j[2] and j[4] is not None for j in jobs)
     structures, flags, evaluation = [], [], []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for scan, result in tqdm(zip(manifest.itertuples(), pool.map(localise_scan, jobs)), total=len(jobs),
@@ -108,7 +131,7 @@ def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, w
                                                               source=result["source"]))
             flags += [{"scan_id": scan.scan_id, "source": result["source"], "reason": p} for p in result["problems"]]
             if result["evaluation"] is not None:
-                evaluation.append(result["evaluation"].assign(scan_id=scan.scan_id))
+                evaluation.append(result["evaluation"].assign(scan_id=scan.scan_id, source=result["source"]))
     out.mkdir(parents=True, exist_ok=True)
     front = ["scan_id", "subject_id", "source"]
     table = pd.concat(structures, ignore_index=True) if structures else pd.DataFrame(columns=front + COLUMNS)
@@ -117,16 +140,20 @@ def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, w
     table.to_csv(out / "structures.csv", index=False)
     pd.DataFrame(flags, columns=["scan_id", "source", "reason"]).to_csv(out / "flags.csv", index=False)
     ev = pd.concat(evaluation, ignore_index=True) if evaluation else pd.DataFrame(
-        columns=["scan_id", "kind", "level", "error_mm", "in_plane_error_mm", "level_correct"])
+        columns=["scan_id", "kind", "level", "error_mm", "in_plane_error_mm", "level_correct", "source"])
     ev.to_csv(out / "evaluation.csv", index=False)
-    summary = {"scans": len(manifest), "from_label_map": int(sum(j[2] for j in jobs)),
-               "learned": int(sum(not j[2] for j in jobs)), "flagged": len({f["scan_id"] for f in flags}),
-               "learned_vs_withheld_labels": summarise(ev)}
+    from_labels = int(sum(j[2] for j in jobs))
+    summary = {"scans": len(manifest), "from_label_map": from_labels, "landmarks": int(from_landmarks),
+               "learned": len(jobs) - from_labels - int(from_landmarks), "flagged": len({f["scan_id"] for f in flags}),
+               "learned_vs_withheld_labels": summarise(ev[ev.source == "learned"]),
+               "landmarks_vs_withheld_labels": summarise(ev[ev.source == "landmarks"])}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("%(scans)d scans: %(from_label_map)d from label maps, %(learned)d by the learned localiser, "
-             "%(flagged)d flagged", summary)
-    if summary["learned_vs_withheld_labels"].get("scans"):
-        log.info("learned localiser on withheld scans: %s", json.dumps(summary["learned_vs_withheld_labels"]))
+    log.info("%(scans)d scans: %(from_label_map)d from label maps, %(landmarks)d from landmarks, %(learned)d by the "
+             "learned localiser, %(flagged)d flagged", summary)
+    for source in ("learned", "landmarks"):
+        if summary[f"{source}_vs_withheld_labels"].get("scans"):
+            log.info("%s on withheld scans: %s", "learned localiser" if source == "learned" else "landmarks",
+                     json.dumps(summary[f"{source}_vs_withheld_labels"]))
     return summary
 
 

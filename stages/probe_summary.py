@@ -163,7 +163,12 @@ def label_efficiency(summary: pd.DataFrame) -> pd.DataFrame:
                             else "not reached with any subset") if first is None else
                 f"matches with {first.n_scans:.0f} of {full.n_scans:.0f} scans ({first.fraction:g} of the subjects)",
             })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)  # with its header when empty (no scratch baseline)
+
+
+EFFICIENCY_COLUMNS = ["task", "metric", "model", "head", "reference", "reference_value", "reference_subjects",
+                      "reference_scans", "matched_at_fraction", "matched_subjects", "matched_scans", "value_there",
+                      "scan_share", "verdict"]
 
 
 def all_predictions(predictions: dict[tuple, pd.DataFrame]) -> pd.DataFrame:

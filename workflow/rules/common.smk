@@ -68,6 +68,38 @@ def ingest_flags(wildcards, input):
     return " ".join(flags)
 
 
+CROPS = config["cohort"]["source"] == "crops"
+
+
+def crops_inputs(wildcards):
+    """The crop table (source crops) and the pseudonymisation key file when one is named."""
+    cohort = config["cohort"]
+    if not cohort["crops_table"]:
+        raise ValueError("cohort.source is crops but cohort.crops_table is empty: name it in the config")
+    if not cohort["key_file"] and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
+        raise ValueError("no pseudonymisation key: set cohort.key_file or the environment variable "
+                         "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)")
+    return {"table": cohort["crops_table"], **({"key_file": cohort["key_file"]} if cohort["key_file"] else {})}
+
+
+def crops_flags(wildcards, input):
+    """stages.ingest_crops options from cohort.crops and cohort.level_numbering (quoted: names may have spaces)."""
+    from shlex import quote
+    cohort = config["cohort"]
+    crops = cohort["crops"]
+    flags = [f"--key-file {quote(input.key_file)}"] if "key_file" in input.keys() else []
+    flags += [f"--column {quote(f'{ours}={theirs}')}" for ours, theirs in sorted(crops["columns"].items())]
+    flags += [f"--label {name}={low:g}:{high:g}" for name, (low, high) in sorted(crops["labels"].items())]
+    flags += [f"--slice-axis {crops['slice_axis']}", numbering_flags()]
+    return " ".join(flags)
+
+
+def numbering_flags():
+    numbering = config["cohort"]["level_numbering"]
+    first = f" --level-first {numbering['first']}" if numbering["first"] else ""
+    return f"--level-count-from {numbering['count_from']}{first}"
+
+
 def ingest_stage():
     """The stage module that ingests this config's cohort."""
     return "ingest_volumes" if config["cohort"]["source"] == "volumes" else "ingest"
@@ -102,7 +134,8 @@ REPORTS = config["reports"]
 # The probe job each report figure of a model reads: the Grad-CAM task (or the first disc task), every label, seed 0.
 REPORT_TASK = REPORTS["gradcam_task"] if REPORTS["gradcam_task"] in PROBES["tasks"] else next(
     (t for t in PROBES["tasks"] if t != "level"), None)
-GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] else []
+# Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none.
+GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS else []
 
 
 def report_run(model):
@@ -163,8 +196,10 @@ def report_targets():
 
 
 def all_targets():
-    targets = [out("ingest", "manifest.parquet"), out("localise", "evaluation.json"), out("extract", "index.parquet"),
-               out("extract", "qc", "localisation.png"), out("splits", "summary.json")]
+    targets = [out("ingest", "manifest.parquet"), out("extract", "index.parquet"), out("extract", "qc", "gallery.png"),
+               out("splits", "summary.json")]
+    if not CROPS:  # a crop-table cohort is not localised
+        targets += [out("localise", "evaluation.json"), out("extract", "qc", "localisation.png")]
     targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
     targets.append(out("probes", "label_efficiency.csv"))
     targets += report_targets()

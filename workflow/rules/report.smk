@@ -272,7 +272,7 @@ rule disc_masks:
     input:
         code=[src("disc_masks"), src("extract"), src("probe_data"), src("levels"), src("spine_structures")],
         manifest=rules.ingest.output.manifest,
-        structures=rules.localise.output.structures,
+        structures=out("localise", "structures.parquet"),  # a path: no localise rule for a crop-table cohort
         volumes=rules.splits.output.volumes,
     output:
         masks=out("report", "gradcam", "disc_masks.npz"),
