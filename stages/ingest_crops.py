@@ -235,13 +235,25 @@ def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -
                "subjects": int(crop_table.subject_id.nunique()), "studies": int(crop_table.study_id.nunique()),
                "with_label_map": 0, "tables": {"gradings": len(gradings), "subjects": len(subjects)},
                "quarantine_reasons": {r: int(n) for r, n in reasons_used.value_counts().items()}}
+    summary["labelled_discs_without_both_bodies"] = discs_without_bodies(crop_table, gradings)
     assert summary["used"] + summary["quarantined"] == summary["files"] == len(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d table rows: %(used)d crops used (%(crops_2d)d 2D) in %(volumes)d acquisitions of "
              "%(subjects)d subjects, %(quarantined)d quarantined (see files.csv)", summary)
+    if summary["labelled_discs_without_both_bodies"]:
+        log.warning("%d labelled disc(s) lack the crop of a vertebral body above or below them in their acquisition: "
+                    "the disc tasks see a disc through its two bodies (the encoder is pretrained on bodies) and will "
+                    "leave them out", summary["labelled_discs_without_both_bodies"])
     if not len(crop_table):
         raise RuntimeError(f"no crop could be read from the {len(accounting)} rows of {table_path}")
     return summary
+
+
+def discs_without_bodies(crops: pd.DataFrame, gradings: pd.DataFrame) -> int:
+    """Labelled discs whose acquisition lacks the body above or below them."""
+    bodies = set(zip(crops.study_id, crops.level))
+    return sum((study, level.split("-")[0]) not in bodies or (study, level.split("-")[1]) not in bodies
+               for study, level in zip(gradings.study_id, gradings.level))
 
 
 def manifest_of(crops: pd.DataFrame, used: pd.DataFrame) -> pd.DataFrame:

@@ -72,7 +72,7 @@ def read_landmarks(path: Path, columns: Mapping[str, str] | None = None) -> pd.D
             raw = pd.read_parquet(path)
         else:
             raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad table; say which and why
+    except Exception as err:  # any reader failure means a bad table: say which and why
         raise LandmarkError(f"landmark table {path} cannot be read: {err}") from err
     theirs = {ours: columns.get(ours, ours) for ours in OURS}
     missing = [f"{theirs[c]!r}" + (f" (for {c})" if theirs[c] != c else "") for c in REQUIRED
@@ -137,7 +137,8 @@ def normalise_landmarks(table: pd.DataFrame, count_from: str = "top", first: str
 
 
 def pseudonymise_landmarks(table: pd.DataFrame, scan_ids: Mapping[str, str],
-                           sizes: Mapping[str, tuple[int, int, int]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           sizes: Mapping[str, tuple[int, int, int]] | None = None
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The usable rows of :func:`normalise_landmarks`' table under their scan ids (columns ``OUTPUT``), and an
     account of every row (``row``, ``status`` used/rejected, ``reason``).
 
@@ -179,7 +180,7 @@ def summarise_landmarks(account: pd.DataFrame) -> dict[str, Any]:
     parenthesis)."""
     rejected = account[account.status == REJECTED].reason
     kinds = rejected.str.split(r"[:(]", regex=True).str[0].str.strip()
-    return {"rows": len(account), "used": int((account.status == USED).sum()), "rejected": int(len(rejected)),
+    return {"rows": len(account), "used": int((account.status == USED).sum()), "rejected": len(rejected),
             "reasons": {k: int(v) for k, v in kinds.value_counts().items()}}
 
 
@@ -221,7 +222,8 @@ def structures_from_landmarks(image: sitk.Image, landmarks: pd.DataFrame) -> pd.
         centres = index_to_world(image, index)
         axes, ap = in_plane_axes(centres, normal)
         height, depth, width = (f * spacing_mm for f in EXTENT_FACTORS[kind])
-        for level, idx, c, a, p, given in zip(group.index, index, centres, axes, ap, group.depth_mm.to_numpy(float)):
+        for level, idx, c, a, p, given in zip(group.index, index, centres, axes, ap, group.depth_mm.to_numpy(float),
+                                                  strict=True):
             out.append({"kind": kind, "level": level, "label": labels[level], "x": c[0], "y": c[1], "z": c[2],
                         "i": idx[0], "j": idx[1], "k": idx[2], "axis_x": a[0], "axis_y": a[1], "axis_z": a[2],
                         "ap_x": p[0], "ap_y": p[1], "ap_z": p[2], "height_mm": height,

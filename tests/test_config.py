@@ -116,7 +116,8 @@ STAGE_SECTIONS = {"demo_cohort": "demo", "ingest": "ingest", "localiser_train": 
                   "extract": "extract", "splits": "splits", "pretrain": "pretrain", "demo_montage": None,
                   "ingest_volumes": None, "extract_qc": None, "pretext_eval": None, "features": None,
                   "supervised": "probe_training", "probe": "probe_training", "probe_summary": "probes",
-                  "disc_masks": None, "gradcam": None, "embeddings": None, "figures": None, "report_config": None}
+                  "disc_masks": None, "gradcam": None, "embeddings": None, "figures": None, "report_config": None,
+                  "ingest_crops": None, "extract_crops": "extract"}
 
 
 @pytest.mark.parametrize("module", sorted(STAGE_SECTIONS))
