@@ -87,7 +87,7 @@ def read_landmarks(path: Path, columns: Mapping[str, str] | None = None) -> pd.D
 
 
 def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
         return ""
     return str(value).strip()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import signal
@@ -285,6 +286,57 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     assert "nothing to pretrain on" in (tmp_path / "vols" / "logs" / "pretrain" / "siamese.log").read_text()
     # (and the supervised encoder, with no gradings table, names the missing labels)
     assert "no 'pfirrmann' labels" in (tmp_path / "vols" / "logs" / "probes" / "supervised.log").read_text()
+
+
+@pytest.mark.slow
+def test_landmark_table_stands_in_for_the_localiser_in_the_workflow(tiny_run, tmp_path):
+    """A volumes cohort without label maps but with a landmark table (the tiny run's label-map structures, with the
+    user's column names and level notations) is localised from the landmarks and gives the tiny run's volumes."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    results = workdir / "results"
+    theirs = pd.read_parquet(results / "ingest" / "manifest.parquet")
+    table = tmp_path / "volumes.csv"
+    images = {s: str(results / "ingest" / v) for s, v in zip(theirs.scan_id, theirs.volume)}
+    pd.DataFrame({"image": [images[s] for s in theirs.scan_id], "subject": theirs.subject_id,
+                  "days": theirs.days_since_first_study}).to_csv(table, index=False)
+    structures = pd.read_parquet(results / "localise" / "structures.parquet")
+    truth = structures[structures.source == "label_map"]
+    marks = pd.DataFrame({"Image": truth.scan_id.map(images), "z": truth.k, "col": truth.i, "row": truth.j,
+                          "Level": [lv.replace("-", "/") if n % 2 else lv for n, lv in enumerate(truth.level)],
+                          "AP": truth.depth_mm})
+    marks.to_csv(tmp_path / "landmarks.csv", index=False)
+    config = tmp_path / "marks.yaml"
+    config.write_text(yaml.safe_dump({
+        "results": str(tmp_path / "marks"),
+        "cohort": {"source": "volumes", "volumes_table": str(table),
+                   "key_file": str(results / "demo_cohort" / "pseudonym.key"),
+                   "landmarks": str(tmp_path / "landmarks.csv"),
+                   "landmark_columns": {"scan": "Image", "slice": "z", "x": "col", "y": "row", "level": "Level",
+                                        "depth_mm": "AP"}},
+        "extract": yaml.safe_load(TINY.read_text())["extract"]}))
+    done = snakemake(tmp_path, str(tmp_path / "marks" / "extract" / "index.parquet"), "--configfile", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = tmp_path / "marks"
+    evaluation = json.loads((ours / "localise" / "evaluation.json").read_text())
+    assert evaluation["landmarks"] == truth.scan_id.nunique()
+    rows = pd.read_csv(ours / "ingest" / "landmark_rows.csv")
+    assert len(rows) == len(marks) and (rows.status == "used").all()
+    # the same volumes as the tiny run's label-map path, scan by scan (scans matched through their image)
+    image_of = dict(zip(pd.read_parquet(ours / "ingest" / "manifest.parquet").scan_id,
+                        pd.read_csv(table).image))  # ingest_volumes keeps the table's row order
+    index_ours = pd.read_parquet(ours / "extract" / "index.parquet")
+    index_theirs = pd.read_parquet(results / "extract" / "index.parquet")
+    scan_of = {v: k for k, v in images.items()}
+    key = index_ours.assign(scan=index_ours.scan_id.map(image_of).map(scan_of))
+    merged = key.merge(index_theirs, left_on=["scan", "array", "level"], right_on=["scan_id", "array", "level"],
+                       suffixes=("", "_theirs"))
+    assert len(merged) == len(index_ours) == len(index_theirs[index_theirs.scan_id.isin(truth.scan_id)]) > 0
+    for array in ("vertebrae", "discs"):
+        a = np.load(ours / "extract" / f"{array}.npy").astype(np.float32)
+        b = np.load(results / "extract" / f"{array}.npy").astype(np.float32)
+        pairs = merged[merged.array == array]
+        np.testing.assert_allclose(a[pairs.row.to_numpy()], b[pairs.row_theirs.to_numpy()], atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.slow

@@ -52,7 +52,8 @@ def ingest_inputs(wildcards):
     if not cohort["key_file"] and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
         raise ValueError("no pseudonymisation key: set cohort.key_file or the environment variable "
                          "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)")
-    named = {"key_file": cohort["key_file"], "gradings": cohort["gradings"], "subjects": cohort["subjects"]}
+    named = {"key_file": cohort["key_file"], "gradings": cohort["gradings"], "subjects": cohort["subjects"],
+             "landmarks": cohort["landmarks"]}
     if cohort["source"] == "dicom":
         named.update(dicom=cohort["dicom_dir"], label_dir=cohort["label_dir"])
     else:
@@ -62,9 +63,14 @@ def ingest_inputs(wildcards):
 
 def ingest_flags(wildcards, input):
     flags = [f"--dicom-dir {input.dicom}"] if "dicom" in input.keys() else [f"--table {input.table}"]
-    for name in ("key_file", "label_dir", "gradings", "subjects"):
+    for name in ("key_file", "label_dir", "gradings", "subjects", "landmarks"):
         if name in input.keys():
             flags.append(f"--{name.replace('_', '-')} {input[name]}")
+    if "landmarks" in input.keys():
+        from shlex import quote
+        flags += [f"--landmark-column {quote(f'{ours}={theirs}')}"
+                  for ours, theirs in sorted(config["cohort"]["landmark_columns"].items())]
+        flags.append(numbering_flags())
     return " ".join(flags)
 
 

@@ -5,7 +5,8 @@
 rule ingest:
     input:
         unpack(ingest_inputs),
-        code=[src(ingest_stage()), src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym")],
+        code=[src(ingest_stage()), src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym"),
+              src("landmarks"), src("levels")],
     output:
         volumes=directory(out("ingest", "volumes")),
         labels=directory(out("ingest", "labels")),
@@ -16,6 +17,8 @@ rule ingest:
         series=out("ingest", "series.csv"),
         gradings=out("ingest", "gradings.parquet"),
         subjects=out("ingest", "subjects.parquet"),
+        landmarks=out("ingest", "landmarks.parquet"),
+        landmark_rows=out("ingest", "landmark_rows.csv"),
         summary=out("ingest", "summary.json"),
     params:
         root=out("ingest"),

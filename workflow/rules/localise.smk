@@ -32,9 +32,10 @@ rule localiser_train:
 
 rule localise:
     input:
-        code=[src("localise"), src("localiser"), src("spine_structures")],
+        code=[src("localise"), src("localiser"), src("spine_structures"), src("landmarks")],
         manifest=rules.ingest.output.manifest,
         labels=rules.ingest.output.labels,
+        landmarks=rules.ingest.output.landmarks,
         model=rules.localiser_train.output.model,
     output:
         structures=out("localise", "structures.parquet"),
