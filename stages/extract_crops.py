@@ -63,7 +63,9 @@ def core_median(volume: np.ndarray) -> float:
     mid = filled[len(filled) // 2]
     lo, hi = max(mid - 1, filled[0]), min(mid + 2, filled[-1] + 1)
     _, h, w = volume.shape
-    core = volume[lo:hi, int(0.2 * h):max(int(0.8 * h), int(0.2 * h) + 1), int(0.2 * w):max(int(0.8 * w), int(0.2 * w) + 1)]
+    rows = slice(int(0.2 * h), max(int(0.8 * h), int(0.2 * h) + 1))
+    cols = slice(int(0.2 * w), max(int(0.8 * w), int(0.2 * w) + 1))
+    core = volume[lo:hi, rows, cols]
     values = core[core > 0]
     return float(np.median(values)) if values.size else float("nan")
 

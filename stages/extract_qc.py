@@ -23,7 +23,7 @@ from stages import cli, levels  # noqa: E402
 from stages.spine_structures import world_to_index  # noqa: E402
 
 log = logging.getLogger("extract_qc")
-COLOURS = {"label_map": "#4cd964", "learned": "#ff9f0a"}
+COLOURS = {"label_map": "#4cd964", "learned": "#ff9f0a", "landmarks": "#5ac8fa"}
 
 
 def pick_scans(structures: pd.DataFrame, flags: pd.DataFrame, n: int) -> list[str]:
@@ -76,7 +76,8 @@ def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFr
         title = f"{scan[:13]} · {table.source.iloc[0].replace('_', ' ')}"
         ax.set_title(title + ("\nFLAGGED: " + reasons[0][:48] if reasons else ""), fontsize=8,
                      color="#ff453a" if reasons else "white")
-    fig.suptitle("Localisation on the mid-sagittal slice: green = from label map, orange = learned localiser; "
+    fig.suptitle("Localisation on the mid-sagittal slice: green = from label map, orange = learned localiser, "
+                 "blue = landmark table; "
                  "solid = vertebral body, dotted = disc", color="white", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

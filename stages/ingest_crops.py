@@ -258,7 +258,8 @@ def discs_without_bodies(crops: pd.DataFrame, gradings: pd.DataFrame) -> int:
 
 def manifest_of(crops: pd.DataFrame, used: pd.DataFrame) -> pd.DataFrame:
     """One row per acquisition ("scan"), in the ingest manifest's columns (scanner fields unknown)."""
-    frame = crops.assign(sex=used["sex"].fillna("").to_numpy(), age=pd.to_numeric(used["age"], errors="coerce").to_numpy())
+    frame = crops.assign(sex=used["sex"].fillna("").to_numpy(),
+                         age=pd.to_numeric(used["age"], errors="coerce").to_numpy())
     scans = frame.groupby("scan_id", sort=True).agg(
         subject_id=("subject_id", "first"), study_id=("study_id", "first"),
         days_since_first_study=("days_since_first_study", "min"), sex=("sex", "first"), age_years=("age", "first"),

@@ -24,6 +24,7 @@ from torch import nn
 
 from stages import levels
 from stages.config import section_config
+from stages.landmarks import EXTENT_FACTORS
 from stages.spine_structures import COLUMNS, in_plane_axes, index_to_world, slice_normal, structures_from_label_map
 
 log = logging.getLogger("localiser")
@@ -230,7 +231,7 @@ def structures_from_heatmaps(heat: np.ndarray, image: sitk.Image, threshold: flo
     normal = slice_normal(image)
     axes, ap = in_plane_axes(body_world, normal)
     for name, idx, c, a, p in zip(names, body_index, body_world, axes, ap):
-        rows_out.append(_row("vertebra", name, idx, c, a, p, 0.75 * spacing_mm, 0.95 * spacing_mm, 1.3 * spacing_mm))
+        rows_out.append(_row("vertebra", name, idx, c, a, p, *(f * spacing_mm for f in EXTENT_FACTORS["vertebra"])))
     for upper in range(len(names) - 1):
         best = _disc_between(body_world[upper], body_world[upper + 1], disc_world)
         if best is None:
@@ -241,7 +242,7 @@ def structures_from_heatmaps(heat: np.ndarray, image: sitk.Image, threshold: flo
         p = np.cross(a, normal)
         p *= -1.0 if p @ np.array([0.0, -1.0, 0.0]) < 0 else 1.0
         rows_out.append(_row("disc", f"{names[upper]}-{names[upper + 1]}", disc_points[best], disc_world[best], a, p,
-                             0.25 * spacing_mm, 0.95 * spacing_mm, 1.3 * spacing_mm))
+                             *(f * spacing_mm for f in EXTENT_FACTORS["disc"])))
     return pd.DataFrame(rows_out, columns=COLUMNS), problems
 
 
