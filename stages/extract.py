@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from stages import cli, levels
 from stages.config import section_config
+from stages.shards import concat_arrays, parse_shard, shard_block
 from stages.spine_structures import slice_normal, world_to_index
 
 log = logging.getLogger("extract")
@@ -153,13 +154,16 @@ def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any
     return out
 
 
-def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers: int = 1) -> pd.DataFrame:
-    manifest = pd.read_parquet(ingest / "manifest.parquet")
+def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers: int = 1,
+            shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+    """Extract the unflagged scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all by default)."""
+    manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
+    manifest = manifest.iloc[shard_block(len(manifest), *shard)]
     structures = pd.read_parquet(localise / "structures.parquet")
     flags = pd.read_csv(localise / "flags.csv")
     usable = manifest[~manifest.scan_id.isin(flags.scan_id)].sort_values("scan_id").reset_index(drop=True)
-    log.info("%d scans, %d flagged by localisation and skipped, %d to extract", len(manifest),
-             len(manifest) - len(usable), len(usable))
+    log.info("%d scans%s, %d flagged by localisation and skipped, %d to extract", len(manifest),
+             f" (shard {shard[0]} of {shard[1]})" if shard[1] > 1 else "", len(manifest) - len(usable), len(usable))
     out.mkdir(parents=True, exist_ok=True)
     n = len(usable)
     (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
@@ -167,8 +171,7 @@ def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers
     if n == 0:  # nothing usable: empty arrays and index, said in the log (and in the localise flags)
         for name, shape in shapes.items():
             np.save(out / f"{name}.npy", np.zeros(shape, np.float16))
-        empty = pd.DataFrame(columns=["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study",
-                                      "source", "kind", "level", "x", "y", "z", "step_mm", "scale"])
+        empty = pd.DataFrame(columns=INDEX_COLUMNS)
         empty.to_parquet(out / "index.parquet", index=False)
         empty.to_csv(out / "index.csv", index=False)
         log.warning("no scan to extract: every scan was flagged by localisation (see its flags.csv)")
@@ -203,12 +206,45 @@ def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers
     return table
 
 
+INDEX_COLUMNS = ["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study", "source", "kind",
+                 "level", "x", "y", "z", "step_mm", "scale"]
+ARRAYS = ("vertebrae", "discs", "axial")
+
+
+def merge(shards: list[Path], out: Path) -> pd.DataFrame:
+    """The shards' array stores and indexes, in shard order, as one run over the whole cohort would write them
+    (arrays copied through memory maps, a chunk at a time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    offsets = {name: concat_arrays([s / f"{name}.npy" for s in shards], out / f"{name}.npy") for name in ARRAYS}
+    tables = []
+    for i, shard in enumerate(shards):
+        table = pd.read_parquet(shard / "index.parquet")
+        if len(table):
+            table["row"] = table.row + table.array.map({"vertebrae": offsets["vertebrae"][i],
+                                                        "discs": offsets["discs"][i]})
+            tables.append(table)
+    index = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=INDEX_COLUMNS)
+    index.to_parquet(out / "index.parquet", index=False)
+    index.to_csv(out / "index.csv", index=False)
+    log.info("merged %d shards: %d vertebral bodies and %d discs", len(shards), (index.kind == "vertebra").sum(),
+             (index.kind == "disc").sum())
+    if index.empty:
+        log.warning("no scan to extract: every scan was flagged by localisation (see its flags.csv)")
+    return index
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of the localise stage.")
+    parser.add_argument("--ingest", type=cli.existing_folder, default=None,
+                        help="Output folder of the ingest stage (required unless --merge).")
+    parser.add_argument("--localise", type=cli.existing_folder, default=None,
+                        help="Output folder of the localise stage (required unless --merge).")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="Extract only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
+    parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
+                        help="Instead of extracting: merge these shard runs' outputs, in this order, into --out.")
     cli.add_section_options(parser, "extract")
     cli.add_log_option(parser)
     return parser
@@ -217,9 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        cli.setup_logging(args.log, "extract")
+        merge(args.merge, args.out)
+        return 0
+    if args.ingest is None or args.localise is None:
+        parser.error("--ingest and --localise are required (unless --merge)")
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as err:
+        parser.error(f"--shard: {err}")
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
     cli.setup_logging(args.log, "extract")
-    extract(args.ingest, args.localise, args.out, cfg, args.threads)
+    extract(args.ingest, args.localise, args.out, cfg, args.threads, shard)
     return 0
 
 

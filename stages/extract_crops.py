@@ -29,12 +29,10 @@ import pandas as pd
 from scipy.ndimage import zoom
 
 from stages import cli, levels
-from stages.extract import ExtractConfig, neighbour_reference
+from stages.extract import INDEX_COLUMNS, ExtractConfig, neighbour_reference
 
 log = logging.getLogger("extract_crops")
 
-INDEX_COLUMNS = ["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study", "source", "kind",
-                 "level", "x", "y", "z", "step_mm", "scale"]
 ORDER = {name: i for i, name in enumerate(levels.VERTEBRAE + levels.DISCS)}
 
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from stages import cli
+from stages.shards import concat_tables, parse_shard, shard_block
 from stages.landmarks import structures_from_landmarks
 from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
                               withheld_subjects)
@@ -114,10 +115,13 @@ def read_landmarks(ingest: Path) -> dict[str, pd.DataFrame]:
     return {scan_id: rows.reset_index(drop=True) for scan_id, rows in pd.read_parquet(path).groupby("scan_id")}
 
 
-def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, workers: int) -> dict[str, Any]:
+def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, workers: int,
+        shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Localise the scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all of them by default)."""
     manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
     manifest["label_map"] = manifest.label_map.fillna("")
     hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
+    manifest = manifest.iloc[shard_block(len(manifest), *shard)]
     marks = read_landmarks(ingest)
     jobs = [(ingest, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path,
              marks.get(scan["scan_id"])) for scan in manifest.to_dict("records")]
@@ -132,19 +136,30 @@ def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, w
             flags += [{"scan_id": scan.scan_id, "source": result["source"], "reason": p} for p in result["problems"]]
             if result["evaluation"] is not None:
                 evaluation.append(result["evaluation"].assign(scan_id=scan.scan_id, source=result["source"]))
-    out.mkdir(parents=True, exist_ok=True)
     front = ["scan_id", "subject_id", "source"]
     table = pd.concat(structures, ignore_index=True) if structures else pd.DataFrame(columns=front + COLUMNS)
     table = table[front + [c for c in table.columns if c not in front]]
+    ev = pd.concat(evaluation, ignore_index=True) if evaluation else pd.DataFrame(columns=EVALUATION_COLUMNS)
+    from_labels = int(sum(j[2] for j in jobs))
+    counts = {"scans": len(manifest), "from_label_map": from_labels, "landmarks": int(from_landmarks),
+              "learned": len(jobs) - from_labels - int(from_landmarks)}
+    return write_outputs(out, table, pd.DataFrame(flags, columns=FLAG_COLUMNS), ev, counts)
+
+
+EVALUATION_COLUMNS = ["scan_id", "kind", "level", "error_mm", "in_plane_error_mm", "level_correct", "source"]
+FLAG_COLUMNS = ["scan_id", "source", "reason"]
+COUNTS = ("scans", "from_label_map", "landmarks", "learned")
+
+
+def write_outputs(out: Path, table: pd.DataFrame, flags: pd.DataFrame, ev: pd.DataFrame,
+                  counts: dict[str, int]) -> dict[str, Any]:
+    """structures.*, flags.csv, evaluation.csv and evaluation.json (the counts and the comparisons summarised)."""
+    out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "structures.parquet", index=False)
     table.to_csv(out / "structures.csv", index=False)
-    pd.DataFrame(flags, columns=["scan_id", "source", "reason"]).to_csv(out / "flags.csv", index=False)
-    ev = pd.concat(evaluation, ignore_index=True) if evaluation else pd.DataFrame(
-        columns=["scan_id", "kind", "level", "error_mm", "in_plane_error_mm", "level_correct", "source"])
+    flags.to_csv(out / "flags.csv", index=False)
     ev.to_csv(out / "evaluation.csv", index=False)
-    from_labels = int(sum(j[2] for j in jobs))
-    summary = {"scans": len(manifest), "from_label_map": from_labels, "landmarks": int(from_landmarks),
-               "learned": len(jobs) - from_labels - int(from_landmarks), "flagged": len({f["scan_id"] for f in flags}),
+    summary = {**counts, "flagged": int(flags.scan_id.nunique()),
                "learned_vs_withheld_labels": summarise(ev[ev.source == "learned"]),
                "landmarks_vs_withheld_labels": summarise(ev[ev.source == "landmarks"])}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -157,14 +172,30 @@ def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, w
     return summary
 
 
+def merge(shards: list[Path], out: Path) -> dict[str, Any]:
+    """The outputs of the shards' runs, in shard order, as one run over the whole cohort would write them."""
+    table = concat_tables([s / "structures.parquet" for s in shards])
+    flags = concat_tables([s / "flags.csv" for s in shards]).reindex(columns=FLAG_COLUMNS)
+    ev = concat_tables([s / "evaluation.csv" for s in shards]).reindex(columns=EVALUATION_COLUMNS)
+    parts = [json.loads((s / "evaluation.json").read_text()) for s in shards]
+    counts = {name: int(sum(part[name] for part in parts)) for name in COUNTS}
+    log.info("merged %d shards", len(shards))
+    return write_outputs(out, table, flags, ev, counts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.localise", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
+    parser.add_argument("--ingest", type=Path, default=None, help="Output folder of the ingest stage (required "
+                        "unless --merge).")
     parser.add_argument("--model", type=Path, default=None,
                         help="The learned localiser (localiser.pt of stages.localiser_train); without it, scans "
                              "without label maps are flagged.")
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="Localise only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
+    parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
+                        help="Instead of localising: merge the outputs of these shard runs, in this order, into --out.")
     cli.add_section_options(parser, "localise")
     cli.add_log_option(parser)
     return parser
@@ -173,13 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        cli.setup_logging(args.log, "localise")
+        merge(args.merge, args.out)
+        return 0
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as err:
+        parser.error(f"--shard: {err}")
+    if args.ingest is None:
+        parser.error("--ingest is required (unless --merge)")
     if not (args.ingest / "manifest.parquet").is_file():
         parser.error(f"--ingest {args.ingest} has no manifest.parquet")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model} is not a file")
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
     cli.setup_logging(args.log, "localise")
-    run(args.ingest, args.out, cfg, args.model, args.threads)
+    run(args.ingest, args.out, cfg, args.model, args.threads, shard)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,62 @@ def test_learned_localiser_on_held_out_scans(tmp_path_factory):
     evaluation = pd.read_csv(root / "localise" / "evaluation.csv")
     right = evaluation[evaluation.level_correct]
     assert right.in_plane_error_mm.median() < 6
+
+
+def test_sharded_localisation_and_extraction_equal_one_job(pipeline, tmp_path):
+    """Three shard jobs and a merge write exactly what one job over the cohort writes (issue 9: per-shard jobs)."""
+    from stages.extract import merge as merge_extract
+    from stages.localise import merge as merge_localise
+
+    n = 3
+    for i in range(n):
+        localise(pipeline["ingest"], tmp_path / "loc" / str(i), LocaliseConfig.from_config(), None, 1, (i, n))
+    merge_localise([tmp_path / "loc" / str(i) for i in range(n)], tmp_path / "localise")
+    whole = pipeline["localise"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "localise" / "structures.parquet"),
+                                  pd.read_parquet(whole / "structures.parquet"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "localise" / "flags.csv"), pd.read_csv(whole / "flags.csv"))
+    ours = json.loads((tmp_path / "localise" / "evaluation.json").read_text())
+    assert ours == json.loads((whole / "evaluation.json").read_text())
+    sizes = [json.loads((tmp_path / "loc" / str(i) / "evaluation.json").read_text())["scans"] for i in range(n)]
+    assert sum(sizes) == ours["scans"] and max(sizes) - min(sizes) <= 1
+
+    for i in range(n):
+        extract(pipeline["ingest"], whole, tmp_path / "ext" / str(i), EXTRACT, 1, (i, n))
+    merge_extract([tmp_path / "ext" / str(i) for i in range(n)], tmp_path / "extract")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "extract" / "index.parquet"),
+                                  pd.read_parquet(pipeline["extract"] / "index.parquet"))
+    for name in ("vertebrae", "discs", "axial"):
+        assert np.array_equal(np.load(tmp_path / "extract" / f"{name}.npy"),
+                              np.load(pipeline["extract"] / f"{name}.npy")), name
+
+
+def test_shard_blocks_cover_every_scan_once():
+    from stages.shards import parse_shard, shard_block, shard_count
+
+    for n_items in (0, 1, 7, 100):
+        for n in (1, 3, 8):
+            blocks = [range(n_items)[shard_block(n_items, i, n)] for i in range(n)]
+            assert [x for b in blocks for x in b] == list(range(n_items))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert shard_count(0, 500) == 1 and shard_count(500, 500) == 1 and shard_count(501, 500) == 2
+    assert parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "2", "a/b", "-1/3"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    with pytest.raises(ValueError):
+        shard_count(10, 0)
+
+
+def test_arrays_merge_a_chunk_at_a_time(tmp_path):
+    from stages.shards import concat_arrays
+
+    parts = [np.random.default_rng(i).random((n, 2, 3)).astype(np.float16) for i, n in enumerate((5, 0, 7))]
+    for i, part in enumerate(parts):
+        np.save(tmp_path / f"{i}.npy", part)
+    offsets = concat_arrays([tmp_path / f"{i}.npy" for i in range(3)], tmp_path / "all.npy", chunk_rows=2)
+    assert offsets == [0, 5, 5]
+    assert np.array_equal(np.load(tmp_path / "all.npy"), np.concatenate(parts))
+    np.save(tmp_path / "odd.npy", np.zeros((2, 3, 3), np.float16))
+    with pytest.raises(ValueError, match="disagree"):
+        concat_arrays([tmp_path / "0.npy", tmp_path / "odd.npy"], tmp_path / "bad.npy")

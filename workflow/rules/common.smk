@@ -106,6 +106,24 @@ def numbering_flags():
     return f"--level-count-from {numbering['count_from']}{first}"
 
 
+def n_shards():
+    """Shards of the per-scan stages (localise, extract): ceil(scans in the manifest / scale.scans_per_shard). Read
+    from ingest's manifest once ingest (a checkpoint) has run."""
+    import pandas as pd
+    from stages.shards import shard_count
+    manifest = checkpoints.ingest.get().output.manifest
+    return shard_count(len(pd.read_parquet(manifest, columns=["scan_id"])), config["scale"]["scans_per_shard"])
+
+
+def shard_files(stage, name):
+    """``name`` in every shard folder of ``stage``: results/{stage}/shards/{0000...}/{name}."""
+    return [out(stage, "shards", f"{i:04d}", name) for i in range(n_shards())]
+
+
+def shard_flag(wildcards):
+    return f"{int(wildcards.shard)}/{n_shards()}"
+
+
 def ingest_stage():
     """The stage module that ingests this config's cohort."""
     return "ingest_volumes" if config["cohort"]["source"] == "volumes" else "ingest"

@@ -1,28 +1,31 @@
 # Extraction: the vertebral-body and disc volumes (and axial disc slices) of every unflagged scan, in an array store.
 
 
-rule extract:
+rule extract_shard:
     input:
-        code=[src("extract"), src("spine_structures")],
+        code=[src("extract"), src("spine_structures"), src("shards")],
         manifest=rules.ingest.output.manifest,
         volumes=rules.ingest.output.volumes,
         structures=rules.localise.output.structures,
         flags=rules.localise.output.flags,
     output:
-        vertebrae=out("extract", "vertebrae.npy"),
-        discs=out("extract", "discs.npy"),
-        axial=out("extract", "axial.npy"),
-        index=out("extract", "index.parquet"),
-        index_csv=out("extract", "index.csv"),
+        vertebrae=temp(out("extract", "shards", "{shard}", "vertebrae.npy")),
+        discs=temp(out("extract", "shards", "{shard}", "discs.npy")),
+        axial=temp(out("extract", "shards", "{shard}", "axial.npy")),
+        index=temp(out("extract", "shards", "{shard}", "index.parquet")),
+        index_csv=temp(out("extract", "shards", "{shard}", "index.csv")),
+    wildcard_constraints:
+        shard=r"\d{4}",
     params:
         ingest=out("ingest"),
         localise=out("localise"),
-        root=out("extract"),
+        root=lambda wildcards: out("extract", "shards", wildcards.shard),
+        shard=shard_flag,
         options=lambda wildcards: section_options(config["extract"]),
     log:
-        logs("extract", "extract"),
+        logs("extract", "extract_shard_{shard}"),
     benchmark:
-        bench("extract", "extract")
+        bench("extract", "extract_shard_{shard}")
     threads: 8
     resources:
         mem_mb=lambda wildcards, threads: 1000 + 700 * threads,
@@ -31,7 +34,36 @@ rule extract:
         ENV
     shell:
         "python -m stages.extract --ingest {params.ingest} --localise {params.localise} --out {params.root} "
-        "--threads {threads} {params.options} > {log} 2>&1"
+        "--shard {params.shard} --threads {threads} {params.options} > {log} 2>&1"
+
+
+rule extract:
+    input:
+        code=[src("extract"), src("shards")],
+        index=lambda wildcards: shard_files("extract", "index.parquet"),
+        arrays=lambda wildcards: [f for name in ("vertebrae", "discs", "axial")
+                                  for f in shard_files("extract", f"{name}.npy")],
+    output:
+        vertebrae=out("extract", "vertebrae.npy"),
+        discs=out("extract", "discs.npy"),
+        axial=out("extract", "axial.npy"),
+        index=out("extract", "index.parquet"),
+        index_csv=out("extract", "index.csv"),
+    params:
+        shards=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.index),
+        root=out("extract"),
+    log:
+        logs("extract", "extract"),
+    benchmark:
+        bench("extract", "extract")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "python -m stages.extract --merge {params.shards} --out {params.root} > {log} 2>&1"
 
 
 rule extract_qc:

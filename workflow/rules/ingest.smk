@@ -1,8 +1,9 @@
 # Ingest: the archive (the demo's, the user's DICOM, or a NIfTI/MetaImage cohort) -> pseudonymised volumes, a scan
-# manifest, and the accounting. The same outputs whatever the source, so later stages never ask.
+# manifest, and the accounting. The same outputs whatever the source, so later stages never ask. A checkpoint: the
+# number of scans in its manifest decides how many shard jobs localise and extract run (scale.scans_per_shard).
 
 
-rule ingest:
+checkpoint ingest:
     input:
         unpack(ingest_inputs),
         code=[src(ingest_stage()), src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym"),

@@ -30,27 +30,30 @@ rule localiser_train:
         "{params.options} > {log} 2>&1"
 
 
-rule localise:
+rule localise_shard:
     input:
-        code=[src("localise"), src("localiser"), src("spine_structures"), src("landmarks")],
+        code=[src("localise"), src("localiser"), src("spine_structures"), src("landmarks"), src("shards")],
         manifest=rules.ingest.output.manifest,
         labels=rules.ingest.output.labels,
         landmarks=rules.ingest.output.landmarks,
         model=rules.localiser_train.output.model,
     output:
-        structures=out("localise", "structures.parquet"),
-        structures_csv=out("localise", "structures.csv"),
-        flags=out("localise", "flags.csv"),
-        evaluation=out("localise", "evaluation.csv"),
-        summary=out("localise", "evaluation.json"),
+        structures=temp(out("localise", "shards", "{shard}", "structures.parquet")),
+        structures_csv=temp(out("localise", "shards", "{shard}", "structures.csv")),
+        flags=temp(out("localise", "shards", "{shard}", "flags.csv")),
+        evaluation=temp(out("localise", "shards", "{shard}", "evaluation.csv")),
+        summary=temp(out("localise", "shards", "{shard}", "evaluation.json")),
+    wildcard_constraints:
+        shard=r"\d{4}",
     params:
         ingest=out("ingest"),
-        root=out("localise"),
+        root=lambda wildcards: out("localise", "shards", wildcards.shard),
+        shard=shard_flag,
         options=lambda wildcards: section_options(config["localise"]),
     log:
-        logs("localise", "localise"),
+        logs("localise", "localise_shard_{shard}"),
     benchmark:
-        bench("localise", "localise")
+        bench("localise", "localise_shard_{shard}")
     threads: 8
     resources:
         mem_mb=lambda wildcards, threads: 1000 + 500 * threads,
@@ -59,4 +62,31 @@ rule localise:
         ENV
     shell:
         "python -m stages.localise --ingest {params.ingest} --model {input.model} --out {params.root} "
-        "--threads {threads} {params.options} > {log} 2>&1"
+        "--shard {params.shard} --threads {threads} {params.options} > {log} 2>&1"
+
+
+rule localise:
+    input:
+        code=[src("localise"), src("shards")],
+        shards=lambda wildcards: shard_files("localise", "evaluation.json"),
+        tables=lambda wildcards: shard_files("localise", "structures.parquet") + shard_files("localise", "flags.csv")
+        + shard_files("localise", "evaluation.csv"),
+    output:
+        structures=out("localise", "structures.parquet"),
+        structures_csv=out("localise", "structures.csv"),
+        flags=out("localise", "flags.csv"),
+        evaluation=out("localise", "evaluation.csv"),
+        summary=out("localise", "evaluation.json"),
+    params:
+        shards=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.shards),
+        root=out("localise"),
+    log:
+        logs("localise", "localise"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "python -m stages.localise --merge {params.shards} --out {params.root} > {log} 2>&1"
