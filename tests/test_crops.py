@@ -258,3 +258,13 @@ def test_crop_table_cohort_runs_through_pairs_pretraining_and_probes(cohort, tmp
     assert run_metrics["n_test"] > 0 and run_metrics["samples"]["missing_body"] == 0
     assert not test & set(pd.read_parquet(results / "probes" / "subsets.parquet").subject_id)
     assert 0 <= run_metrics["heads"]["linear"]["average_class_accuracy"] <= 1
+
+
+def test_a_parquet_crop_table_reads_like_its_csv(cohort, ingested, tmp_path):
+    table = pd.read_csv(cohort[0], dtype=str, keep_default_na=False)
+    table["File"] = [str(cohort[0].parent / f) for f in table.File]
+    table.to_parquet(tmp_path / "crops.parquet", index=False)
+    summary = ingest_crops(tmp_path / "crops.parquet", tmp_path / "ingest", KEY, SPEC)
+    assert summary == ingested[1]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ingest" / "gradings.parquet"),
+                                  pd.read_parquet(ingested[0] / "ingest" / "gradings.parquet"))
