@@ -38,6 +38,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import shutil
 from collections import defaultdict
@@ -55,6 +56,7 @@ from stages import cli, landmarks, levels
 from stages import pseudonym as pn
 from stages.dicom_index import ClassifyRules, classify_series, fill_missing_uids, read_header, tie_break_key, walk
 from stages.dicom_volume import SeriesError, assemble, write_volume
+from stages.shards import shard_block, shard_count
 
 log = logging.getLogger("ingest")
 
@@ -236,19 +238,21 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
                  label_dir: Path | None = None, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
-                 level_first: str | None = None) -> dict[str, Any]:
+                 level_first: str | None = None, files: list[Path] | None = None) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be written.
 
     ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.landmarks), its columns
     named as in ``landmark_columns`` (ours -> the table's), numeric levels counted from ``level_count_from`` starting
-    at ``level_first``."""
+    at ``level_first``. ``files`` (a shard of the archive, see :func:`ingest_shard`) replaces walking the archive:
+    then the accounting keeps each file's key and an empty result is no error."""
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM folder {root} does not exist")
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     root = root.resolve()
-    files = walk(root)
+    shard = files is not None
+    files = walk(root) if files is None else files
     log.info("found %d files", len(files))
-    if not files:
+    if not files and not shard:
         raise RuntimeError(f"no files found below {root}")
     with ProcessPoolExecutor(max_workers=workers) as pool:
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
@@ -315,14 +319,37 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
                                                                           "scan_id"])
     accounting = pd.DataFrame([{
         "file": _scrub_path(p, ctx), "status": status[p][0], "reason": status[p][1],
-        **info.get(p, {"series": "", "modality": "", "plane": "", "weighting": "", "description": ""}),
-    } for p in map(str, files)])
+        **info.get(p, EMPTY_INFO), **({"file_key": file_key(key, root, p)} if shard else {}),
+    } for p in map(str, files)], columns=FILES_COLUMNS + (["file_key"] if shard else []))
     missing = set(map(str, files)) - set(status)
     if missing:  # every file must be accounted for; this is a bug if it ever happens
         raise AssertionError(f"{len(missing)} files have no status")
+    series = pd.DataFrame(series_rows)
+    series = series.sort_values("series").reset_index(drop=True) if len(series) else series
+    if shard:  # the rest is written once, by merge_shards
+        _write_table(manifest, out / "manifest")
+        _write_table(accounting, out / "files")
+        _write_table(series, out / "series", parquet=False)
+        log.info("shard: %d files, %d volumes", len(accounting), len(manifest))
+        return {"files": len(accounting), "volumes": len(manifest)}
+    return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
+
+
+FILES_COLUMNS = ["file", "status", "reason", "series", "modality", "plane", "weighting", "description"]
+EMPTY_INFO = {"series": "", "modality": "", "plane": "", "weighting": "", "description": ""}
+
+
+def file_key(key: bytes, root: Path, path: str | Path) -> str:
+    """A keyed hash of a file's path below the archive: names a file across jobs without writing its path."""
+    return pn.digest(key, "file", str(Path(path).relative_to(root)), 24)
+
+
+def finish(out: Path, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFrame, series: pd.DataFrame,
+           gradings: Path | None, subjects: Path | None, marks: pd.DataFrame | None) -> dict[str, Any]:
+    """Write the manifest, the accounting, series.csv, the pseudonymised tables and landmarks, and the summary."""
     _write_table(manifest, out / "manifest")
     _write_table(accounting, out / "files")
-    _write_table(pd.DataFrame(series_rows), out / "series", parquet=False)
+    _write_table(series, out / "series", parquet=False)
     tables = {}
     for name, path in (("gradings", gradings), ("subjects", subjects)):
         if path is None:  # written all the same, empty, so that later stages always find them
@@ -337,7 +364,7 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
     landmark_summary = write_landmarks(out, marks, scan_ids, sizes)
     counts = accounting.status.value_counts().to_dict()
-    summary = {"files": len(files), "used": counts.get(USED, 0), "skipped": counts.get(SKIPPED, 0),
+    summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": counts.get(SKIPPED, 0),
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
                "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
@@ -348,8 +375,119 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     log.info("%(files)d files: %(used)d used in %(volumes)d volumes (%(subjects)d subjects), "
              "%(skipped)d skipped, %(quarantined)d quarantined (see files.csv)", summary)
     if not len(manifest):
-        raise RuntimeError(f"no volume could be written from {len(files)} files; see {out / 'files.csv'} for why")
+        raise RuntimeError(f"no volume could be written from {len(accounting)} files; see {out / 'files.csv'} for "
+                           "why")
     return summary
+
+
+def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard: int) -> dict[str, Any]:
+    """Split the archive for parallel ingest jobs, by subject: every file of a subject (all its studies and series,
+    which the days since the first study need) goes to one shard; subjects sorted by pseudonymous id, in contiguous
+    blocks of about ``scans_per_shard`` studies. Files that no shard can use (unreadable, not DICOM, hidden, without
+    SOPInstanceUID, or a duplicate of another file, decided here over the whole archive) get their status here.
+
+    Writes ``plan.parquet``: one row per file in the archive's order, with its key (a keyed hash of its path), its
+    name as the accounting shows it (identity scrubbed with the whole archive's identity), its shard (-1: decided
+    here) and, for the decided ones, status and reason; and ``plan.json`` (the number of shards)."""
+    root = root.resolve()
+    files = walk(root)
+    if not files:
+        raise RuntimeError(f"no files found below {root}")
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
+                            mininterval=5))
+    ctx = Context(root=root, out=out, key=key, label_dir=None, scrubber=build_scrubber(records))
+    status: dict[str, tuple[str, str]] = {}
+    studies: dict[str, set[str]] = defaultdict(set)
+    subject_of: dict[str, str] = {}
+    first_of_uid: dict[str, str] = {}
+    for r in records:
+        if r["problem"]:
+            status[r["path"]] = (SKIPPED if r.get("kind") in ("dicomdir", "hidden") else QUARANTINED, r["problem"])
+            continue
+        fill_missing_uids(r)
+        if not r["sop_uid"]:
+            status[r["path"]] = (QUARANTINED, "missing identity of the image: no SOPInstanceUID")
+        elif r["sop_uid"] in first_of_uid:
+            status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
+                                              + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
+        else:
+            first_of_uid[r["sop_uid"]] = r["path"]
+            subject = pn.subject_id(key, r["patient_id"])
+            subject_of[r["path"]] = subject
+            studies[subject].add(r["study_uid"])
+    ordered = sorted(studies)
+    n_studies = sum(len(v) for v in studies.values())
+    n = min(shard_count(n_studies, scans_per_shard), max(len(ordered), 1))
+    shard_of = {subject: i for i in range(n) for subject in ordered[shard_block(len(ordered), i, n)]}
+    plan = pd.DataFrame([{"file_key": file_key(key, root, p), "name": _scrub_path(p, ctx),
+                          "shard": shard_of[subject_of[p]] if p in subject_of else -1,
+                          "status": status.get(p, ("", ""))[0], "reason": status.get(p, ("", ""))[1]}
+                         for p in map(str, files)])
+    out.mkdir(parents=True, exist_ok=True)
+    plan.to_parquet(out / "plan.parquet", index=False)
+    summary = {"shards": n, "files": len(files), "decided_here": int((plan.shard < 0).sum()),
+               "subjects": len(ordered), "studies": n_studies}
+    (out / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%(files)d files: %(subjects)d subjects with %(studies)d studies in %(shards)d shards; "
+             "%(decided_here)d files unusable by any shard", summary)
+    return summary
+
+
+def ingest_shard(root: Path, plan: Path, shard: int, out: Path, key: bytes, rules: ClassifyRules,
+                 workers: int = 1, label_dir: Path | None = None) -> dict[str, Any]:
+    """Ingest the files of shard ``shard`` of ``plan`` (see :func:`plan_shards`) into ``out``: volumes, labels, the
+    shard's manifest, accounting (with file keys) and series."""
+    root = root.resolve()
+    table = pd.read_parquet(plan / "plan.parquet", columns=["file_key", "shard"])
+    mine = set(table.file_key[table.shard == shard])
+    files = [p for p in walk(root) if file_key(key, root, p) in mine]
+    if len(files) != len(mine):
+        raise RuntimeError(f"the archive changed since the plan: {len(mine)} files planned for shard {shard}, "
+                           f"{len(files)} found; re-run the ingest plan")
+    return ingest_dicom(root, out, key, rules, workers, label_dir, files=files)
+
+
+def merge_shards(plan: Path, shards: list[Path], out: Path, key: bytes, gradings: Path | None = None,
+                 subjects: Path | None = None, landmark_table: Path | None = None,
+                 landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
+                 level_first: str | None = None) -> dict[str, Any]:
+    """The shards' outputs as one ingest over the whole archive: volumes and labels linked (or copied) into ``out``,
+    manifest and series concatenated, every file of the plan accounted for in the archive's order."""
+    marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
+    plan_table = pd.read_parquet(plan / "plan.parquet")
+    done = pd.concat([pd.read_parquet(s / "files.parquet") for s in shards], ignore_index=True)
+    by_key = done.set_index("file_key")
+    rows = []
+    for p in plan_table.itertuples():
+        if p.shard < 0:
+            rows.append({"file": p.name, "status": p.status, "reason": p.reason, **EMPTY_INFO})
+        else:
+            hit = by_key.loc[p.file_key]
+            rows.append({"file": p.name, **{c: hit[c] for c in FILES_COLUMNS[1:]}})
+    accounting = pd.DataFrame(rows, columns=FILES_COLUMNS)
+    for folder in ("volumes", "labels"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for shard in shards:
+            for source in sorted((shard / folder).glob("*.nii.gz")):
+                _link(source, out / folder / source.name)
+    manifests = [pd.read_parquet(s / "manifest.parquet") for s in shards]
+    manifest = pd.concat([m for m in manifests if len(m)] or manifests[:1], ignore_index=True).sort_values(
+        ["subject_id", "days_since_first_study", "scan_id"])
+    series_parts = [pd.read_csv(s / "series.csv") for s in shards if (s / "series.csv").stat().st_size > 1]
+    series = pd.concat(series_parts, ignore_index=True).sort_values("series").reset_index(drop=True) \
+        if series_parts else pd.DataFrame()
+    log.info("merged %d shards", len(shards))
+    return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (no copy on the same file system), else a copy; replaces an older target."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _reason_counts(reasons: pd.Series) -> dict[str, int]:
@@ -366,7 +504,7 @@ MANIFEST_COLUMNS = ["scan_id", "subject_id", "study_id", "days_since_first_study
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dicom-dir", type=Path, required=True, help="Root folder of the DICOM archive.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--out", type=Path, default=None, help="Output folder (required but with --make-plan).")
     parser.add_argument("--key-file", type=Path, default=None,
                         help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
     parser.add_argument("--label-dir", type=Path, default=None,
@@ -376,6 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", type=Path, default=None,
                         help="Optional CSV with patient_id (and family_id, sex, age...), written pseudonymised.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
+    shards = parser.add_argument_group(
+        "ingest in shards (parallel jobs; the workflow does this): plan, one job per shard, merge")
+    shards.add_argument("--make-plan", action="store_true",
+                        help="Only split the archive into shards by subject: write plan.parquet/.json into --plan.")
+    shards.add_argument("--scans-per-shard", type=cli.positive_int, default=500,
+                        help="With --make-plan: about this many studies per shard (default: 500).")
+    shards.add_argument("--plan", type=Path, default=None, help="The plan folder (written by --make-plan).")
+    shards.add_argument("--shard", type=int, default=None, metavar="I",
+                        help="Ingest only shard I of --plan into --out (merged later with --merge).")
+    shards.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
+                        help="Merge these shard outputs (all shards of --plan, in order) into --out.")
     add_landmark_options(parser, "the SeriesInstanceUID")
     cli.add_section_options(parser, "ingest")
     cli.add_log_option(parser)
@@ -440,10 +589,27 @@ def main(argv: list[str] | None = None) -> int:
         key = pn.load_key(args.key_file)
     except pn.PseudonymKeyError as err:
         parser.error(str(err))
+    modes = [name for name, on in (("make_plan", args.make_plan), ("shard", args.shard is not None),
+                                   ("merge", bool(args.merge))) if on]
+    if len(modes) > 1:
+        parser.error("--make-plan, --shard and --merge go one at a time")
+    if args.out is None and not args.make_plan:
+        parser.error("--out is required (but with --make-plan)")
+    if modes and args.plan is None:
+        parser.error(f"--{modes[0].replace('_', '-')} needs --plan")
+    if modes and modes[0] != "make_plan" and not (args.plan / "plan.parquet").is_file():
+        parser.error(f"--plan {args.plan} has no plan.parquet (write it with --make-plan)")
     cli.setup_logging(args.log, "ingest")
     try:
-        ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings, args.subjects,
-                     **marks)
+        if args.make_plan:
+            plan_shards(args.dicom_dir, args.plan, key, args.threads, args.scans_per_shard)
+        elif args.shard is not None:
+            ingest_shard(args.dicom_dir, args.plan, args.shard, args.out, key, rules, args.threads, args.label_dir)
+        elif args.merge:
+            merge_shards(args.plan, args.merge, args.out, key, args.gradings, args.subjects, **marks)
+        else:
+            ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings,
+                         args.subjects, **marks)
     except RuntimeError as err:
         log.error("%s", err)
         return 1

@@ -397,3 +397,48 @@ def test_dicomdir_is_accounted_for_and_not_needed(tiny_cohort, tmp_path):
     files = pd.read_csv(tmp_path / "out" / "files.csv").set_index("file")
     assert files.loc["DICOMDIR", "status"] == "skipped" and files.loc["DICOMDIR", "reason"].startswith("DICOMDIR")
     assert summary["volumes"] == 1 and summary["used"] == len(files) - 1
+
+
+def test_ingest_in_shards_equals_one_job(tiny_cohort, tiny_ingest, tmp_path):
+    """Plan (by subject), one job per shard, merge: the same outputs as one ingest job (issue 9)."""
+    from stages.ingest import ingest_shard, merge_shards, plan_shards
+
+    out, _ = tiny_ingest
+    key, truth = _key(tiny_cohort), tiny_cohort / "truth"
+    plan = plan_shards(tiny_cohort / "dicom", tmp_path / "plan", key, 2, scans_per_shard=4)
+    assert plan["shards"] == 4 and plan["files"] == len(walk(tiny_cohort / "dicom"))
+    table = pd.read_parquet(tmp_path / "plan" / "plan.parquet")
+    assert set(table.shard) == {-1, 0, 1, 2, 3}
+    shards = []
+    for i in range(plan["shards"]):
+        ingest_shard(tiny_cohort / "dicom", tmp_path / "plan", i, tmp_path / f"shard{i}", key, RULES, 1,
+                     truth / "labels")
+        shards.append(tmp_path / f"shard{i}")
+    subjects = [set(pd.read_parquet(s / "manifest.parquet").subject_id) for s in shards]
+    assert all(not a & b for n, a in enumerate(subjects) for b in subjects[n + 1:])  # a subject in one shard
+    merged = tmp_path / "merged"
+    merge_shards(tmp_path / "plan", shards, merged, key, truth / "gradings.csv", truth / "subjects.csv")
+    for name in ("manifest.csv", "files.csv", "series.csv", "gradings.csv", "subjects.csv", "summary.json"):
+        assert (merged / name).read_text() == (out / name).read_text(), name
+    for folder in ("volumes", "labels"):
+        ours = sorted(p.name for p in (merged / folder).iterdir())
+        assert ours == sorted(p.name for p in (out / folder).iterdir()) and ours
+        assert all((merged / folder / n).read_bytes() == (out / folder / n).read_bytes() for n in ours)
+    # the plan names files by keyed hashes and scrubbed paths only
+    names = set(pd.read_csv(tiny_cohort / "truth" / "subjects.csv", dtype=str).patient_id)
+    assert not [n for n in names if table.to_csv().find(n) >= 0]
+
+
+def test_ingest_shard_modes_need_a_plan(tiny_cohort, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(tiny_cohort / "dicom"),
+                               "--key-file", str(tiny_cohort / "pseudonym.key"), *args], capture_output=True,
+                              text=True, cwd=ROOT)
+    bad = run("--shard", "0", "--out", str(tmp_path / "o"))
+    assert bad.returncode == 2 and "--shard needs --plan" in bad.stderr
+    bad = run("--shard", "0", "--plan", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert bad.returncode == 2 and "no plan.parquet" in bad.stderr
+    bad = run("--make-plan", "--merge", str(tmp_path), "--plan", str(tmp_path))
+    assert bad.returncode == 2 and "one at a time" in bad.stderr
+    bad = run("--gradings", str(tiny_cohort / "truth" / "gradings.csv"))
+    assert bad.returncode == 2 and "--out is required" in bad.stderr

@@ -61,8 +61,34 @@ def ingest_inputs(wildcards):
     return {k: v for k, v in named.items() if v}
 
 
+def ingest_plan_inputs(wildcards):
+    """The plan reads the archive only (and the key)."""
+    named = ingest_inputs(wildcards)
+    return {k: named[k] for k in ("dicom", "key_file") if k in named}
+
+
+def ingest_shard_inputs(wildcards):
+    """A shard job reads the archive and the label maps (and the key)."""
+    named = ingest_inputs(wildcards)
+    return {k: named[k] for k in ("dicom", "key_file", "label_dir") if k in named}
+
+
+def ingest_merge_inputs(wildcards):
+    """The merge writes the pseudonymised tables: gradings, subjects, landmarks (and needs the key)."""
+    named = ingest_inputs(wildcards)
+    return {k: named[k] for k in ("key_file", "gradings", "subjects", "landmarks") if k in named}
+
+
+def ingest_shard_dirs(wildcards):
+    """The ingest shard folders, as many as the plan (a checkpoint) made."""
+    with open(checkpoints.ingest_plan.get().output.summary) as handle:
+        n = json.load(handle)["shards"]
+    return [out("ingest", "shards", f"{i:04d}") for i in range(n)]
+
+
 def ingest_flags(wildcards, input):
-    flags = [f"--dicom-dir {input.dicom}"] if "dicom" in input.keys() else [f"--table {input.table}"]
+    flags = [f"--dicom-dir {input.dicom}"] if "dicom" in input.keys() else (
+        [f"--table {input.table}"] if "table" in input.keys() else [])
     for name in ("key_file", "label_dir", "gradings", "subjects", "landmarks"):
         if name in input.keys():
             flags.append(f"--{name.replace('_', '-')} {input[name]}")
