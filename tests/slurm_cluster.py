@@ -90,7 +90,9 @@ SelectTypeParameters=CR_Core_Memory
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-MinJobAge=600
+# finished jobs stay visible (squeue, scontrol) for 2 hours: the plugin's squeue status checks need them for a few
+# minutes, and the test asks scontrol for every job's partition after a run that can take 20 minutes on 2 cores
+MinJobAge=7200
 SlurmctldPort=16817
 SlurmdPort=16818
 StateSaveLocation={self.root / 'state'}
