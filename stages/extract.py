@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stages import cli, levels
 from stages.config import section_config
-from stages.shards import concat_arrays, parse_shard, shard_block
+from stages.shards import concat_arrays, resolve_shard, shard_block
 from stages.spine_structures import slice_normal, world_to_index
 
 log = logging.getLogger("extract")
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="Extract only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
+    parser.add_argument("--scans-per-shard", type=cli.positive_int, default=None, metavar="P",
+                        help="With --shard I (no /N): N = ceil(scans in the manifest / P), as the workflow splits.")
     parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
                         help="Instead of extracting: merge these shard runs' outputs, in this order, into --out.")
     cli.add_section_options(parser, "extract")
@@ -260,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ingest is None or args.localise is None:
         parser.error("--ingest and --localise are required (unless --merge)")
     try:
-        shard = parse_shard(args.shard)
-    except ValueError as err:
+        n_scans = len(pd.read_parquet(args.ingest / "manifest.parquet", columns=["scan_id"]))
+        shard = resolve_shard(args.shard, args.scans_per_shard, n_scans)
+    except (ValueError, OSError) as err:
         parser.error(f"--shard: {err}")
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
     cli.setup_logging(args.log, "extract")

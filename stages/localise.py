@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from stages import cli
-from stages.shards import concat_tables, parse_shard, shard_block
+from stages.shards import concat_tables, resolve_shard, shard_block
 from stages.landmarks import structures_from_landmarks
 from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
                               withheld_subjects)
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="Localise only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
+    parser.add_argument("--scans-per-shard", type=cli.positive_int, default=None, metavar="P",
+                        help="With --shard I (no /N): N = ceil(scans in the manifest / P), as the workflow splits.")
     parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
                         help="Instead of localising: merge the outputs of these shard runs, in this order, into --out.")
     cli.add_section_options(parser, "localise")
@@ -208,16 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         cli.setup_logging(args.log, "localise")
         merge(args.merge, args.out)
         return 0
-    try:
-        shard = parse_shard(args.shard)
-    except ValueError as err:
-        parser.error(f"--shard: {err}")
     if args.ingest is None:
         parser.error("--ingest is required (unless --merge)")
     if not (args.ingest / "manifest.parquet").is_file():
         parser.error(f"--ingest {args.ingest} has no manifest.parquet")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model} is not a file")
+    try:
+        n_scans = len(pd.read_parquet(args.ingest / "manifest.parquet", columns=["scan_id"]))
+        shard = resolve_shard(args.shard, args.scans_per_shard, n_scans)
+    except (ValueError, OSError) as err:
+        parser.error(f"--shard: {err}")
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
     cli.setup_logging(args.log, "localise")
     run(args.ingest, args.out, cfg, args.model, args.threads, shard)

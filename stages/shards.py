@@ -45,6 +45,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, n
 
 
+def resolve_shard(text: str, scans_per_shard: int | None, n_scans: int) -> tuple[int, int]:
+    """``I/N``, or ``I`` with ``scans_per_shard`` (N = shard_count(n_scans, scans_per_shard), what the workflow passes:
+    a job then needs no other job's output to know N) -> (I, N); raises ValueError otherwise."""
+    if "/" in text:
+        return parse_shard(text)
+    if scans_per_shard is None:
+        raise ValueError(f"shard {text!r} without /N needs the scans per shard")
+    n = shard_count(n_scans, scans_per_shard)
+    return parse_shard(f"{text}/{n}")
+
+
 def concat_tables(paths: list[Path]) -> pd.DataFrame:
     """The tables (Parquet or CSV by suffix) one after another; an empty shard adds nothing but its columns."""
     frames = [pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p) for p in paths]
@@ -61,7 +72,8 @@ def concat_arrays(paths: list[Path], out: Path, chunk_rows: int = CHUNK_ROWS) ->
     shapes = {part.shape[1:] for part in parts}
     dtypes = {part.dtype for part in parts}
     if len(shapes) != 1 or len(dtypes) != 1:
-        raise ValueError(f"shards disagree on the row shape or type: {sorted(map(str, shapes))}, {sorted(map(str, dtypes))}")
+        raise ValueError(f"shards disagree on the row shape or type: {sorted(map(str, shapes))}, "
+                         f"{sorted(map(str, dtypes))}")
     total = sum(len(part) for part in parts)
     merged = np.lib.format.open_memmap(out, "w+", dtypes.pop(), (total, *shapes.pop()))
     offsets, at = [], 0

@@ -271,3 +271,22 @@ def test_arrays_merge_a_chunk_at_a_time(tmp_path):
     np.save(tmp_path / "odd.npy", np.zeros((2, 3, 3), np.float16))
     with pytest.raises(ValueError, match="disagree"):
         concat_arrays([tmp_path / "0.npy", tmp_path / "odd.npy"], tmp_path / "bad.npy")
+
+
+def test_a_shard_job_counts_the_shards_from_the_manifest(pipeline, tmp_path):
+    """The workflow passes --shard I --scans-per-shard P (a cluster job cannot ask a checkpoint for N)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from stages.shards import resolve_shard
+
+    n_scans = len(pd.read_parquet(pipeline["ingest"] / "manifest.parquet"))
+    assert resolve_shard("1", 6, n_scans) == (1, -(-n_scans // 6))
+    assert resolve_shard("1/4", None, n_scans) == (1, 4)
+    with pytest.raises(ValueError):
+        resolve_shard("1", None, n_scans)
+    run = subprocess.run([sys.executable, "-m", "stages.extract", "--ingest", str(pipeline["ingest"]), "--localise",
+                          str(pipeline["localise"]), "--out", str(tmp_path / "x"), "--shard", "9",
+                          "--scans-per-shard", str(n_scans)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "0 <= I < N" in run.stderr

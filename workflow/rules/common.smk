@@ -134,7 +134,9 @@ def numbering_flags():
 
 def n_shards():
     """Shards of the per-scan stages (localise, extract): ceil(scans in the manifest / scale.scans_per_shard). Read
-    from ingest's manifest once ingest (a checkpoint) has run."""
+    from ingest's manifest once ingest (a checkpoint) has run. Only input functions may call it: a shard job is told
+    its index and the scans per shard, and the stage counts the shards itself (a cluster job cannot ask a checkpoint
+    in its params)."""
     import pandas as pd
     from stages.shards import shard_count
     manifest = checkpoints.ingest.get().output.manifest
@@ -144,10 +146,6 @@ def n_shards():
 def shard_files(stage, name):
     """``name`` in every shard folder of ``stage``: results/{stage}/shards/{0000...}/{name}."""
     return [out(stage, "shards", f"{i:04d}", name) for i in range(n_shards())]
-
-
-def shard_flag(wildcards):
-    return f"{int(wildcards.shard)}/{n_shards()}"
 
 
 def ingest_stage():

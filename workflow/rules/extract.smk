@@ -20,7 +20,8 @@ rule extract_shard:
         ingest=out("ingest"),
         localise=out("localise"),
         root=lambda wildcards: out("extract", "shards", wildcards.shard),
-        shard=shard_flag,
+        shard=lambda wildcards: int(wildcards.shard),
+        per_shard=config["scale"]["scans_per_shard"],
         options=lambda wildcards: section_options(config["extract"]),
     log:
         logs("extract", "extract_shard_{shard}"),
@@ -34,7 +35,7 @@ rule extract_shard:
         ENV
     shell:
         "python -m stages.extract --ingest {params.ingest} --localise {params.localise} --out {params.root} "
-        "--shard {params.shard} --threads {threads} {params.options} > {log} 2>&1"
+        "--shard {params.shard} --scans-per-shard {params.per_shard} --threads {threads} {params.options} > {log} 2>&1"
 
 
 rule extract:

@@ -48,7 +48,8 @@ rule localise_shard:
     params:
         ingest=out("ingest"),
         root=lambda wildcards: out("localise", "shards", wildcards.shard),
-        shard=shard_flag,
+        shard=lambda wildcards: int(wildcards.shard),
+        per_shard=config["scale"]["scans_per_shard"],
         options=lambda wildcards: section_options(config["localise"]),
     log:
         logs("localise", "localise_shard_{shard}"),
@@ -62,7 +63,7 @@ rule localise_shard:
         ENV
     shell:
         "python -m stages.localise --ingest {params.ingest} --model {input.model} --out {params.root} "
-        "--shard {params.shard} --threads {threads} {params.options} > {log} 2>&1"
+        "--shard {params.shard} --scans-per-shard {params.per_shard} --threads {threads} {params.options} > {log} 2>&1"
 
 
 rule localise:
