@@ -260,20 +260,8 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     ctx = Context(root=root, out=out, key=key, label_dir=label_dir, scrubber=build_scrubber(records))
     status: dict[str, tuple[str, str]] = {}
     info: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r["problem"]:
-            status[r["path"]] = (SKIPPED if r.get("kind") in ("dicomdir", "hidden") else QUARANTINED, r["problem"])
+    status.update(screen(records, ctx))
     good = [r for r in records if not r["problem"]]
-    first_of_uid: dict[str, str] = {}
-    for r in good:
-        fill_missing_uids(r)
-        if not r["sop_uid"]:
-            status[r["path"]] = (QUARANTINED, "missing identity of the image: no SOPInstanceUID")
-        elif r["sop_uid"] in first_of_uid:
-            status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
-                                              + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
-        else:
-            first_of_uid[r["sop_uid"]] = r["path"]
     by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in good:
         if r["path"] not in status:
@@ -380,6 +368,26 @@ def finish(out: Path, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFra
     return summary
 
 
+def screen(records: list[dict[str, Any]], ctx: Context) -> dict[str, tuple[str, str]]:
+    """Status of the files no series can use: header problems (skipped: DICOMDIR, hidden files; else quarantined),
+    no SOPInstanceUID, or the same SOPInstanceUID as an earlier file (a duplicate). Fills missing UIDs in place."""
+    status: dict[str, tuple[str, str]] = {}
+    first_of_uid: dict[str, str] = {}
+    for r in records:
+        if r["problem"]:
+            status[r["path"]] = (SKIPPED if r.get("kind") in ("dicomdir", "hidden") else QUARANTINED, r["problem"])
+            continue
+        fill_missing_uids(r)
+        if not r["sop_uid"]:
+            status[r["path"]] = (QUARANTINED, "missing identity of the image: no SOPInstanceUID")
+        elif r["sop_uid"] in first_of_uid:
+            status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
+                                              + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
+        else:
+            first_of_uid[r["sop_uid"]] = r["path"]
+    return status
+
+
 def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard: int) -> dict[str, Any]:
     """Split the archive for parallel ingest jobs, by subject: every file of a subject (all its studies and series,
     which the days since the first study need) goes to one shard; subjects sorted by pseudonymous id, in contiguous
@@ -397,22 +405,11 @@ def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
     ctx = Context(root=root, out=out, key=key, label_dir=None, scrubber=build_scrubber(records))
-    status: dict[str, tuple[str, str]] = {}
+    status = screen(records, ctx)
     studies: dict[str, set[str]] = defaultdict(set)
     subject_of: dict[str, str] = {}
-    first_of_uid: dict[str, str] = {}
     for r in records:
-        if r["problem"]:
-            status[r["path"]] = (SKIPPED if r.get("kind") in ("dicomdir", "hidden") else QUARANTINED, r["problem"])
-            continue
-        fill_missing_uids(r)
-        if not r["sop_uid"]:
-            status[r["path"]] = (QUARANTINED, "missing identity of the image: no SOPInstanceUID")
-        elif r["sop_uid"] in first_of_uid:
-            status[r["path"]] = (QUARANTINED, "duplicate file: same SOPInstanceUID as "
-                                              + _scrub_path(first_of_uid[r["sop_uid"]], ctx))
-        else:
-            first_of_uid[r["sop_uid"]] = r["path"]
+        if r["path"] not in status:
             subject = pn.subject_id(key, r["patient_id"])
             subject_of[r["path"]] = subject
             studies[subject].add(r["study_uid"])
