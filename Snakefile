@@ -6,7 +6,7 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)  # the `stages` package, also when run from another directory
-from stages.config import validate_config  # noqa: E402
+from stages.core.config import validate_config  # noqa: E402
 
 configfile: "config.yaml"
 

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.levels import VERTEBRAE
-from stages.pretrain import PretrainConfig, SiameseMethod, VolumeStore, train
+from stages.core.levels import VERTEBRAE
+from stages.pretrain import PretrainConfig, SiameseMethod, train
+from stages.training.store import VolumeStore
 
 OUT = Path(__file__).resolve().parent / "out"
 TARGET_WAIT = 0.10

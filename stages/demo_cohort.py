@@ -16,7 +16,7 @@ Writes, under ``--out``:
     truth/gradings.csv           patient_id, study_uid, level, Pfirrmann grade (1-5), herniation (0/1)
     truth/landmarks.csv          centre, size and axes of every labelled body and disc of every sagittal T2 series
     truth/planted_files.csv      the deliberately bad files: path, kind, detail
-    truth/labels/{series}.nii.gz label map of each sagittal T2 series, same geometry (labels: stages.phantom)
+    truth/labels/{series}.nii.gz label map of each sagittal T2 series, same geometry (labels: stages.demo.phantom)
     pseudonym.key                the demo's own pseudonymisation key, for the ingest stage
 """
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -40,10 +40,10 @@ import SimpleITK as sitk
 from scipy.special import expit
 from tqdm import tqdm
 
-from stages import cli
-from stages import phantom as ph
-from stages.config import section_config
-from stages import synth_dicom as sd
+from stages.core import cli
+from stages.core.config import section_config
+from stages.demo import phantom as ph
+from stages.demo import synth_dicom as sd
 
 log = logging.getLogger("demo_cohort")
 

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages import cli  # noqa: E402
-from stages.synth_dicom import read_volume  # noqa: E402
+from stages.core import cli  # noqa: E402
+from stages.demo.synth_dicom import read_volume  # noqa: E402
 
 log = logging.getLogger("demo_montage")
 

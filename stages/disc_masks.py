@@ -1,6 +1,6 @@
 """Stage disc_masks: the disc's label map cut like the vertebral-body volumes, for the attention-inside-the-disc score.
 
-A disc sample is the body above and the body below the disc (stages/probe_data.py). For each test sample whose scan
+A disc sample is the body above and the body below the disc (stages/evaluation/probe_data.py). For each test sample whose scan
 has a label map (``has_mask``; the masks of the others are empty and they are left out of the score), the disc's voxels (its label in the map) are cut with exactly the crop of each body (the same centre,
 spine axis, pixel size and slices as stages/extract.py, linear interpolation, then thresholded at 0.5): two masks
 aligned voxel for voxel with the two volumes the model reads. (Ingest copies a label map only when its grid equals
@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from stages import cli, levels
-from stages.extract import crop
-from stages.probe_data import TASKS, task_samples
+from stages.anatomy.crops import crop
+from stages.core import cli, levels
+from stages.evaluation.probe_data import TASKS, task_samples
 
 log = logging.getLogger("disc_masks")
 

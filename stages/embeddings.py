@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages import cli
+from stages.core import cli
 
 log = logging.getLogger("embeddings")
 

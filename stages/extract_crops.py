@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import zoom
 
-from stages import cli, levels
-from stages.extract import INDEX_COLUMNS, ExtractConfig, neighbour_reference
+from stages.anatomy.crops import INDEX_COLUMNS, ExtractConfig, neighbour_reference
+from stages.core import cli, levels
 
 log = logging.getLogger("extract_crops")
 

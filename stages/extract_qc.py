@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from stages import cli, levels  # noqa: E402
-from stages.spine_structures import world_to_index  # noqa: E402
+from stages.anatomy.spine_structures import world_to_index  # noqa: E402
+from stages.core import cli, levels  # noqa: E402
 
 log = logging.getLogger("extract_qc")
 COLOURS = {"label_map": "#4cd964", "learned": "#ff9f0a", "landmarks": "#5ac8fa"}

@@ -26,18 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages import cli
-from stages.siamese import EncoderSpec, SiameseNet, VggM3dEncoder, load_encoder
+from stages.core import cli
+from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
 
 log = logging.getLogger("features")
-
-
-def random_encoder(shape: tuple[int, int, int], seed: int, width: float, embedding_dim: int) -> VggM3dEncoder:
-    """The pretraining network's encoder at the initial weights of ``seed`` (as pretraining builds it)."""
-    slices, height, width_px = shape
-    torch.manual_seed(seed)
-    return SiameseNet(EncoderSpec(slices=slices, height=height, width_px=width_px, width=width,
-                                  embedding_dim=embedding_dim)).encoder
 
 
 @torch.no_grad()

@@ -42,10 +42,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from stages import cli  # noqa: E402
-from stages.levels import DISCS, VERTEBRAE  # noqa: E402
-from stages.metrics import roc_auc, roc_curve  # noqa: E402
-from stages.probe_data import TASKS  # noqa: E402
+from stages.core import cli  # noqa: E402
+from stages.core.levels import VERTEBRAE  # noqa: E402
+from stages.evaluation.metrics import roc_auc, roc_curve  # noqa: E402
+from stages.evaluation.probe_data import TASKS  # noqa: E402
 
 log = logging.getLogger("figures")
 METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": "accuracy", "auc": "ROC AUC",

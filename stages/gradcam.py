@@ -3,7 +3,7 @@ attention-inside-the-disc score per model.
 
 The model explained is the probe of the report (``reports.gradcam_task``, every label, subset seed 0, linear head):
 a frozen encoder with its fitted head, or the network trained end to end, exactly as saved by the probe job
-(``model.npz``). A disc sample is two vertebral-body volumes (the bodies above and below the disc, stages/disc_net.py);
+(``model.npz``). A disc sample is two vertebral-body volumes (the bodies above and below the disc, stages/nets/disc_net.py);
 the target is the logit of the class the model predicts.
 
 - Standard Grad-CAM (Selvaraju et al. 2017) on a convolutional layer ``A`` (``(C, *spatial)``, per input volume):
@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages import cli
-from stages.heads import Head
-from stages.siamese import VggM3dEncoder
+from stages.core import cli
+from stages.nets.heads import Head
+from stages.nets.siamese import VggM3dEncoder
 
 log = logging.getLogger("gradcam")
 LAYERS = ("conv5", "conv3")
@@ -125,14 +125,14 @@ def layer_module(encoder: VggM3dEncoder, layer: str) -> nn.Module:
 # --- The models explained -----------------------------------------------------------------------------------------
 
 class FrozenProbe(nn.Module):
-    """A frozen encoder and a fitted head (stages/heads.py) as one differentiable network: logits over every class
+    """A frozen encoder and a fitted head (stages/nets/heads.py) as one differentiable network: logits over every class
     (an absent class gets -inf, probability 0, as the head's ``predict_proba``)."""
 
     def __init__(self, encoder: VggM3dEncoder, head: Head, inputs: int):
         super().__init__()
         self.encoder = encoder
         self.inputs = inputs
-        std = head.standardiser   # the head runs in float64, as it was fitted (stages/heads.py)
+        std = head.standardiser   # the head runs in float64, as it was fitted (stages/nets/heads.py)
         self.register_buffer("mean", torch.as_tensor(std.mean, dtype=torch.float64))
         self.register_buffer("scale", torch.as_tensor(std.scale, dtype=torch.float64))
         self.register_buffer("basis", torch.as_tensor(std.basis, dtype=torch.float64))
@@ -158,7 +158,7 @@ def load_model(run: Path, encoder: nn.Module | None, head: str = "linear") -> nn
     the job fitted nothing (its training labels had one class: it predicts that class, there is nothing to explain)."""
     saved = np.load(run / "model.npz")
     if "net/spec" in saved:
-        from stages.disc_net import load_net
+        from stages.nets.disc_net import load_net
         return load_net(saved)
     if f"{head}/theta" not in saved:
         if not any(k.endswith("/theta") for k in saved.files):
@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     encoder = None
     if args.encoder is not None:
-        from stages.siamese import load_encoder
+        from stages.nets.siamese import load_encoder
         encoder, _ = load_encoder(args.encoder)
     elif args.random is not None:
-        from stages.features import random_encoder
+        from stages.nets.siamese import random_encoder
         try:
             seed, width, dim = int(args.random[0]), float(args.random[1]), int(args.random[2])
         except ValueError:

@@ -23,7 +23,7 @@ Writes, under ``--out``:
     series.csv                 one row per series: classification and decision
     gradings.*, subjects.*     pseudonymised copies of the --gradings / --subjects tables (empty when not given)
     landmarks.parquet / .csv   the --landmarks table's usable rows under scan ids (scan_id, kind, level, i, j, k,
-                               depth_mm; stages.landmarks), empty when not given
+                               depth_mm; stages.anatomy.landmarks), empty when not given
     landmark_rows.csv          every row of the --landmarks table by row number: used, or rejected with the reason
     summary.json               the counts
 
@@ -52,17 +52,23 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from stages import cli, landmarks, levels
-from stages import pseudonym as pn
-from stages.dicom_index import ClassifyRules, classify_series, fill_missing_uids, read_header, tie_break_key, walk
-from stages.dicom_volume import SeriesError, assemble, write_volume
-from stages.shards import shard_block, shard_count
+from stages.archive import pseudonym as pn
+from stages.archive.dicom_index import (
+    ClassifyRules,
+    classify_series,
+    fill_missing_uids,
+    read_header,
+    tie_break_key,
+    walk,
+)
+from stages.archive.dicom_volume import SeriesError, assemble, write_volume
+from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
+from stages.archive.manifest import MANIFEST_COLUMNS, QUARANTINED, SKIPPED, USED, write_table
+from stages.core import cli
+from stages.core.shards import shard_block, shard_count
 
 log = logging.getLogger("ingest")
 
-USED, SKIPPED, QUARANTINED = "used", "skipped", "quarantined"
-MAX_AGE = 90  # ages above 89 are identifying (HIPAA safe harbour): reported as 90
-IDENTITY_COLUMNS = re.compile(r"name|birth|dob|accession|address|phone|mrn|institution|date", re.I)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ def _age(record: dict[str, Any]) -> float:
         years = (study - birth).days / 365.25
     elif re.fullmatch(r"\d{3}Y", record["age"] or ""):
         years = float(record["age"][:3])
-    return float("nan") if years is None else float(min(int(years), MAX_AGE))
+    return float("nan") if years is None else float(min(int(years), pn.MAX_AGE))
 
 
 def build_scrubber(records: list[dict[str, Any]]) -> re.Pattern | None:
@@ -183,57 +189,6 @@ def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[st
     return f"labels/{scan_id}.nii.gz", ""
 
 
-def _pseudonymise_table(table: pd.DataFrame, key: bytes, what: str) -> pd.DataFrame:
-    """Hash the id columns (patient_id, study_uid, family_id), drop identity-like columns, cap ages."""
-    if "patient_id" not in table:
-        raise ValueError(f"the {what} table needs a patient_id column; it has {list(table.columns)}")
-    out = pd.DataFrame({"subject_id": [pn.subject_id(key, str(p)) for p in table["patient_id"]]})
-    if "study_uid" in table:
-        out["study_id"] = [pn.study_id(key, str(s)) for s in table["study_uid"]]
-    if "family_id" in table:
-        out["family_id"] = [pn.family_id(key, str(f)) for f in table["family_id"]]
-    for column in table.columns:
-        if column in {"patient_id", "study_uid", "family_id"} or IDENTITY_COLUMNS.search(column):
-            continue
-        values = table[column]
-        if "age" in column.lower() and pd.api.types.is_numeric_dtype(values):
-            values = values.clip(upper=MAX_AGE)
-        out[column] = values.to_numpy()
-    return out
-
-
-def _write_table(frame: pd.DataFrame, base: Path, parquet: bool = True) -> None:
-    base.parent.mkdir(parents=True, exist_ok=True)
-    if parquet:
-        frame.to_parquet(base.with_suffix(".parquet"), index=False)
-    frame.to_csv(base.with_suffix(".csv"), index=False)
-
-
-def read_landmark_table(path: Path | None, columns: dict[str, str] | None, count_from: str,
-                        first: str | None) -> pd.DataFrame | None:
-    """The landmark table read and normalised (stages.landmarks), None without one; a bad table raises
-    landmarks.LandmarkError at once, before any work."""
-    if path is None:
-        return None
-    return landmarks.normalise_landmarks(landmarks.read_landmarks(path, columns), count_from, first)
-
-
-def write_landmarks(out: Path, table: pd.DataFrame | None, scan_ids: dict[str, str],
-                    sizes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """landmarks.parquet / .csv (empty without a table) and landmark_rows.csv; returns their summary."""
-    if table is None:
-        marks, account = landmarks.empty_landmarks(), pd.DataFrame(columns=landmarks.ACCOUNT)
-    else:
-        marks, account = landmarks.pseudonymise_landmarks(table, scan_ids, sizes)
-    _write_table(marks, out / "landmarks")
-    account.to_csv(out / "landmark_rows.csv", index=False)
-    summary = landmarks.summarise_landmarks(account)
-    if table is not None:
-        log.info("landmark table: %d rows, %d used (%d scans), %d rejected (see landmark_rows.csv)", summary["rows"],
-                 summary["used"], marks.scan_id.nunique(), summary["rejected"])
-    return summary
-
-
 def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, workers: int = 1,
                  label_dir: Path | None = None, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
@@ -241,7 +196,7 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
                  level_first: str | None = None, files: list[Path] | None = None) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be written.
 
-    ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.landmarks), its columns
+    ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.anatomy.landmarks), its columns
     named as in ``landmark_columns`` (ours -> the table's), numeric levels counted from ``level_count_from`` starting
     at ``level_first``. ``files`` (a shard of the archive, see :func:`ingest_shard`) replaces walking the archive:
     then the accounting keeps each file's key and an empty result is no error."""
@@ -315,9 +270,9 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     series = pd.DataFrame(series_rows)
     series = series.sort_values("series").reset_index(drop=True) if len(series) else series
     if shard:  # the rest is written once, by merge_shards
-        _write_table(manifest, out / "manifest")
-        _write_table(accounting, out / "files")
-        _write_table(series, out / "series", parquet=False)
+        write_table(manifest, out / "manifest")
+        write_table(accounting, out / "files")
+        write_table(series, out / "series", parquet=False)
         log.info("shard: %d files, %d volumes", len(accounting), len(manifest))
         return {"files": len(accounting), "volumes": len(manifest)}
     return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
@@ -335,16 +290,16 @@ def file_key(key: bytes, root: Path, path: str | Path) -> str:
 def finish(out: Path, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFrame, series: pd.DataFrame,
            gradings: Path | None, subjects: Path | None, marks: pd.DataFrame | None) -> dict[str, Any]:
     """Write the manifest, the accounting, series.csv, the pseudonymised tables and landmarks, and the summary."""
-    _write_table(manifest, out / "manifest")
-    _write_table(accounting, out / "files")
-    _write_table(series, out / "series", parquet=False)
+    write_table(manifest, out / "manifest")
+    write_table(accounting, out / "files")
+    write_table(series, out / "series", parquet=False)
     tables = {}
     for name, path in (("gradings", gradings), ("subjects", subjects)):
         if path is None:  # written all the same, empty, so that later stages always find them
             table = pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
         else:
-            table = _pseudonymise_table(pd.read_csv(path, dtype={"patient_id": str, "family_id": str}), key, name)
-        _write_table(table, out / name)
+            table = pn.pseudonymise_table(pd.read_csv(path, dtype={"patient_id": str, "family_id": str}), key, name)
+        write_table(table, out / name)
         tables[name] = len(table)
     ingested = set(manifest.scan_id)
     scan_ids = {} if marks is None else {
@@ -492,12 +447,6 @@ def _reason_counts(reasons: pd.Series) -> dict[str, int]:
     return {k: int(v) for k, v in reasons.str.split(":").str[0].value_counts().items()}
 
 
-MANIFEST_COLUMNS = ["scan_id", "subject_id", "study_id", "days_since_first_study", "age_years", "sex", "modality",
-                    "field_strength_t", "manufacturer", "model", "echo_time_ms", "repetition_time_ms", "spacing_x",
-                    "spacing_y", "spacing_z", "size_x", "size_y", "size_z", "series_description", "n_source_files",
-                    "candidate_rank", "volume", "label_map", "label_problem"]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dicom-dir", type=Path, required=True, help="Root folder of the DICOM archive.")
@@ -526,47 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_section_options(parser, "ingest")
     cli.add_log_option(parser)
     return parser
-
-
-def _column_pair(text: str) -> tuple[str, str]:
-    """argparse type of --landmark-column: OURS=THEIRS, OURS one of the landmark table's columns."""
-    ours, sep, theirs = text.partition("=")
-    if not sep or not ours.strip() or not theirs.strip():
-        raise argparse.ArgumentTypeError(f"expected OURS=THEIRS (e.g. level=vertebra_name), got {text!r}")
-    if ours.strip() not in landmarks.OURS:
-        raise argparse.ArgumentTypeError(f"unknown landmark column {ours.strip()!r}; ours are "
-                                         f"{', '.join(landmarks.OURS)}")
-    return ours.strip(), theirs.strip()
-
-
-def add_landmark_options(parser: argparse.ArgumentParser, scan: str) -> None:
-    """--landmarks, --landmark-column, --level-count-from, --level-first (shared with stages.ingest_volumes)."""
-    group = parser.add_argument_group("landmark table (level centres standing in for the localiser; see "
-                                      "stages/landmarks.py)")
-    group.add_argument("--landmarks", type=Path, default=None,
-                       help=f"Optional CSV or Parquet table of level centres: scan ({scan}), slice, x, y, level, "
-                            "optional structure and depth_mm.")
-    group.add_argument("--landmark-column", type=_column_pair, action="append", default=[], metavar="OURS=THEIRS",
-                       help="The landmark table's name of one of our columns (scan, slice, x, y, level, structure, "
-                            "depth_mm), e.g. level=vertebra; repeatable.")
-    group.add_argument("--level-count-from", choices=levels.NUMBERINGS, default="top",
-                       help="Numeric levels count from the top or from the sacrum (default: top).")
-    group.add_argument("--level-first", choices=levels.VERTEBRAE, default=None,
-                       help="The vertebra numbered 1 (default: T12 counting from the top, L5 from the sacrum).")
-
-
-def landmark_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The landmark keyword arguments of ingest_dicom / ingest_volumes; a missing or bad table exits with code 2."""
-    columns = dict(args.landmark_column)
-    if args.landmarks is not None:
-        if not args.landmarks.is_file():
-            parser.error(f"--landmarks {args.landmarks} is not a file")
-        try:
-            read_landmark_table(args.landmarks, columns, args.level_count_from, args.level_first)
-        except (landmarks.LandmarkError, ValueError) as err:
-            parser.error(str(err))
-    return {"landmark_table": args.landmarks, "landmark_columns": columns, "level_count_from": args.level_count_from,
-            "level_first": args.level_first}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from stages import cli, levels
-from stages import pseudonym as pn
-from stages.ingest import MANIFEST_COLUMNS, MAX_AGE, QUARANTINED, USED, _write_table
+from stages.archive import pseudonym as pn
+from stages.archive.manifest import MANIFEST_COLUMNS, QUARANTINED, USED, write_table
+from stages.core import cli, levels
 
 log = logging.getLogger("ingest_crops")
 
@@ -219,14 +219,14 @@ def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -
     used = rows.iloc[crop_table["_row"].to_numpy()] if len(crop_table) else rows.iloc[:0]
     crop_table = crop_table.drop(columns="_row")
     accounting = pd.DataFrame(files, columns=["file", "status", "reason", "series"])
-    _write_table(crop_table, out / "crops")
-    _write_table(accounting, out / "files")
-    _write_table(manifest_of(crop_table, used), out / "manifest")
+    write_table(crop_table, out / "crops")
+    write_table(accounting, out / "files")
+    write_table(manifest_of(crop_table, used), out / "manifest")
     pd.DataFrame({"series": sorted(set(crop_table.scan_id)), "reasons": ""}).to_csv(out / "series.csv", index=False)
     gradings = gradings_of(crop_table, used, list(spec.labels))
     subjects = subjects_of(crop_table, used, key)
-    _write_table(gradings, out / "gradings")
-    _write_table(subjects, out / "subjects")
+    write_table(gradings, out / "gradings")
+    write_table(subjects, out / "subjects")
     counts = accounting.status.value_counts().to_dict()
     reasons_used = accounting[accounting.status == QUARANTINED].reason.str.split(":").str[0]
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
@@ -264,7 +264,7 @@ def manifest_of(crops: pd.DataFrame, used: pd.DataFrame) -> pd.DataFrame:
         subject_id=("subject_id", "first"), study_id=("study_id", "first"),
         days_since_first_study=("days_since_first_study", "min"), sex=("sex", "first"), age_years=("age", "first"),
         n_source_files=("crop_id", "size")).reset_index()
-    scans["age_years"] = scans.age_years.clip(upper=MAX_AGE)
+    scans["age_years"] = scans.age_years.clip(upper=pn.MAX_AGE)
     scans["modality"] = "MR"
     scans["candidate_rank"] = 0
     for column in ("volume", "label_map", "label_problem", "manufacturer", "model", "series_description"):
@@ -292,7 +292,7 @@ def subjects_of(crops: pd.DataFrame, used: pd.DataFrame, key: bytes) -> pd.DataF
                                                      age=("age", "first")).reset_index()
     out["family_id"] = [pn.family_id(key, str(f)) if f is not None and str(f).strip() else pn.family_id(key, s)
                         for f, s in zip(out.family, out.subject_id)]
-    out["age_years"] = out.age.clip(upper=MAX_AGE)
+    out["age_years"] = out.age.clip(upper=pn.MAX_AGE)
     return out[["subject_id", "family_id", "sex", "age_years"]]
 
 

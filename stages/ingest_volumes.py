@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from stages import cli
-from stages import pseudonym as pn
-from stages.ingest import (MANIFEST_COLUMNS, QUARANTINED, USED, _pseudonymise_table, _write_table,
-                           add_landmark_options, landmark_options, read_landmark_table, write_landmarks)
+from stages.archive import pseudonym as pn
+from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
+from stages.archive.manifest import MANIFEST_COLUMNS, QUARANTINED, USED, write_table
+from stages.core import cli
 
 log = logging.getLogger("ingest_volumes")
 
@@ -60,7 +60,7 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
                    landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
                    level_first: str | None = None) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be read, ValueError for a table
-    without image and subject columns. A landmark table (stages.landmarks) names scans by the ``image`` value."""
+    without image and subject columns. A landmark table (stages.anatomy.landmarks) names scans by the ``image`` value."""
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     table = pd.read_csv(table_path, dtype={"subject": str, "study": str})
     missing = {"image", "subject"} - set(table.columns)
@@ -132,15 +132,15 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest["age_years"] = pd.to_numeric(manifest.age_years, errors="coerce").clip(upper=90)
     accounting = pd.DataFrame(files)
-    _write_table(manifest, out / "manifest")
-    _write_table(accounting, out / "files")
+    write_table(manifest, out / "manifest")
+    write_table(accounting, out / "files")
     pd.DataFrame({"series": manifest.scan_id, "study_id": manifest.study_id, "reasons": ""}).to_csv(
         out / "series.csv", index=False)
     tables = {}
     for name, path in (("gradings", gradings), ("subjects", subjects)):
         frame = (pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
-                 if path is None else _pseudonymise_table(pd.read_csv(path, dtype=str), key, name))
-        _write_table(frame, out / name)
+                 if path is None else pn.pseudonymise_table(pd.read_csv(path, dtype=str), key, name))
+        write_table(frame, out / name)
         tables[name] = len(frame)
     sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
     landmark_summary = write_landmarks(out, marks, scan_ids, sizes)

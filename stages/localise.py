@@ -2,10 +2,10 @@
 
 A scan with a label map is localised from it (centre, spine axis, height, depth, width per level). A scan without
 one, or whose subject's label maps are withheld (``localise.withhold_label_fraction``, so that the demo runs both
-paths), is localised by the learned localiser (``stages.localiser``); on withheld scans its result is compared with
+paths), is localised by the learned localiser (``stages.anatomy.localiser``); on withheld scans its result is compared with
 the label map: centre error in mm (mean, 95th percentile) and level-labelling accuracy. A scan without a usable label
 map that has rows in ingest's landmark table (``landmarks.parquet``, a user's table of level centres) is localised
-from them instead of by the learned localiser (stages.landmarks), and compared with its label map likewise when that
+from them instead of by the learned localiser (stages.anatomy.landmarks), and compared with its label map likewise when that
 is withheld. Scans where localisation fails or is doubtful (missing levels, a transitional vertebra, levels out of
 order, implausible spacing) are listed in ``flags.csv`` with the reason, and later stages skip them.
 
@@ -13,7 +13,7 @@ Run:
     python -m stages.localise --ingest results/ingest --model results/localise/model/localiser.pt \\
         --out results/localise --threads 2
 
-Writes ``structures.parquet`` / ``.csv`` (one row per scan and structure; see stages.spine_structures),
+Writes ``structures.parquet`` / ``.csv`` (one row per scan and structure; see stages.anatomy.spine_structures),
 ``flags.csv`` (scan_id, source, reason), ``evaluation.csv`` (per withheld structure: error, level correct, source:
 learned or landmarks) and ``evaluation.json`` (the summary figures, with the number of scans from each source).
 """
@@ -33,12 +33,18 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from stages import cli
-from stages.shards import concat_tables, resolve_shard, shard_block
-from stages.landmarks import structures_from_landmarks
-from stages.localiser import (HeatmapUNet, LocaliseConfig, compare, predict_heatmaps, structures_from_heatmaps,
-                              withheld_subjects)
-from stages.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
+from stages.anatomy.landmarks import structures_from_landmarks
+from stages.anatomy.localiser import (
+    HeatmapUNet,
+    LocaliseConfig,
+    compare,
+    predict_heatmaps,
+    structures_from_heatmaps,
+    withheld_subjects,
+)
+from stages.anatomy.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
+from stages.core import cli
+from stages.core.shards import concat_tables, resolve_shard, shard_block
 
 log = logging.getLogger("localise")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages import cli
-from stages.localiser import LocaliseConfig, train, training_samples, withheld_subjects
+from stages.anatomy.localiser import LocaliseConfig, train, training_samples, withheld_subjects
+from stages.core import cli
 
 log = logging.getLogger("localiser_train")
 

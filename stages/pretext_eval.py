@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from stages import cli
-from stages.levels import VERTEBRAE
-from stages.pretrain import VolumeStore
-from stages.siamese import EncoderSpec, SiameseNet
+from stages.core import cli
+from stages.core.levels import VERTEBRAE
+from stages.nets.siamese import EncoderSpec, SiameseNet
+from stages.training.store import VolumeStore
 
 log = logging.getLogger("pretext_eval")
 PAPER = {"cohort": "TwinsUK (Jamaludin et al. 2017, section 4.1)", "auc": 0.946, "level_accuracy": 0.978}

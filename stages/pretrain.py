@@ -2,7 +2,7 @@
 
 The harness (device, data, optimiser, plateau schedule, checkpoints, DDP, metrics) is shared by every method; a method
 supplies its model, how to load a batch of its samples, and its loss. Methods: ``siamese`` (Jamaludin et al. 2017:
-longitudinal pairs of vertebral bodies, contrastive + class-balanced level loss; see stages/siamese.py).
+longitudinal pairs of vertebral bodies, contrastive + class-balanced level loss; see stages/nets/siamese.py).
 
 Data: the self-supervision train and validation parts of ``splits/pairs.parquet`` over ``extract/vertebrae.npy``
 (read as a memory map; batches are read ahead by a background thread). Every volume row the run may read is checked
@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import os
-import queue
 import random
 import shutil
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,19 +51,16 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from stages.augment import AugmentRanges, augment_pairs, sample_pair_params
-from stages.levels import VERTEBRAE
-from stages.siamese import BalancedCrossEntropy, ContrastiveLoss, EncoderSpec, SiameseNet, class_balanced_weights
+from stages.core import runtime
+from stages.core.levels import VERTEBRAE
+from stages.nets.siamese import BalancedCrossEntropy, ContrastiveLoss, EncoderSpec, SiameseNet, class_balanced_weights
+from stages.training.augment import AugmentRanges, augment_pairs, sample_pair_params
+from stages.training.store import TRAIN_PARTS, Prefetcher, VolumeStore
 
 log = logging.getLogger("pretrain")
-TRAIN_PARTS = ("train", "val")
 METRIC_COLUMNS = ["epoch", "split", "step", "lr", "loss", "contrastive", "level_loss", "level_accuracy",
                   "positive_distance", "negative_distance", "samples", "seconds", "samples_per_s", "data_wait_share"]
 TIMING_COLUMNS = ("seconds", "samples_per_s", "data_wait_share")
-
-
-class LeakageError(RuntimeError):
-    """Pretraining was about to read a volume it must never see."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ class PretrainConfig:
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> PretrainConfig:
-        from stages.config import section_config
+        from stages.core.config import section_config
         return section_config(cls, "pretrain", section)
 
     def augment_ranges(self) -> AugmentRanges:
@@ -115,129 +109,6 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-class VolumeStore:
-    """The vertebral-body array store of the extract stage, opened read-only, with the rows this run may read.
-
-    ``allowed_parts``: the self-supervision parts whose volumes may be read. Rows of downstream validation or test
-    subjects are never allowed, whatever their self-supervision part.
-    """
-
-    def __init__(self, splits: Path, extract: Path, allowed_parts: tuple[str, ...] = TRAIN_PARTS):
-        self.volumes = pd.read_parquet(splits / "volumes.parquet")
-        pairs = pd.read_parquet(splits / "pairs.parquet")
-        self.path = extract / "vertebrae.npy"
-        self.array = np.load(self.path, mmap_mode="r")
-        bodies = self.volumes[self.volumes.kind == "vertebra"].set_index("row").sort_index()
-        if not bodies.index.is_unique:
-            raise ValueError(f"{splits / 'volumes.parquet'} lists a vertebra row twice: re-run the splits stage")
-        if len(bodies) and (bodies.index.max() >= len(self.array) or bodies.index.min() < 0):
-            raise ValueError(f"{splits / 'volumes.parquet'} names rows outside {extract / 'vertebrae.npy'} "
-                             f"({len(self.array)} rows): the splits and the extraction are from different runs")
-        self.level = np.full(len(self.array), -1, dtype=np.int64)
-        rows = bodies.index.to_numpy(dtype=np.int64)
-        self.level[rows] = bodies.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}).to_numpy(dtype=np.int64)
-        self.allowed = np.zeros(len(self.array), dtype=bool)
-        ok = bodies.ssl_part.isin(allowed_parts) & ~bodies.downstream_part.isin(["val", "test"])
-        self.allowed[rows[ok.to_numpy(dtype=bool)]] = True
-        self.pairs = {part: pairs[pairs.part == part].reset_index(drop=True) for part in allowed_parts}
-        self.bodies = bodies
-        self.check()
-
-    def digest(self) -> str:
-        """A fingerprint of what this store serves: the pairs, the volumes' levels and parts, and the array file's
-        size and modification time (a re-run extraction changes it), so a checkpoint never resumes on other data."""
-        h = hashlib.sha256()
-        for part, pairs in sorted(self.pairs.items()):
-            h.update(part.encode())
-            h.update(pairs[["a", "b"]].to_numpy(dtype=np.int64).tobytes())
-            h.update(pairs.positive.to_numpy(dtype=bool).tobytes())
-        h.update(self.level.tobytes())
-        h.update(self.allowed.tobytes())
-        stat = self.path.stat()
-        h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return h.hexdigest()[:20]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(slices, rows, columns) of one volume."""
-        return tuple(self.array.shape[1:])
-
-    def check(self) -> None:
-        """Every pair of every allowed part joins two allowed rows of the same part: else :class:`LeakageError`."""
-        for part, pairs in self.pairs.items():
-            rows = np.concatenate([pairs.a.to_numpy(), pairs.b.to_numpy()]).astype(np.int64)
-            if len(rows) == 0:
-                continue
-            if rows.min() < 0 or rows.max() >= len(self.array):
-                raise ValueError(f"pairs of part {part} name rows outside the array store ({len(self.array)} rows)")
-            bad = rows[~self.allowed[rows]]
-            if len(bad):
-                info = self.bodies.reindex(bad[:5])[["ssl_part", "downstream_part"]].to_dict("records")
-                raise LeakageError(f"pairs of self-supervision part {part!r} reach {len(bad)} volume(s) pretraining "
-                                   f"must not read (first: rows {bad[:5].tolist()}, {info}); re-run the splits stage")
-            wrong_part = self.bodies.loc[rows, "ssl_part"].to_numpy() != part
-            if wrong_part.any():
-                raise LeakageError(f"pairs of part {part!r} reach volumes of another part (rows "
-                                   f"{rows[wrong_part][:5].tolist()})")
-
-    def load(self, rows: np.ndarray) -> np.ndarray:
-        """Volumes of ``rows`` as float32 ``(n, S, H, W)``; refuses any row this store does not allow."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if not self.allowed[rows].all():
-            raise LeakageError(f"refusing to read rows {rows[~self.allowed[rows]][:5].tolist()}: not in the parts "
-                               "this run may read")
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self.shape), dtype=np.float32)
-        out[order] = self.array[rows[order]]
-        return out
-
-
-class Prefetcher:
-    """Runs ``load`` for each item of ``items`` in a background thread, ``depth`` ahead, and measures how long the
-    consumer waits (the data-wait share of the step time). ``close()`` stops the thread when the consumer leaves
-    early (``--max-steps``)."""
-
-    def __init__(self, load: Callable[[Any], Any], items: list[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._items = items
-        self._stop = threading.Event()
-        self.wait_seconds = 0.0
-        self._thread = threading.Thread(target=self._run, args=(load,), daemon=True)
-        self._thread.start()
-
-    def _put(self, value: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(value, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self, load: Callable[[Any], Any]) -> None:
-        try:
-            for item in self._items:
-                if self._stop.is_set():
-                    return
-                self._put(load(item))
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            self._put(err)
-
-    def __iter__(self) -> Iterator[Any]:
-        for _ in self._items:
-            start = time.perf_counter()
-            batch = self._queue.get()
-            self.wait_seconds += time.perf_counter() - start
-            if isinstance(batch, BaseException):
-                raise batch
-            yield batch
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 # -------------------------------------------------------------------------------------------------------- methods
@@ -383,13 +254,8 @@ class World:
 
 
 def select_device(requested: str, world: World) -> torch.device:
-    """CUDA (this process's GPU) when asked for or, with ``auto``, when present; else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain.device is cuda but PyTorch sees no GPU (torch.cuda.is_available() is False)")
-    if requested in ("cuda", "auto") and torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
-        return torch.device("cuda", world.local_rank)
-    return torch.device("cpu")
+    """This process's device (stages.core.runtime.select_device): its own GPU among several."""
+    return runtime.select_device(requested, "pretrain.device", world.local_rank)
 
 
 @dataclass
@@ -664,9 +530,9 @@ def write_outputs(out: Path, method: Method, ckpt: dict[str, Any], metrics: pd.D
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # stages.cli (and jsonschema behind it) is imported here, not at the top: the GPU benchmark imports this module
+    # stages.core.cli (and jsonschema behind it) is imported here, not at the top: the GPU benchmark imports this module
     # on machines that have PyTorch but not the workflow's other packages
-    from stages import cli
+    from stages.core import cli
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help="Pretraining method.")
     parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
@@ -681,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages import cli
+    from stages.core import cli
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser))

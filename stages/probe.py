@@ -6,13 +6,13 @@ Models (Jamaludin et al. 2017, section 4.2; Hou et al. 2023):
   from the features stage (``--features``), feed two heads trained on the label subset: ``linear`` (logistic
   regression on standardised features, class-balanced, its L2 strength chosen from ``linear_c`` by cross-validation
   grouped by subject) and ``mlp`` (one hidden layer, class-balanced, fixed epochs);
-- end to end (``--end-to-end``): the same network (stages/disc_net.py) trained on the label subset, from random
+- end to end (``--end-to-end``): the same network (stages/nets/disc_net.py) trained on the label subset, from random
   weights (``scratch``) or from a pretrained encoder (``--encoder``: fine-tuning), with early stopping on the
   downstream validation part.
 
 Training samples are the labelled samples of the subset's subjects (all their scans); the test samples are those of
 the downstream test subjects. Before anything is trained the stage checks that every training subject is a downstream
-training subject of the subset (:class:`stages.probe_data.LeakageError` otherwise).
+training subject of the subset (:class:`stages.evaluation.probe_data.LeakageError` otherwise).
 
 Run:
     python -m stages.probe --model siamese --task grade --fraction 0.358 --subset-seed 0 --splits results/splits \\
@@ -36,12 +36,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages import cli
-from stages.heads import Head, Standardiser, fit_head, grouped_folds
-from stages.levels import VERTEBRAE
-from stages.metrics import average_class_accuracy, binary_metrics, confusion
-from stages.probe_data import (TASKS, LeakageError, ProbeConfig, Task, check_training_subjects, label_subset,
-                               task_samples)
+from stages.core import cli
+from stages.core.levels import VERTEBRAE
+from stages.evaluation.metrics import average_class_accuracy, binary_metrics, confusion
+from stages.evaluation.probe_data import (
+    TASKS,
+    LeakageError,
+    ProbeConfig,
+    Task,
+    check_training_subjects,
+    label_subset,
+    task_samples,
+)
+from stages.nets.heads import Head, Standardiser, fit_head, grouped_folds
 
 log = logging.getLogger("probe")
 
@@ -151,8 +158,10 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
     elif end_to_end:
         if extract is None:
             raise ValueError("end-to-end training needs --extract")
-        from stages.disc_net import train_and_predict   # PyTorch: end to end only
-        from stages.disc_net import save_net
+        from stages.nets.disc_net import (
+            save_net,
+            train_and_predict,  # PyTorch: end to end only
+        )
         proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, extract, encoder,
                                                        cfg.fit_config(seed), cfg.device, (width, embedding_dim))
         history.to_csv(_mk(out) / "history.csv", index=False)

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages import cli
-from stages.metrics import average_class_accuracy, binary_metrics
-from stages.probe_data import TASKS, label_subset, run_folder
+from stages.core import cli
+from stages.evaluation.metrics import average_class_accuracy, binary_metrics
+from stages.evaluation.probe_data import TASKS, label_subset, run_folder
 
 log = logging.getLogger("probe_summary")
 METRICS = {"grade": ("average_class_accuracy", "accuracy"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from stages import cli
+from stages.core import cli
 
 
 def render(config: dict[str, Any]) -> tuple[str, str]:

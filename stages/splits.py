@@ -8,7 +8,7 @@ Splits are by family (twins together), so by subject (Jamaludin et al. 2017, sec
   validation or test part, so no downstream test subject is ever seen by pretraining, not even unlabelled. This is
   checked in code (the stage fails if it is not so), and stated in ``summary.json``.
 - Label-fraction subsets of the downstream training part are drawn by the probe jobs themselves
-  (stages/probe_data.py), so that adding a subset to the config re-runs nothing that exists.
+  (stages/evaluation/probe_data.py), so that adding a subset to the config re-runs nothing that exists.
 
 Pairs (vertebral bodies, same level only): positives are the same subject in two different studies (every pair of
 its studies), with the years between them; negatives are the same level of two different subjects of the same part,
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages import cli
-from stages.config import section_config
+from stages.core import cli
+from stages.core.config import section_config
 
 log = logging.getLogger("splits")
 SSL_PARTS = ("train", "val", "test")

@@ -1,7 +1,7 @@
 """Stage supervised: the supervised-transfer encoder, the "upper bound" of Jamaludin et al. 2017 (section 4.2).
 
 The pretraining network is trained *with labels* over the self-supervision training part (validation: the
-self-supervision validation part): the Pfirrmann grade of each graded disc from its two bodies (stages/disc_net.py)
+self-supervision validation part): the Pfirrmann grade of each graded disc from its two bodies (stages/nets/disc_net.py)
 plus the vertebral level of each body, both class-balanced. Its encoder is then frozen and probed like the
 self-supervised ones. It sees the grades of every graded training subject there, whatever the label subset: that is
 what makes it an upper bound, not a fair competitor. No downstream validation or test subject is ever in the
@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages import cli
-from stages.disc_net import BodyReader, DiscNet, fit, select_device
-from stages.levels import VERTEBRAE
-from stages.probe_data import TASKS, ProbeConfig, check_training_subjects, task_samples
-from stages.siamese import EncoderSpec
+from stages.core import cli
+from stages.core.levels import VERTEBRAE
+from stages.core.runtime import select_device
+from stages.evaluation.probe_data import TASKS, ProbeConfig, check_training_subjects, task_samples
+from stages.nets.disc_net import BodyReader, DiscNet, fit
+from stages.nets.siamese import EncoderSpec
 
 log = logging.getLogger("supervised")
 GRADES = np.arange(1, 6)
@@ -64,7 +65,7 @@ def run(splits: Path, extract: Path, out: Path, cfg: ProbeConfig, width: float, 
     log.info("supervised pretraining on %d graded discs (%d subjects), validation %d discs", len(train),
              train.subject_id.nunique(), len(val))
     net, history = fit(net, train, val, read, len(GRADES), cfg.fit_config(cfg.seed, cfg.level_loss_weight),
-                       select_device(cfg.device))
+                       select_device(cfg.device, "probe_training.device"))
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"method": "supervised", "spec": spec.to_dict(), "state_dict": net.encoder.cpu().state_dict()},
                out / "encoder.pt")

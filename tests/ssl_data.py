@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import levels
+from stages.core import levels
 from stages.splits import SplitConfig, assign_parts, make_pairs, volume_labels
 
 SHAPE = (5, 48, 48)   # slices, rows, columns: the smallest the Siamese network takes

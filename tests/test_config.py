@@ -1,19 +1,17 @@
 from __future__ import annotations
 
 import importlib
-
 import shlex
 import subprocess
 import sys
 
 import pytest
 import yaml
-
-from stages.cli import section_options
-from stages.config import ConfigError, fill_defaults, load_schema, validate_config
-from stages.demo_cohort import build_parser
-
 from conftest import ROOT
+
+from stages.core.cli import section_options
+from stages.core.config import ConfigError, fill_defaults, load_schema, validate_config
+from stages.demo_cohort import build_parser
 
 
 def _load(path):

@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT
 from crop_cohort import COLUMNS, N_BAD, write_crop_cohort
-from stages import levels
-from stages.extract import ExtractConfig
+from test_workflow import snakemake
+
+from stages.anatomy.crops import ExtractConfig
+from stages.core import levels
 from stages.extract_crops import core_median, extract_crops, fit
 from stages.ingest_crops import CropTableSpec, ingest_crops, read_image
-from test_workflow import snakemake
 
 KEY = b"crop-table-test-key-0123456789"
 SPEC = CropTableSpec(columns=COLUMNS, labels={"pfirrmann": (1, 5), "herniation": (0, 1)}, count_from="sacrum")

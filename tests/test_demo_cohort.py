@@ -11,12 +11,11 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from stages import phantom as ph
-from stages.demo_cohort import DemoConfig, generate, plan_cohort
-from stages.synth_dicom import read_volume
-
 from conftest import TINY
+
+from stages.demo import phantom as ph
+from stages.demo.synth_dicom import read_volume
+from stages.demo_cohort import DemoConfig, generate, plan_cohort
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
             "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "EchoTime", "RepetitionTime",

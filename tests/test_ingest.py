@@ -16,17 +16,16 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import ROOT
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from stages import pseudonym as pn
-from stages.dicom_index import ClassifyRules, read_header, walk
-from stages.dicom_volume import SeriesError, assemble
+from stages.archive import pseudonym as pn
+from stages.archive.dicom_index import ClassifyRules, read_header, walk
+from stages.archive.dicom_volume import SeriesError, assemble
 from stages.ingest import ingest_dicom
-
-from conftest import ROOT
 
 CT_SERIES = ROOT.parent / "shared" / "fixtures" / "siemens_ct_series"
 RULES = ClassifyRules.from_config()

@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-
-from stages import pseudonym as pn
-from stages.ingest_volumes import ingest_volumes
-
 from conftest import ROOT
+
+from stages.archive import pseudonym as pn
+from stages.ingest_volumes import ingest_volumes
 
 KEY = b"another key of at least sixteen bytes"
 

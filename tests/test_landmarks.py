@@ -13,21 +13,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
-from stages import landmarks, levels
-from stages import pseudonym as pn
-from stages.dicom_index import ClassifyRules
-from stages.extract import extract
-from stages.ingest import ingest_dicom
-from stages.ingest_volumes import ingest_volumes
-from stages.localise import run as localise
-from stages.localiser import LocaliseConfig
-from stages.spine_structures import check_structures, structures_from_label_map
-
 from conftest import ROOT
 from test_ingest import _output_texts
 from test_ingest_volumes import _spider_like
 from test_localise_extract import EXTRACT, pipeline  # noqa: F401 - the label-map path, as a fixture
+
+from stages.anatomy import landmarks
+from stages.anatomy.localiser import LocaliseConfig
+from stages.anatomy.spine_structures import check_structures, structures_from_label_map
+from stages.archive import pseudonym as pn
+from stages.archive.dicom_index import ClassifyRules
+from stages.core import levels
+from stages.extract import extract
+from stages.ingest import ingest_dicom
+from stages.ingest_volumes import ingest_volumes
+from stages.localise import run as localise
 
 # The user's column names for ours (--landmark-column OURS=THEIRS).
 THEIRS = {"scan": "SeriesUID", "slice": "z_index", "x": "col", "y": "row", "level": "name", "structure": "part",

@@ -12,16 +12,17 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion
 
-from stages import levels
-from stages import pseudonym as pn
+from stages.anatomy.crops import ExtractConfig, crop
+from stages.anatomy.localiser import LocaliseConfig
+from stages.anatomy.spine_structures import check_structures, structures_from_label_map
+from stages.archive import pseudonym as pn
+from stages.archive.dicom_index import ClassifyRules
+from stages.core import levels
 from stages.demo_cohort import DemoConfig, generate
-from stages.dicom_index import ClassifyRules
-from stages.extract import ExtractConfig, crop, extract
+from stages.extract import extract
 from stages.ingest import ingest_dicom
 from stages.localise import run as localise
-from stages.localiser import LocaliseConfig
 from stages.localiser_train import run as train_localiser
-from stages.spine_structures import check_structures, structures_from_label_map
 
 EXTRACT = ExtractConfig.from_config({"vertebra_size": [32, 32, 5], "disc_size": [16, 32, 5], "axial_size": [16, 16]})
 
@@ -243,7 +244,7 @@ def test_sharded_localisation_and_extraction_equal_one_job(pipeline, tmp_path):
 
 
 def test_shard_blocks_cover_every_scan_once():
-    from stages.shards import parse_shard, shard_block, shard_count
+    from stages.core.shards import parse_shard, shard_block, shard_count
 
     for n_items in (0, 1, 7, 100):
         for n in (1, 3, 8):
@@ -260,7 +261,7 @@ def test_shard_blocks_cover_every_scan_once():
 
 
 def test_arrays_merge_a_chunk_at_a_time(tmp_path):
-    from stages.shards import concat_arrays
+    from stages.core.shards import concat_arrays
 
     parts = [np.random.default_rng(i).random((n, 2, 3)).astype(np.float16) for i, n in enumerate((5, 0, 7))]
     for i, part in enumerate(parts):
@@ -279,7 +280,8 @@ def test_a_shard_job_counts_the_shards_from_the_manifest(pipeline, tmp_path):
     import sys
 
     from conftest import ROOT
-    from stages.shards import resolve_shard
+
+    from stages.core.shards import resolve_shard
 
     n_scans = len(pd.read_parquet(pipeline["ingest"] / "manifest.parquet"))
     assert resolve_shard("1", 6, n_scans) == (1, -(-n_scans // 6))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
-from stages.metrics import average_class_accuracy, binary_metrics, bootstrap_interval, confusion, roc_auc
+from stages.evaluation.metrics import average_class_accuracy, binary_metrics, bootstrap_interval, confusion, roc_auc
 
 
 def _from_matrix(matrix: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

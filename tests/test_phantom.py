@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages import phantom as ph
-from stages.synth_dicom import stack
+from stages.demo import phantom as ph
+from stages.demo.synth_dicom import stack
 
 MATRIX, FOV = 128, 300.0
 

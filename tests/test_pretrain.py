@@ -15,12 +15,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT
 from ssl_data import write_ssl_data
-from stages.pretrain import (METRIC_COLUMNS, TIMING_COLUMNS, LeakageError, PretrainConfig, VolumeStore, World,
-                             batches_of_epoch, resumable, run_identity, train)
+
+from stages.core.errors import LeakageError
 from stages.pretext_eval import run as pretext_run
+from stages.pretrain import (
+    METRIC_COLUMNS,
+    TIMING_COLUMNS,
+    PretrainConfig,
+    World,
+    batches_of_epoch,
+    resumable,
+    run_identity,
+    train,
+)
+from stages.training.store import VolumeStore
 
 SMALL = dict(width=0.125, embedding_dim=32, batch_size=16, threads=1, device="cpu", checkpoint_every=2)
 
@@ -146,7 +156,7 @@ def test_ddp_with_two_gloo_processes_equals_one_process(data, tmp_path):
         assert np.allclose(one[column], two[column], rtol=1e-4), column
     # the weight change after two SGD steps is a function of the gradients: it must agree
     torch.manual_seed(0)
-    from stages.siamese import EncoderSpec, SiameseNet
+    from stages.nets.siamese import EncoderSpec, SiameseNet
     spec = torch.load(tmp_path / "one" / "encoder.pt", weights_only=False)["spec"]
     start = SiameseNet(EncoderSpec(**spec)).encoder.state_dict()
     w1, w2 = _encoder(tmp_path / "one"), _encoder(tmp_path / "two")
@@ -205,7 +215,7 @@ def test_a_checkpoint_resumes_across_runtime_settings_but_not_across_the_maths()
 
 
 def test_the_prefetcher_reads_ahead_in_order_passes_errors_on_and_stops_when_left_early():
-    from stages.pretrain import Prefetcher
+    from stages.training.store import Prefetcher
     assert list(Prefetcher(lambda i: i * i, list(range(10)), depth=2)) == [i * i for i in range(10)]
 
     def broken(i: int) -> int:

@@ -12,10 +12,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from stages import levels
-from stages.heads import balanced_weights, fit_head, grouped_folds
+from stages.core import levels
+from stages.evaluation.probe_data import TASKS, LeakageError, label_subset, run_folder, task_samples
+from stages.nets.heads import balanced_weights, fit_head, grouped_folds
 from stages.probe import ProbeConfig, run
-from stages.probe_data import TASKS, LeakageError, label_subset, run_folder, task_samples
 from stages.probe_summary import bootstrap, label_efficiency, load_runs, summarise
 from stages.splits import SplitConfig, assign_parts, volume_labels
 
@@ -146,7 +146,8 @@ def test_end_to_end_from_scratch_is_seeded_and_learns(data, tmp_path):
     assert history.kept.sum() == 1 and len(history) <= 6
     # the saved network (model.npz, for Grad-CAM) is the one that made the job's predictions
     import torch
-    from stages.disc_net import load_net
+
+    from stages.nets.disc_net import load_net
     net = load_net(np.load(tmp_path / "one" / "model.npz"))
     bodies = np.load(data / "extract" / "vertebrae.npy")
     first = p1.iloc[:5]
@@ -265,7 +266,7 @@ def test_results_summary_and_label_efficiency_from_job_folders(tmp_path):
 def test_fine_tuning_starts_from_the_given_encoder(data, tmp_path):
     import torch
 
-    from stages.siamese import EncoderSpec, VggM3dEncoder
+    from stages.nets.siamese import EncoderSpec, VggM3dEncoder
     torch.manual_seed(5)
     encoder = VggM3dEncoder(EncoderSpec(slices=SHAPE[0], height=SHAPE[1], width_px=SHAPE[2], width=0.125,
                                         embedding_dim=32))
@@ -278,7 +279,8 @@ def test_fine_tuning_starts_from_the_given_encoder(data, tmp_path):
 
 
 def test_the_supervised_encoder_learns_only_from_self_supervision_training_and_validation(data, tmp_path):
-    from stages.supervised import run as supervised, training_samples
+    from stages.supervised import run as supervised
+    from stages.supervised import training_samples
     subjects = pd.read_parquet(data / "splits" / "subjects.parquet")
     volumes = pd.read_parquet(data / "splits" / "volumes.parquet")
     train, val = training_samples(volumes, subjects)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from stages.config import load_schema
-
 from conftest import ROOT
+
+from stages.core.config import load_schema
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

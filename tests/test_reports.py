@@ -13,19 +13,19 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
-
-from stages import figures, gradcam, levels
-from stages.disc_net import DiscNet, load_net, save_net
-from stages.embeddings import bodies_of_test_part
-from stages.features import embed_all, random_encoder
-from stages.heads import Head, fit_head
-from stages.metrics import roc_curve
-from stages.probe import run as run_probe
-from stages.probe_data import run_folder
-from stages.report_config import render
-from stages.siamese import EncoderSpec, VggM3dEncoder
 from test_probes import FAST, SHAPE, write_probe_data
 
+from stages import figures, gradcam
+from stages.core import levels
+from stages.embeddings import bodies_of_test_part
+from stages.evaluation.metrics import roc_curve
+from stages.evaluation.probe_data import run_folder
+from stages.features import embed_all
+from stages.nets.disc_net import DiscNet, load_net, save_net
+from stages.nets.heads import Head, fit_head
+from stages.nets.siamese import EncoderSpec, VggM3dEncoder, random_encoder
+from stages.probe import run as run_probe
+from stages.report_config import render
 
 # --- Grad-CAM against the definitions -----------------------------------------------------------------------------
 

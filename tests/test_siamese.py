@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from stages.augment import AugmentRanges, affine_matrices, augment_pairs, sample_pair_params
-from stages.siamese import (BalancedCrossEntropy, ContrastiveLoss, EncoderSpec, SiameseNet, VggM3dEncoder,
-                            class_balanced_weights)
+from stages.nets.siamese import (
+    BalancedCrossEntropy,
+    ContrastiveLoss,
+    EncoderSpec,
+    SiameseNet,
+    VggM3dEncoder,
+    class_balanced_weights,
+)
+from stages.training.augment import AugmentRanges, affine_matrices, augment_pairs, sample_pair_params
 
 
 def test_contrastive_loss_matches_the_equation_written_as_a_loop():

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import levels
-from stages.probe_data import label_subset
+from stages.core import levels
+from stages.evaluation.probe_data import label_subset
 from stages.splits import SplitConfig, assign_parts, check_leakage, make_pairs, volume_labels
 
 CFG = SplitConfig.from_config()

@@ -17,9 +17,8 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from matplotlib.image import imread
-
 from conftest import ROOT
+from matplotlib.image import imread
 
 BIN = Path(sys.executable).parent
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"

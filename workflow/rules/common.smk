@@ -3,7 +3,8 @@
 import json
 import os
 
-from stages.cli import section_options
+from stages.core.cli import section_options
+from stages.core.imports import local_imports
 
 RESULTS = config["results"]
 ENV = "../../envs/spine-ssl.yaml"
@@ -26,9 +27,10 @@ def bench(stage, name):
     return "/".join([RESULTS, "benchmarks", stage, f"{name}.tsv"])
 
 
-def src(module):
-    """The source file of a stage module, listed among a rule's inputs so that a code change re-runs it."""
-    return os.path.join(BASEDIR, "stages", f"{module}.py")
+def code(stage):
+    """The source files of ``stages.<stage>`` and of every stage module it imports, transitively: a rule's ``code``
+    input, so that a change in any of them re-runs the rule (stages/core/imports.py)."""
+    return [os.path.join(BASEDIR, path) for path in local_imports(BASEDIR, stage)]
 
 
 def demo_options():
@@ -138,7 +140,7 @@ def n_shards():
     its index and the scans per shard, and the stage counts the shards itself (a cluster job cannot ask a checkpoint
     in its params)."""
     import pandas as pd
-    from stages.shards import shard_count
+    from stages.core.shards import shard_count
     manifest = checkpoints.ingest.get().output.manifest
     return shard_count(len(pd.read_parquet(manifest, columns=["scan_id"])), config["scale"]["scans_per_shard"])
 
@@ -171,7 +173,7 @@ END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
 
 def probe_targets():
     """metrics.json of every probe job: (model, task, label subset, seed); the level task for frozen encoders only."""
-    from stages.probe_data import run_folder
+    from stages.evaluation.probe_data import run_folder
     return [out("probes", "runs", run_folder(model, task, fraction, seed), "metrics.json")
             for model in FROZEN + END_TO_END for task in PROBES["tasks"]
             if not (task == "level" and model in END_TO_END)
@@ -188,7 +190,7 @@ GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks
 
 def report_run(model):
     """The probe job folder the report explains for ``model``: REPORT_TASK, the largest label fraction, seed 0."""
-    from stages.probe_data import run_folder
+    from stages.evaluation.probe_data import run_folder
     return out("probes", "runs", run_folder(model, REPORT_TASK, max(PROBES["label_fractions"]), 0))
 
 
@@ -212,7 +214,7 @@ def training_flags(wildcards, input):
 
 def gradcam_inputs(wildcards):
     model = wildcards.model
-    inputs = {"code": [src("gradcam"), src("heads"), src("disc_net"), src("siamese"), src("features")],
+    inputs = {"code": code("gradcam"),
               "model": os.path.join(report_run(model), "model.npz"), "masks": out("report", "gradcam", "disc_masks.npz"),
               "vertebrae": out("extract", "vertebrae.npy")}
     if model in FROZEN and model != "random":

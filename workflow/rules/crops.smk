@@ -5,7 +5,7 @@
 rule ingest:
     input:
         unpack(crops_inputs),
-        code=[src("ingest_crops"), src("ingest"), src("levels"), src("pseudonym")],
+        code=code("ingest_crops"),
     output:
         crops=directory(out("ingest", "crops")),
         crop_table=out("ingest", "crops.parquet"),
@@ -35,7 +35,7 @@ rule ingest:
 
 rule extract:
     input:
-        code=[src("extract_crops"), src("extract")],
+        code=code("extract_crops"),
         crops=rules.ingest.output.crops,
         crop_table=rules.ingest.output.crop_table,
     output:
@@ -64,7 +64,7 @@ rule extract:
 
 rule extract_qc:
     input:
-        code=src("extract_qc"),
+        code=code("extract_qc"),
         index=rules.extract.output.index,
         vertebrae=rules.extract.output.vertebrae,
         discs=rules.extract.output.discs,

@@ -3,7 +3,7 @@
 
 rule demo_cohort:
     input:
-        code=[src("demo_cohort"), src("phantom"), src("synth_dicom")],
+        code=code("demo_cohort"),
     output:
         dicom=directory(out("demo_cohort", "dicom")),
         labels=directory(out("demo_cohort", "truth", "labels")),
@@ -32,7 +32,7 @@ rule demo_cohort:
 
 rule demo_montage:
     input:
-        code=src("demo_montage"),
+        code=code("demo_montage"),
         dicom=rules.demo_cohort.output.dicom,
         studies=rules.demo_cohort.output.studies,
         gradings=rules.demo_cohort.output.gradings,

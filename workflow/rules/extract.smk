@@ -3,7 +3,7 @@
 
 rule extract_shard:
     input:
-        code=[src("extract"), src("spine_structures"), src("shards")],
+        code=code("extract"),
         manifest=rules.ingest.output.manifest,
         volumes=rules.ingest.output.volumes,
         structures=rules.localise.output.structures,
@@ -40,7 +40,7 @@ rule extract_shard:
 
 rule extract:
     input:
-        code=[src("extract"), src("shards")],
+        code=code("extract"),
         index=lambda wildcards: shard_files("extract", "index.parquet"),
         arrays=lambda wildcards: [f for name in ("vertebrae", "discs", "axial")
                                   for f in shard_files("extract", f"{name}.npy")],
@@ -69,7 +69,7 @@ rule extract:
 
 rule extract_qc:
     input:
-        code=src("extract_qc"),
+        code=code("extract_qc"),
         manifest=rules.ingest.output.manifest,
         structures=rules.localise.output.structures,
         flags=rules.localise.output.flags,

@@ -10,7 +10,7 @@ if ingest_stage() == "ingest":
     checkpoint ingest_plan:
         input:
             unpack(ingest_plan_inputs),
-            code=[src("ingest"), src("dicom_index"), src("pseudonym"), src("shards")],
+            code=code("ingest"),
         output:
             plan=out("ingest", "plan", "plan.parquet"),
             summary=out("ingest", "plan", "plan.json"),
@@ -35,7 +35,7 @@ if ingest_stage() == "ingest":
     rule ingest_shard:
         input:
             unpack(ingest_shard_inputs),
-            code=[src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym"), src("shards")],
+            code=code("ingest"),
             plan=rules.ingest_plan.output.plan,
         output:
             shard=temp(directory(out("ingest", "shards", "{shard}"))),
@@ -63,7 +63,7 @@ if ingest_stage() == "ingest":
     checkpoint ingest:
         input:
             unpack(ingest_merge_inputs),
-            code=[src("ingest"), src("pseudonym"), src("landmarks"), src("levels"), src("shards")],
+            code=code("ingest"),
             plan=rules.ingest_plan.output.plan,
             shards=ingest_shard_dirs,
         output:
@@ -103,8 +103,7 @@ else:
     checkpoint ingest:
         input:
             unpack(ingest_inputs),
-            code=[src(ingest_stage()), src("ingest"), src("dicom_index"), src("dicom_volume"), src("pseudonym"),
-                  src("landmarks"), src("levels")],
+            code=code(ingest_stage()),
         output:
             volumes=directory(out("ingest", "volumes")),
             labels=directory(out("ingest", "labels")),

@@ -4,7 +4,7 @@
 
 rule localiser_train:
     input:
-        code=[src("localiser_train"), src("localiser"), src("spine_structures")],
+        code=code("localiser_train"),
         manifest=rules.ingest.output.manifest,
         labels=rules.ingest.output.labels,
     output:
@@ -32,7 +32,7 @@ rule localiser_train:
 
 rule localise_shard:
     input:
-        code=[src("localise"), src("localiser"), src("spine_structures"), src("landmarks"), src("shards")],
+        code=code("localise"),
         manifest=rules.ingest.output.manifest,
         labels=rules.ingest.output.labels,
         landmarks=rules.ingest.output.landmarks,
@@ -68,7 +68,7 @@ rule localise_shard:
 
 rule localise:
     input:
-        code=[src("localise"), src("shards")],
+        code=code("localise"),
         shards=lambda wildcards: shard_files("localise", "evaluation.json"),
         tables=lambda wildcards: shard_files("localise", "structures.parquet") + shard_files("localise", "flags.csv")
         + shard_files("localise", "evaluation.csv"),

@@ -8,7 +8,7 @@
 
 rule pretrain:
     input:
-        code=[src("pretrain"), src("siamese"), src("augment")],
+        code=code("pretrain"),
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
         vertebrae=rules.extract.output.vertebrae,
@@ -43,7 +43,7 @@ rule pretrain:
 
 rule pretext_eval:
     input:
-        code=[src("pretext_eval"), src("pretrain"), src("siamese"), src("augment")],
+        code=code("pretext_eval"),
         checkpoint=rules.pretrain.output.checkpoint,
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,

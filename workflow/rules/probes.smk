@@ -13,7 +13,7 @@ def encoder_file(name):
 
 
 def features_inputs(wildcards):
-    inputs = {"code": [src("features"), src("disc_net"), src("siamese")], "vertebrae": rules.extract.output.vertebrae}
+    inputs = {"code": code("features"), "vertebrae": rules.extract.output.vertebrae}
     if wildcards.encoder != "random":
         inputs["encoder"] = encoder_file(wildcards.encoder)
     return inputs
@@ -27,11 +27,10 @@ def features_flags(wildcards, input):
 
 
 def probe_inputs(wildcards):
-    inputs = {"code": [src("probe"), src("probe_data"), src("heads"), src("metrics")],
+    inputs = {"code": code("probe"),
               "subjects": rules.splits.output.subjects, "volumes": rules.splits.output.volumes}
     model = wildcards.model
     if model in END_TO_END:
-        inputs["code"] += [src("disc_net"), src("siamese")]
         inputs["vertebrae"] = rules.extract.output.vertebrae
         if model.endswith("-finetune"):
             inputs["encoder"] = encoder_file(model.removesuffix("-finetune"))
@@ -60,7 +59,7 @@ def probe_flags(wildcards, input):
 
 rule supervised:
     input:
-        code=[src("supervised"), src("disc_net"), src("probe"), src("probe_data"), src("siamese")],
+        code=code("supervised"),
         subjects=rules.splits.output.subjects,
         volumes=rules.splits.output.volumes,
         vertebrae=rules.extract.output.vertebrae,
@@ -151,7 +150,7 @@ rule probe:
 
 rule probe_summary:
     input:
-        code=[src("probe_summary"), src("probe_data"), src("metrics")],
+        code=code("probe_summary"),
         subjects=rules.splits.output.subjects,
         runs=probe_targets(),
     output:

@@ -21,7 +21,7 @@ def table(name, suffix="html"):
 
 
 def figure_rule_code():
-    return [src("figures"), src("metrics"), src("probe_data")]
+    return code("figures")
 
 
 rule figure_pretext:
@@ -193,7 +193,7 @@ rule table_metrics:
 
 rule embeddings:
     input:
-        code=src("embeddings"),
+        code=code("embeddings"),
         features=out("probes", "features", "{encoder}", "features.npy"),
         volumes=rules.splits.output.volumes,
         manifest=rules.ingest.output.manifest,
@@ -270,7 +270,7 @@ rule figure_training:
 
 rule disc_masks:
     input:
-        code=[src("disc_masks"), src("extract"), src("probe_data"), src("levels"), src("spine_structures")],
+        code=code("disc_masks"),
         manifest=rules.ingest.output.manifest,
         structures=out("localise", "structures.parquet"),  # a path: no localise rule for a crop-table cohort
         volumes=rules.splits.output.volumes,
@@ -332,7 +332,7 @@ rule gradcam:
 
 rule gradcam_pairs:
     input:
-        code=[src("gradcam"), src("siamese")],
+        code=code("gradcam"),
         encoder=rules.pretrain.output.encoder,
         distances=rules.pretext_eval.output.distances,
         vertebrae=rules.extract.output.vertebrae,
@@ -438,7 +438,7 @@ rule figure_pairs:
 
 rule report_config:
     input:
-        code=src("report_config"),
+        code=code("report_config"),
     output:
         html=report(out("report", "tables", "configuration.html"), caption=f"{CAPTIONS}/configuration.rst",
                     category="9. Configuration", labels={"name": "the run's configuration"}),

@@ -3,7 +3,7 @@
 
 rule splits:
     input:
-        code=src("splits"),
+        code=code("splits"),
         manifest=rules.ingest.output.manifest,
         subjects=rules.ingest.output.subjects,
         gradings=rules.ingest.output.gradings,

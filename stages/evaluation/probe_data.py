@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.config import section_config
-from stages.levels import VERTEBRAE, disc_between
+from stages.core.config import section_config
+from stages.core.errors import LeakageError
+from stages.core.levels import VERTEBRAE, disc_between
 
 TRAINING_PART = "train"
 
@@ -57,15 +58,11 @@ class ProbeConfig:
         return section_config(cls, "probe_training", section)
 
     def fit_config(self, seed: int, level_loss_weight: float = 0.0) -> Any:
-        """The end-to-end trainer's settings (stages.disc_net.FitConfig; PyTorch is imported only for it)."""
-        from stages.disc_net import FitConfig
+        """The end-to-end trainer's settings (stages.nets.disc_net.FitConfig; PyTorch is imported only for it)."""
+        from stages.nets.disc_net import FitConfig
         return FitConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
                          learning_rate=self.learning_rate, weight_decay=self.weight_decay, seed=seed,
                          threads=self.threads, level_loss_weight=level_loss_weight)
-
-
-class LeakageError(RuntimeError):
-    """A probe was about to train on a subject it must never train on."""
 
 
 @dataclass(frozen=True)

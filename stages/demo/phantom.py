@@ -9,7 +9,7 @@ wedges between them, and the whole anatomy bends with the subject's lordosis and
 :func:`render` maps points in patient coordinates (DICOM LPS, mm) to an MR intensity and a label, so any series
 (sagittal, axial, localizer) is just a grid of points. Labels follow the VerSe numbering for vertebrae
 (T12 = 19, L1..L5 = 20..24, S1 = 26) and 100 + the upper vertebra's label for discs (T12-L1 = 119 ... L5-S1 = 124),
-as defined in :mod:`stages.levels`.
+as defined in :mod:`stages.core.levels`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.special import expit
 
-from stages import levels
+from stages.core import levels
 
 # Rendered vertebrae, top to bottom; T11 and S2 frame the field of view and carry no label.
 VERTEBRAE: tuple[str, ...] = ("T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2")

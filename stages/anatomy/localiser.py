@@ -22,10 +22,16 @@ import torch.nn.functional as F
 from scipy.ndimage import maximum_filter
 from torch import nn
 
-from stages import levels
-from stages.config import section_config
-from stages.landmarks import EXTENT_FACTORS
-from stages.spine_structures import COLUMNS, in_plane_axes, index_to_world, slice_normal, structures_from_label_map
+from stages.anatomy.landmarks import EXTENT_FACTORS
+from stages.anatomy.spine_structures import (
+    COLUMNS,
+    in_plane_axes,
+    index_to_world,
+    slice_normal,
+    structures_from_label_map,
+)
+from stages.core import levels
+from stages.core.config import section_config
 
 log = logging.getLogger("localiser")
 

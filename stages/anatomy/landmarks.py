@@ -7,7 +7,7 @@ A landmark table (CSV, or Parquet by suffix) has one row per structure of a scan
                table's ``image`` column (stages.ingest_volumes)
     slice      0-based slice index k
     x, y       column index i and row index j, pixels (may be fractional)
-    level      T12 ... S1 (bodies) or T12-L1 ... L5-S1 (discs), in any notation stages.levels.normalise_level
+    level      T12 ... S1 (bodies) or T12-L1 ... L5-S1 (discs), in any notation stages.core.levels.normalise_level
                accepts (L4-L5, L4/L5, L4L5, L4-5, or numbers counted from the top or from the sacrum)
     structure  optional: vertebra/body/VB or disc/disk/IVD (needed for numeric levels; otherwise the level name says)
     depth_mm   optional: the structure's antero-posterior extent in mm (estimated from the body spacing when absent)
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from stages import levels
-from stages.spine_structures import COLUMNS, in_plane_axes, index_to_world, slice_normal
+from stages.anatomy.spine_structures import COLUMNS, in_plane_axes, index_to_world, slice_normal
+from stages.core import levels
 
 REQUIRED = ("scan", "slice", "x", "y", "level")
 OPTIONAL = ("structure", "depth_mm")
@@ -40,7 +40,7 @@ ACCOUNT = ["row", "status", "reason"]
 USED, REJECTED = "used", "rejected"
 UNKNOWN_SCAN = "unknown scan (not among the ingested scans)"
 # Extents as multiples of the median distance between neighbouring body centres (as the learned localiser estimates
-# them, stages.localiser.structures_from_heatmaps): (height, depth, width) along the spine, antero-posterior, across.
+# them, stages.anatomy.localiser.structures_from_heatmaps): (height, depth, width) along the spine, antero-posterior, across.
 EXTENT_FACTORS = {"vertebra": (0.75, 0.95, 1.3), "disc": (0.25, 0.95, 1.3)}
 DEFAULT_BODY_SPACING_MM = 35.0  # with fewer than two bodies, as the learned localiser does
 
@@ -200,7 +200,7 @@ def structures_from_landmarks(image: sitk.Image, landmarks: pd.DataFrame) -> pd.
     """One scan's landmarks (columns kind, level, i, j, k, depth_mm) -> its structure table (spine_structures).
 
     Centres are the given indices in the image's geometry; the spine axis and anterior direction come from each
-    kind's centres ordered top to bottom, exactly as stages.spine_structures.structures_from_label_map does, so that
+    kind's centres ordered top to bottom, exactly as stages.anatomy.spine_structures.structures_from_label_map does, so that
     the same centres give the same axes. ``depth_mm`` is the given one where there is one; otherwise it, and always
     the height and width, are estimated from the body spacing as the learned localiser does."""
     duplicated = landmarks.duplicated(["kind", "level"])

@@ -1,6 +1,6 @@
 """The downstream network trained end to end (from scratch, fine-tuned, or pretrained with labels), and its trainer.
 
-:class:`DiscNet` is the pretraining encoder (stages/siamese.py) with a linear layer on top: for a disc task the one
+:class:`DiscNet` is the pretraining encoder (stages/nets/siamese.py) with a linear layer on top: for a disc task the one
 encoder embeds the body above and the body below (shared weights) and the layer reads their concatenated embeddings;
 for the level task it reads one body's embedding. The embeddings are standardised per sample first, as FC8 of the
 Siamese network reads them (FC7 starts small). With ``level_head`` the network also classifies each body's level
@@ -26,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.siamese import (N_LEVELS, BalancedCrossEntropy, EncoderSpec, VggM3dEncoder, class_balanced_weights,
-                            load_encoder)
+from stages.core.runtime import select_device
+from stages.nets.siamese import (
+    N_LEVELS,
+    BalancedCrossEntropy,
+    EncoderSpec,
+    VggM3dEncoder,
+    class_balanced_weights,
+    load_encoder,
+)
 
 log = logging.getLogger("disc_net")
 
@@ -183,20 +190,13 @@ def predict(model: DiscNet, samples: pd.DataFrame, read: BodyReader, batch_size:
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
-def select_device(requested: str) -> torch.device:
-    """CUDA when asked for or, with ``auto``, when present; else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("probe_training.device is cuda but PyTorch sees no GPU (torch.cuda.is_available() is False)")
-    return torch.device("cuda" if requested in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
-
-
 def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
                       extract: Path, encoder: Path | None, cfg: FitConfig, device_name: str,
                       size: tuple[float, int]) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, DiscNet]:
     """Train a :class:`DiscNet` end to end on ``train`` (from ``encoder``'s weights, or random weights of ``size`` =
     (width, embedding_dim)) and return the test samples' class probabilities, facts, the training history and the
     trained network (on the CPU)."""
-    device = select_device(device_name)
+    device = select_device(device_name, "probe_training.device")
 
     def rows_of(*frames: pd.DataFrame) -> np.ndarray:
         rows = np.concatenate([f[c].to_numpy() for f in frames for c in ("upper", "lower")])

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from stages.config import section_config
+from stages.core.config import section_config
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 PIXEL_DATA = 0x7FE00010

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
+
 KEY_ENV = "SPINE_SSL_PSEUDONYM_KEY"
 MIN_KEY_BYTES = 16
 REDACTED = "[redacted]"
@@ -21,6 +23,10 @@ REDACTED = "[redacted]"
 
 class PseudonymKeyError(RuntimeError):
     """No usable pseudonymisation key."""
+
+
+MAX_AGE = 90  # ages above 89 are identifying (HIPAA safe harbour): reported as 90
+IDENTITY_COLUMNS = re.compile(r"name|birth|dob|accession|address|phone|mrn|institution|date", re.I)
 
 
 def load_key(key_file: str | Path | None, environ: dict[str, str] | None = None) -> bytes:
@@ -96,3 +102,22 @@ def safe_name(text: str, max_len: int = 64) -> str:
     """A file-name-safe version of free text: letters, digits, dot, dash and underscore only."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
     return cleaned[:max_len] or "unnamed"
+
+
+def pseudonymise_table(table: pd.DataFrame, key: bytes, what: str) -> pd.DataFrame:
+    """Hash the id columns (patient_id, study_uid, family_id), drop identity-like columns, cap ages."""
+    if "patient_id" not in table:
+        raise ValueError(f"the {what} table needs a patient_id column; it has {list(table.columns)}")
+    out = pd.DataFrame({"subject_id": [subject_id(key, str(p)) for p in table["patient_id"]]})
+    if "study_uid" in table:
+        out["study_id"] = [study_id(key, str(s)) for s in table["study_uid"]]
+    if "family_id" in table:
+        out["family_id"] = [family_id(key, str(f)) for f in table["family_id"]]
+    for column in table.columns:
+        if column in {"patient_id", "study_uid", "family_id"} or IDENTITY_COLUMNS.search(column):
+            continue
+        values = table[column]
+        if "age" in column.lower() and pd.api.types.is_numeric_dtype(values):
+            values = values.clip(upper=MAX_AGE)
+        out[column] = values.to_numpy()
+    return out

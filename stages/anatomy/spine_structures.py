@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from stages import levels
+from stages.core import levels
 
 COLUMNS = ["kind", "level", "label", "x", "y", "z", "i", "j", "k", "axis_x", "axis_y", "axis_z", "ap_x", "ap_y", "ap_z",
            "height_mm", "depth_mm", "width_mm", "n_voxels"]
@@ -49,7 +49,7 @@ def in_plane_axes(centres: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, 
 
 
 def structures_from_label_map(label: sitk.Image) -> pd.DataFrame:
-    """Every labelled body and disc of a label map (stages.levels numbering), with axes and extents."""
+    """Every labelled body and disc of a label map (stages.core.levels numbering), with axes and extents."""
     array = sitk.GetArrayFromImage(label)  # (k, j, i)
     normal = slice_normal(label)
     rows = []

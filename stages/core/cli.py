@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.config import ConfigError, load_schema, validate_config
+from stages.core.config import ConfigError, load_schema, validate_config
 
 _TYPES = {"integer": int, "number": float, "string": str}
 

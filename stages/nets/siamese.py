@@ -13,14 +13,14 @@ on the same global batch; group normalisation trains more reliably from scratch 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.levels import VERTEBRAE
+from stages.core.levels import VERTEBRAE
 
 N_LEVELS = len(VERTEBRAE)   # FC8: T12, L1 ... L5, S1
 VGG_M_CHANNELS = (96, 256, 512, 512, 512)
@@ -196,3 +196,11 @@ def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict]:
     encoder = VggM3dEncoder(EncoderSpec(**saved["spec"]))
     encoder.load_state_dict(saved["state_dict"])
     return encoder, saved
+
+
+def random_encoder(shape: tuple[int, int, int], seed: int, width: float, embedding_dim: int) -> VggM3dEncoder:
+    """The pretraining network's encoder at the initial weights of ``seed`` (as pretraining builds it)."""
+    slices, height, width_px = shape
+    torch.manual_seed(seed)
+    return SiameseNet(EncoderSpec(slices=slices, height=height, width_px=width_px, width=width,
+                                  embedding_dim=embedding_dim)).encoder

@@ -1,0 +1,2 @@
+"""Reading a cohort in: DICOM headers and series classification, series to volumes, pseudonymisation, landmark
+tables at ingest, and the manifest every ingest stage writes. Imports from core and anatomy."""

@@ -1,0 +1,1 @@
+"""Downstream evaluation: probe tasks, label subsets and the probe run layout, and the metrics. Imports from core."""
