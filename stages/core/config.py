@@ -87,3 +87,11 @@ def section_config(cls: type, section: str, values: dict[str, Any] | None = None
     """Build dataclass ``cls`` from a (partial) config section: validated, defaults filled, lists as tuples."""
     filled = validate_config({section: dict(values or {})})[section]
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in filled.items()})
+
+
+def runtime_keys(section: str, schema: dict[str, Any] | None = None) -> frozenset[str]:
+    """The keys of config ``section`` marked ``x-runtime: true`` in the schema: they change how a job runs (threads,
+    read-ahead, evaluation batch, checkpoint interval, picture counts), not what it computes, so the rules keep them
+    out of their params (workflow/rules/common.smk)."""
+    props = (schema or load_schema())["properties"][section].get("properties", {})
+    return frozenset(k for k, spec in props.items() if spec.get("x-runtime"))

@@ -2,13 +2,23 @@
 # the config it needs; every output path is built by `out()`, so the layout of results/ is decided here alone.
 import json
 import os
+import shlex
+import sys
+
+from snakemake.settings.types import DeploymentMethod
 
 from stages.core.cli import section_options
+from stages.core.config import runtime_keys
 from stages.core.imports import local_imports
 
 RESULTS = config["results"]
 ENV = "../../envs/spine-ssl.yaml"
 BASEDIR = workflow.basedir
+# The interpreter every rule runs its stage with (`{PYTHON} -m stages.<name>`): the one running Snakemake, so that
+# `.venv/bin/snakemake` works without an activated environment (a cluster job runs Snakemake with the same one);
+# under --sdm conda, the `python` of the rule's conda environment.
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(
+    sys.executable)
 # Stages run as `python -m stages.<name>`; make the package importable from any working directory (--directory),
 # in a conda environment, and in a cluster job (which inherits this environment).
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BASEDIR, os.environ.get("PYTHONPATH")) if p)
@@ -33,8 +43,29 @@ def code(stage):
     return [os.path.join(BASEDIR, path) for path in local_imports(BASEDIR, stage)]
 
 
+def stage_options(section, keys=None, skip=()):
+    """A rule's params: the keys of config ``section`` its stage reads that change results, as command-line options
+    (``keys``, or every key but ``skip``). Keys marked ``x-runtime`` in the schema never get here (runtime_flags)."""
+    runtime = runtime_keys(section)
+    chosen = [k for k in config[section] if k not in skip] if keys is None else list(keys)
+    asked = sorted(runtime.intersection(chosen)) if keys is not None else []
+    if asked:
+        raise ValueError(f"{section}.{asked[0]} does not change results: pass it with runtime_flags, not as a param")
+    return section_options({k: config[section][k] for k in chosen if k not in runtime})
+
+
+def runtime_flags(section, *keys):
+    """The ``x-runtime`` keys of ``section`` a stage reads, as command-line options. A rule hands them over as a
+    resource, which Snakemake does not compare between runs: changing them re-runs nothing."""
+    runtime = runtime_keys(section)
+    wrong = [k for k in keys if k not in runtime]
+    if wrong:
+        raise ValueError(f"{section}.{wrong[0]} changes results: pass it with stage_options")
+    return section_options({k: config[section][k] for k in keys})
+
+
 def demo_options():
-    return section_options(config["demo"])
+    return stage_options("demo")
 
 
 def ingest_inputs(wildcards):
@@ -158,10 +189,11 @@ def ingest_stage():
 METHODS_PATTERN = "|".join(config["pretrain"]["methods"])
 
 
-def pretrain_launcher():
-    """`python`, or `torchrun` with one process per GPU when a pretraining job asks for 2 or more GPUs (DDP)."""
+def ddp_launcher():
+    """Nothing, or torchrun's arguments (run by the project's interpreter before `-m stages.pretrain`) with one process
+    per GPU when a pretraining job asks for 2 or more GPUs (DDP)."""
     gpus = config["pretrain"]["gpus"]
-    return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
+    return f"-m torch.distributed.run --standalone --nproc-per-node {gpus}" if gpus > 1 else ""
 
 
 PROBES = config["probes"]

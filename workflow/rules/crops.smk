@@ -30,7 +30,7 @@ rule ingest:
     conda:
         ENV
     shell:
-        "python -m stages.ingest_crops --table {input.table} --out {params.root} {params.options} > {log} 2>&1"
+        "{PYTHON} -m stages.ingest_crops --table {input.table} --out {params.root} {params.options} > {log} 2>&1"
 
 
 rule extract:
@@ -59,7 +59,7 @@ rule extract:
     conda:
         ENV
     shell:
-        "python -m stages.extract_crops --ingest {params.ingest} --out {params.root} {params.options} > {log} 2>&1"
+        "{PYTHON} -m stages.extract_crops --ingest {params.ingest} --out {params.root} {params.options} > {log} 2>&1"
 
 
 rule extract_qc:
@@ -83,5 +83,5 @@ rule extract_qc:
     conda:
         ENV
     shell:
-        "python -m stages.extract_qc --ingest {params.ingest} --extract {params.extract} "
+        "{PYTHON} -m stages.extract_qc --ingest {params.ingest} --extract {params.extract} "
         "--out-gallery {output.gallery} > {log} 2>&1"

@@ -27,7 +27,7 @@ rule demo_cohort:
     conda:
         ENV
     shell:
-        "python -m stages.demo_cohort --out {params.root} --threads {threads} {params.options} > {log} 2>&1"
+        "{PYTHON} -m stages.demo_cohort --out {params.root} --threads {threads} {params.options} > {log} 2>&1"
 
 
 rule demo_montage:
@@ -54,4 +54,4 @@ rule demo_montage:
     conda:
         ENV
     shell:
-        "python -m stages.demo_montage --cohort {params.root} --subjects {params.subjects} --out {output.png} > {log} 2>&1"
+        "{PYTHON} -m stages.demo_montage --cohort {params.root} --subjects {params.subjects} --out {output.png} > {log} 2>&1"

@@ -34,7 +34,7 @@ rule extract_shard:
     conda:
         ENV
     shell:
-        "python -m stages.extract --ingest {params.ingest} --localise {params.localise} --out {params.root} "
+        "{PYTHON} -m stages.extract --ingest {params.ingest} --localise {params.localise} --out {params.root} "
         "--shard {params.shard} --scans-per-shard {params.per_shard} --threads {threads} {params.options} > {log} 2>&1"
 
 
@@ -64,7 +64,7 @@ rule extract:
     conda:
         ENV
     shell:
-        "python -m stages.extract --merge {params.shards} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.extract --merge {params.shards} --out {params.root} > {log} 2>&1"
 
 
 rule extract_qc:
@@ -98,5 +98,5 @@ rule extract_qc:
     conda:
         ENV
     shell:
-        "python -m stages.extract_qc --ingest {params.ingest} --localise {params.localise} --extract {params.extract} "
+        "{PYTHON} -m stages.extract_qc --ingest {params.ingest} --localise {params.localise} --extract {params.extract} "
         "--scans {params.scans} --out-localisation {output.localisation} --out-gallery {output.gallery} > {log} 2>&1"

@@ -29,7 +29,7 @@ if ingest_stage() == "ingest":
         conda:
             ENV
         shell:
-            "python -m stages.ingest {params.inputs} --make-plan --plan {params.root} "
+            "{PYTHON} -m stages.ingest {params.inputs} --make-plan --plan {params.root} "
             "--scans-per-shard {params.per_shard} --threads {threads} > {log} 2>&1"
 
     rule ingest_shard:
@@ -57,7 +57,7 @@ if ingest_stage() == "ingest":
         conda:
             ENV
         shell:
-            "python -m stages.ingest {params.inputs} --plan {params.plan} --shard {params.index} --out {output.shard} "
+            "{PYTHON} -m stages.ingest {params.inputs} --plan {params.plan} --shard {params.index} --out {output.shard} "
             "--threads {threads} {params.options} > {log} 2>&1"
 
     checkpoint ingest:
@@ -95,7 +95,7 @@ if ingest_stage() == "ingest":
         conda:
             ENV
         shell:
-            "python -m stages.ingest --dicom-dir {params.dicom} {params.inputs} --merge {input.shards} --plan {params.plan} "
+            "{PYTHON} -m stages.ingest --dicom-dir {params.dicom} {params.inputs} --merge {input.shards} --plan {params.plan} "
             "--out {params.root} > {log} 2>&1"
 
 else:
@@ -133,5 +133,5 @@ else:
         conda:
             ENV
         shell:
-            "python -m stages.{params.stage} {params.inputs} --out {params.root} --threads {threads} {params.options} "
+            "{PYTHON} -m stages.{params.stage} {params.inputs} --out {params.root} --threads {threads} {params.options} "
             "> {log} 2>&1"

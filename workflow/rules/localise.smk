@@ -26,7 +26,7 @@ rule localiser_train:
     conda:
         ENV
     shell:
-        "python -m stages.localiser_train --ingest {params.ingest} --out {params.root} --threads {threads} "
+        "{PYTHON} -m stages.localiser_train --ingest {params.ingest} --out {params.root} --threads {threads} "
         "{params.options} > {log} 2>&1"
 
 
@@ -62,7 +62,7 @@ rule localise_shard:
     conda:
         ENV
     shell:
-        "python -m stages.localise --ingest {params.ingest} --model {input.model} --out {params.root} "
+        "{PYTHON} -m stages.localise --ingest {params.ingest} --model {input.model} --out {params.root} "
         "--shard {params.shard} --scans-per-shard {params.per_shard} --threads {threads} {params.options} > {log} 2>&1"
 
 
@@ -90,4 +90,4 @@ rule localise:
     conda:
         ENV
     shell:
-        "python -m stages.localise --merge {params.shards} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.localise --merge {params.shards} --out {params.root} > {log} 2>&1"

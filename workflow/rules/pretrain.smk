@@ -23,7 +23,7 @@ rule pretrain:
         splits=out("splits"),
         extract=out("extract"),
         root=lambda wildcards: out("pretrain", wildcards.method),
-        launcher=pretrain_launcher(),
+        ddp=ddp_launcher(),
         options=lambda wildcards: section_options(config["pretrain"]),
     log:
         logs("pretrain", "{method}"),
@@ -37,7 +37,7 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "{params.launcher} -m stages.pretrain --method {wildcards.method} --splits {params.splits} "
+        "{PYTHON} {params.ddp} -m stages.pretrain --method {wildcards.method} --splits {params.splits} "
         "--extract {params.extract} --out {params.root} {params.options} --threads {threads} > {log} 2>&1"
 
 
@@ -69,5 +69,5 @@ rule pretext_eval:
     conda:
         ENV
     shell:
-        "python -m stages.pretext_eval --checkpoint {input.checkpoint} --splits {params.splits} "
+        "{PYTHON} -m stages.pretext_eval --checkpoint {input.checkpoint} --splits {params.splits} "
         "--extract {params.extract} --out {params.root} --threads {threads} > {log} 2>&1"

@@ -84,7 +84,7 @@ rule supervised:
     conda:
         ENV
     shell:
-        "python -m stages.supervised --splits {params.splits} --extract {params.extract} --out {params.root} "
+        "{PYTHON} -m stages.supervised --splits {params.splits} --extract {params.extract} --out {params.root} "
         "{params.size} {params.options} --threads {threads} > {log} 2>&1"
 
 
@@ -111,7 +111,7 @@ rule features:
     conda:
         ENV
     shell:
-        "python -m stages.features {params.flags} --extract {params.extract} --out {params.root} "
+        "{PYTHON} -m stages.features {params.flags} --extract {params.extract} --out {params.root} "
         "--threads {threads} > {log} 2>&1"
 
 
@@ -143,7 +143,7 @@ rule probe:
     conda:
         ENV
     shell:
-        "python -m stages.probe --model {wildcards.model} --task {wildcards.task} --fraction {wildcards.fraction} "
+        "{PYTHON} -m stages.probe --model {wildcards.model} --task {wildcards.task} --fraction {wildcards.fraction} "
         "--subset-seed {wildcards.seed} --splits {params.splits} --out {params.root} {params.flags} "
         "{params.options} --threads {threads} > {log} 2>&1"
 
@@ -177,5 +177,5 @@ rule probe_summary:
     conda:
         ENV
     shell:
-        "python -m stages.probe_summary --runs {params.runs} --splits {params.splits} --out {params.root} "
+        "{PYTHON} -m stages.probe_summary --runs {params.runs} --splits {params.splits} --out {params.root} "
         "--models {params.models} --probe-seed {params.probe_seed} {params.options} > {log} 2>&1"

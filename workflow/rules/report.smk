@@ -45,7 +45,7 @@ rule figure_pretext:
     conda:
         ENV
     shell:
-        "python -m stages.figures pretext --distances {input.distances} --methods {params.methods} "
+        "{PYTHON} -m stages.figures pretext --distances {input.distances} --methods {params.methods} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -69,7 +69,7 @@ rule figure_label_efficiency:
     conda:
         ENV
     shell:
-        "python -m stages.figures label-efficiency --summary {input.summary} --end-to-end {params.end_to_end} "
+        "{PYTHON} -m stages.figures label-efficiency --summary {input.summary} --end-to-end {params.end_to_end} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -93,7 +93,7 @@ rule figure_label_curves:
     conda:
         ENV
     shell:
-        "python -m stages.figures label-curves --summary {input.summary} --end-to-end {params.end_to_end} "
+        "{PYTHON} -m stages.figures label-curves --summary {input.summary} --end-to-end {params.end_to_end} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -116,7 +116,7 @@ rule table_figure_of_merit:
     conda:
         ENV
     shell:
-        "python -m stages.figures figure-of-merit --efficiency {input.efficiency} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.figures figure-of-merit --efficiency {input.efficiency} --out {params.root} > {log} 2>&1"
 
 
 rule figure_roc:
@@ -139,7 +139,7 @@ rule figure_roc:
     conda:
         ENV
     shell:
-        "python -m stages.figures roc --predictions {input.predictions} --end-to-end {params.end_to_end} "
+        "{PYTHON} -m stages.figures roc --predictions {input.predictions} --end-to-end {params.end_to_end} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -163,7 +163,7 @@ rule figure_confusion:
     conda:
         ENV
     shell:
-        "python -m stages.figures confusion --predictions {input.predictions} --end-to-end {params.end_to_end} "
+        "{PYTHON} -m stages.figures confusion --predictions {input.predictions} --end-to-end {params.end_to_end} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -187,7 +187,7 @@ rule table_metrics:
     conda:
         ENV
     shell:
-        "python -m stages.figures metrics-table --results {input.results} --end-to-end {params.end_to_end} "
+        "{PYTHON} -m stages.figures metrics-table --results {input.results} --end-to-end {params.end_to_end} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -217,7 +217,7 @@ rule embeddings:
     conda:
         ENV
     shell:
-        "python -m stages.embeddings --features {params.features} --splits {params.splits} --ingest {params.ingest} "
+        "{PYTHON} -m stages.embeddings --features {params.features} --splits {params.splits} --ingest {params.ingest} "
         "--seed {params.seed} --out {output.coords} > {log} 2>&1"
 
 
@@ -240,7 +240,7 @@ rule figure_embeddings:
     conda:
         ENV
     shell:
-        "python -m stages.figures embeddings --coords {input.coords} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.figures embeddings --coords {input.coords} --out {params.root} > {log} 2>&1"
 
 
 rule figure_training:
@@ -265,7 +265,7 @@ rule figure_training:
     conda:
         ENV
     shell:
-        "python -m stages.figures training {params.flags} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.figures training {params.flags} --out {params.root} > {log} 2>&1"
 
 
 rule disc_masks:
@@ -294,7 +294,7 @@ rule disc_masks:
     conda:
         ENV
     shell:
-        "python -m stages.disc_masks --ingest {params.ingest} --localise {params.localise} --splits {params.splits} "
+        "{PYTHON} -m stages.disc_masks --ingest {params.ingest} --localise {params.localise} --splits {params.splits} "
         "--task {params.task} --vertebra-size {params.size} --width-fraction {params.width_fraction} "
         "--out {output.masks} > {log} 2>&1"
 
@@ -325,7 +325,7 @@ rule gradcam:
     conda:
         ENV
     shell:
-        "python -m stages.gradcam --model {wildcards.model} --run {params.run} --masks {input.masks} "
+        "{PYTHON} -m stages.gradcam --model {wildcards.model} --run {params.run} --masks {input.masks} "
         "--extract {params.extract} {params.encoder} --layer {params.layer} --out {params.root} "
         "--threads {threads} > {log} 2>&1"
 
@@ -354,7 +354,7 @@ rule gradcam_pairs:
     conda:
         ENV
     shell:
-        "python -m stages.gradcam --model {wildcards.method} --pairs {input.distances} --encoder {input.encoder} "
+        "{PYTHON} -m stages.gradcam --model {wildcards.method} --pairs {input.distances} --encoder {input.encoder} "
         "--extract {params.extract} --layer {params.layer} --pair-examples {params.examples} --out {params.root} "
         "--threads {threads} > {log} 2>&1"
 
@@ -383,7 +383,7 @@ rule figure_gradcam:
     conda:
         ENV
     shell:
-        "python -m stages.figures gradcam --maps {input.maps} --extract {params.extract} --variant {params.variant} "
+        "{PYTHON} -m stages.figures gradcam --maps {input.maps} --extract {params.extract} --variant {params.variant} "
         "--out {params.root} > {log} 2>&1"
 
 
@@ -406,7 +406,7 @@ rule table_attention:
     conda:
         ENV
     shell:
-        "python -m stages.figures attention --summaries {input.summaries} --out {params.root} > {log} 2>&1"
+        "{PYTHON} -m stages.figures attention --summaries {input.summaries} --out {params.root} > {log} 2>&1"
 
 
 rule figure_pairs:
@@ -432,7 +432,7 @@ rule figure_pairs:
     conda:
         ENV
     shell:
-        "python -m stages.figures pairs --pairs {input.pairs} --extract {params.extract} --out {params.root} "
+        "{PYTHON} -m stages.figures pairs --pairs {input.pairs} --extract {params.extract} --out {params.root} "
         "> {log} 2>&1"
 
 
@@ -454,5 +454,5 @@ rule report_config:
     conda:
         ENV
     shell:
-        "python -m stages.report_config --config {params.config:q} --out {output.yaml} --html {output.html} "
+        "{PYTHON} -m stages.report_config --config {params.config:q} --out {output.yaml} --html {output.html} "
         "> {log} 2>&1"

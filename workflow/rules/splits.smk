@@ -29,5 +29,5 @@ rule splits:
     conda:
         ENV
     shell:
-        "python -m stages.splits --ingest {params.ingest} --extract {params.extract} --out {params.root} "
+        "{PYTHON} -m stages.splits --ingest {params.ingest} --extract {params.extract} --out {params.root} "
         "{params.options} > {log} 2>&1"
