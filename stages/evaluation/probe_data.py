@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,14 +115,24 @@ def _columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[cols].sort_values(["scan_id", "level"]).reset_index(drop=True)
 
 
-def fraction_name(fraction: float) -> str:
-    """How a label fraction is written in paths: ``f0.358``, ``f1``."""
-    return f"f{fraction:g}"
+# The probe run layout, the one place it is written: the output folder of one probe job relative to the runs folder,
+# as a pattern whose fields are the probe rule's wildcards (workflow/rules/probes.smk).
+RUN_FOLDER = "{model}/{task}/f{fraction}/seed{seed}"
 
 
 def run_folder(model: str, task: str, fraction: float, seed: int) -> str:
-    """The output folder of one probe job, relative to the runs folder."""
-    return f"{model}/{task}/{fraction_name(fraction)}/seed{seed}"
+    """The output folder of one probe job, relative to the runs folder (:data:`RUN_FOLDER`)."""
+    return RUN_FOLDER.format(model=model, task=task, fraction=f"{fraction:g}", seed=seed)
+
+
+def run_of(path: str | Path) -> dict[str, Any]:
+    """(model, task, fraction, seed) of a probe job from its folder or a file in it (:data:`RUN_FOLDER`)."""
+    parts = Path(path).parts
+    parts = parts[:-1] if Path(path).suffix else parts
+    if len(parts) < 4 or not parts[-2].startswith("f") or not parts[-1].startswith("seed"):
+        raise ValueError(f"{path} is not a probe job folder ({RUN_FOLDER}) or a file in one")
+    model, task, fraction, seed = parts[-4:]
+    return {"model": model, "task": task, "fraction": float(fraction[1:]), "seed": int(seed.removeprefix("seed"))}
 
 
 def _key(seed: int, subset_seed: int, subject: str) -> int:
