@@ -81,6 +81,7 @@ def synthetic_cohort(workdir: Path, n_studies: int, scans_per_shard: int, source
     pd.DataFrame({"series": scans}).to_csv(ingest / "series.csv", index=False)
     for name in ("gradings", "subjects", "landmarks"):
         pd.DataFrame({"subject_id": []}).to_parquet(ingest / f"{name}.parquet", index=False)
+        pd.DataFrame({"subject_id": []}).to_csv(ingest / f"{name}.csv", index=False)
     (ingest / "landmark_rows.csv").write_text("row,status,reason\n")
     (ingest / "summary.json").write_text(json.dumps({"volumes": n_studies}))
     return path

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.demo_cohort import DemoConfig, generate, plan_cohort
+from stages.demo_cohort import DemoConfig, DemoOutputs, generate, plan_cohort
 
 BUDGET_S = 15 * 60
 WORKERS = 2
@@ -23,7 +23,7 @@ def main() -> None:
     sample = DemoConfig.from_config({"n_subjects": SAMPLE_SUBJECTS})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        counts = generate(sample, Path(tmp) / "cohort", workers=WORKERS)
+        counts = generate(sample, DemoOutputs.in_folder(Path(tmp) / "cohort"), workers=WORKERS)
         elapsed = time.perf_counter() - start
     per_study = elapsed / counts["studies"]
     n_full = sum(len(s.studies) for s in plan_cohort(full))

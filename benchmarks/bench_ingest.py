@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from stages.demo_cohort import DemoConfig, generate
+from stages.archive.manifest import IngestOutputs
+from stages.demo_cohort import DemoConfig, DemoOutputs, generate
 
 OUT = Path(__file__).resolve().parent / "out"
 N_SUBJECTS = 140  # about 210 studies with the default follow-up rates
@@ -60,8 +61,14 @@ def cohort() -> Path:
     if not (path / "pseudonym.key").is_file():
         shutil.rmtree(path, ignore_errors=True)
         print(f"generating the benchmark cohort ({N_SUBJECTS} subjects) once, into {path} ...", flush=True)
-        generate(DemoConfig.from_config({"n_subjects": N_SUBJECTS}), path, workers=2)
+        generate(DemoConfig.from_config({"n_subjects": N_SUBJECTS}), DemoOutputs.in_folder(path), workers=2)
     return path
+
+
+def outputs(folder: Path) -> list[str]:
+    """The ingest stage's --out-* options for outputs laid out in ``folder`` as the workflow lays out results/ingest."""
+    laid_out = IngestOutputs.in_folder(folder)
+    return [arg for name, path in vars(laid_out).items() for arg in (f"--out-{name.replace('_', '-')}", str(path))]
 
 
 def half_archive(archive: Path, target: Path) -> int:
@@ -84,12 +91,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ingest = [sys.executable, "-m", "stages.ingest", "--key-file", str(source / "pseudonym.key"), "--threads", "2"]
-        t_ingest, m_ingest = measure([*ingest, "--dicom-dir", str(archive), "--out", str(tmp / "ingest")])
+        t_ingest, m_ingest = measure([*ingest, "--dicom-dir", str(archive), *outputs(tmp / "ingest")])
         (tmp / "d2n").mkdir()
         # dcm2niix exits with 8 when some files could not be converted (the planted bad files).
         t_d2n, m_d2n = measure([dcm2niix, "-z", "y", "-b", "n", "-o", str(tmp / "d2n"), str(archive)], ok=(0, 8))
         n_half = half_archive(archive, tmp / "half")
-        t_half, m_half = measure([*ingest, "--dicom-dir", str(tmp / "half"), "--out", str(tmp / "ingest_half")])
+        t_half, m_half = measure([*ingest, "--dicom-dir", str(tmp / "half"), *outputs(tmp / "ingest_half")])
         n_d2n = sum(1 for _ in (tmp / "d2n").glob("*.nii.gz"))
         n_ingest = sum(1 for _ in (tmp / "ingest" / "volumes").glob("*.nii.gz"))
     print(f"ingest: {n_studies} studies, {n_files} files ({source.name})")

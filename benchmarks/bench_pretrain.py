@@ -1,6 +1,6 @@
 """Pretraining throughput and the share of step time spent waiting for data (issue 6).
 
-Trains the Siamese network with the workflow's own harness (``stages.pretrain.train``) on a synthetic pair store
+Trains the Siamese network with the workflow's own harness (``stages.training.harness.train``) on a synthetic pair store
 written to benchmarks/out/ (same layout as the splits and extract stages), for 2 epochs, and reports the second
 epoch's figures from the harness's metrics (samples = pairs; the first epoch includes warm-up):
 
@@ -24,7 +24,9 @@ import pandas as pd
 import torch
 
 from stages.core.levels import VERTEBRAE
-from stages.pretrain import PretrainConfig, SiameseMethod, train
+from stages.training.config import PretrainConfig
+from stages.training.harness import Outputs, train
+from stages.training.methods.siamese import SiameseMethod
 from stages.training.store import VolumeStore
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -68,10 +70,15 @@ def write_store(root: Path, shape: tuple[int, int, int], n_subjects: int, seed: 
     return root
 
 
+def open_store(root: Path) -> VolumeStore:
+    return VolumeStore(root / "splits" / "pairs.parquet", root / "splits" / "volumes.parquet",
+                       root / "extract" / "vertebrae.npy")
+
+
 def step_flops(cfg: PretrainConfig, root: Path, device: torch.device) -> float:
     """FLOPs of one training step on a global batch (forward and backward), counted by PyTorch."""
     from torch.utils.flop_counter import FlopCounterMode
-    method = SiameseMethod(cfg, VolumeStore(root / "splits", root / "extract"))
+    method = SiameseMethod(cfg, open_store(root))
     method.model.to(device)
     batch = {k: v.to(device) for k, v in method.load("train", np.arange(cfg.batch_size)).items()}
     counter = FlopCounterMode(display=False)
@@ -84,7 +91,7 @@ def step_flops(cfg: PretrainConfig, root: Path, device: torch.device) -> float:
 def run(label: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_subjects: int) -> dict:
     root = write_store(OUT / f"pretrain_{'x'.join(map(str, shape))}_{n_subjects}", shape, n_subjects)
     started = time.perf_counter()
-    metrics = train("siamese", cfg, root / "splits", root / "extract", OUT / f"pretrain_run_{label}")
+    metrics = train(SiameseMethod, cfg, open_store(root), Outputs.under(OUT / f"pretrain_run_{label}"))
     wall = time.perf_counter() - started
     last = metrics[metrics.split == "train"].iloc[-1]
     wait = float(last.data_wait_share)

@@ -6,18 +6,21 @@ study has a 3-plane localizer, a sagittal T1, a sagittal T2 and an axial T2 thro
 slice in nested folders with opaque names. Patient name, ID, birth date, accession number and dates are fake but
 look real: they are the identity that later stages must never leak.
 
-Run:
-    python -m stages.demo_cohort --out results/demo_cohort --n-subjects 60 --threads 2
+Run (as the workflow lays the cohort out in results/demo_cohort):
+    python -m stages.demo_cohort --n-subjects 60 --threads 2 --out-dicom C/dicom --out-labels C/truth/labels \\
+        --out-subjects C/truth/subjects.csv --out-studies C/truth/studies.csv --out-gradings C/truth/gradings.csv \\
+        --out-landmarks C/truth/landmarks.csv --out-planted C/truth/planted_files.csv --out-key C/pseudonym.key
 
-Writes, under ``--out``:
-    dicom/                       the archive: {patient}/{study}/{series}/IM00001 ...
-    truth/subjects.csv           patient_id, name, birth date, sex, family, twin, age at baseline, graded
-    truth/studies.csv            one row per study: UIDs, date, years from baseline, field strength, vendor, series
-    truth/gradings.csv           patient_id, study_uid, level, Pfirrmann grade (1-5), herniation (0/1)
-    truth/landmarks.csv          centre, size and axes of every labelled body and disc of every sagittal T2 series
-    truth/planted_files.csv      the deliberately bad files: path, kind, detail
-    truth/labels/{series}.nii.gz label map of each sagittal T2 series, same geometry (labels: stages.demo.phantom)
-    pseudonym.key                the demo's own pseudonymisation key, for the ingest stage
+Writes:
+    --out-dicom      the archive: {patient}/{study}/{series}/IM00001 ...
+    --out-labels     {series}.nii.gz, the label map of each sagittal T2 series, in its geometry (stages.demo.phantom)
+    --out-subjects   patient_id, name, birth date, sex, family, twin, age at baseline, graded
+    --out-studies    one row per study: UIDs, date, years from baseline, field strength, vendor, series folders and
+                     label map (paths relative to the cohort folder, the one that holds the archive)
+    --out-gradings   patient_id, study_uid, level, Pfirrmann grade (1-5), herniation (0/1)
+    --out-landmarks  centre, size and axes of every labelled body and disc of every sagittal T2 series
+    --out-planted    the deliberately bad files: path (relative to the cohort folder), kind, detail
+    --out-key        the demo's own pseudonymisation key, for the ingest stage
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import SimpleITK as sitk
 from scipy.special import expit
 from tqdm import tqdm
 
+from stages.archive import pseudonym as pn
 from stages.core import cli
 from stages.core.config import section_config
 from stages.demo import phantom as ph
@@ -100,6 +104,49 @@ class DemoConfig:
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"{name} must be [min, max] with min <= max, got {[lo, hi]}")
+
+
+@dataclass(frozen=True)
+class DemoOutputs:
+    """Where the cohort goes: the archive and the label maps (folders), the truth tables and the key."""
+
+    dicom: Path
+    labels: Path
+    subjects: Path
+    studies: Path
+    gradings: Path
+    landmarks: Path
+    planted: Path
+    key: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> DemoOutputs:
+        """The cohort laid out in one folder as the workflow lays out results/demo_cohort."""
+        truth = folder / "truth"
+        return cls(dicom=folder / "dicom", labels=truth / "labels", subjects=truth / "subjects.csv",
+                   studies=truth / "studies.csv", gradings=truth / "gradings.csv", landmarks=truth / "landmarks.csv",
+                   planted=truth / "planted_files.csv", key=folder / "pseudonym.key")
+
+    @property
+    def cohort(self) -> Path:
+        """The cohort folder, which holds the archive: the truth tables name files relative to it."""
+        return self.dicom.parent
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the cohort folder, as the truth tables name it."""
+        return os.path.relpath(path, self.cohort)
+
+
+OUTPUTS = {
+    "dicom": "Folder of the archive (must be empty or absent).",
+    "labels": "Folder of the label maps (must be empty or absent).",
+    "subjects": "Truth: one row per subject (CSV).",
+    "studies": "Truth: one row per study (CSV).",
+    "gradings": "Truth: one row per graded disc (CSV).",
+    "landmarks": "Truth: every labelled body and disc of every sagittal T2 series (CSV).",
+    "planted": "Truth: the deliberately bad files (CSV).",
+    "key": "The demo's pseudonymisation key.",
+}
 
 
 @dataclass(frozen=True)
@@ -260,7 +307,7 @@ def _series_header(base: dict[str, Any], study: StudyPlan, number: int, descript
             "RepetitionTime": f"{tr:.0f}", "ImageType": image_type, "SpacingBetweenSlices": f"{spacing:.2f}"}
 
 
-def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str, list[dict[str, Any]]]:
+def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: DemoOutputs) -> dict[str, list[dict[str, Any]]]:
     """Render and write every study of one subject; return its rows of the truth tables."""
     traits = subject_traits(cfg, subject)
     rows: dict[str, list[dict[str, Any]]] = {"studies": [], "gradings": [], "landmarks": []}
@@ -283,7 +330,7 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
             "PatientPosition": "HFS",
         }
         acq = ph.Acquisition.for_field(study.field_t, rng)
-        study_dir = out / "dicom" / subject.folder / study.folder
+        study_dir = out.dicom / subject.folder / study.folder
         layout = ph.build_layout(traits, state)
         series_uids = {key: sd.uid(cfg.seed, subject.index, study.visit, key) for key in ("loc", "t1", "t2", "ax")}
         folders = {key: _hex(rng) for key in series_uids}
@@ -313,9 +360,9 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
         label_img.SetOrigin(tuple(float(x) for x in sag[0].position))
         label_img.SetSpacing((pixel, pixel, spacing))
         label_img.SetDirection(tuple(float(x) for x in direction.ravel()))
-        label_path = Path("truth") / "labels" / f"{series_uids['t2']}.nii.gz"
-        (out / label_path).parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(label_img, str(out / label_path), useCompression=True)
+        label_path = out.labels / f"{series_uids['t2']}.nii.gz"
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(label_img, str(label_path), useCompression=True)
         for kind, names, intervals, labelmap in (("vertebra", ph.VERTEBRAE, layout.body, ph.VERTEBRA_LABELS),
                                                  ("disc", ph.DISCS, layout.disc, ph.DISC_LABELS)):
             for i, name in enumerate(names):
@@ -365,7 +412,7 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
             sop = sd.uid(cfg.seed, subject.index, study.visit, "loc", instance)
             sd.write(sd.mr_dataset(header, geom, instance, sop, pixels[instance - 1]), study_dir / folders["loc"] / f"IM{instance:05d}")
 
-        rel = lambda key: str(Path("dicom") / subject.folder / study.folder / folders[key])  # noqa: E731
+        rel = lambda key: out.relative(study_dir / folders[key])  # noqa: E731
         rows["studies"].append({
             "patient_id": subject.patient_id, "study_uid": study_uid, "accession_number": study.accession,
             "study_date": study.date.isoformat(), "visit": study.visit, "years_from_baseline": round(study.years, 3),
@@ -373,7 +420,7 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
             "model": vendor["ManufacturerModelName"], "sag_t2_series_uid": series_uids["t2"], "sag_t2_dir": rel("t2"),
             "sag_t1_series_uid": series_uids["t1"], "sag_t1_dir": rel("t1"), "axial_t2_series_uid": series_uids["ax"],
             "axial_t2_dir": rel("ax"), "localizer_series_uid": series_uids["loc"], "localizer_dir": rel("loc"),
-            "label_map": str(label_path)})
+            "label_map": out.relative(label_path)})
         if subject.graded:
             for k, level in enumerate(ph.LABELLED_DISCS):
                 rows["gradings"].append({"patient_id": subject.patient_id, "study_uid": study_uid, "level": level,
@@ -382,7 +429,8 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: Path) -> dict[str,
 
 
 def plant_bad_files(cfg: DemoConfig, out: Path, studies: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Add a truncated DICOM, a non-DICOM file, a DICOM without pixel data and a duplicate file, in four studies."""
+    """Add a truncated DICOM, a non-DICOM file, a DICOM without pixel data and a duplicate file, in four studies
+    (``out``: the cohort folder, which the studies' paths are relative to)."""
     rng = np.random.default_rng([cfg.seed, 10])
     picks = [studies[i] for i in rng.permutation(len(studies))[:4]]
     while len(picks) < 4:
@@ -425,17 +473,17 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None 
         writer.writerows(rows)
 
 
-def _write_subject_job(job: tuple[DemoConfig, SubjectPlan, Path]) -> dict[str, list[dict[str, Any]]]:
+def _write_subject_job(job: tuple[DemoConfig, SubjectPlan, DemoOutputs]) -> dict[str, list[dict[str, Any]]]:
     return write_subject(*job)
 
 
-def generate(cfg: DemoConfig, out: Path, workers: int = 1) -> dict[str, int]:
-    """Write the whole cohort under ``out`` (which must not hold an older cohort); return counts."""
-    if (out / "pseudonym.key").exists():
-        raise FileExistsError(f"{out} already holds a cohort (pseudonym.key); remove it first")
-    for sub in ("dicom", "truth"):
-        if (out / sub).is_dir() and any((out / sub).iterdir()):
-            raise FileExistsError(f"{out / sub} is not empty; remove it first (the generator never mixes two cohorts)")
+def generate(cfg: DemoConfig, out: DemoOutputs, workers: int = 1) -> dict[str, int]:
+    """Write the whole cohort into ``out`` (which must not hold an older cohort); return counts."""
+    if out.key.exists():
+        raise FileExistsError(f"{out.key} exists: {out.cohort} already holds a cohort; remove it first")
+    for folder in (out.dicom, out.labels):
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} is not empty; remove it first (the generator never mixes two cohorts)")
     subjects = plan_cohort(cfg)
     log.info("planned %d subjects in %d families, %d studies", len(subjects), len({s.family for s in subjects}),
              sum(len(s.studies) for s in subjects))
@@ -449,19 +497,18 @@ def generate(cfg: DemoConfig, out: Path, workers: int = 1) -> dict[str, int]:
     for result in results:
         for key in tables:
             tables[key].extend(result[key])
-    truth = out / "truth"
-    _write_csv(truth / "subjects.csv", [{
+    _write_csv(out.subjects, [{
         "patient_id": s.patient_id, "patient_name": s.name, "birth_date": s.birth_date.isoformat(),
         "sex": "F" if s.female else "M", "family_id": f"F{s.family:05d}", "twin": int(s.twin),
         "age_at_baseline": round(s.age, 2), "n_studies": len(s.studies), "graded": int(s.graded)} for s in subjects])
-    _write_csv(truth / "studies.csv", tables["studies"])
-    _write_csv(truth / "gradings.csv", tables["gradings"], ["patient_id", "study_uid", "level", "pfirrmann", "herniation"])
-    _write_csv(truth / "landmarks.csv", tables["landmarks"])
+    _write_csv(out.studies, tables["studies"])
+    _write_csv(out.gradings, tables["gradings"], ["patient_id", "study_uid", "level", "pfirrmann", "herniation"])
+    _write_csv(out.landmarks, tables["landmarks"])
     # The demo's own pseudonymisation key (a real archive's key comes from the user, never from the repository).
-    (out / "pseudonym.key").write_text(hashlib.sha256(f"spine-ssl demo key {cfg.seed}".encode()).hexdigest() + "\n")
-    planted = plant_bad_files(cfg, out, tables["studies"]) if cfg.bad_files else []
-    _write_csv(truth / "planted_files.csv", planted, ["path", "kind", "detail"])
-    n_files = sum(len(files) for _, _, files in os.walk(out / "dicom"))
+    pn.write_key(out.key, hashlib.sha256(f"spine-ssl demo key {cfg.seed}".encode()).hexdigest().encode())
+    planted = plant_bad_files(cfg, out.cohort, tables["studies"]) if cfg.bad_files else []
+    _write_csv(out.planted, planted, ["path", "kind", "detail"])
+    n_files = sum(len(files) for _, _, files in os.walk(out.dicom))
     counts = {"subjects": len(subjects), "studies": len(tables["studies"]), "files": n_files, "planted": len(planted)}
     log.info("wrote %(subjects)d subjects, %(studies)d studies, %(files)d files (%(planted)d planted bad files)", counts)
     return counts
@@ -469,10 +516,9 @@ def generate(cfg: DemoConfig, out: Path, workers: int = 1) -> dict[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.demo_cohort", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True,
-                        help="Folder to write the cohort into; its dicom/ and truth/ must be empty or absent.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (one subject per task; default: 1).")
     cli.add_section_options(parser, "demo")
+    cli.add_output_options(parser, OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -481,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = DemoConfig.from_config(cli.section_from_args(args, "demo", parser))
+    out = DemoOutputs(**cli.outputs_from_args(args, parser, OUTPUTS))
     cli.setup_logging(args.log, "demo_cohort")
-    generate(cfg, args.out, args.threads)
+    generate(cfg, out, args.threads)
     return 0
 
 

@@ -5,7 +5,9 @@ follow-up, side by side, with the Pfirrmann grade (and H for herniation) of each
 No identity is shown: subjects are numbered in the montage only.
 
 Run:
-    python -m stages.demo_montage --cohort results/demo_cohort --subjects 3 --out results/demo_cohort/montage.png
+    python -m stages.demo_montage --dicom results/demo_cohort/dicom --studies results/demo_cohort/truth/studies.csv \\
+        --gradings results/demo_cohort/truth/gradings.csv --landmarks results/demo_cohort/truth/landmarks.csv \\
+        --montage-subjects 3 --out results/demo_cohort/montage.png
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ def pick_subjects(studies: pd.DataFrame, gradings: pd.DataFrame, n: int) -> list
     return (with_fu + rest)[:n]
 
 
-def montage(cohort: Path, n_subjects: int, out: Path) -> None:
-    truth = cohort / "truth"
-    studies = pd.read_csv(truth / "studies.csv")
-    gradings = pd.read_csv(truth / "gradings.csv")
-    landmarks = pd.read_csv(truth / "landmarks.csv")
+def montage(dicom: Path, studies_file: Path, gradings_file: Path, landmarks_file: Path, n_subjects: int,
+            out: Path) -> None:
+    """The montage of ``n_subjects`` subjects, read from the archive ``dicom`` (the studies table names series
+    folders relative to the cohort folder, the one that holds the archive) and the truth tables."""
+    studies = pd.read_csv(studies_file)
+    gradings = pd.read_csv(gradings_file)
+    landmarks = pd.read_csv(landmarks_file)
     chosen = pick_subjects(studies, gradings, n_subjects)
     if not chosen:
-        raise ValueError(f"no studies in {truth / 'studies.csv'}")
+        raise ValueError(f"no studies in {studies_file}")
     n_cols = int(studies[studies.patient_id.isin(chosen)].groupby("patient_id").size().max())
     fig, axes = plt.subplots(len(chosen), n_cols, figsize=(3.6 * n_cols, 3.9 * len(chosen)), squeeze=False,
                              facecolor="black")
@@ -51,7 +55,7 @@ def montage(cohort: Path, n_subjects: int, out: Path) -> None:
         ax.set_axis_off()
     for r, pid in enumerate(chosen):
         for c, study in enumerate(studies[studies.patient_id == pid].sort_values("visit").itertuples()):
-            files = sorted(p for p in (cohort / study.sag_t2_dir).iterdir() if p.is_file())
+            files = sorted(p for p in (dicom.parent / study.sag_t2_dir).iterdir() if p.is_file())
             volume, headers = read_volume(files)
             marks = landmarks[landmarks.series_uid == study.sag_t2_series_uid]
             k = int(np.clip(np.rint(marks[marks.level == "L3"].k.iloc[0]), 0, len(volume) - 1))
@@ -83,8 +87,13 @@ def montage(cohort: Path, n_subjects: int, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.demo_montage", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cohort", type=Path, required=True, help="Folder written by stages.demo_cohort.")
-    parser.add_argument("--subjects", type=cli.positive_int, default=3, help="Number of subjects (rows) to show (default: 3).")
+    parser.add_argument("--dicom", type=cli.existing_folder, required=True,
+                        help="The archive stages.demo_cohort wrote (--out-dicom).")
+    for name in ("studies", "gradings", "landmarks"):
+        parser.add_argument(f"--{name}", type=cli.existing_file, required=True,
+                            help=f"The {name} table of stages.demo_cohort (--out-{name}).")
+    parser.add_argument("--montage-subjects", type=cli.positive_int, default=3,
+                        help="Number of subjects (rows) to show (demo.montage_subjects; default: 3).")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write.")
     cli.add_log_option(parser)
     return parser
@@ -93,10 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.cohort / "truth" / "studies.csv").is_file():
-        parser.error(f"--cohort {args.cohort} has no truth/studies.csv; run stages.demo_cohort first")
     cli.setup_logging(args.log, "demo_montage")
-    montage(args.cohort, args.subjects, args.out)
+    montage(args.dicom, args.studies, args.gradings, args.landmarks, args.montage_subjects, args.out)
     return 0
 
 

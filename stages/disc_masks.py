@@ -1,14 +1,18 @@
 """Stage disc_masks: the disc's label map cut like the vertebral-body volumes, for the attention-inside-the-disc score.
 
-A disc sample is the body above and the body below the disc (stages/evaluation/probe_data.py). For each test sample whose scan
-has a label map (``has_mask``; the masks of the others are empty and they are left out of the score), the disc's voxels (its label in the map) are cut with exactly the crop of each body (the same centre,
-spine axis, pixel size and slices as stages/extract.py, linear interpolation, then thresholded at 0.5): two masks
+A disc sample is the body above and the body below the disc (stages/evaluation/probe_data.py). For each test sample
+whose scan has a label map (``has_mask``; the masks of the others are empty and they are left out of the score), the
+disc's voxels (its label in the map) are cut with exactly the crop of each body (the same centre, spine axis, pixel
+size and slices as extract, stages/anatomy/crops.py; linear interpolation, then thresholded at 0.5): two masks
 aligned voxel for voxel with the two volumes the model reads. (Ingest copies a label map only when its grid equals
 the volume's: size, origin, spacing and direction; so the structures' voxel coordinates hold for it too.)
 
 Run:
-    python -m stages.disc_masks --ingest results/ingest --localise results/localise --splits results/splits \\
-        --task grade --vertebra-size 64 64 9 --width-fraction 0.5 --out results/report/gradcam/disc_masks.npz
+    python -m stages.disc_masks --manifest results/ingest/manifest.parquet \\
+        --structures results/localise/structures.parquet --volumes results/splits/volumes.parquet \\
+        --gradcam-task grade --vertebra-size 64 64 9 --width-fraction 0.5 --out results/report/gradcam/disc_masks.npz
+
+The label maps are the files the manifest names (column ``label_map``, relative to the manifest's folder).
 
 Writes ``disc_masks.npz``: every downstream test sample of the task, ``masks`` (n, 2, S, H, W) uint8, ``has_mask``
 (n,) and ``sample_*`` columns (scan_id, level, label, upper, lower: rows of ``extract/vertebrae.npy``).
@@ -47,14 +51,13 @@ def scan_masks(label: np.ndarray, image: sitk.Image, structures: pd.DataFrame, s
     return out
 
 
-def run(ingest: Path, localise: Path, splits: Path, task: str, size: tuple[int, int, int], width_fraction: float,
-        out: Path) -> dict[str, Any]:
+def run(manifest_file: Path, structures_file: Path, volumes_file: Path, task: str, size: tuple[int, int, int],
+        width_fraction: float, out: Path) -> dict[str, Any]:
     if TASKS[task].kind != "disc":
         raise ValueError(f"task {task!r} is not a disc task: the score needs a disc (grade or herniation)")
-    manifest = pd.read_parquet(ingest / "manifest.parquet")
-    structures = pd.read_parquet(localise / "structures.parquet")
-    volumes = pd.read_parquet(splits / "volumes.parquet")
-    samples, _ = task_samples(volumes, TASKS[task])
+    manifest = pd.read_parquet(manifest_file)
+    structures = pd.read_parquet(structures_file)
+    samples, _ = task_samples(pd.read_parquet(volumes_file), TASKS[task])
     samples = samples[samples.downstream_part == "test"].reset_index(drop=True)
     label_of = dict(zip(manifest.scan_id, manifest.label_map.fillna("")))
     has_mask = samples.scan_id.map(lambda s: bool(label_of.get(s, ""))).to_numpy(dtype=bool)
@@ -63,7 +66,7 @@ def run(ingest: Path, localise: Path, splits: Path, task: str, size: tuple[int, 
                     int((~has_mask).sum()), len(samples), samples.scan_id[~has_mask].nunique())
     masks = np.zeros((len(samples), 2, size[2], size[0], size[1]), dtype=np.uint8)
     for scan_id, group in samples[has_mask].groupby("scan_id", sort=False):
-        image = sitk.ReadImage(str(ingest / label_of[scan_id]))
+        image = sitk.ReadImage(str(manifest_file.parent / label_of[scan_id]))
         label = sitk.GetArrayFromImage(image)
         masks[group.index.to_numpy()] = scan_masks(label, image, structures[structures.scan_id == scan_id], group,
                                                    size, width_fraction)
@@ -82,11 +85,14 @@ def run(ingest: Path, localise: Path, splits: Path, task: str, size: tuple[int, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.disc_masks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of ingest.")
-    parser.add_argument("--localise", type=cli.existing_folder, required=True, help="Output folder of localise.")
-    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of splits.")
-    parser.add_argument("--task", choices=sorted(t for t, spec in TASKS.items() if spec.kind == "disc"),
-                        default="grade", help="The disc task whose test samples are cut (default grade).")
+    parser.add_argument("--manifest", type=cli.existing_file, required=True,
+                        help="ingest/manifest.parquet (the label maps it names are read, relative to it).")
+    parser.add_argument("--structures", type=cli.existing_file, required=True,
+                        help="localise/structures.parquet (the bodies' crop geometry).")
+    parser.add_argument("--volumes", type=cli.existing_file, required=True, help="splits/volumes.parquet.")
+    parser.add_argument("--gradcam-task", dest="task", choices=sorted(t for t, s in TASKS.items() if s.kind == "disc"),
+                        default="grade", help="reports.gradcam_task: the disc task whose test samples are cut "
+                                              "(default grade).")
     parser.add_argument("--vertebra-size", type=cli.positive_int, nargs=3, required=True,
                         metavar=("HEIGHT", "WIDTH", "SLICES"), help="extract.vertebra_size.")
     parser.add_argument("--width-fraction", type=float, required=True, help="extract.width_fraction.")
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.width_fraction <= 1:
         parser.error(f"--width-fraction must be in (0, 1], got {args.width_fraction}")
     cli.setup_logging(args.log, "disc_masks")
-    run(args.ingest, args.localise, args.splits, args.task, tuple(args.vertebra_size), args.width_fraction, args.out)
+    run(args.manifest, args.structures, args.volumes, args.task, tuple(args.vertebra_size), args.width_fraction,
+        args.out)
     return 0
 
 

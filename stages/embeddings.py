@@ -9,8 +9,9 @@ studies, often on another scanner, so that the map can show whether the features
 (scikit-learn, PCA initialisation, seeded: the same map on the same features) runs on the standardised features.
 
 Run:
-    python -m stages.embeddings --features results/probes/features/siamese --splits results/splits \\
-        --ingest results/ingest --out results/report/embeddings/siamese.parquet
+    python -m stages.embeddings --features results/probes/features/siamese/features.npy \\
+        --volumes results/splits/volumes.parquet --manifest results/ingest/manifest.parquet \\
+        --out results/report/embeddings/siamese.parquet
 
 Writes one row per body: x, y, scan (pseudonymous), subject (pseudonymous), part, level, grade, field_strength_t.
 """
@@ -59,9 +60,9 @@ def tsne(features: np.ndarray, seed: int, perplexity: float = 30.0) -> np.ndarra
                 learning_rate="auto").fit_transform(x)
 
 
-def run(features: Path, splits: Path, ingest: Path, out: Path, seed: int) -> dict[str, Any]:
-    feats = np.load(features / "features.npy", mmap_mode="r")
-    table = bodies_of_test_part(pd.read_parquet(splits / "volumes.parquet"), pd.read_parquet(ingest / "manifest.parquet"))
+def run(features: Path, volumes: Path, manifest: Path, out: Path, seed: int) -> dict[str, Any]:
+    feats = np.load(features, mmap_mode="r")
+    table = bodies_of_test_part(pd.read_parquet(volumes), pd.read_parquet(manifest))
     xy = tsne(np.asarray(feats[table.row.to_numpy()]), seed)
     table.insert(0, "x", xy[:, 0])
     table.insert(1, "y", xy[:, 1])
@@ -74,10 +75,10 @@ def run(features: Path, splits: Path, ingest: Path, out: Path, seed: int) -> dic
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.embeddings", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=cli.existing_folder, required=True,
-                        help="The encoder's output folder of the features stage.")
-    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of splits.")
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of ingest.")
+    parser.add_argument("--features", type=cli.existing_file, required=True,
+                        help="The encoder's features.npy (stages.features: one row per volume of extract).")
+    parser.add_argument("--volumes", type=cli.existing_file, required=True, help="splits/volumes.parquet.")
+    parser.add_argument("--manifest", type=cli.existing_file, required=True, help="ingest/manifest.parquet.")
     parser.add_argument("--out", type=Path, required=True, help="The .parquet file to write.")
     parser.add_argument("--seed", type=int, default=0, help="t-SNE seed (default 0).")
     cli.add_log_option(parser)
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.log, "embeddings")
-    run(args.features, args.splits, args.ingest, args.out, args.seed)
+    run(args.features, args.volumes, args.manifest, args.out, args.seed)
     return 0
 
 

@@ -8,13 +8,17 @@ to posterior) and rescaled so that the structure's antero-posterior width spans 
 Intensities are divided so that the median intensity of the vertebral bodies above and below is 0.5. For the Hou et
 al. 2023 path, each disc also gets 3 slices through its centre resliced perpendicular to the spine (axial).
 
-Run:
-    python -m stages.extract --ingest results/ingest --localise results/localise --out results/extract --threads 2
+Run (one job; the workflow runs one per shard, ``--shard I --scans-per-shard P --out SHARD_DIR``, then
+``--merge SHARD_DIR ...`` with the --out-* files):
+    python -m stages.extract --manifest results/ingest/manifest.parquet --volumes results/ingest/volumes \\
+        --structures results/localise/structures.parquet --flags results/localise/flags.csv --threads 2 \\
+        --out-vertebrae results/extract/vertebrae.npy --out-discs results/extract/discs.npy \\
+        --out-axial results/extract/axial.npy --out-index results/extract/index.parquet
 
-Writes ``vertebrae.npy`` (N, S, H, W), ``discs.npy`` (N, S, Hd, W), ``axial.npy`` (N, 3, Ha, Wa), float16 arrays
-written slot by slot through memory maps (the cohort is never held in memory), and ``index.parquet`` / ``.csv``: one
-row per extracted volume (array, row, scan, subject, study, days since first study, kind, level, centre, source of
-the localisation, pixel size, normalisation factor).
+Writes ``--out-vertebrae`` (N, S, H, W), ``--out-discs`` (N, S, Hd, W), ``--out-axial`` (N, 3, Ha, Wa), float16
+arrays written slot by slot through memory maps (the cohort is never held in memory), and ``--out-index`` (Parquet,
+a CSV copy beside it): one row per extracted volume (array, row, scan, subject, study, days since first study, kind,
+level, centre, source of the localisation, pixel size, normalisation factor).
 """
 
 from __future__ import annotations
@@ -32,15 +36,18 @@ from tqdm import tqdm
 
 from stages.anatomy.crops import (
     ARRAYS,
+    EXTRACT_OUTPUTS,
     INDEX_COLUMNS,
     ExtractConfig,
+    ExtractOutputs,
     axial_stack,
     body_medians,
     crop,
     neighbour_reference,
 )
+from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
 from stages.core import cli, levels
-from stages.core.shards import concat_arrays, resolve_shard, shard_block
+from stages.core.shards import add_shard_options, concat_arrays, count_from_manifest, shard_block, shard_from_args
 
 log = logging.getLogger("extract")
 
@@ -69,31 +76,32 @@ def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any
     return out
 
 
-def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers: int = 1,
-            shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
-    """Extract the unflagged scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all by default)."""
-    manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
+def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_file: Path, out: ExtractOutputs,
+            cfg: ExtractConfig, workers: int = 1, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+    """Extract the unflagged scans (``flags_file``) of shard ``shard`` = (i, n) of the manifest sorted by scan id (all
+    by default), from their volumes in the folder ``volumes`` and their structures (``structures_file``)."""
+    manifest = pd.read_parquet(manifest_file).sort_values("scan_id")
     manifest = manifest.iloc[shard_block(len(manifest), *shard)]
-    structures = pd.read_parquet(localise / "structures.parquet")
-    flags = pd.read_csv(localise / "flags.csv")
+    structures = pd.read_parquet(structures_file)
+    flags = pd.read_csv(flags_file)
     usable = manifest[~manifest.scan_id.isin(flags.scan_id)].sort_values("scan_id").reset_index(drop=True)
     log.info("%d scans%s, %d flagged by localisation and skipped, %d to extract", len(manifest),
              f" (shard {shard[0]} of {shard[1]})" if shard[1] > 1 else "", len(manifest) - len(usable), len(usable))
-    out.mkdir(parents=True, exist_ok=True)
+    for path in (out.vertebrae, out.discs, out.axial, out.index):
+        path.parent.mkdir(parents=True, exist_ok=True)
     n = len(usable)
     (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
     shapes = {"vertebrae": (n * 7, s, h, w), "discs": (n * 6, sd, hd, wd), "axial": (n * 6, 3, ha, wa)}
     if n == 0:  # nothing usable: empty arrays and index, said in the log (and in the localise flags)
         for name, shape in shapes.items():
-            np.save(out / f"{name}.npy", np.zeros(shape, np.float16))
+            np.save(getattr(out, name), np.zeros(shape, np.float16))
         empty = pd.DataFrame(columns=INDEX_COLUMNS)
-        empty.to_parquet(out / "index.parquet", index=False)
-        empty.to_csv(out / "index.csv", index=False)
+        write_table(empty, out.index)
         log.warning("no scan to extract: every scan was flagged by localisation (see its flags.csv)")
         return empty
-    arrays = {name: np.lib.format.open_memmap(out / f"{name}.npy", "w+", np.float16, shape)
+    arrays = {name: np.lib.format.open_memmap(getattr(out, name), "w+", np.float16, shape)
               for name, shape in shapes.items()}
-    jobs = ((ingest / scan.volume, structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
+    jobs = ((scan_file(volumes, scan.volume), structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
     index = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for i, (scan, result) in enumerate(tqdm(zip(usable.itertuples(), pool.map(extract_scan, jobs)), total=n,
@@ -114,30 +122,28 @@ def extract(ingest: Path, localise: Path, out: Path, cfg: ExtractConfig, workers
     for array in arrays.values():
         array.flush()
     table = pd.DataFrame(index)
-    table.to_parquet(out / "index.parquet", index=False)
-    table.to_csv(out / "index.csv", index=False)
+    write_table(table, out.index)
     log.info("extracted %d vertebral bodies and %d discs from %d scans", (table.kind == "vertebra").sum(),
              (table.kind == "disc").sum(), n)
     return table
 
 
-
-
-def merge(shards: list[Path], out: Path) -> pd.DataFrame:
-    """The shards' array stores and indexes, in shard order, as one run over the whole cohort would write them
-    (arrays copied through memory maps, a chunk at a time)."""
-    out.mkdir(parents=True, exist_ok=True)
-    offsets = {name: concat_arrays([s / f"{name}.npy" for s in shards], out / f"{name}.npy") for name in ARRAYS}
+def merge(shards: list[Path], out: ExtractOutputs) -> pd.DataFrame:
+    """The shards' array stores and indexes (folders of ``--shard`` runs), in shard order, as one run over the whole
+    cohort would write them (arrays copied through memory maps, a chunk at a time)."""
+    parts = [ExtractOutputs.in_folder(s) for s in shards]
+    for path in (out.vertebrae, out.discs, out.axial, out.index):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = {name: concat_arrays([getattr(part, name) for part in parts], getattr(out, name)) for name in ARRAYS}
     tables = []
-    for i, shard in enumerate(shards):
-        table = pd.read_parquet(shard / "index.parquet")
+    for i, part in enumerate(parts):
+        table = pd.read_parquet(part.index)
         if len(table):
             table["row"] = table.row + table.array.map({"vertebrae": offsets["vertebrae"][i],
                                                         "discs": offsets["discs"][i]})
             tables.append(table)
     index = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=INDEX_COLUMNS)
-    index.to_parquet(out / "index.parquet", index=False)
-    index.to_csv(out / "index.csv", index=False)
+    write_table(index, out.index)
     log.info("merged %d shards: %d vertebral bodies and %d discs", len(shards), (index.kind == "vertebra").sum(),
              (index.kind == "disc").sum())
     if index.empty:
@@ -145,21 +151,21 @@ def merge(shards: list[Path], out: Path) -> pd.DataFrame:
     return index
 
 
+INPUTS = ("manifest", "volumes", "structures", "flags")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, default=None,
-                        help="Output folder of the ingest stage (required unless --merge).")
-    parser.add_argument("--localise", type=cli.existing_folder, default=None,
-                        help="Output folder of the localise stage (required unless --merge).")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    inputs = parser.add_argument_group("inputs (required but with --merge)")
+    add_ingest_inputs(inputs, "manifest", "volumes", required=False)
+    inputs.add_argument("--structures", type=cli.existing_file, default=None,
+                        help="structures.parquet of the localise stage.")
+    inputs.add_argument("--flags", type=cli.existing_file, default=None,
+                        help="flags.csv of the localise stage (flagged scans are skipped).")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="Extract only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
-    parser.add_argument("--scans-per-shard", type=cli.positive_int, default=None, metavar="P",
-                        help="With --shard I (no /N): N = ceil(scans in the manifest / P), as the workflow splits.")
-    parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
-                        help="Instead of extracting: merge these shard runs' outputs, in this order, into --out.")
+    add_shard_options(parser, "the scans sorted by id")
     cli.add_section_options(parser, "extract")
+    cli.add_output_options(parser, EXTRACT_OUTPUTS, required=False, title="outputs (but with --shard)")
     cli.add_log_option(parser)
     return parser
 
@@ -167,20 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.merge:
-        cli.setup_logging(args.log, "extract")
-        merge(args.merge, args.out)
-        return 0
-    if args.ingest is None or args.localise is None:
-        parser.error("--ingest and --localise are required (unless --merge)")
-    try:
-        n_scans = len(pd.read_parquet(args.ingest / "manifest.parquet", columns=["scan_id"]))
-        shard = resolve_shard(args.shard, args.scans_per_shard, n_scans)
-    except (ValueError, OSError) as err:
-        parser.error(f"--shard: {err}")
+    missing = [name for name in INPUTS if getattr(args, name) is None]
+    if missing and not args.merge:
+        parser.error(f"--{missing[0]} is required (but with --merge)")
+    shard = shard_from_args(args, parser, count_from_manifest(args.manifest, args.scans_per_shard))
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
+    out = ExtractOutputs.in_folder(args.out) if shard else ExtractOutputs(
+        **cli.outputs_from_args(args, parser, EXTRACT_OUTPUTS))
     cli.setup_logging(args.log, "extract")
-    extract(args.ingest, args.localise, args.out, cfg, args.threads, shard)
+    if args.merge:
+        merge(args.merge, out)
+    else:
+        extract(args.manifest, args.volumes, args.structures, args.flags, out, cfg, args.threads, shard or (0, 1))
     return 0
 
 

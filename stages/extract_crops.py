@@ -12,10 +12,12 @@ Crops are not resliced: ``axial.npy`` (the Hou et al. 2023 path) holds zeros for
 ``crop_table`` (centres and pixel sizes unknown: NaN).
 
 Run:
-    python -m stages.extract_crops --ingest results/ingest --out results/extract
+    python -m stages.extract_crops --crop-table results/ingest/crops.parquet --crops results/ingest/crops \\
+        --out-vertebrae results/extract/vertebrae.npy --out-discs results/extract/discs.npy \\
+        --out-axial results/extract/axial.npy --out-index results/extract/index.parquet
 
-Writes vertebrae.npy, discs.npy, axial.npy and index.parquet / .csv exactly as stages.extract does, one acquisition
-at a time through memory maps (the cohort is never held in memory).
+Writes the arrays and the index (Parquet, a CSV copy beside it) exactly as stages.extract does, one acquisition at a
+time through memory maps (the cohort is never held in memory).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import zoom
 
-from stages.anatomy.crops import INDEX_COLUMNS, ExtractConfig, neighbour_reference
+from stages.anatomy.crops import EXTRACT_OUTPUTS, INDEX_COLUMNS, ExtractConfig, ExtractOutputs, neighbour_reference
+from stages.archive.manifest import scan_file, write_table
 from stages.core import cli, levels
 
 log = logging.getLogger("extract_crops")
@@ -68,15 +71,18 @@ def core_median(volume: np.ndarray) -> float:
     return float(np.median(values)) if values.size else float("nan")
 
 
-def extract_crops(ingest: Path, out: Path, cfg: ExtractConfig) -> pd.DataFrame:
-    crops = pd.read_parquet(ingest / "crops.parquet")
+def extract_crops(crop_table: Path, crop_folder: Path, out: ExtractOutputs, cfg: ExtractConfig) -> pd.DataFrame:
+    """The crops of ``crop_table`` (crops.parquet of stages.ingest_crops; the images in ``crop_folder``) brought to the
+    extraction sizes and normalised, into ``out``."""
+    crops = pd.read_parquet(crop_table)
     crops = crops.assign(_order=crops.level.map(ORDER)).sort_values(["scan_id", "_order"]).reset_index(drop=True)
-    out.mkdir(parents=True, exist_ok=True)
+    for path in (out.vertebrae, out.discs, out.axial, out.index):
+        path.parent.mkdir(parents=True, exist_ok=True)
     (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
     n_bodies, n_discs = int((crops.kind == "vertebra").sum()), int((crops.kind == "disc").sum())
-    arrays = {"vertebrae": np.lib.format.open_memmap(out / "vertebrae.npy", "w+", np.float16, (n_bodies, s, h, w)),
-              "discs": np.lib.format.open_memmap(out / "discs.npy", "w+", np.float16, (n_discs, sd, hd, wd)),
-              "axial": np.lib.format.open_memmap(out / "axial.npy", "w+", np.float16, (n_discs, 3, ha, wa))}
+    arrays = {"vertebrae": np.lib.format.open_memmap(out.vertebrae, "w+", np.float16, (n_bodies, s, h, w)),
+              "discs": np.lib.format.open_memmap(out.discs, "w+", np.float16, (n_discs, sd, hd, wd)),
+              "axial": np.lib.format.open_memmap(out.axial, "w+", np.float16, (n_discs, 3, ha, wa))}
     arrays["axial"][:] = 0
     slots = {"vertebrae": 0, "discs": 0}
     index = []
@@ -85,7 +91,7 @@ def extract_crops(ingest: Path, out: Path, cfg: ExtractConfig) -> pd.DataFrame:
         volumes = {}
         for crop in group.itertuples():
             size = cfg.vertebra_size if crop.kind == "vertebra" else cfg.disc_size
-            volumes[crop.level] = fit(np.load(ingest / crop.file), size)
+            volumes[crop.level] = fit(np.load(scan_file(crop_folder, crop.file)), size)
         medians = {level: core_median(v) for level, v in volumes.items()}
         bodies = {lv: m for lv, m in medians.items() if lv in levels.VERTEBRAE}
         for crop in group.itertuples():
@@ -105,8 +111,7 @@ def extract_crops(ingest: Path, out: Path, cfg: ExtractConfig) -> pd.DataFrame:
     for array in arrays.values():
         array.flush()
     table = pd.DataFrame(index, columns=INDEX_COLUMNS)
-    table.to_parquet(out / "index.parquet", index=False)
-    table.to_csv(out / "index.csv", index=False)
+    write_table(table, out.index)
     log.info("%d vertebral bodies and %d discs from %d acquisitions; %d crops normalised by their own intensity "
              "(no neighbouring body in their acquisition)", n_bodies, n_discs, crops.scan_id.nunique(), per_image)
     return table
@@ -114,10 +119,12 @@ def extract_crops(ingest: Path, out: Path, cfg: ExtractConfig) -> pd.DataFrame:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract_crops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True,
-                        help="Output folder of stages.ingest_crops.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--crop-table", type=cli.existing_file, required=True,
+                        help="crops.parquet of stages.ingest_crops (one row per crop).")
+    parser.add_argument("--crops", type=cli.existing_folder, required=True,
+                        help="The folder of crops stages.ingest_crops wrote.")
     cli.add_section_options(parser, "extract")
+    cli.add_output_options(parser, EXTRACT_OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -125,11 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.ingest / "crops.parquet").is_file():
-        parser.error(f"--ingest {args.ingest} has no crops.parquet: it is not the output of stages.ingest_crops")
     cfg = ExtractConfig.from_config(cli.section_from_args(args, "extract", parser))
+    out = ExtractOutputs(**cli.outputs_from_args(args, parser, EXTRACT_OUTPUTS))
     cli.setup_logging(args.log, "extract_crops")
-    extract_crops(args.ingest, args.out, cfg)
+    extract_crops(args.crop_table, args.crops, out, cfg)
     return 0
 
 

@@ -1,8 +1,13 @@
 """Stage extract_qc: pictures a person checks: localisation on the mid-sagittal slice, and the extracted volumes.
 
 Run:
-    python -m stages.extract_qc --ingest results/ingest --localise results/localise --extract results/extract \\
-        --scans 12 --out-localisation localisation.png --out-gallery gallery.png
+    python -m stages.extract_qc --manifest results/ingest/manifest.parquet --volumes results/ingest/volumes \\
+        --structures results/localise/structures.parquet --flags results/localise/flags.csv \\
+        --index results/extract/index.parquet --vertebrae results/extract/vertebrae.npy \\
+        --discs results/extract/discs.npy --axial results/extract/axial.npy --qc-scans 12 \\
+        --out-localisation localisation.png --out-gallery gallery.png
+
+A crop-table cohort has no localisation: the gallery alone, from --index, --vertebrae and --discs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pandas as pd  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from stages.anatomy.spine_structures import world_to_index  # noqa: E402
+from stages.archive.manifest import add_ingest_inputs, scan_file  # noqa: E402
 from stages.core import cli, levels  # noqa: E402
 
 log = logging.getLogger("extract_qc")
@@ -43,19 +49,20 @@ def _message_figure(text: str, out: Path) -> None:
     plt.close(fig)
 
 
-def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFrame, scans: list[str],
-                        out: Path) -> None:
+def localisation_figure(manifest: pd.DataFrame, volumes: Path, structures: pd.DataFrame, flags: pd.DataFrame,
+                        scans: list[str], out: Path) -> None:
+    """The structures of ``scans`` drawn on their mid-sagittal slices (volumes in the folder ``volumes``)."""
     if not scans:
         _message_figure("No scan could be localised (see localise/flags.csv).", out)
         return
-    manifest = pd.read_parquet(ingest / "manifest.parquet").set_index("scan_id")
+    manifest = manifest.set_index("scan_id")
     cols = min(4, len(scans))
     rows = int(np.ceil(len(scans) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False, facecolor="black")
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, scan in zip(axes.ravel(), scans):
-        image = sitk.ReadImage(str(ingest / manifest.loc[scan, "volume"]), sitk.sitkFloat32)
+        image = sitk.ReadImage(str(scan_file(volumes, manifest.loc[scan, "volume"])), sitk.sitkFloat32)
         volume = sitk.GetArrayFromImage(image)
         table = structures[structures.scan_id == scan]
         k = int(np.clip(np.rint(table.k.median()), 0, len(volume) - 1))
@@ -85,16 +92,16 @@ def localisation_figure(ingest: Path, structures: pd.DataFrame, flags: pd.DataFr
     plt.close(fig)
 
 
-def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
-    index = pd.read_parquet(extract / "index.parquet")
+def gallery_figure(index: pd.DataFrame, arrays: dict[str, np.ndarray], n_scans: int, out: Path) -> None:
+    """The middle slices of the extracted volumes of the first ``n_scans`` scans of ``index``; ``arrays``: vertebrae,
+    discs and (but for a crop-table cohort) axial."""
     if index.empty:
         _message_figure("No volume was extracted: every scan was flagged by localisation (see localise/flags.csv).", out)
         return
-    arrays = {name: np.load(extract / f"{name}.npy", mmap_mode="r") for name in ("vertebrae", "discs", "axial")}
     scans = list(dict.fromkeys(index.scan_id))[:n_scans]
     panels = [("vertebrae", "vertebra", levels.VERTEBRAE), ("discs", "disc", levels.DISCS), ("axial", "disc", levels.DISCS)]
     crops = bool((index.source == "crop_table").all())
-    if crops:  # pre-cut crops are not resliced: no axial slices
+    if crops or "axial" not in arrays:  # pre-cut crops are not resliced: no axial slices
         panels = panels[:2]
     n_cols = sum(len(p[2]) for p in panels)
     fig, axes = plt.subplots(len(scans), n_cols, figsize=(1.25 * n_cols, 1.5 * len(scans) + 0.8), squeeze=False,
@@ -121,37 +128,52 @@ def gallery_figure(extract: Path, n_scans: int, out: Path) -> None:
                   "axial slices through each disc; intensity 0-1.2 (neighbouring bodies' median = 0.5)")
     fig.suptitle(title, color="white", fontsize=9, wrap=True)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, facecolor="black")
     plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.extract_qc", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--localise", type=cli.existing_folder, default=None,
-                        help="Output folder of the localise stage (none for a crop-table cohort: gallery only).")
-    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
-    parser.add_argument("--scans", type=cli.positive_int, default=12, help="Scans in the localisation figure (default: 12).")
-    parser.add_argument("--out-localisation", type=Path, default=None,
-                        help="PNG of the localisation figure (needs --localise).")
-    parser.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
+    located = parser.add_argument_group("localisation figure (none for a crop-table cohort)")
+    add_ingest_inputs(located, "manifest", "volumes", required=False)
+    located.add_argument("--structures", type=cli.existing_file, default=None,
+                         help="structures.parquet of the localise stage.")
+    located.add_argument("--flags", type=cli.existing_file, default=None, help="flags.csv of the localise stage.")
+    located.add_argument("--qc-scans", type=cli.positive_int, default=12,
+                         help="Scans in the localisation figure (extract.qc_scans; default: 12).")
+    located.add_argument("--out-localisation", type=Path, default=None, help="PNG of the localisation figure.")
+    gallery = parser.add_argument_group("gallery of extracted volumes")
+    gallery.add_argument("--index", type=cli.existing_file, required=True, help="index.parquet of the extraction.")
+    for name in ("vertebrae", "discs"):
+        gallery.add_argument(f"--{name}", type=cli.existing_file, required=True, help=f"{name}.npy of the extraction.")
+    gallery.add_argument("--axial", type=cli.existing_file, default=None,
+                         help="axial.npy of the extraction (none for a crop-table cohort).")
+    gallery.add_argument("--out-gallery", type=Path, required=True, help="PNG of the gallery of extracted volumes.")
     cli.add_log_option(parser)
     return parser
+
+
+LOCALISATION = ("manifest", "volumes", "structures", "flags", "out_localisation")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.localise is None) != (args.out_localisation is None):
-        parser.error("--localise and --out-localisation go together")
+    given = [getattr(args, name) is not None for name in LOCALISATION]
+    if any(given) and not all(given):
+        parser.error("the localisation figure needs all of --manifest, --volumes, --structures, --flags and "
+                     "--out-localisation")
     cli.setup_logging(args.log, "extract_qc")
-    if args.localise is not None:
-        structures = pd.read_parquet(args.localise / "structures.parquet")
-        flags = pd.read_csv(args.localise / "flags.csv")
-        localisation_figure(args.ingest, structures, flags, pick_scans(structures, flags, args.scans),
-                            args.out_localisation)
+    if all(given):
+        structures = pd.read_parquet(args.structures)
+        flags = pd.read_csv(args.flags)
+        localisation_figure(pd.read_parquet(args.manifest), args.volumes, structures, flags,
+                            pick_scans(structures, flags, args.qc_scans), args.out_localisation)
         log.info("wrote %s", args.out_localisation)
-    gallery_figure(args.extract, 4, args.out_gallery)
+    arrays = {name: np.load(path, mmap_mode="r") for name, path in
+              (("vertebrae", args.vertebrae), ("discs", args.discs), ("axial", args.axial)) if path is not None}
+    gallery_figure(pd.read_parquet(args.index), arrays, 4, args.out_gallery)
     log.info("wrote %s", args.out_gallery)
     return 0
 

@@ -6,11 +6,11 @@ untrained network of the pretext evaluation). Every body is embedded, whatever i
 them; which samples a probe may *train* on is decided and checked by the probe stage.
 
 Run:
-    python -m stages.features --encoder results/pretrain/siamese/encoder.pt --extract results/extract \\
-        --out results/probes/features/siamese
+    python -m stages.features --encoder results/pretrain/siamese/encoder.pt --vertebrae results/extract/vertebrae.npy \\
+        --features results/probes/features/siamese/features.npy --meta results/probes/features/siamese/features.json
 
-Writes ``features.npy`` (float32, one row per row of ``extract/vertebrae.npy``, written in batches so a large cohort
-never sits in memory) and ``features.json`` (the encoder, its spec, the feature size).
+Writes ``--features`` (float32, one row per row of ``--vertebrae``, written in batches so a large cohort never sits
+in memory) and ``--meta`` (JSON: the encoder, its spec, the feature size).
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ def embed_all(encoder: VggM3dEncoder, array: np.ndarray, out: Path, batch_size: 
     return np.load(out, mmap_mode="r")
 
 
-def run(extract: Path, out: Path, encoder_path: Path | None, seed: int, width: float, embedding_dim: int,
-        threads: int = 2, batch_size: int = 64) -> dict[str, Any]:
+def run(vertebrae: Path, features_file: Path, meta_file: Path, encoder_path: Path | None, seed: int, width: float,
+        embedding_dim: int, threads: int = 2, batch_size: int = 64) -> dict[str, Any]:
+    """Embed every body of ``vertebrae`` (the array store) with a pretrained encoder (``encoder_path``) or the random
+    encoder of ``seed``; write ``features_file`` (rows as in the store) and ``meta_file`` (JSON)."""
     torch.set_num_threads(threads)
-    array = np.load(extract / "vertebrae.npy", mmap_mode="r")
+    array = np.load(vertebrae, mmap_mode="r")
     if encoder_path is None:
         encoder = random_encoder(tuple(array.shape[1:]), seed, width, embedding_dim)
         source: dict[str, Any] = {"encoder": "random", "seed": seed}
@@ -63,14 +65,15 @@ def run(extract: Path, out: Path, encoder_path: Path | None, seed: int, width: f
     expected = (encoder.spec.slices, encoder.spec.height, encoder.spec.width_px)
     if tuple(array.shape[1:]) != expected:
         raise ValueError(f"the encoder takes volumes of {expected} (slices, rows, columns) but "
-                         f"{extract / 'vertebrae.npy'} holds {tuple(array.shape[1:])}: it was trained on another "
+                         f"{vertebrae} holds {tuple(array.shape[1:])}: it was trained on another "
                          "extraction; re-run pretraining")
-    out.mkdir(parents=True, exist_ok=True)
+    features_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    features = embed_all(encoder, array, out / "features.npy", batch_size)
+    features = embed_all(encoder, array, features_file, batch_size)
     meta = {**source, "spec": encoder.spec.to_dict(), "rows": len(features), "dim": int(features.shape[1]),
             "seconds": round(time.perf_counter() - start, 2)}
-    (out / "features.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     log.info("embedded %d bodies into %d features with the %s encoder in %.1f s", len(features), meta["dim"],
              source["encoder"], meta["seconds"])
     return meta
@@ -81,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--encoder", type=cli.existing_file, help="encoder.pt of a pretrained encoder.")
     which.add_argument("--random", action="store_true", help="A randomly initialised encoder (the floor).")
-    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--vertebrae", type=cli.existing_file, required=True,
+                        help="vertebrae.npy of the extract stage (the bodies to embed).")
+    parser.add_argument("--features", type=Path, required=True, help="Output: features.npy (one row per body).")
+    parser.add_argument("--meta", type=Path, required=True, help="Output: features.json (the encoder, the size).")
     parser.add_argument("--seed", type=int, default=0, help="--random: the initial weights' seed (pretrain.seed).")
-    parser.add_argument("--width", type=float, default=1.0, help="--random: channel width (pretrain.width).")
-    parser.add_argument("--embedding-dim", type=cli.positive_int, default=1024,
-                        help="--random: FC7 size (pretrain.embedding_dim).")
+    cli.add_encoder_size_options(parser, "--random: ")
     parser.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads (default: 2).")
     cli.add_log_option(parser)
     return parser
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args.log, "features")
-    run(args.extract, args.out, args.encoder, args.seed, args.width, args.embedding_dim, args.threads)
+    run(args.vertebrae, args.features, args.meta, args.encoder, args.seed, args.width, args.embedding_dim, args.threads)
     return 0
 
 

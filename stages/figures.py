@@ -18,11 +18,13 @@
 - ``gradcam``, ``pairs`` and ``attention``: the Grad-CAM examples, the Siamese pair explanations and the
   attention-inside-the-disc table (from stages/gradcam.py).
 
-Every figure is written as PNG (200 dpi) and PDF; every table as HTML (for the report) and CSV.
+Every figure is written as PNG (200 dpi) and PDF; every table as HTML (for the report) and CSV. Each subcommand
+takes the files it reads and the files it writes, as the rule declares them; the options are named after the rule's
+inputs and outputs (workflow/rules/report.smk).
 
 Run:
     python -m stages.figures label-efficiency --summary results/probes/summary.parquet \\
-        --out results/report/label_efficiency
+        --png results/report/figures/label_efficiency.png --pdf results/report/figures/label_efficiency.pdf
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import html
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import matplotlib
 import matplotlib.ticker
@@ -45,7 +47,7 @@ import pandas as pd  # noqa: E402
 from stages.core import cli  # noqa: E402
 from stages.core.levels import VERTEBRAE  # noqa: E402
 from stages.evaluation.metrics import roc_auc, roc_curve  # noqa: E402
-from stages.evaluation.probe_data import TASKS  # noqa: E402
+from stages.evaluation.probe_data import TASKS, run_of  # noqa: E402
 
 log = logging.getLogger("figures")
 METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": "accuracy", "auc": "ROC AUC",
@@ -82,20 +84,35 @@ def label(model: str, head: str, end_to_end: Iterable[str] = ("scratch",)) -> st
     return f"{model} ({head} probe)"
 
 
-def save(fig: plt.Figure, out: Path) -> list[Path]:
-    """``out``.png (200 dpi) and ``out``.pdf."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=200)
-    fig.savefig(paths[1])
+class FigureFiles(NamedTuple):
+    """The files of a figure: PNG (200 dpi, shown in the HTML report) and PDF (for a paper)."""
+
+    png: Path
+    pdf: Path
+
+
+class TableFiles(NamedTuple):
+    """The files of a table: a standalone HTML page (shown in the report) and CSV."""
+
+    html: Path
+    csv: Path
+
+
+def save(fig: plt.Figure, out: FigureFiles) -> list[Path]:
+    """The figure as ``out.png`` (200 dpi) and ``out.pdf``."""
+    for path in out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out.png, dpi=200, format="png")
+    fig.savefig(out.pdf, format="pdf")
     plt.close(fig)
-    log.info("wrote %s", ", ".join(map(str, paths)))
-    return paths
+    log.info("wrote %s, %s", out.png, out.pdf)
+    return list(out)
 
 
-def write_table(frame: pd.DataFrame, out: Path, title: str, note: str = "") -> list[Path]:
-    """``out``.html (a standalone page with a readable table) and ``out``.csv."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+def write_table(frame: pd.DataFrame, out: TableFiles, title: str, note: str = "") -> list[Path]:
+    """``out.html`` (a standalone page with a readable table) and ``out.csv``."""
+    for path in out:
+        path.parent.mkdir(parents=True, exist_ok=True)
     body = frame.to_html(index=False, border=0, classes="results", na_rep="n/a", escape=True)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -112,9 +129,9 @@ p.note {{ max-width: 60em; font-size: 0.9em; color: #444; }}
 <p class="note">{html.escape(note)}</p>
 </body></html>
 """
-    out.with_suffix(".html").write_text(page)
-    frame.to_csv(out.with_suffix(".csv"), index=False)
-    return [out.with_suffix(".html"), out.with_suffix(".csv")]
+    out.html.write_text(page)
+    frame.to_csv(out.csv, index=False)
+    return list(out)
 
 
 def _undefined(ax: plt.Axes, task: str, metric: str) -> None:
@@ -131,7 +148,7 @@ def _empty(ax: plt.Axes, text: str) -> None:
 
 # --- Pretext ------------------------------------------------------------------------------------------------------
 
-def pretext_figure(distances: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+def pretext_figure(distances: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
     """Jamaludin Fig. 6 per method: distance histograms of positive and negative test pairs, and the ROC curve of
     same-subject detection (score: minus the distance), trained and untrained."""
     methods = list(distances)
@@ -177,7 +194,7 @@ def _curves(summary: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
     return here.sort_values(["model", "head", "fraction"])
 
 
-def label_efficiency_figure(summary: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+def label_efficiency_figure(summary: pd.DataFrame, out: FigureFiles, end_to_end: list[str]) -> list[Path]:
     """Jamaludin Fig. 8: each task's headline metric against the training subjects, per model and head, with the
     bootstrap band; the x axis also gives the mean number of scans."""
     tasks = [t for t in TASKS if t in set(summary.task)]
@@ -211,7 +228,7 @@ def label_efficiency_figure(summary: pd.DataFrame, out: Path, end_to_end: list[s
     return save(fig, out)
 
 
-def figure_of_merit_table(efficiency: pd.DataFrame, out: Path) -> list[Path]:
+def figure_of_merit_table(efficiency: pd.DataFrame, out: TableFiles) -> list[Path]:
     if efficiency.empty:
         frame = pd.DataFrame({"note": ["no figure of merit: the scratch model was not run on every label"]})
     else:
@@ -231,7 +248,7 @@ def figure_of_merit_table(efficiency: pd.DataFrame, out: Path) -> list[Path]:
                        "667 vs 976 scans).")
 
 
-def label_curves_figure(summary: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+def label_curves_figure(summary: pd.DataFrame, out: FigureFiles, end_to_end: list[str]) -> list[Path]:
     """Hou Fig. 9: herniation accuracy and AUC against the number of labelled training discs, with the
     supervised-transfer baseline."""
     here = summary[summary.task == "herniation"]
@@ -273,7 +290,7 @@ def _full(predictions: pd.DataFrame, task: str) -> pd.DataFrame:
     return here[here.fraction == here.fraction.max()] if len(here) else here
 
 
-def roc_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+def roc_figure(predictions: pd.DataFrame, out: FigureFiles, end_to_end: list[str]) -> list[Path]:
     """Hou Fig. 8: herniation ROC per model (every label; seed 0's curve, AUC as mean +- std over seeds)."""
     here = _full(predictions, "herniation")
     models = list(dict.fromkeys(predictions.model))
@@ -311,7 +328,7 @@ def first_counts(frame: pd.DataFrame) -> tuple[int, int]:
     return len(one), one.subject_id.nunique()
 
 
-def confusion_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+def confusion_figure(predictions: pd.DataFrame, out: FigureFiles, end_to_end: list[str]) -> list[Path]:
     """Confusion matrices of the grade per model and head (every label, summed over seeds), row-normalised colours
     with the counts written in."""
     here = _full(predictions, "grade")
@@ -351,7 +368,7 @@ def confusion_figure(predictions: pd.DataFrame, out: Path, end_to_end: list[str]
     return save(fig, out)
 
 
-def metrics_table(results: pd.DataFrame, out: Path, end_to_end: list[str]) -> list[Path]:
+def metrics_table(results: pd.DataFrame, out: TableFiles, end_to_end: list[str]) -> list[Path]:
     """Cao et al. 2022 Table 1: ACC, SEN, SPE, AUC (herniation, every label) as mean +- std over seeds."""
     here = results[results.task == "herniation"]
     if here.empty:
@@ -377,7 +394,7 @@ def metrics_table(results: pd.DataFrame, out: Path, end_to_end: list[str]) -> li
 
 # --- Embeddings ---------------------------------------------------------------------------------------------------
 
-def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+def embeddings_figure(coords: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
     """Rows: encoders; columns: the same 2D map coloured by level, grade, subject and field strength."""
     encoders = list(coords)
     columns = [("level", "vertebral level"), ("grade", "grade of the disc below"), ("subject", "subject"),
@@ -414,8 +431,8 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
                            linewidths=0)
             missing = values.isna()
             if missing.any():
-                ax.scatter(table.x[missing], table.y[missing], s=6, color="#dddddd", label="no grade" if column == "grade" else "unknown",
-                           linewidths=0)
+                ax.scatter(table.x[missing], table.y[missing], s=6, color="#dddddd",
+                           label="no grade" if column == "grade" else "unknown", linewidths=0)
             ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.5)
     fig.suptitle("t-SNE of the frozen FC7 features of the vertebral bodies of the downstream and self-supervision test "
                  "subjects (axes have no units)", fontsize=10)
@@ -426,7 +443,7 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: Path) -> list[Path]:
 # --- Training curves ----------------------------------------------------------------------------------------------
 
 def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame | None,
-                    end_to_end: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+                    end_to_end: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
     """Pretraining loss and level accuracy per method; the downstream networks' losses."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     models = list(pretrain) + ["supervised"] + list(end_to_end)
@@ -487,7 +504,7 @@ def _overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray, mask: np.ndarray
     ax.set_yticks([])
 
 
-def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, out: Path, variant: str,
+def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, out: FigureFiles, variant: str,
                    example: int = 0) -> list[Path]:
     """One test disc, every model: the upper and the lower body's middle slice and the slices either side, with the
     map over them and the disc's outline (white)."""
@@ -537,7 +554,7 @@ def _number(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3f}"
 
 
-def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
+def attention_table(summaries: list[dict[str, Any]], out: TableFiles) -> list[Path]:
     frame = pd.DataFrame([{"model": s["model"], "layer (map size)": f"{s['layer']} ("
                            + " x ".join(str(v) for v in s.get("map_size", [])) + ")",
                            "test discs scored": s["samples"],
@@ -553,7 +570,7 @@ def attention_table(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
                        "of the two body volumes; a higher score means the model looks at the disc.")
 
 
-def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: Path) -> list[Path]:
+def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: FigureFiles) -> list[Path]:
     """The Siamese similarity maps of a few test pairs: each pair's two bodies (middle slice) with the map."""
     n = len(pairs["a"])
     if n == 0:
@@ -584,12 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.figures", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="figure", required=True, metavar="FIGURE")
 
-    def add(name: str, text: str) -> argparse.ArgumentParser:
+    def add(name: str, text: str, kind: str = "figure") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--out", type=Path, required=True, help="Output path without suffix (.png and .pdf, or "
-                                                               ".html and .csv, are added).")
+        for option, what in (("png", "PNG file (200 dpi)"), ("pdf", "PDF file")) if kind == "figure" else (
+                ("html", "HTML page"), ("csv", "CSV file")):
+            p.add_argument(f"--{option}", type=Path, required=True, help=f"The {what} to write.")
         cli.add_log_option(p)
         return p
+
+    def models(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
 
     p = add("pretext", "Distance histograms and ROC of the pretext test pairs (Jamaludin Fig. 6).")
     p.add_argument("--distances", type=cli.existing_file, nargs="+", required=True,
@@ -599,17 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("label-curves", "Herniation accuracy and AUC vs labels (Hou Fig. 9).")):
         p = add(name, text)
         p.add_argument("--summary", type=cli.existing_file, required=True, help="probes/summary.parquet.")
-        p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
-    p = add("figure-of-merit", "The label-efficiency figure of merit as a table.")
+        models(p)
+    p = add("figure-of-merit", "The label-efficiency figure of merit as a table.", "table")
     p.add_argument("--efficiency", type=cli.existing_file, required=True, help="probes/label_efficiency.csv.")
     for name, text in (("roc", "Herniation ROC curves per model (Hou Fig. 8)."),
                        ("confusion", "Grade confusion matrices per model.")):
         p = add(name, text)
         p.add_argument("--predictions", type=cli.existing_file, required=True, help="probes/predictions.parquet.")
-        p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
-    p = add("metrics-table", "ACC, SEN, SPE, AUC mean +- std over seeds (Cao Table 1).")
+        models(p)
+    p = add("metrics-table", "ACC, SEN, SPE, AUC mean +- std over seeds (Cao Table 1).", "table")
     p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
-    p.add_argument("--end-to-end", nargs="*", default=["scratch"], help="Models trained end to end.")
+    models(p)
     p = add("embeddings", "t-SNE maps of the test bodies' features.")
     p.add_argument("--coords", type=cli.existing_file, nargs="+", required=True,
                    help="report/embeddings/{encoder}.parquet, one per encoder (named by the file).")
@@ -617,64 +638,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", type=cli.existing_file, nargs="*", default=[],
                    help="pretrain/{method}/metrics.csv (the method is the folder's name).")
     p.add_argument("--supervised", type=cli.existing_file, help="probes/encoders/supervised/history.csv.")
-    p.add_argument("--end-to-end", type=Path, nargs="*", default=[],
-                   help="history.csv of end-to-end probe jobs (runs/{model}/{task}/...: named by the model).")
-    for name, text in (("gradcam", "Grad-CAM examples per model."),):
-        p = add(name, text)
-        p.add_argument("--maps", type=cli.existing_file, nargs="+", required=True,
-                       help="report/gradcam/{model}/maps.npz (the model is the folder's name).")
-        p.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of extract.")
-        p.add_argument("--variant", choices=("gradcam", "hou"), default="gradcam", help="Which maps.")
-    p = add("attention", "The attention-inside-the-disc table.")
+    p.add_argument("--end-to-end", type=cli.existing_file, nargs="*", default=[],
+                   help="history.csv of end-to-end probe jobs (named by the model of their job).")
+    p = add("gradcam", "Grad-CAM examples per model.")
+    p.add_argument("--maps", type=cli.existing_file, nargs="+", required=True,
+                   help="report/gradcam/{model}/maps.npz (the model is the folder's name).")
+    p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
+    p.add_argument("--variant", choices=("gradcam", "hou"), default="gradcam", help="Which maps.")
+    p = add("attention", "The attention-inside-the-disc table.", "table")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="report/gradcam/{model}/summary.json.")
     p = add("pairs", "Siamese pair explanations.")
     p.add_argument("--pairs", type=cli.existing_file, required=True, help="report/gradcam/{method}/pairs.npz.")
-    p.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of extract.")
+    p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
     return parser
+
+
+def histories(paths: list[Path]) -> dict[str, pd.DataFrame]:
+    """The end-to-end probe jobs' training histories by model (the job of each file, stages/evaluation/probe_data.py);
+    a job whose subset had one class trained nothing and has no rows."""
+    tables = {}
+    for path in paths:
+        table = pd.read_csv(path)
+        if table.empty:
+            log.warning("%s has no rows: the job trained nothing (one-class subset?)", path)
+        else:
+            tables[run_of(path)["model"]] = table
+    return tables
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(args.log, "figures")
+    figure = FigureFiles(args.png, args.pdf) if "png" in args else None
+    table = TableFiles(args.html, args.csv) if "html" in args else None
     if args.figure == "pretext":
         if len(args.methods) != len(args.distances):
             parser.error(f"give one --methods name per --distances file ({len(args.distances)} files, "
                          f"{len(args.methods)} names)")
-        pretext_figure({m: pd.read_parquet(p) for m, p in zip(args.methods, args.distances)}, args.out)
+        pretext_figure({m: pd.read_parquet(p) for m, p in zip(args.methods, args.distances)}, figure)
     elif args.figure == "label-efficiency":
-        label_efficiency_figure(pd.read_parquet(args.summary), args.out, args.end_to_end)
+        label_efficiency_figure(pd.read_parquet(args.summary), figure, args.end_to_end)
     elif args.figure == "label-curves":
-        label_curves_figure(pd.read_parquet(args.summary), args.out, args.end_to_end)
+        label_curves_figure(pd.read_parquet(args.summary), figure, args.end_to_end)
     elif args.figure == "figure-of-merit":
-        figure_of_merit_table(pd.read_csv(args.efficiency), args.out)
+        figure_of_merit_table(pd.read_csv(args.efficiency), table)
     elif args.figure == "roc":
-        roc_figure(pd.read_parquet(args.predictions), args.out, args.end_to_end)
+        roc_figure(pd.read_parquet(args.predictions), figure, args.end_to_end)
     elif args.figure == "confusion":
-        confusion_figure(pd.read_parquet(args.predictions), args.out, args.end_to_end)
+        confusion_figure(pd.read_parquet(args.predictions), figure, args.end_to_end)
     elif args.figure == "metrics-table":
-        metrics_table(pd.read_parquet(args.results), args.out, args.end_to_end)
+        metrics_table(pd.read_parquet(args.results), table, args.end_to_end)
     elif args.figure == "embeddings":
-        embeddings_figure({p.stem: pd.read_parquet(p) for p in args.coords}, args.out)
+        embeddings_figure({p.stem: pd.read_parquet(p) for p in args.coords}, figure)
     elif args.figure == "training":
         pretrain = {p.parent.name: pd.read_csv(p) for p in args.pretrain}
         supervised = pd.read_csv(args.supervised) if args.supervised else None
-        end_to_end = {}
-        for p in args.end_to_end:   # a job whose subset had one class trained nothing (and wrote no history)
-            if p.exists():
-                end_to_end[p.parents[3].name] = pd.read_csv(p)
-            else:
-                log.warning("no %s: the job trained nothing (one-class subset?)", p)
-        training_figure(pretrain, supervised, end_to_end, args.out)
+        training_figure(pretrain, supervised, histories(args.end_to_end), figure)
     elif args.figure == "gradcam":
-        bodies = np.load(args.extract / "vertebrae.npy", mmap_mode="r")
         maps = {p.parent.name: dict(np.load(p)) for p in args.maps}
-        gradcam_figure(maps, bodies, args.out, args.variant)
+        gradcam_figure(maps, np.load(args.vertebrae, mmap_mode="r"), figure, args.variant)
     elif args.figure == "attention":
-        attention_table([json.loads(p.read_text()) for p in args.summaries], args.out)
+        attention_table([json.loads(p.read_text()) for p in args.summaries], table)
     elif args.figure == "pairs":
-        pairs_figure(dict(np.load(args.pairs)), np.load(args.extract / "vertebrae.npy", mmap_mode="r"), args.out)
+        pairs_figure(dict(np.load(args.pairs)), np.load(args.vertebrae, mmap_mode="r"), figure)
     return 0
 
 

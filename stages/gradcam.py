@@ -3,8 +3,8 @@ attention-inside-the-disc score per model.
 
 The model explained is the probe of the report (``reports.gradcam_task``, every label, subset seed 0, linear head):
 a frozen encoder with its fitted head, or the network trained end to end, exactly as saved by the probe job
-(``model.npz``). A disc sample is two vertebral-body volumes (the bodies above and below the disc, stages/nets/disc_net.py);
-the target is the logit of the class the model predicts.
+(``model.npz``). A disc sample is two vertebral-body volumes (the bodies above and below the disc,
+stages/nets/disc_net.py); the target is the logit of the class the model predicts.
 
 - Standard Grad-CAM (Selvaraju et al. 2017) on a convolutional layer ``A`` (``(C, *spatial)``, per input volume):
   channel weights ``w_c = mean over positions of dy/dA_c``; map ``ReLU(sum_c w_c A_c)``; both volumes of a sample
@@ -20,14 +20,19 @@ the target is the logit of the class the model predicts.
   share the disc takes of the volumes is the score of uniform attention. A share above it means the model looks at
   the disc more than at random.
 
-Run:
-    python -m stages.gradcam --model siamese --run results/probes/runs/siamese/grade/f1/seed0 \\
+Run (``probe``: a probe job explained; ``pairs``: a pretrained encoder's similarity of a few pretext test pairs):
+    python -m stages.gradcam probe --model siamese --metrics results/probes/runs/siamese/grade/f1/seed0/metrics.json \\
+        --predictions .../seed0/predictions.parquet --model-file .../seed0/model.npz \\
         --encoder results/pretrain/siamese/encoder.pt --masks results/report/gradcam/disc_masks.npz \\
-        --extract results/extract --out results/report/gradcam/siamese
+        --vertebrae results/extract/vertebrae.npy --scores results/report/gradcam/siamese/scores.csv \\
+        --maps results/report/gradcam/siamese/maps.npz --summary results/report/gradcam/siamese/summary.json
+    python -m stages.gradcam pairs --encoder results/pretrain/siamese/encoder.pt \\
+        --distances results/pretrain/siamese/pretext/distances.parquet --vertebrae results/extract/vertebrae.npy \\
+        --out results/report/gradcam/siamese/pairs.npz
 
-Writes ``scores.csv`` (one row per test sample: scan, level, grade, prediction, both scores and the uniform share),
-``maps.npz`` (the maps at the layer's resolution and upsampled, for the figures), ``summary.json`` and, with
-``--pairs``, ``pairs.npz`` (the similarity maps of a few positive and negative pretext test pairs).
+``probe`` writes ``--scores`` (CSV, one row per test sample: scan, level, grade, prediction, both scores and the
+uniform share), ``--maps`` (the maps at the layer's resolution and upsampled, for the figures) and ``--summary``
+(JSON); ``pairs`` writes the similarity maps of a few positive and negative pretext test pairs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import argparse
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.core import cli
+from stages.core import cli, seeds
 from stages.nets.heads import Head
-from stages.nets.siamese import VggM3dEncoder
+from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
 
 log = logging.getLogger("gradcam")
 LAYERS = ("conv5", "conv3")
@@ -153,20 +159,21 @@ class FrozenProbe(nn.Module):
         return logits
 
 
-def load_model(run: Path, encoder: nn.Module | None, head: str = "linear") -> nn.Module | None:
-    """The probe job's model: ``encoder`` + its saved head (frozen), or the saved network (end to end); None when
-    the job fitted nothing (its training labels had one class: it predicts that class, there is nothing to explain)."""
-    saved = np.load(run / "model.npz")
+def load_model(model_file: Path, encoder: nn.Module | None, head: str = "linear") -> nn.Module | None:
+    """The probe job's model (its ``model.npz``): ``encoder`` + its saved head (frozen), or the saved network (end to
+    end); None when the job fitted nothing (its training labels had one class: it predicts that class, there is
+    nothing to explain)."""
+    saved = np.load(model_file)
     if "net/spec" in saved:
         from stages.nets.disc_net import load_net
         return load_net(saved)
     if f"{head}/theta" not in saved:
         if not any(k.endswith("/theta") for k in saved.files):
             return None
-        raise ValueError(f"{run}/model.npz has no fitted {head!r} head (heads there: "
+        raise ValueError(f"{model_file} has no fitted {head!r} head (heads there: "
                          f"{sorted(k.split('/')[0] for k in saved.files if k.endswith('/theta'))})")
     if encoder is None:
-        raise ValueError(f"{run}/model.npz holds a frozen head: give its encoder (--encoder or --random)")
+        raise ValueError(f"{model_file} holds a frozen head: give its encoder (--encoder or --random)")
     return FrozenProbe(encoder.eval(), Head.from_arrays(saved, head), inputs=2).eval()
 
 
@@ -224,10 +231,35 @@ def siamese_pair_cam(encoder: VggM3dEncoder, a: torch.Tensor, b: torch.Tensor,
 
 # --- The stage ----------------------------------------------------------------------------------------------------
 
-def explained_samples(run: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray]:
+@dataclass(frozen=True)
+class ProbeJob:
+    """The files of the probe job explained (stages/probe.py)."""
+
+    metrics: Path        # metrics.json: its task
+    predictions: Path    # predictions.parquet: the test samples it scored
+    model: Path          # model.npz: the fitted heads, or the network trained end to end
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files ``run`` writes: ``scores`` (CSV), ``maps`` (NPZ) and ``summary`` (JSON)."""
+
+    scores: Path
+    maps: Path
+    summary: Path
+
+
+def save_npz(path: Path, **arrays: Any) -> None:
+    """A compressed NPZ at exactly ``path`` (``np.savez`` would add ``.npz`` to a name without it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def explained_samples(predictions_file: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """The probe job's test samples, in the masks' order (column ``has_mask``), and their masks
     ``(n, 2, S, H, W)``."""
-    predictions = pd.read_parquet(run / "predictions.parquet")
+    predictions = pd.read_parquet(predictions_file)
     store = np.load(masks)
     table = pd.DataFrame({k.removeprefix("sample_"): store[k] for k in store.files if k.startswith("sample_")})
     table["has_mask"] = store["has_mask"]
@@ -236,33 +268,35 @@ def explained_samples(run: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray]
     return table[keep].reset_index(drop=True), store["masks"][keep]
 
 
-def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, layer: str,
+def run(model_name: str, job: ProbeJob, masks: Path, vertebrae: Path, out: Outputs, layer: str,
         encoder: VggM3dEncoder | None, batch_size: int = 16, examples: int = 6) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = load_model(run_dir, encoder)
-    samples, disc_masks = explained_samples(run_dir, masks)
-    task = json.loads((run_dir / "metrics.json").read_text())["task"]
-    out.mkdir(parents=True, exist_ok=True)
+    seeds.seed_torch(seeds.GRADCAM)
+    model = load_model(job.model, encoder)
+    samples, disc_masks = explained_samples(job.predictions, masks)
+    task = json.loads(job.metrics.read_text())["task"]
+    for path in (out.scores, out.maps, out.summary):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if model is None:
         note = "the job's training labels had one class: it predicts that class, no model to explain"
         log.warning("%s: %s", model_name, note)
-        pd.DataFrame(columns=SCORE_COLUMNS).to_csv(out / "scores.csv", index=False)
-        np.savez_compressed(out / "maps.npz", cam=np.zeros(0), hou=np.zeros(0), cam_up=np.zeros((0, 2, 1, 1, 1)),
-                            hou_up=np.zeros((0, 2, 1, 1, 1)), task=task)
+        pd.DataFrame(columns=SCORE_COLUMNS).to_csv(out.scores, index=False)
+        save_npz(out.maps, cam=np.zeros(0), hou=np.zeros(0), cam_up=np.zeros((0, 2, 1, 1, 1)),
+                 hou_up=np.zeros((0, 2, 1, 1, 1)), task=task)
         summary = {"model": model_name, "layer": layer, "task": task, "samples": 0, "note": note,
                    **{k: None for k in ("inside_disc", "inside_disc_hou", "disc_share_of_volume")}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        out.summary.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     enc = model.encoder
     if samples.empty:
-        raise ValueError(f"none of the test samples of {run_dir} is in {masks}: were they made for another task?")
+        raise ValueError(f"none of the test samples of {job.predictions} is in {masks}: were they made for another "
+                         "task?")
     if not samples.has_mask.any():
         log.warning("no test sample has a label map: the maps are drawn, the attention score is undefined")
     # the examples drawn: samples with a mask first (the disc's outline is drawn over them)
     samples = pd.concat([samples[samples.has_mask], samples[~samples.has_mask]])
     disc_masks = disc_masks[samples.index.to_numpy()]
     samples = samples.reset_index(drop=True)
-    bodies = np.load(extract / "vertebrae.npy", mmap_mode="r")
+    bodies = np.load(vertebrae, mmap_mode="r")
     size = tuple(bodies.shape[1:])
     rows, kept = [], {"cam": [], "hou": [], "cam_up": [], "hou_up": []}
     for start in range(0, len(samples), batch_size):
@@ -289,7 +323,7 @@ def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, l
             kept["cam_up"].append(cam_up[:examples].numpy().astype(np.float16))
             kept["hou_up"].append(hou_up[:examples].numpy().astype(np.float16))
     scores = pd.DataFrame(rows)
-    classes = np.load(run_dir / "model.npz")["classes"]
+    classes = np.load(job.model)["classes"]
     scores["predicted"] = classes[scores.pop("predicted_index").to_numpy()]
     if int(np.prod(kept["cam"][0].shape[2:])) == 1:
         log.warning("%s's map is 1 x 1 at this crop size: it holds no spatial information (try the layer conv3, or "
@@ -304,15 +338,15 @@ def run(model_name: str, run_dir: Path, masks: Path, extract: Path, out: Path, l
                **{k: float(scored[k].mean()) if len(scored) else None
                   for k in ("inside_disc", "inside_disc_hou", "disc_share_of_volume")}}
     scores = scores[SCORE_COLUMNS]
-    scores.to_csv(out / "scores.csv", index=False)
+    scores.to_csv(out.scores, index=False)
     shown = samples.iloc[:examples]
-    np.savez_compressed(out / "maps.npz", cam=np.concatenate(kept["cam"]), hou=np.concatenate(kept["hou"]),
-                        cam_up=np.concatenate(kept["cam_up"])[:examples],
-                        hou_up=np.concatenate(kept["hou_up"])[:examples], upper=shown.upper.to_numpy(),
-                        lower=shown.lower.to_numpy(), masks=disc_masks[:examples], has_mask=shown.has_mask.to_numpy(),
-                        scan_id=shown.scan_id.to_numpy().astype(str), level=shown.level.to_numpy().astype(str),
-                        label=shown.label.to_numpy(), predicted=scores.predicted.to_numpy()[:examples], task=task)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_npz(out.maps, cam=np.concatenate(kept["cam"]), hou=np.concatenate(kept["hou"]),
+             cam_up=np.concatenate(kept["cam_up"])[:examples], hou_up=np.concatenate(kept["hou_up"])[:examples],
+             upper=shown.upper.to_numpy(), lower=shown.lower.to_numpy(), masks=disc_masks[:examples],
+             has_mask=shown.has_mask.to_numpy(), scan_id=shown.scan_id.to_numpy().astype(str),
+             level=shown.level.to_numpy().astype(str), label=shown.label.to_numpy(),
+             predicted=scores.predicted.to_numpy()[:examples], task=task)
+    out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     if len(scored):
         log.info("%s: %d test samples; attention inside the disc %.3f (Grad-CAM), %.3f (Hou et al.); uniform %.3f",
                  model_name, len(scored), summary["inside_disc"], summary["inside_disc_hou"],
@@ -335,80 +369,84 @@ def pick_pairs(distances: pd.DataFrame, per_kind: int = 3) -> pd.DataFrame:
 
 def explain_pairs(encoder: VggM3dEncoder, bodies: np.ndarray, distances: pd.DataFrame, layer: str,
                   out: Path, per_kind: int = 3) -> pd.DataFrame:
-    """Similarity maps of a few test pairs of the pretext evaluation, written to ``out`` (``pairs.npz``)."""
+    """Similarity maps of a few test pairs of the pretext evaluation, written to ``out`` (NPZ)."""
     pairs = pick_pairs(distances, per_kind)
     if pairs.empty:   # a cohort too small for a self-supervision test part with pairs: said in the figure
         log.warning("the pretext evaluation has no test pairs: nothing to explain")
-        np.savez_compressed(out, a=np.zeros(0, np.int64), b=np.zeros(0, np.int64), level=np.zeros(0, str),
-                            positive=np.zeros(0, bool), distance=np.zeros(0), cam=np.zeros(0),
-                            cam_up=np.zeros((0, 2, *bodies.shape[1:]), np.float16))
+        save_npz(out, a=np.zeros(0, np.int64), b=np.zeros(0, np.int64), level=np.zeros(0, str),
+                 positive=np.zeros(0, bool), distance=np.zeros(0), cam=np.zeros(0),
+                 cam_up=np.zeros((0, 2, *bodies.shape[1:]), np.float16))
         return pairs.assign(recomputed_distance=np.zeros(0))
     a = torch.from_numpy(np.asarray(bodies[pairs.a.to_numpy()], dtype=np.float32))
     b = torch.from_numpy(np.asarray(bodies[pairs.b.to_numpy()], dtype=np.float32))
     distance, cam = siamese_pair_cam(encoder.eval(), a, b, layer)
     n, size = len(pairs), tuple(bodies.shape[1:])
     cam_up = upsample(cam.flatten(0, 1), size).view(n, 2, *size)
-    np.savez_compressed(out, a=pairs.a.to_numpy(), b=pairs.b.to_numpy(), level=pairs.level.to_numpy().astype(str),
-                        positive=pairs.positive.to_numpy(dtype=bool), distance=distance.numpy(),
-                        cam=cam.numpy(), cam_up=cam_up.numpy().astype(np.float16))
+    save_npz(out, a=pairs.a.to_numpy(), b=pairs.b.to_numpy(), level=pairs.level.to_numpy().astype(str),
+             positive=pairs.positive.to_numpy(dtype=bool), distance=distance.numpy(), cam=cam.numpy(),
+             cam_up=cam_up.numpy().astype(np.float16))
     return pairs.assign(recomputed_distance=distance.numpy())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.gradcam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Name of the model (a label in the figures).")
-    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of extract.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", type=cli.existing_folder,
-                      help="Explain a probe: its job folder (metrics.json, predictions.parquet, model.npz); needs "
-                           "--masks.")
-    what.add_argument("--pairs", type=cli.existing_file,
-                      help="Explain a pretrained encoder's similarity: its pretext/distances.parquet (a few test "
-                           "pairs are explained, pairs.npz); needs --encoder.")
-    parser.add_argument("--pair-examples", type=cli.positive_int, default=3,
-                        help="--pairs: positive (and as many negative) pairs explained (default 3).")
-    parser.add_argument("--masks", type=cli.existing_file,
-                        help="disc_masks.npz of stages.disc_masks (the test samples' disc masks).")
-    parser.add_argument("--layer", choices=LAYERS, default="conv5", help="Layer explained (default conv5).")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--encoder", type=cli.existing_file, help="Frozen probe: the encoder.pt its features came "
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--vertebrae", type=cli.existing_file, required=True,
+                       help="extract/vertebrae.npy (the body volumes the models read).")
+        p.add_argument("--gradcam-layer", dest="layer", choices=LAYERS, default="conv5",
+                       help="reports.gradcam_layer: the layer explained (default conv5).")
+        p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads (default 2).")
+        cli.add_log_option(p)
+
+    p = sub.add_parser("probe", help="Explain a probe job's model on its test samples.")
+    p.add_argument("--model", required=True, help="Name of the model (a label in the figures).")
+    p.add_argument("--metrics", type=cli.existing_file, required=True, help="The job's metrics.json (its task).")
+    p.add_argument("--predictions", type=cli.existing_file, required=True,
+                   help="The job's predictions.parquet (the test samples explained).")
+    p.add_argument("--model-file", type=cli.existing_file, required=True,
+                   help="The job's model.npz (the fitted heads, or the network trained end to end).")
+    p.add_argument("--masks", type=cli.existing_file, required=True,
+                   help="disc_masks.npz of stages.disc_masks (the test samples' disc masks).")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--encoder", type=cli.existing_file, help="Frozen probe: the encoder.pt its features came "
                                                                   "from.")
-    group.add_argument("--random", nargs=3, metavar=("SEED", "WIDTH", "EMBEDDING_DIM"),
-                       help="Frozen probe of the random encoder: pretrain.seed, width, embedding_dim.")
-    parser.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads (default 2).")
-    cli.add_log_option(parser)
+    which.add_argument("--random", action="store_true", help="Frozen probe of the random encoder (the floor).")
+    p.add_argument("--seed", type=int, default=0, help="--random: the initial weights' seed (pretrain.seed).")
+    cli.add_encoder_size_options(p, "--random: ")
+    p.add_argument("--scores", type=Path, required=True, help="Output: scores.csv (one row per test sample).")
+    p.add_argument("--maps", type=Path, required=True, help="Output: maps.npz (the maps, for the figures).")
+    p.add_argument("--summary", type=Path, required=True, help="Output: summary.json (the attention scores).")
+    common(p)
+
+    p = sub.add_parser("pairs", help="Explain a pretrained encoder's similarity of a few pretext test pairs.")
+    p.add_argument("--encoder", type=cli.existing_file, required=True, help="The method's encoder.pt.")
+    p.add_argument("--distances", type=cli.existing_file, required=True,
+                   help="The method's pretext/distances.parquet (the test pairs and their distances).")
+    p.add_argument("--pair-examples", type=cli.positive_int, default=3,
+                   help="reports.pair_examples: positive (and as many negative) pairs explained (default 3).")
+    p.add_argument("--out", type=Path, required=True, help="Output: pairs.npz.")
+    common(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     cli.setup_logging(args.log, "gradcam")
     torch.set_num_threads(args.threads)
+    bodies = np.load(args.vertebrae, mmap_mode="r")
+    if args.what == "pairs":
+        encoder, _ = load_encoder(args.encoder)
+        explain_pairs(encoder, bodies, pd.read_parquet(args.distances), args.layer, args.out, args.pair_examples)
+        return 0
     encoder = None
     if args.encoder is not None:
-        from stages.nets.siamese import load_encoder
         encoder, _ = load_encoder(args.encoder)
-    elif args.random is not None:
-        from stages.nets.siamese import random_encoder
-        try:
-            seed, width, dim = int(args.random[0]), float(args.random[1]), int(args.random[2])
-        except ValueError:
-            parser.error(f"--random takes SEED WIDTH EMBEDDING_DIM (int, float, int), got {args.random}")
-        shape = np.load(args.extract / "vertebrae.npy", mmap_mode="r").shape[1:]
-        encoder = random_encoder(tuple(shape), seed, width, dim)
-    if args.pairs is not None:
-        if args.encoder is None:
-            parser.error("--pairs explains a pretrained encoder's test pairs: give its --encoder")
-        args.out.mkdir(parents=True, exist_ok=True)
-        bodies = np.load(args.extract / "vertebrae.npy", mmap_mode="r")
-        explain_pairs(encoder, bodies, pd.read_parquet(args.pairs), args.layer, args.out / "pairs.npz",
-                      args.pair_examples)
-    else:
-        if args.masks is None:
-            parser.error("--run needs --masks (stages.disc_masks)")
-        run(args.model, args.run, args.masks, args.extract, args.out, args.layer, encoder)
+    elif args.random:
+        encoder = random_encoder(tuple(bodies.shape[1:]), args.seed, args.width, args.embedding_dim)
+    run(args.model, ProbeJob(args.metrics, args.predictions, args.model_file), args.masks, args.vertebrae,
+        Outputs(args.scores, args.maps, args.summary), args.layer, encoder)
     return 0
 
 

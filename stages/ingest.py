@@ -1,8 +1,15 @@
 """Stage ingest: from a DICOM archive to pseudonymised volumes, a scan manifest, and an account of every file.
 
-Run:
-    python -m stages.ingest --dicom-dir ARCHIVE --out results/ingest --key-file KEY --threads 2
-    (or set SPINE_SSL_PSEUDONYM_KEY instead of --key-file)
+Run (one job; or set SPINE_SSL_PSEUDONYM_KEY instead of --key-file):
+    python -m stages.ingest --dicom-dir ARCHIVE --key-file KEY --threads 2 \\
+        --out-volumes results/ingest/volumes --out-labels results/ingest/labels \\
+        --out-manifest results/ingest/manifest.parquet --out-files results/ingest/files.parquet \\
+        --out-series results/ingest/series.csv --out-gradings results/ingest/gradings.parquet \\
+        --out-subjects results/ingest/subjects.parquet --out-landmarks results/ingest/landmarks.parquet \\
+        --out-landmark-rows results/ingest/landmark_rows.csv --out-summary results/ingest/summary.json
+In shards, as the workflow runs it: a plan (``--out-plan plan.parquet --out-plan-summary plan.json
+--scans-per-shard P``), one job per shard (``--plan plan.parquet --shard I --out SHARD_DIR``), and the merge
+(``--plan plan.parquet --merge SHARD_DIR ...`` with the --out-* files above).
 
 What happens:
   1. Every file below the archive is found, whatever its name, and its header read (no pixel data), in parallel.
@@ -14,18 +21,18 @@ What happens:
      missing slices; duplicates dropped) and written as NIfTI with its full geometry. If it fails, the next candidate
      of the study is tried.
 
-Writes, under ``--out``:
-    volumes/{scan_id}.nii.gz   one volume per study (LPS geometry kept in the NIfTI header)
-    labels/{scan_id}.nii.gz    label maps, when --label-dir has one named {SeriesInstanceUID}.nii.gz
-    manifest.parquet / .csv    one row per volume: ids, days since the subject's first study, scanner, geometry
-    files.parquet / .csv       every file found: used, skipped (with its series' classification) or quarantined,
+Writes (each Parquet table with a CSV copy beside it):
+    --out-volumes              {scan_id}.nii.gz, one volume per study (LPS geometry kept in the NIfTI header)
+    --out-labels               {scan_id}.nii.gz, label maps, when --label-dir has one named {SeriesInstanceUID}.nii.gz
+    --out-manifest             one row per volume: ids, days since the subject's first study, scanner, geometry
+    --out-files                every file found: used, skipped (with its series' classification) or quarantined,
                                with the reason; the counts add up to the number of files
-    series.csv                 one row per series: classification and decision
-    gradings.*, subjects.*     pseudonymised copies of the --gradings / --subjects tables (empty when not given)
-    landmarks.parquet / .csv   the --landmarks table's usable rows under scan ids (scan_id, kind, level, i, j, k,
+    --out-series               one row per series: classification and decision (CSV)
+    --out-gradings, -subjects  pseudonymised copies of the --gradings / --subjects tables (empty when not given)
+    --out-landmarks            the --landmarks table's usable rows under scan ids (scan_id, kind, level, i, j, k,
                                depth_mm; stages.anatomy.landmarks), empty when not given
-    landmark_rows.csv          every row of the --landmarks table by row number: used, or rejected with the reason
-    summary.json               the counts
+    --out-landmark-rows        every row of the --landmarks table by row number: used, or rejected with the reason
+    --out-summary              the counts (JSON)
 
 Identity never leaves this stage: subject, study and scan ids are keyed hashes (HMAC-SHA256); names, IDs, birth dates,
 accession numbers, institutions and dates appear in no output, log or file name; paths and descriptions are scrubbed
@@ -63,18 +70,27 @@ from stages.archive.dicom_index import (
 )
 from stages.archive.dicom_volume import SeriesError, assemble, write_volume
 from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
-from stages.archive.manifest import MANIFEST_COLUMNS, QUARANTINED, SKIPPED, USED, write_table
+from stages.archive.manifest import (
+    INGEST_OUTPUTS,
+    MANIFEST_COLUMNS,
+    QUARANTINED,
+    SKIPPED,
+    USED,
+    IngestOutputs,
+    write_pseudonymised_tables,
+    write_table,
+)
 from stages.core import cli
-from stages.core.shards import shard_block, shard_count
+from stages.core.shards import add_shard_options, shard_block, shard_count, shard_from_args
 
 log = logging.getLogger("ingest")
-
 
 
 @dataclass(frozen=True)
 class Context:
     root: Path
-    out: Path
+    volumes: Path
+    labels: Path
     key: bytes
     label_dir: Path | None
     scrubber: re.Pattern | None
@@ -149,7 +165,7 @@ def _study_job(job: tuple[Context, list[list[dict[str, Any]]]]) -> dict[str, Any
             continue
         first = records[0]
         scan_id = pn.series_id(ctx.key, first["series_uid"])
-        write_volume(volume, ctx.out / "volumes" / f"{scan_id}.nii.gz")
+        write_volume(volume, ctx.volumes / f"{scan_id}.nii.gz")
         label_map, label_problem = _copy_label(ctx, first["series_uid"], scan_id, volume)
         statuses.update({p: (USED, f"in volume {scan_id}") for p in volume.used})
         statuses.update({p: (QUARANTINED, _scrub(reason.replace(str(ctx.root) + "/", ""), ctx))
@@ -183,13 +199,13 @@ def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[st
             or not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3)
             or not np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-3)):
         return "", "label map geometry differs from the volume"
-    target = ctx.out / "labels" / f"{scan_id}.nii.gz"
+    target = ctx.labels / f"{scan_id}.nii.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return f"labels/{scan_id}.nii.gz", ""
 
 
-def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, workers: int = 1,
+def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRules, workers: int = 1,
                  label_dir: Path | None = None, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
@@ -212,7 +228,8 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     with ProcessPoolExecutor(max_workers=workers) as pool:
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
-    ctx = Context(root=root, out=out, key=key, label_dir=label_dir, scrubber=build_scrubber(records))
+    ctx = Context(root=root, volumes=out.volumes, labels=out.labels, key=key, label_dir=label_dir,
+                  scrubber=build_scrubber(records))
     status: dict[str, tuple[str, str]] = {}
     info: dict[str, dict[str, Any]] = {}
     status.update(screen(records, ctx))
@@ -239,8 +256,8 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
         else:
             candidates[members[0]["study_uid"]].append(members)
     jobs = [(ctx, sorted(c, key=tie_break_key)) for _, c in sorted(candidates.items())]
-    (out / "volumes").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    out.volumes.mkdir(parents=True, exist_ok=True)
+    out.labels.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(_study_job, jobs), total=len(jobs), desc="volumes", mininterval=5))
     rows = []
@@ -270,9 +287,9 @@ def ingest_dicom(root: Path, out: Path, key: bytes, rules: ClassifyRules, worker
     series = pd.DataFrame(series_rows)
     series = series.sort_values("series").reset_index(drop=True) if len(series) else series
     if shard:  # the rest is written once, by merge_shards
-        write_table(manifest, out / "manifest")
-        write_table(accounting, out / "files")
-        write_table(series, out / "series", parquet=False)
+        write_table(manifest, out.manifest)
+        write_table(accounting, out.files)
+        write_table(series, out.series, parquet=False)
         log.info("shard: %d files, %d volumes", len(accounting), len(manifest))
         return {"files": len(accounting), "volumes": len(manifest)}
     return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
@@ -287,25 +304,18 @@ def file_key(key: bytes, root: Path, path: str | Path) -> str:
     return pn.digest(key, "file", str(Path(path).relative_to(root)), 24)
 
 
-def finish(out: Path, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFrame, series: pd.DataFrame,
+def finish(out: IngestOutputs, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFrame, series: pd.DataFrame,
            gradings: Path | None, subjects: Path | None, marks: pd.DataFrame | None) -> dict[str, Any]:
     """Write the manifest, the accounting, series.csv, the pseudonymised tables and landmarks, and the summary."""
-    write_table(manifest, out / "manifest")
-    write_table(accounting, out / "files")
-    write_table(series, out / "series", parquet=False)
-    tables = {}
-    for name, path in (("gradings", gradings), ("subjects", subjects)):
-        if path is None:  # written all the same, empty, so that later stages always find them
-            table = pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
-        else:
-            table = pn.pseudonymise_table(pd.read_csv(path, dtype={"patient_id": str, "family_id": str}), key, name)
-        write_table(table, out / name)
-        tables[name] = len(table)
+    write_table(manifest, out.manifest)
+    write_table(accounting, out.files)
+    write_table(series, out.series, parquet=False)
+    tables = write_pseudonymised_tables(out, key, gradings, subjects, {"patient_id": str, "family_id": str})
     ingested = set(manifest.scan_id)
     scan_ids = {} if marks is None else {
         uid: sid for uid in set(marks.scan) - {""} if (sid := pn.series_id(key, uid)) in ingested}
     sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
-    landmark_summary = write_landmarks(out, marks, scan_ids, sizes)
+    landmark_summary = write_landmarks(out.landmarks, out.landmark_rows, marks, scan_ids, sizes)
     counts = accounting.status.value_counts().to_dict()
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": counts.get(SKIPPED, 0),
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
@@ -314,12 +324,13 @@ def finish(out: Path, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFra
                "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason),
                "landmarks": landmark_summary}
     assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.summary.parent.mkdir(parents=True, exist_ok=True)
+    out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d files: %(used)d used in %(volumes)d volumes (%(subjects)d subjects), "
              "%(skipped)d skipped, %(quarantined)d quarantined (see files.csv)", summary)
     if not len(manifest):
-        raise RuntimeError(f"no volume could be written from {len(accounting)} files; see {out / 'files.csv'} for "
-                           "why")
+        raise RuntimeError(f"no volume could be written from {len(accounting)} files; see "
+                           f"{out.files.with_suffix('.csv')} for why")
     return summary
 
 
@@ -343,15 +354,16 @@ def screen(records: list[dict[str, Any]], ctx: Context) -> dict[str, tuple[str, 
     return status
 
 
-def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard: int) -> dict[str, Any]:
+def plan_shards(root: Path, plan_file: Path, summary_file: Path, key: bytes, workers: int,
+                scans_per_shard: int) -> dict[str, Any]:
     """Split the archive for parallel ingest jobs, by subject: every file of a subject (all its studies and series,
     which the days since the first study need) goes to one shard; subjects sorted by pseudonymous id, in contiguous
     blocks of about ``scans_per_shard`` studies. Files that no shard can use (unreadable, not DICOM, hidden, without
     SOPInstanceUID, or a duplicate of another file, decided here over the whole archive) get their status here.
 
-    Writes ``plan.parquet``: one row per file in the archive's order, with its key (a keyed hash of its path), its
-    name as the accounting shows it (identity scrubbed with the whole archive's identity), its shard (-1: decided
-    here) and, for the decided ones, status and reason; and ``plan.json`` (the number of shards)."""
+    Writes ``plan_file`` (Parquet): one row per file in the archive's order, with its key (a keyed hash of its
+    path), its name as the accounting shows it (identity scrubbed with the whole archive's identity), its shard (-1:
+    decided here) and, for the decided ones, status and reason; and ``summary_file`` (JSON: the number of shards)."""
     root = root.resolve()
     files = walk(root)
     if not files:
@@ -359,7 +371,8 @@ def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard
     with ProcessPoolExecutor(max_workers=workers) as pool:
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
-    ctx = Context(root=root, out=out, key=key, label_dir=None, scrubber=build_scrubber(records))
+    ctx = Context(root=root, volumes=Path(), labels=Path(), key=key, label_dir=None,
+                  scrubber=build_scrubber(records))
     status = screen(records, ctx)
     studies: dict[str, set[str]] = defaultdict(set)
     subject_of: dict[str, str] = {}
@@ -376,39 +389,48 @@ def plan_shards(root: Path, out: Path, key: bytes, workers: int, scans_per_shard
                           "shard": shard_of[subject_of[p]] if p in subject_of else -1,
                           "status": status.get(p, ("", ""))[0], "reason": status.get(p, ("", ""))[1]}
                          for p in map(str, files)])
-    out.mkdir(parents=True, exist_ok=True)
-    plan.to_parquet(out / "plan.parquet", index=False)
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan.to_parquet(plan_file, index=False)
     summary = {"shards": n, "files": len(files), "decided_here": int((plan.shard < 0).sum()),
                "subjects": len(ordered), "studies": n_studies}
-    (out / "plan.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_file.parent.mkdir(parents=True, exist_ok=True)
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d files: %(subjects)d subjects with %(studies)d studies in %(shards)d shards; "
              "%(decided_here)d files unusable by any shard", summary)
     return summary
 
 
+def plan_shard_count(plan: Path) -> int:
+    """The number of shards of ``plan`` (plan.parquet of :func:`plan_shards`): every shard holds a subject."""
+    shards = pd.read_parquet(plan, columns=["shard"]).shard
+    return max(1, int(shards.max()) + 1 if len(shards) else 1)
+
+
 def ingest_shard(root: Path, plan: Path, shard: int, out: Path, key: bytes, rules: ClassifyRules,
                  workers: int = 1, label_dir: Path | None = None) -> dict[str, Any]:
-    """Ingest the files of shard ``shard`` of ``plan`` (see :func:`plan_shards`) into ``out``: volumes, labels, the
-    shard's manifest, accounting (with file keys) and series."""
+    """Ingest the files of shard ``shard`` of ``plan`` (plan.parquet of :func:`plan_shards`) into the folder ``out``
+    (laid out as IngestOutputs.in_folder): volumes, labels, the shard's manifest, accounting (with file keys), series."""
     root = root.resolve()
-    table = pd.read_parquet(plan / "plan.parquet", columns=["file_key", "shard"])
+    table = pd.read_parquet(plan, columns=["file_key", "shard"])
     mine = set(table.file_key[table.shard == shard])
     files = [p for p in walk(root) if file_key(key, root, p) in mine]
     if len(files) != len(mine):
         raise RuntimeError(f"the archive changed since the plan: {len(mine)} files planned for shard {shard}, "
                            f"{len(files)} found; re-run the ingest plan")
-    return ingest_dicom(root, out, key, rules, workers, label_dir, files=files)
+    return ingest_dicom(root, IngestOutputs.in_folder(out), key, rules, workers, label_dir, files=files)
 
 
-def merge_shards(plan: Path, shards: list[Path], out: Path, key: bytes, gradings: Path | None = None,
+def merge_shards(plan: Path, shards: list[Path], out: IngestOutputs, key: bytes, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
                  level_first: str | None = None) -> dict[str, Any]:
-    """The shards' outputs as one ingest over the whole archive: volumes and labels linked (or copied) into ``out``,
-    manifest and series concatenated, every file of the plan accounted for in the archive's order."""
+    """The shards' outputs (folders of :func:`ingest_shard`) as one ingest over the whole archive: volumes and labels
+    linked (or copied) into ``out``'s folders, manifest and series concatenated, every file of ``plan`` (plan.parquet)
+    accounted for in the archive's order."""
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
-    plan_table = pd.read_parquet(plan / "plan.parquet")
-    done = pd.concat([pd.read_parquet(s / "files.parquet") for s in shards], ignore_index=True)
+    plan_table = pd.read_parquet(plan)
+    parts = [IngestOutputs.in_folder(s) for s in shards]
+    done = pd.concat([pd.read_parquet(part.files) for part in parts], ignore_index=True)
     by_key = done.set_index("file_key")
     rows = []
     for p in plan_table.itertuples():
@@ -419,14 +441,14 @@ def merge_shards(plan: Path, shards: list[Path], out: Path, key: bytes, gradings
             rows.append({"file": p.name, **{c: hit[c] for c in FILES_COLUMNS[1:]}})
     accounting = pd.DataFrame(rows, columns=FILES_COLUMNS)
     for folder in ("volumes", "labels"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        for shard in shards:
-            for source in sorted((shard / folder).glob("*.nii.gz")):
-                _link(source, out / folder / source.name)
-    manifests = [pd.read_parquet(s / "manifest.parquet") for s in shards]
+        getattr(out, folder).mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            for source in sorted(getattr(part, folder).glob("*.nii.gz")):
+                _link(source, getattr(out, folder) / source.name)
+    manifests = [pd.read_parquet(part.manifest) for part in parts]
     manifest = pd.concat([m for m in manifests if len(m)] or manifests[:1], ignore_index=True).sort_values(
         ["subject_id", "days_since_first_study", "scan_id"])
-    series_parts = [pd.read_csv(s / "series.csv") for s in shards if (s / "series.csv").stat().st_size > 1]
+    series_parts = [pd.read_csv(part.series) for part in parts if part.series.stat().st_size > 1]
     series = pd.concat(series_parts, ignore_index=True).sort_values("series").reset_index(drop=True) \
         if series_parts else pd.DataFrame()
     log.info("merged %d shards", len(shards))
@@ -449,10 +471,9 @@ def _reason_counts(reasons: pd.Series) -> dict[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dicom-dir", type=Path, required=True, help="Root folder of the DICOM archive.")
-    parser.add_argument("--out", type=Path, default=None, help="Output folder (required but with --make-plan).")
-    parser.add_argument("--key-file", type=Path, default=None,
-                        help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
+    parser.add_argument("--dicom-dir", type=Path, default=None,
+                        help="Root folder of the DICOM archive (required but with --merge).")
+    pn.add_key_option(parser)
     parser.add_argument("--label-dir", type=Path, default=None,
                         help="Optional folder of label maps named {SeriesInstanceUID}.nii.gz, copied beside volumes.")
     parser.add_argument("--gradings", type=Path, default=None,
@@ -460,19 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", type=Path, default=None,
                         help="Optional CSV with patient_id (and family_id, sex, age...), written pseudonymised.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
-    shards = parser.add_argument_group(
-        "ingest in shards (parallel jobs; the workflow does this): plan, one job per shard, merge")
-    shards.add_argument("--make-plan", action="store_true",
-                        help="Only split the archive into shards by subject: write plan.parquet/.json into --plan.")
-    shards.add_argument("--scans-per-shard", type=cli.positive_int, default=500,
-                        help="With --make-plan: about this many studies per shard (default: 500).")
-    shards.add_argument("--plan", type=Path, default=None, help="The plan folder (written by --make-plan).")
-    shards.add_argument("--shard", type=int, default=None, metavar="I",
-                        help="Ingest only shard I of --plan into --out (merged later with --merge).")
-    shards.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
-                        help="Merge these shard outputs (all shards of --plan, in order) into --out.")
+    plan = parser.add_argument_group("the shard plan (splits the archive by subject; --shard and --merge read it)")
+    plan.add_argument("--out-plan", type=Path, default=None, metavar="FILE",
+                      help="Only write the plan (Parquet; needs --scans-per-shard, counted in studies) ...")
+    plan.add_argument("--out-plan-summary", type=Path, default=None, metavar="FILE",
+                      help="... and its summary (JSON: the number of shards).")
+    plan.add_argument("--plan", type=cli.existing_file, default=None, metavar="FILE",
+                      help="The plan (written by --out-plan) that --shard and --merge follow.")
+    add_shard_options(parser, "the archive's files as --plan shares them out")
     add_landmark_options(parser, "the SeriesInstanceUID")
     cli.add_section_options(parser, "ingest")
+    cli.add_output_options(parser, INGEST_OUTPUTS, required=False, title="outputs (but with --out-plan or --shard)")
     cli.add_log_option(parser)
     return parser
 
@@ -485,35 +504,36 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and not value.is_dir():
             parser.error(f"--{name.replace('_', '-')} {value} is not a folder")
-    for name in ("gradings", "subjects", "key_file"):
+    for name in ("gradings", "subjects"):
         value = getattr(args, name)
         if value is not None and not value.is_file():
             parser.error(f"--{name.replace('_', '-')} {value} is not a file")
     rules = ClassifyRules.from_config(cli.section_from_args(args, "ingest", parser))
-    try:
-        key = pn.load_key(args.key_file)
-    except pn.PseudonymKeyError as err:
-        parser.error(str(err))
-    modes = [name for name, on in (("make_plan", args.make_plan), ("shard", args.shard is not None),
-                                   ("merge", bool(args.merge))) if on]
-    if len(modes) > 1:
-        parser.error("--make-plan, --shard and --merge go one at a time")
-    if args.out is None and not args.make_plan:
-        parser.error("--out is required (but with --make-plan)")
-    if modes and args.plan is None:
-        parser.error(f"--{modes[0].replace('_', '-')} needs --plan")
-    if modes and modes[0] != "make_plan" and not (args.plan / "plan.parquet").is_file():
-        parser.error(f"--plan {args.plan} has no plan.parquet (write it with --make-plan)")
+    key = pn.key_from_args(args, parser)
+    make_plan = args.out_plan is not None or args.out_plan_summary is not None
+    if make_plan and (args.shard is not None or args.merge):
+        parser.error("--out-plan, --shard and --merge go one at a time")
+    if make_plan and (args.out_plan is None or args.out_plan_summary is None or args.scans_per_shard is None):
+        parser.error("--out-plan needs --out-plan-summary and --scans-per-shard")
+    if (args.shard is not None or args.merge) and args.plan is None:
+        parser.error(f"--{'shard' if args.shard is not None else 'merge'} needs --plan")
+    shard = shard_from_args(args, parser, lambda: plan_shard_count(args.plan))
+    if args.dicom_dir is None and not args.merge:
+        parser.error("--dicom-dir is required (but with --merge)")
+    if shard is not None and shard[1] != plan_shard_count(args.plan):
+        parser.error(f"--shard {args.shard}: the plan has {plan_shard_count(args.plan)} shards")
+    whole = not make_plan and shard is None
+    out = IngestOutputs(**cli.outputs_from_args(args, parser, INGEST_OUTPUTS)) if whole else None
     cli.setup_logging(args.log, "ingest")
     try:
-        if args.make_plan:
-            plan_shards(args.dicom_dir, args.plan, key, args.threads, args.scans_per_shard)
-        elif args.shard is not None:
-            ingest_shard(args.dicom_dir, args.plan, args.shard, args.out, key, rules, args.threads, args.label_dir)
+        if make_plan:
+            plan_shards(args.dicom_dir, args.out_plan, args.out_plan_summary, key, args.threads, args.scans_per_shard)
+        elif shard is not None:
+            ingest_shard(args.dicom_dir, args.plan, shard[0], args.out, key, rules, args.threads, args.label_dir)
         elif args.merge:
-            merge_shards(args.plan, args.merge, args.out, key, args.gradings, args.subjects, **marks)
+            merge_shards(args.plan, args.merge, out, key, args.gradings, args.subjects, **marks)
         else:
-            ingest_dicom(args.dicom_dir, args.out, key, rules, args.threads, args.label_dir, args.gradings,
+            ingest_dicom(args.dicom_dir, out, key, rules, args.threads, args.label_dir, args.gradings,
                          args.subjects, **marks)
     except RuntimeError as err:
         log.error("%s", err)

@@ -20,11 +20,14 @@ is stored as it was read (float32, slices first: (S, H, W), a 2D image as one sl
 stage (stages.extract_crops), which brings it to the extraction sizes and normalisation.
 
 Run:
-    python -m stages.ingest_crops --table crops.csv --out results/ingest --key-file KEY \\
-        --column path=file --column subject=patient --label pfirrmann=1:5
+    python -m stages.ingest_crops --table crops.csv --key-file KEY \\
+        --column path=file --column subject=patient --label pfirrmann=1:5 \\
+        --out-crops results/ingest/crops --out-crop-table results/ingest/crops.parquet ... (every --out-* of --help)
 
-Writes manifest.* (one row per subject and acquisition: a "scan"), files.* (the accounting), crops.* (one row per used
-image), gradings.* (one row per labelled disc), subjects.* and summary.json, like the other ingest stages.
+Writes (each Parquet table with a CSV copy beside it) --out-crops (the images, {crop_id}.npy), --out-crop-table (one
+row per used image), --out-manifest (one row per subject and acquisition: a "scan"), --out-files (the accounting),
+--out-series, --out-gradings (one row per labelled disc), --out-subjects and --out-summary, like the other ingest
+stages.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import argparse
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,38 @@ NPY = (".npy",)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".npy")
 CROP_COLUMNS = ["crop_id", "scan_id", "subject_id", "study_id", "days_since_first_study", "kind", "level", "file",
                 "slices", "height", "width", "dimensions"]
+
+
+@dataclass(frozen=True)
+class CropOutputs:
+    """What stages.ingest_crops writes (each table with its CSV copy beside it); the manifest names no volume."""
+
+    crops: Path
+    crop_table: Path
+    manifest: Path
+    files: Path
+    series: Path
+    gradings: Path
+    subjects: Path
+    summary: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> CropOutputs:
+        """The outputs laid out in one folder as the workflow lays out results/ingest."""
+        names = {"crops": "crops", "crop_table": "crops.parquet", "series": "series.csv", "summary": "summary.json"}
+        return cls(**{f.name: folder / names.get(f.name, f"{f.name}.parquet") for f in fields(cls)})
+
+
+CROP_OUTPUTS = {
+    "crops": "Folder of the crops as read, {crop_id}.npy (float32, slices first).",
+    "crop_table": "One row per used image (Parquet; CSV beside it).",
+    "manifest": "One row per subject and acquisition (Parquet; CSV beside it).",
+    "files": "Every row of the table: used or quarantined, with the reason (Parquet; CSV beside it).",
+    "series": "The acquisitions (CSV).",
+    "gradings": "One row per labelled disc (Parquet; CSV beside it).",
+    "subjects": "One row per subject: family, sex, age (Parquet; CSV beside it).",
+    "summary": "The counts (JSON).",
+}
 
 
 @dataclass(frozen=True)
@@ -184,11 +219,11 @@ def check_rows(table: pd.DataFrame, base: Path, spec: CropTableSpec) -> tuple[pd
     return pd.DataFrame(rows), reasons
 
 
-def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -> dict[str, Any]:
+def ingest_crops(table_path: Path, out: CropOutputs, key: bytes, spec: CropTableSpec) -> dict[str, Any]:
     table = read_table(table_path)
     rows, reasons = check_rows(table, table_path.parent, spec)
     tokens = pn.identity_tokens(str(s) for s in rows.subject.dropna())
-    (out / "crops").mkdir(parents=True, exist_ok=True)
+    out.crops.mkdir(parents=True, exist_ok=True)
     rows["subject"] = rows.subject.fillna("").astype(str)
     rows["study"] = rows.study.fillna("").astype(str).str.strip()
     rows["days"] = _days(rows.time, rows.subject) if "time" in rows and rows.time.notna().any() else 0
@@ -207,7 +242,7 @@ def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -
         acquisition = f"{rec['subject']}|{rec['study']}"
         scan_id = pn.series_id(key, acquisition)
         crop_id = f"{scan_id}-{rec['level']}"
-        np.save(out / "crops" / f"{crop_id}.npy", image)
+        np.save(out.crops / f"{crop_id}.npy", image)
         entry.update(status=USED, reason=f"crop {crop_id}", series=scan_id)
         crops.append({"crop_id": crop_id, "scan_id": scan_id, "subject_id": pn.subject_id(key, rec["subject"]),
                       "study_id": pn.study_id(key, acquisition), "days_since_first_study": int(rec["days"]),
@@ -219,14 +254,14 @@ def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -
     used = rows.iloc[crop_table["_row"].to_numpy()] if len(crop_table) else rows.iloc[:0]
     crop_table = crop_table.drop(columns="_row")
     accounting = pd.DataFrame(files, columns=["file", "status", "reason", "series"])
-    write_table(crop_table, out / "crops")
-    write_table(accounting, out / "files")
-    write_table(manifest_of(crop_table, used), out / "manifest")
-    pd.DataFrame({"series": sorted(set(crop_table.scan_id)), "reasons": ""}).to_csv(out / "series.csv", index=False)
+    write_table(crop_table, out.crop_table)
+    write_table(accounting, out.files)
+    write_table(manifest_of(crop_table, used), out.manifest)
+    write_table(pd.DataFrame({"series": sorted(set(crop_table.scan_id)), "reasons": ""}), out.series, parquet=False)
     gradings = gradings_of(crop_table, used, list(spec.labels))
     subjects = subjects_of(crop_table, used, key)
-    write_table(gradings, out / "gradings")
-    write_table(subjects, out / "subjects")
+    write_table(gradings, out.gradings)
+    write_table(subjects, out.subjects)
     counts = accounting.status.value_counts().to_dict()
     reasons_used = accounting[accounting.status == QUARANTINED].reason.str.split(":").str[0]
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
@@ -237,7 +272,8 @@ def ingest_crops(table_path: Path, out: Path, key: bytes, spec: CropTableSpec) -
                "quarantine_reasons": {r: int(n) for r, n in reasons_used.value_counts().items()}}
     summary["labelled_discs_without_both_bodies"] = discs_without_bodies(crop_table, gradings)
     assert summary["used"] + summary["quarantined"] == summary["files"] == len(table)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.summary.parent.mkdir(parents=True, exist_ok=True)
+    out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d table rows: %(used)d crops used (%(crops_2d)d 2D) in %(volumes)d acquisitions of "
              "%(subjects)d subjects, %(quarantined)d quarantined (see files.csv)", summary)
     if summary["labelled_discs_without_both_bodies"]:
@@ -309,9 +345,7 @@ def parse_pairs(values: list[str], what: str, parser: argparse.ArgumentParser) -
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest_crops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=cli.existing_file, required=True, help="CSV or Parquet, one row per image.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder (the ingest stage's).")
-    parser.add_argument("--key-file", type=Path, default=None,
-                        help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
+    pn.add_key_option(parser)
     parser.add_argument("--column", action="append", default=[], metavar="OURS=YOURS",
                         help=f"Name of one of our columns in your table (ours: {', '.join(FIELDS)}, label names).")
     parser.add_argument("--label", action="append", default=[], metavar="NAME=MIN:MAX",
@@ -322,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The vertebra numbered 1 (default: T12 from the top, L5 from the sacrum).")
     parser.add_argument("--slice-axis", default="auto",
                         help="Axis of a 3D image (as loaded) that runs across slices: 0, 1, 2, or auto = the shortest.")
+    cli.add_output_options(parser, CROP_OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -350,13 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     spec = spec_from_args(args, parser)
-    try:
-        key = pn.load_key(args.key_file)
-    except pn.PseudonymKeyError as err:
-        parser.error(str(err))
+    key = pn.key_from_args(args, parser)
+    out = CropOutputs(**cli.outputs_from_args(args, parser, CROP_OUTPUTS))
     cli.setup_logging(args.log, "ingest_crops")
     try:
-        ingest_crops(args.table, args.out, key, spec)
+        ingest_crops(args.table, out, key, spec)
     except (RuntimeError, ValueError) as err:
         log.error("%s", err)
         return 1

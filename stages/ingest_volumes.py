@@ -12,11 +12,12 @@ The table (CSV) has one row per volume:
     + optional columns field_strength_t, manufacturer, model, sex, age_years, series_description
 
 Run:
-    python -m stages.ingest_volumes --table cohort.csv --out results/ingest --key-file KEY
+    python -m stages.ingest_volumes --table cohort.csv --key-file KEY \\
+        --out-volumes results/ingest/volumes --out-labels results/ingest/labels ... (every --out-* of --help)
 
-Writes volumes/, labels/, manifest.*, files.*, series.csv, gradings.*, subjects.*, landmarks.*, landmark_rows.csv
-and summary.json exactly as ``stages.ingest`` does (a --landmarks table names each scan by the value of its ``image``
-column here); ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
+Writes the --out-* outputs (volumes, labels, manifest, files, series, gradings, subjects, landmarks, landmark_rows,
+summary) exactly as ``stages.ingest`` does (a --landmarks table names each scan by the value of its ``image`` column
+here); ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
 file, unreadable image, label map with another geometry, duplicated row).
 """
 
@@ -34,7 +35,15 @@ import SimpleITK as sitk
 
 from stages.archive import pseudonym as pn
 from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
-from stages.archive.manifest import MANIFEST_COLUMNS, QUARANTINED, USED, write_table
+from stages.archive.manifest import (
+    INGEST_OUTPUTS,
+    MANIFEST_COLUMNS,
+    QUARANTINED,
+    USED,
+    IngestOutputs,
+    write_pseudonymised_tables,
+    write_table,
+)
 from stages.core import cli
 
 log = logging.getLogger("ingest_volumes")
@@ -55,7 +64,7 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-3))
 
 
-def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | None = None,
+def ingest_volumes(table_path: Path, out: IngestOutputs, key: bytes, gradings: Path | None = None,
                    subjects: Path | None = None, landmark_table: Path | None = None,
                    landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
                    level_first: str | None = None) -> dict[str, Any]:
@@ -74,8 +83,8 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
         table["_days"] = (dates - dates.groupby(table["subject"]).transform("min")).dt.days
     else:
         table["_days"] = np.nan
-    (out / "volumes").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    out.volumes.mkdir(parents=True, exist_ok=True)
+    out.labels.mkdir(parents=True, exist_ok=True)
     rows, files = [], []
     seen: dict[str, int] = {}
     scan_ids: dict[str, str] = {}  # the image column's value -> scan id, for the landmark table
@@ -113,11 +122,11 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
             else:
                 mask = sitk.ReadImage(str(mask_path))
                 if _same_geometry(mask, image):
-                    sitk.WriteImage(mask, str(out / "labels" / f"{scan_id}.nii.gz"), useCompression=True)
+                    sitk.WriteImage(mask, str(out.labels / f"{scan_id}.nii.gz"), useCompression=True)
                     label_map = f"labels/{scan_id}.nii.gz"
                 else:
                     label_problem = "label map geometry differs from the volume"
-        sitk.WriteImage(image, str(out / "volumes" / f"{scan_id}.nii.gz"), useCompression=True)
+        sitk.WriteImage(image, str(out.volumes / f"{scan_id}.nii.gz"), useCompression=True)
         scan_ids.setdefault(str(rec["image"]).strip(), scan_id)
         entry.update(status=USED, reason=f"in volume {scan_id}", series=scan_id)
         size, spacing = image.GetSize(), image.GetSpacing()
@@ -132,25 +141,21 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest["age_years"] = pd.to_numeric(manifest.age_years, errors="coerce").clip(upper=90)
     accounting = pd.DataFrame(files)
-    write_table(manifest, out / "manifest")
-    write_table(accounting, out / "files")
-    pd.DataFrame({"series": manifest.scan_id, "study_id": manifest.study_id, "reasons": ""}).to_csv(
-        out / "series.csv", index=False)
-    tables = {}
-    for name, path in (("gradings", gradings), ("subjects", subjects)):
-        frame = (pd.DataFrame(columns=["subject_id", "study_id"] if name == "gradings" else ["subject_id"])
-                 if path is None else pn.pseudonymise_table(pd.read_csv(path, dtype=str), key, name))
-        write_table(frame, out / name)
-        tables[name] = len(frame)
+    write_table(manifest, out.manifest)
+    write_table(accounting, out.files)
+    write_table(pd.DataFrame({"series": manifest.scan_id, "study_id": manifest.study_id, "reasons": ""}), out.series,
+                parquet=False)
+    tables = write_pseudonymised_tables(out, key, gradings, subjects, str)
     sizes = {r.scan_id: (int(r.size_x), int(r.size_y), int(r.size_z)) for r in manifest.itertuples()}
-    landmark_summary = write_landmarks(out, marks, scan_ids, sizes)
+    landmark_summary = write_landmarks(out.landmarks, out.landmark_rows, marks, scan_ids, sizes)
     counts = accounting.status.value_counts().to_dict()
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
                "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
                "landmarks": landmark_summary}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.summary.parent.mkdir(parents=True, exist_ok=True)
+    out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d table rows: %(used)d used, %(quarantined)d quarantined (see files.csv)", summary)
     if not len(manifest):
         raise RuntimeError(f"no volume could be read from the {len(accounting)} rows of {table_path}")
@@ -160,13 +165,13 @@ def ingest_volumes(table_path: Path, out: Path, key: bytes, gradings: Path | Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.ingest_volumes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", type=Path, required=True, help="CSV with one row per volume (see above).")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    parser.add_argument("--key-file", type=Path, default=None,
-                        help=f"File holding the pseudonymisation key (default: environment variable {pn.KEY_ENV}).")
-    parser.add_argument("--threads", type=cli.positive_int, default=1, help="Threads for reading and writing images (default: 1).")
+    pn.add_key_option(parser)
+    parser.add_argument("--threads", type=cli.positive_int, default=1,
+                        help="Threads for reading and writing images (default: 1).")
     parser.add_argument("--gradings", type=Path, default=None, help="Optional gradings CSV (patient_id = subject).")
     parser.add_argument("--subjects", type=Path, default=None, help="Optional subjects CSV (patient_id = subject).")
     add_landmark_options(parser, "the value of the table's image column")
+    cli.add_output_options(parser, INGEST_OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -177,14 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table.is_file():
         parser.error(f"--table {args.table} is not a file")
     marks = landmark_options(args, parser)
+    key = pn.key_from_args(args, parser)
+    out = IngestOutputs(**cli.outputs_from_args(args, parser, INGEST_OUTPUTS))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    try:
-        key = pn.load_key(args.key_file)
-    except pn.PseudonymKeyError as err:
-        parser.error(str(err))
     cli.setup_logging(args.log, "ingest_volumes")
     try:
-        ingest_volumes(args.table, args.out, key, args.gradings, args.subjects, **marks)
+        ingest_volumes(args.table, out, key, args.gradings, args.subjects, **marks)
     except (RuntimeError, ValueError) as err:
         log.error("%s", err)
         return 1

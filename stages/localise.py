@@ -9,13 +9,18 @@ from them instead of by the learned localiser (stages.anatomy.landmarks), and co
 is withheld. Scans where localisation fails or is doubtful (missing levels, a transitional vertebra, levels out of
 order, implausible spacing) are listed in ``flags.csv`` with the reason, and later stages skip them.
 
-Run:
-    python -m stages.localise --ingest results/ingest --model results/localise/model/localiser.pt \\
-        --out results/localise --threads 2
+Run (one job; the workflow runs one per shard, ``--shard I --scans-per-shard P --out SHARD_DIR``, then
+``--merge SHARD_DIR ...`` with the --out-* files):
+    python -m stages.localise --manifest results/ingest/manifest.parquet --volumes results/ingest/volumes \\
+        --labels results/ingest/labels --landmarks results/ingest/landmarks.parquet \\
+        --model results/localise/model/localiser.pt --threads 2 \\
+        --out-structures results/localise/structures.parquet --out-flags results/localise/flags.csv \\
+        --out-evaluation results/localise/evaluation.csv --out-summary results/localise/evaluation.json
 
-Writes ``structures.parquet`` / ``.csv`` (one row per scan and structure; see stages.anatomy.spine_structures),
-``flags.csv`` (scan_id, source, reason), ``evaluation.csv`` (per withheld structure: error, level correct, source:
-learned or landmarks) and ``evaluation.json`` (the summary figures, with the number of scans from each source).
+Writes ``--out-structures`` (Parquet, a CSV copy beside it: one row per scan and structure; see
+stages.anatomy.spine_structures), ``--out-flags`` (scan_id, source, reason), ``--out-evaluation`` (per withheld
+structure: error, level correct, source: learned or landmarks) and ``--out-summary`` (JSON: the summary figures, with
+the number of scans from each source).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import logging
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +49,9 @@ from stages.anatomy.localiser import (
     withheld_subjects,
 )
 from stages.anatomy.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
+from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
 from stages.core import cli
-from stages.core.shards import concat_tables, resolve_shard, shard_block
+from stages.core.shards import add_shard_options, concat_tables, count_from_manifest, shard_block, shard_from_args
 
 log = logging.getLogger("localise")
 
@@ -60,14 +67,23 @@ def load_model(path: Path) -> tuple[HeatmapUNet | None, LocaliseConfig]:
     return model.eval(), cfg
 
 
-def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None, pd.DataFrame | None]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Folders:
+    """Where a scan's files are: ingest's folders of volumes and of label maps."""
+
+    volumes: Path
+    labels: Path
+
+
+def localise_scan(job: tuple[Folders, dict[str, Any], bool, Path | None, pd.DataFrame | None]) -> dict[str, Any]:
     """Structures, problems and (for withheld scans) the comparison with the label map, for one scan: from its label
     map (when ``use_label``), else from its landmarks (rows of ingest's landmarks.parquet, or None), else by the
     learned localiser."""
-    ingest, scan, use_label, model_path, marks = job
+    folders, scan, use_label, model_path, marks = job
     torch.set_num_threads(1)
     result: dict[str, Any] = {"scan_id": scan["scan_id"], "evaluation": None}
-    label_path = ingest / scan["label_map"] if scan["label_map"] else None
+    label_path = scan_file(folders.labels, scan["label_map"]) if scan["label_map"] else None
+    volume_path = scan_file(folders.volumes, scan["volume"])
     if use_label:
         label = sitk.ReadImage(str(label_path))
         table = structures_from_label_map(label)
@@ -75,7 +91,7 @@ def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None, pd.DataFra
                       problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label)))))
         return result
     if marks is not None and len(marks):
-        image = sitk.ReadImage(str(ingest / scan["volume"]), sitk.sitkFloat32)
+        image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
         table = structures_from_landmarks(image, marks)
         result.update(source="landmarks", structures=table, problems=check_structures(table))
         if label_path is not None:
@@ -88,7 +104,7 @@ def localise_scan(job: tuple[Path, dict[str, Any], bool, Path | None, pd.DataFra
             "no label map, and the localiser is untrained (no scan had a label map to train it on)"
         result.update(source="learned", structures=None, problems=[why])
         return result
-    image = sitk.ReadImage(str(ingest / scan["volume"]), sitk.sitkFloat32)
+    image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
     heat = predict_heatmaps(model, sitk.GetArrayFromImage(image), cfg.image_size)
     table, problems = structures_from_heatmaps(heat, image, cfg.peak_threshold)
     problems += check_structures(table) if len(table) else []
@@ -113,23 +129,46 @@ def summarise(evaluation: pd.DataFrame) -> dict[str, Any]:
                         for k, g in evaluation.groupby("kind")}}
 
 
-def read_landmarks(ingest: Path) -> dict[str, pd.DataFrame]:
-    """Ingest's landmark table (landmarks.parquet; absent from older ingest outputs) by scan id."""
-    path = ingest / "landmarks.parquet"
-    if not path.is_file():
+def read_landmarks(path: Path | None) -> dict[str, pd.DataFrame]:
+    """Ingest's landmark table (landmarks.parquet; none given: no landmarks) by scan id."""
+    if path is None:
         return {}
     return {scan_id: rows.reset_index(drop=True) for scan_id, rows in pd.read_parquet(path).groupby("scan_id")}
 
 
-def run(ingest: Path, out: Path, cfg: LocaliseConfig, model_path: Path | None, workers: int,
-        shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LocaliseOutputs:
+    """What the stage writes: structures (Parquet, a CSV copy beside it), flags, evaluation (CSV), summary (JSON)."""
+
+    structures: Path
+    flags: Path
+    evaluation: Path
+    summary: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> LocaliseOutputs:
+        """The outputs laid out in one folder as the workflow lays out results/localise (and a shard its folder)."""
+        return cls(structures=folder / "structures.parquet", flags=folder / "flags.csv",
+                   evaluation=folder / "evaluation.csv", summary=folder / "evaluation.json")
+
+
+OUTPUTS = {
+    "structures": "One row per scan and structure (Parquet; a CSV copy beside it).",
+    "flags": "The scans later stages skip: scan_id, source, reason (CSV).",
+    "evaluation": "Per withheld structure: error, level correct, source (CSV).",
+    "summary": "The summary figures and the number of scans from each source (JSON).",
+}
+
+
+def run(manifest_file: Path, folders: Folders, landmarks: Path | None, out: LocaliseOutputs, cfg: LocaliseConfig,
+        model_path: Path | None, workers: int, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Localise the scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all of them by default)."""
-    manifest = pd.read_parquet(ingest / "manifest.parquet").sort_values("scan_id")
+    manifest = pd.read_parquet(manifest_file).sort_values("scan_id")
     manifest["label_map"] = manifest.label_map.fillna("")
     hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
     manifest = manifest.iloc[shard_block(len(manifest), *shard)]
-    marks = read_landmarks(ingest)
-    jobs = [(ingest, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path,
+    marks = read_landmarks(landmarks)
+    jobs = [(folders, scan, bool(scan["label_map"]) and scan["subject_id"] not in hidden, model_path,
              marks.get(scan["scan_id"])) for scan in manifest.to_dict("records")]
     from_landmarks = sum(not j[2] and j[4] is not None for j in jobs)
     structures, flags, evaluation = [], [], []
@@ -157,18 +196,17 @@ FLAG_COLUMNS = ["scan_id", "source", "reason"]
 COUNTS = ("scans", "from_label_map", "landmarks", "learned")
 
 
-def write_outputs(out: Path, table: pd.DataFrame, flags: pd.DataFrame, ev: pd.DataFrame,
+def write_outputs(out: LocaliseOutputs, table: pd.DataFrame, flags: pd.DataFrame, ev: pd.DataFrame,
                   counts: dict[str, int]) -> dict[str, Any]:
-    """structures.*, flags.csv, evaluation.csv and evaluation.json (the counts and the comparisons summarised)."""
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "structures.parquet", index=False)
-    table.to_csv(out / "structures.csv", index=False)
-    flags.to_csv(out / "flags.csv", index=False)
-    ev.to_csv(out / "evaluation.csv", index=False)
+    """Structures, flags, evaluation and the summary (the counts and the comparisons summarised)."""
+    write_table(table, out.structures)
+    write_table(flags, out.flags, parquet=False)
+    write_table(ev, out.evaluation, parquet=False)
     summary = {**counts, "flagged": int(flags.scan_id.nunique()),
                "learned_vs_withheld_labels": summarise(ev[ev.source == "learned"]),
                "landmarks_vs_withheld_labels": summarise(ev[ev.source == "landmarks"])}
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.summary.parent.mkdir(parents=True, exist_ok=True)
+    out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(scans)d scans: %(from_label_map)d from label maps, %(landmarks)d from landmarks, %(learned)d by the "
              "learned localiser, %(flagged)d flagged", summary)
     for source in ("learned", "landmarks"):
@@ -178,33 +216,30 @@ def write_outputs(out: Path, table: pd.DataFrame, flags: pd.DataFrame, ev: pd.Da
     return summary
 
 
-def merge(shards: list[Path], out: Path) -> dict[str, Any]:
-    """The outputs of the shards' runs, in shard order, as one run over the whole cohort would write them."""
-    table = concat_tables([s / "structures.parquet" for s in shards])
-    flags = concat_tables([s / "flags.csv" for s in shards]).reindex(columns=FLAG_COLUMNS)
-    ev = concat_tables([s / "evaluation.csv" for s in shards]).reindex(columns=EVALUATION_COLUMNS)
-    parts = [json.loads((s / "evaluation.json").read_text()) for s in shards]
-    counts = {name: int(sum(part[name] for part in parts)) for name in COUNTS}
+def merge(shards: list[Path], out: LocaliseOutputs) -> dict[str, Any]:
+    """The outputs of the shards' runs (folders of ``--shard`` runs), in shard order, as one run over the whole cohort
+    would write them."""
+    parts = [LocaliseOutputs.in_folder(s) for s in shards]
+    table = concat_tables([part.structures for part in parts])
+    flags = concat_tables([part.flags for part in parts]).reindex(columns=FLAG_COLUMNS)
+    ev = concat_tables([part.evaluation for part in parts]).reindex(columns=EVALUATION_COLUMNS)
+    summaries = [json.loads(part.summary.read_text()) for part in parts]
+    counts = {name: int(sum(summary[name] for summary in summaries)) for name in COUNTS}
     log.info("merged %d shards", len(shards))
     return write_outputs(out, table, flags, ev, counts)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.localise", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, default=None, help="Output folder of the ingest stage (required "
-                        "unless --merge).")
-    parser.add_argument("--model", type=Path, default=None,
+    inputs = parser.add_argument_group("inputs (the first three required but with --merge)")
+    add_ingest_inputs(inputs, "manifest", "volumes", "labels", "landmarks", required=False)
+    inputs.add_argument("--model", type=cli.existing_file, default=None,
                         help="The learned localiser (localiser.pt of stages.localiser_train); without it, scans "
                              "without label maps are flagged.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="Localise only shard I of N (from 0) of the scans sorted by id (default: 0/1, all).")
-    parser.add_argument("--scans-per-shard", type=cli.positive_int, default=None, metavar="P",
-                        help="With --shard I (no /N): N = ceil(scans in the manifest / P), as the workflow splits.")
-    parser.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
-                        help="Instead of localising: merge the outputs of these shard runs, in this order, into --out.")
+    add_shard_options(parser, "the scans sorted by id")
     cli.add_section_options(parser, "localise")
+    cli.add_output_options(parser, OUTPUTS, required=False, title="outputs (but with --shard)")
     cli.add_log_option(parser)
     return parser
 
@@ -212,24 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.merge:
-        cli.setup_logging(args.log, "localise")
-        merge(args.merge, args.out)
-        return 0
-    if args.ingest is None:
-        parser.error("--ingest is required (unless --merge)")
-    if not (args.ingest / "manifest.parquet").is_file():
-        parser.error(f"--ingest {args.ingest} has no manifest.parquet")
-    if args.model is not None and not args.model.is_file():
-        parser.error(f"--model {args.model} is not a file")
-    try:
-        n_scans = len(pd.read_parquet(args.ingest / "manifest.parquet", columns=["scan_id"]))
-        shard = resolve_shard(args.shard, args.scans_per_shard, n_scans)
-    except (ValueError, OSError) as err:
-        parser.error(f"--shard: {err}")
+    missing = [name for name in ("manifest", "volumes", "labels") if getattr(args, name) is None]
+    if missing and not args.merge:
+        parser.error(f"--{missing[0]} is required (but with --merge)")
+    shard = shard_from_args(args, parser, count_from_manifest(args.manifest, args.scans_per_shard))
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
+    out = LocaliseOutputs.in_folder(args.out) if shard else LocaliseOutputs(**cli.outputs_from_args(args, parser,
+                                                                                                     OUTPUTS))
     cli.setup_logging(args.log, "localise")
-    run(args.ingest, args.out, cfg, args.model, args.threads, shard)
+    if args.merge:
+        merge(args.merge, out)
+    else:
+        run(args.manifest, Folders(args.volumes, args.labels), args.landmarks, out, cfg, args.model, args.threads,
+            shard or (0, 1))
     return 0
 
 

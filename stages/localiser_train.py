@@ -4,10 +4,12 @@ Subjects whose label maps are withheld (``localise.withhold_label_fraction``, fo
 so that the localise stage can measure the localiser on them.
 
 Run:
-    python -m stages.localiser_train --ingest results/ingest --out results/localise/model --threads 2
+    python -m stages.localiser_train --manifest results/ingest/manifest.parquet --volumes results/ingest/volumes \\
+        --labels results/ingest/labels --threads 2 --out-model results/localise/model/localiser.pt \\
+        --out-history results/localise/model/training.csv --out-scans results/localise/model/training_scans.csv
 
-Writes ``localiser.pt`` (weights and the config it was trained with), ``training.csv`` (loss per epoch) and
-``training_scans.csv`` (the scans it learned from).
+Writes ``--out-model`` (weights and the config it was trained with), ``--out-history`` (loss per epoch) and
+``--out-scans`` (the scans it learned from).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pandas as pd
 import torch
 
 from stages.anatomy.localiser import LocaliseConfig, train, training_samples, withheld_subjects
+from stages.archive.manifest import add_ingest_inputs, scan_file
 from stages.core import cli
 
 log = logging.getLogger("localiser_train")
@@ -32,36 +35,47 @@ def training_scans(manifest: pd.DataFrame, cfg: LocaliseConfig) -> pd.DataFrame:
     return labelled.sort_values("scan_id")
 
 
-def run(ingest: Path, out: Path, cfg: LocaliseConfig) -> Path:
-    manifest = pd.read_parquet(ingest / "manifest.parquet")
+OUTPUTS = {
+    "model": "The localiser: weights and the config it was trained with (PyTorch).",
+    "history": "Loss per epoch (CSV).",
+    "scans": "The scans it learned from (CSV).",
+}
+
+
+def run(manifest_file: Path, volumes: Path, labels: Path, out: dict[str, Path], cfg: LocaliseConfig) -> Path:
+    """Train on the labelled scans of ``manifest_file`` (volumes and label maps in the folders ``volumes`` and
+    ``labels``); write the OUTPUTS named in ``out``."""
+    manifest = pd.read_parquet(manifest_file)
     scans = training_scans(manifest, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "localiser.pt"
+    for target in out.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    path = out["model"]
     if scans.empty:
         # Not an error: the cohort may be localised from label maps only. The localise stage flags every scan that
         # would have needed the localiser.
         log.warning("no scan with a label map to train the localiser on (cohort.label_dir, or fewer withheld): "
                     "the localiser stays untrained")
         torch.save({"state_dict": None, "config": dataclasses.asdict(cfg)}, path)
-        pd.DataFrame(columns=["epoch", "loss"]).to_csv(out / "training.csv", index=False)
-        scans[["scan_id", "subject_id"]].to_csv(out / "training_scans.csv", index=False)
+        pd.DataFrame(columns=["epoch", "loss"]).to_csv(out["history"], index=False)
+        scans[["scan_id", "subject_id"]].to_csv(out["scans"], index=False)
         return path
     log.info("training on %d labelled scans of %d subjects", len(scans), scans.subject_id.nunique())
-    samples = [training_samples(str(ingest / s.volume), str(ingest / s.label_map), cfg) for s in scans.itertuples()]
+    samples = [training_samples(str(scan_file(volumes, s.volume)), str(scan_file(labels, s.label_map)), cfg)
+               for s in scans.itertuples()]
     model, history = train(samples, cfg)
     torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(cfg)}, path)
-    pd.DataFrame(history).to_csv(out / "training.csv", index=False)
-    scans[["scan_id", "subject_id"]].to_csv(out / "training_scans.csv", index=False)
+    pd.DataFrame(history).to_csv(out["history"], index=False)
+    scans[["scan_id", "subject_id"]].to_csv(out["scans"], index=False)
     log.info("final loss %.5f; wrote %s", history[-1]["loss"] if history else float("nan"), path)
     return path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.localiser_train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=Path, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder for the model.")
+    add_ingest_inputs(parser, "manifest", "volumes", "labels")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="PyTorch CPU threads (default: 1).")
     cli.add_section_options(parser, "localise")
+    cli.add_output_options(parser, OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -69,12 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.ingest / "manifest.parquet").is_file():
-        parser.error(f"--ingest {args.ingest} has no manifest.parquet")
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
+    out = cli.outputs_from_args(args, parser, OUTPUTS)
     cli.setup_logging(args.log, "localiser_train")
     torch.set_num_threads(args.threads)
-    run(args.ingest, args.out, cfg)
+    run(args.manifest, args.volumes, args.labels, out, cfg)
     return 0
 
 

@@ -14,14 +14,17 @@ Training samples are the labelled samples of the subset's subjects (all their sc
 the downstream test subjects. Before anything is trained the stage checks that every training subject is a downstream
 training subject of the subset (:class:`stages.evaluation.probe_data.LeakageError` otherwise).
 
-Run:
-    python -m stages.probe --model siamese --task grade --fraction 0.358 --subset-seed 0 --splits results/splits \\
-        --features results/probes/features/siamese --out results/probes/runs/siamese/grade/f0.358/seed0
+Run (the workflow names each file; a job's files sit in results/probes/runs/{model}/{task}/f{fraction}/seed{seed}/):
+    python -m stages.probe --model siamese --task grade --fraction 0.358 --subset-seed 0 \\
+        --subjects results/splits/subjects.parquet --volumes results/splits/volumes.parquet \\
+        --features results/probes/features/siamese/features.npy --metrics job/metrics.json \\
+        --predictions job/predictions.parquet --model-file job/model.npz --history job/history.csv
 
-Writes ``metrics.json`` (one entry per head: the metrics, the confusion matrix, the training set's size),
-``predictions.parquet`` (per test sample and head: subject, scan, level, truth, prediction, class probabilities),
-``model.npz`` (the fitted heads, or end to end the trained network, for Grad-CAM; nothing but ``classes`` when the
-subset had one class) and, end to end, ``history.csv``.
+Writes ``--metrics`` (JSON, one entry per head: the metrics, the confusion matrix, the training set's size),
+``--predictions`` (Parquet, per test sample and head: subject, scan, level, truth, prediction, class probabilities),
+``--model-file`` (npz: the fitted heads, or end to end the trained network, for Grad-CAM; nothing but ``classes`` when
+the subset had one class) and ``--history`` (CSV, end to end: the loss per epoch; no rows for a frozen probe or a
+one-class subset, which train no network).
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stages.core import cli
+from stages.core import cli, seeds
 from stages.core.levels import VERTEBRAE
 from stages.evaluation.metrics import average_class_accuracy, binary_metrics, confusion
 from stages.evaluation.probe_data import (
@@ -51,6 +55,25 @@ from stages.evaluation.probe_data import (
 from stages.nets.heads import Head, Standardiser, fit_head, grouped_folds
 
 log = logging.getLogger("probe")
+
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss"]
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """The files one probe job writes (the probe rule's outputs)."""
+
+    metrics: Path
+    predictions: Path
+    model: Path
+    history: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> JobFiles:
+        """The workflow's file names in one folder (for tests and scripts; the rules name each file)."""
+        return cls(folder / "metrics.json", folder / "predictions.parquet", folder / "model.npz",
+                   folder / "history.csv")
 
 
 def classes_of(task: Task) -> np.ndarray:
@@ -109,13 +132,17 @@ def score(task: Task, truth: np.ndarray, proba: np.ndarray, classes: np.ndarray)
     return metrics
 
 
-def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: Path, out: Path, cfg: ProbeConfig,
-        features: Path | None = None, extract: Path | None = None, encoder: Path | None = None,
-        end_to_end: bool = False, width: float = 1.0, embedding_dim: int = 1024) -> dict[str, Any]:
+def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_file: Path, volumes_file: Path,
+        out: JobFiles, cfg: ProbeConfig, features: Path | None = None, vertebrae: Path | None = None,
+        encoder: Path | None = None, end_to_end: bool = False, width: float = 1.0,
+        embedding_dim: int = 1024) -> dict[str, Any]:
+    """One probe job: ``features`` (features.npy of a frozen encoder) or, ``end_to_end``, the network trained on
+    ``vertebrae`` (the array store); the splits' ``subjects_file`` and ``volumes_file``; writes ``out``."""
     task = TASKS[task_name]
     started = time.perf_counter()
-    subjects = pd.read_parquet(splits / "subjects.parquet")
-    volumes = pd.read_parquet(splits / "volumes.parquet")
+    subjects = pd.read_parquet(subjects_file)
+    volumes = pd.read_parquet(volumes_file)
+    history = pd.DataFrame(columns=HISTORY_COLUMNS)
     samples, counts = task_samples(volumes, task)
     members = set(label_subset(subjects, fraction, subset_seed, cfg.seed))
     train = samples[samples.subject_id.isin(members)].reset_index(drop=True)
@@ -136,7 +163,7 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
     unknown = sorted(set(samples.label) - set(classes.tolist()))
     if unknown:
         raise ValueError(f"{task.name} labels out of range: {unknown} (expected {classes.tolist()})")
-    seed = cfg.seed * 1000 + subset_seed
+    seed = seeds.probe_job(cfg.seed, subset_seed)
     facts = {"model": model, "task": task.name, "fraction": fraction, "seed": subset_seed,
              "n_subjects": len(members), "n_train_subjects_with_samples": int(train.subject_id.nunique()),
              "n_scans": int(train.scan_id.nunique()), "n_train": len(train), "n_val": len(val), "n_test": len(test),
@@ -156,15 +183,14 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
                            "note": f"one class ({only}) in the training subset: predicts it"}
             predictions.append(_predictions(test, proba, classes, head))
     elif end_to_end:
-        if extract is None:
-            raise ValueError("end-to-end training needs --extract")
+        if vertebrae is None:
+            raise ValueError("end-to-end training needs --vertebrae")
         from stages.nets.disc_net import (
             save_net,
             train_and_predict,  # PyTorch: end to end only
         )
-        proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, extract, encoder,
+        proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, vertebrae, encoder,
                                                        cfg.fit_config(seed), cfg.device, (width, embedding_dim))
-        history.to_csv(_mk(out) / "history.csv", index=False)
         saved.update(save_net(net))
         heads["linear"] = {**score(task, test.label.to_numpy(), proba, classes), **info}
         predictions.append(_predictions(test, proba, classes, "linear"))
@@ -173,7 +199,7 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
             raise ValueError("a frozen probe needs --features")
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(1)   # one BLAS thread: faster on these small matrices, and the same bits always
-        feats = np.load(features / "features.npy", mmap_mode="r")
+        feats = np.load(features, mmap_mode="r")
         x_train, x_test = feature_matrix(train, feats), feature_matrix(test, feats)
         y_train = np.searchsorted(classes, train.label.to_numpy())
         groups = train.subject_id.to_numpy()
@@ -190,20 +216,18 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, splits: P
             predictions.append(_predictions(test, proba, classes, head))
         limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
-    _mk(out)
-    pd.concat(predictions, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
-    np.savez(out / "model.npz", **saved)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    for path in (out.metrics, out.predictions, out.model, out.history):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(predictions, ignore_index=True).to_parquet(out.predictions, index=False)
+    with open(out.model, "wb") as handle:   # a file object: np.savez would add .npz to a name without it
+        np.savez(handle, **saved)
+    history.to_csv(out.history, index=False)
+    out.metrics.write_text(json.dumps(result, indent=2, default=_plain) + "\n")
     for head, m in heads.items():
         log.info("%s / %s / subset %s seed %d (%d subjects, %d samples) %s head: %s", model, task.name, fraction,
                  subset_seed, len(members), len(train), head,
                  ", ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "average_class_accuracy", "auc") if k in m))
     return result
-
-
-def _mk(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _plain(value: Any) -> Any:
@@ -227,17 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="Downstream task.")
     parser.add_argument("--fraction", type=float, required=True, help="Label subset: share of training subjects.")
     parser.add_argument("--subset-seed", type=int, required=True, help="Label subset nesting (0, 1, ...).")
-    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder of this job.")
-    parser.add_argument("--features", type=cli.existing_folder, help="Frozen: output folder of the features stage.")
+    cli.add_split_tables(parser)
+    parser.add_argument("--features", type=cli.existing_file, help="Frozen: features.npy of the features stage.")
     parser.add_argument("--end-to-end", action="store_true", help="Train the whole network, not a head on features.")
-    parser.add_argument("--extract", type=cli.existing_folder, help="End to end: output folder of the extract stage.")
+    parser.add_argument("--vertebrae", type=cli.existing_file,
+                        help="End to end: vertebrae.npy of the extract stage (the array store it trains on).")
     parser.add_argument("--encoder", type=cli.existing_file, help="End to end: start from this encoder.pt "
                                                                   "(fine-tuning; default: random weights).")
-    parser.add_argument("--width", type=float, default=1.0,
-                        help="End to end from random weights: channel width (pretrain.width; default 1).")
-    parser.add_argument("--embedding-dim", type=cli.positive_int, default=1024,
-                        help="End to end from random weights: FC7 size (pretrain.embedding_dim; default 1024).")
+    cli.add_encoder_size_options(parser, "End to end from random weights: ")
+    files = parser.add_argument_group("outputs")
+    files.add_argument("--metrics", type=Path, required=True, help="metrics.json of this job.")
+    files.add_argument("--predictions", type=Path, required=True, help="predictions.parquet of this job.")
+    files.add_argument("--model-file", type=Path, required=True, help="model.npz of this job (the fitted model).")
+    files.add_argument("--history", type=Path, required=True, help="history.csv of this job (end to end: per epoch).")
     cli.add_section_options(parser, "probe_training")
     cli.add_log_option(parser)
     return parser
@@ -251,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.end_to_end == (args.features is not None):
         parser.error("give either --features (a frozen encoder) or --end-to-end")
-    if args.end_to_end and args.extract is None:
-        parser.error("--end-to-end needs --extract (the array store it trains on)")
+    if args.end_to_end and args.vertebrae is None:
+        parser.error("--end-to-end needs --vertebrae (the array store it trains on)")
     if not args.end_to_end and args.encoder is not None:
         parser.error("--encoder is for --end-to-end (fine-tuning); a frozen probe reads --features")
     cli.setup_logging(args.log, "probe")
-    run(args.model, args.task, args.fraction, args.subset_seed, args.splits, args.out, cfg, args.features, args.extract,
-        args.encoder, args.end_to_end, args.width, args.embedding_dim)
+    out = JobFiles(args.metrics, args.predictions, args.model_file, args.history)
+    run(args.model, args.task, args.fraction, args.subset_seed, args.subjects, args.volumes, out, cfg, args.features,
+        args.vertebrae, args.encoder, args.end_to_end, args.width, args.embedding_dim)
     return 0
 
 

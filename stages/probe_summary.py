@@ -14,9 +14,13 @@ subsets, and the label-efficiency figure of merit.
 - ``subsets.parquet`` / ``.csv``: the label subsets (seed, fraction, subject).
 - ``predictions.parquet``: every job's test predictions (for the ROC curves and confusion matrices of the report).
 
-Run:
-    python -m stages.probe_summary --runs results/probes/runs --splits results/splits --out results/probes \\
-        --models siamese random scratch supervised
+Run (the workflow names every file; each job is known by its folder, stages.evaluation.probe_data.RUN_FOLDER):
+    python -m stages.probe_summary --metrics results/probes/runs/*/*/*/*/metrics.json \\
+        --predictions results/probes/runs/*/*/*/*/predictions.parquet --subjects results/splits/subjects.parquet \\
+        --results results/probes/results.parquet --summary results/probes/summary.parquet \\
+        --efficiency results/probes/label_efficiency.csv --subsets results/probes/subsets.parquet \\
+        --all-predictions results/probes/predictions.parquet --models siamese random scratch supervised
+Each Parquet table gets its CSV beside it (same name, .csv), and the figure of merit its JSON (.json) and Parquet.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,7 @@ import pandas as pd
 
 from stages.core import cli
 from stages.evaluation.metrics import average_class_accuracy, binary_metrics
-from stages.evaluation.probe_data import TASKS, label_subset, run_folder
+from stages.evaluation.probe_data import TASKS, label_subset, run_of
 
 log = logging.getLogger("probe_summary")
 METRICS = {"grade": ("average_class_accuracy", "accuracy"),
@@ -81,20 +86,32 @@ def bootstrap(task: str, per_seed: list[pd.DataFrame], n_boot: int, level: float
             for m, v in draws.items()}
 
 
-def load_runs(runs: Path, models: list[str], tasks: list[str], fractions: list[float],
+def job_files(metrics: list[Path], predictions: list[Path]) -> dict[tuple, tuple[Path, Path]]:
+    """Each probe job's (metrics.json, predictions.parquet), keyed by (model, task, fraction, seed) as its folder
+    names them; every job needs both files."""
+    keyed = [{(r["model"], r["task"], r["fraction"], r["seed"]): p for p in files for r in [run_of(p)]}
+             for files in (metrics, predictions)]
+    unpaired = sorted(set(keyed[0]) ^ set(keyed[1]))
+    if unpaired:
+        raise ValueError(f"probe jobs without both metrics and predictions: {unpaired[:3]}")
+    return {key: (path, keyed[1][key]) for key, path in keyed[0].items()}
+
+
+def load_runs(jobs: dict[tuple, tuple[Path, Path]], models: list[str], tasks: list[str], fractions: list[float],
               seeds: int) -> tuple[pd.DataFrame, dict[tuple, pd.DataFrame]]:
-    """The results table and every job's test predictions, keyed by (model, head, task, fraction, seed)."""
+    """The results table and every job's test predictions, keyed by (model, head, task, fraction, seed), from
+    ``jobs`` (:func:`job_files`), in the order of models, tasks, fractions and seeds."""
     rows, predictions, missing = [], {}, []
     for model in models:
         for task in tasks:
             for fraction in fractions:
                 for seed in range(seeds):
-                    folder = runs / run_folder(model, task, fraction, seed)
-                    if not (folder / "metrics.json").exists():
-                        missing.append(str(folder))
+                    if (model, task, fraction, seed) not in jobs:
+                        missing.append((model, task, fraction, seed))
                         continue
-                    job = json.loads((folder / "metrics.json").read_text())
-                    preds = pd.read_parquet(folder / "predictions.parquet")
+                    metrics_file, predictions_file = jobs[(model, task, fraction, seed)]
+                    job = json.loads(metrics_file.read_text())
+                    preds = pd.read_parquet(predictions_file)
                     for head, m in job["heads"].items():
                         rows.append({"model": model, "head": head, "task": task, "fraction": fraction, "seed": seed,
                                      "n_subjects": job["n_subjects"], "n_scans": job["n_scans"],
@@ -102,15 +119,16 @@ def load_runs(runs: Path, models: list[str], tasks: list[str], fractions: list[f
                                      **{k: m.get(k, np.nan) for k in METRICS[task]}})
                         predictions[(model, head, task, fraction, seed)] = preds[preds["head"] == head]
     if not rows:
-        raise ValueError(f"no probe results under {runs}")
+        raise ValueError(f"no probe results among the {len(jobs)} jobs given")
     frame = pd.DataFrame(rows)
     for model in models:
         if model not in set(frame.model):
-            raise ValueError(f"no probe results of model {model!r} under {runs}")
+            raise ValueError(f"no probe results of model {model!r}")
     ran = {(m, t) for m, t in zip(frame.model, frame.task)}
-    partial = [f for f in missing if (f.split("/")[-4], f.split("/")[-3]) in ran]
+    partial = [job for job in missing if job[:2] in ran]
     if partial:   # a (model, task) that ran for some subsets but not others; whole (model, task) gaps are by design
-        log.warning("%d expected probe job(s) have no results, e.g. %s", len(partial), partial[0])
+        log.warning("%d expected probe job(s) have no results, e.g. (model, task, fraction, seed) %s", len(partial),
+                    partial[0])
     return frame, predictions
 
 
@@ -181,23 +199,42 @@ def all_predictions(predictions: dict[tuple, pd.DataFrame]) -> pd.DataFrame:
     return table[keys + [c for c in table.columns if c not in keys]]
 
 
-def run(runs: Path, splits: Path, out: Path, models: list[str], section: dict[str, Any],
-        probe_seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SummaryFiles:
+    """The tables this stage writes (the probe_summary rule's outputs); each Parquet table gets its CSV beside it,
+    the figure of merit (CSV) its Parquet and JSON."""
+
+    results: Path
+    summary: Path
+    efficiency: Path
+    subsets: Path
+    predictions: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> SummaryFiles:
+        """The workflow's file names in one folder (for tests and scripts; the rule names each file)."""
+        return cls(folder / "results.parquet", folder / "summary.parquet", folder / "label_efficiency.csv",
+                   folder / "subsets.parquet", folder / "predictions.parquet")
+
+
+def run(jobs: dict[tuple, tuple[Path, Path]], subjects_file: Path, out: SummaryFiles, models: list[str],
+        section: dict[str, Any], probe_seed: int) -> dict[str, Any]:
+    """Collect ``jobs`` (:func:`job_files`) of ``models``; write ``out``."""
     cfg = section
-    results, predictions = load_runs(runs, models, cfg["tasks"], cfg["label_fractions"], cfg["seeds"])
+    results, predictions = load_runs(jobs, models, cfg["tasks"], cfg["label_fractions"], cfg["seeds"])
     summary = summarise(results, predictions, cfg["bootstrap"], cfg["ci_level"])
     efficiency = label_efficiency(summary)
-    subjects = pd.read_parquet(splits / "subjects.parquet")
+    subjects = pd.read_parquet(subjects_file)
     subsets = pd.DataFrame([{"seed": s, "fraction": f, "subject_id": subject}
                             for s in range(cfg["seeds"]) for f in sorted(cfg["label_fractions"])
                             for subject in label_subset(subjects, f, s, probe_seed)])
-    out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("results", results), ("summary", summary), ("label_efficiency", efficiency),
-                        ("subsets", subsets)):
-        frame.to_parquet(out / f"{name}.parquet", index=False)
-        frame.to_csv(out / f"{name}.csv", index=False)
-    all_predictions(predictions).to_parquet(out / "predictions.parquet", index=False)
-    (out / "label_efficiency.json").write_text(json.dumps(efficiency.to_dict("records"), indent=2) + "\n")
+    for path, frame in ((out.results, results), (out.summary, summary), (out.efficiency, efficiency),
+                        (out.subsets, subsets)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path.with_suffix(".parquet"), index=False)
+        frame.to_csv(path.with_suffix(".csv"), index=False)
+    all_predictions(predictions).to_parquet(out.predictions, index=False)
+    out.efficiency.with_suffix(".json").write_text(json.dumps(efficiency.to_dict("records"), indent=2) + "\n")
     for row in efficiency.itertuples():
         log.info("%s, %s (%s head): %s; reference %s = %.3f", row.task, row.model, row.head, row.verdict,
                  row.reference, row.reference_value)
@@ -206,9 +243,19 @@ def run(runs: Path, splits: Path, out: Path, models: list[str], section: dict[st
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.probe_summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=cli.existing_folder, required=True, help="Folder of the probe jobs' outputs.")
-    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--metrics", type=cli.existing_file, nargs="+", required=True,
+                        help="metrics.json of every probe job (in its folder: model/task/f{fraction}/seed{seed}).")
+    parser.add_argument("--predictions", type=cli.existing_file, nargs="+", required=True,
+                        help="predictions.parquet of every probe job.")
+    parser.add_argument("--subjects", type=cli.existing_file, required=True,
+                        help="subjects.parquet of the splits stage (for the label subsets).")
+    files = parser.add_argument_group("outputs (a CSV is written beside each Parquet table)")
+    files.add_argument("--results", type=Path, required=True, help="results.parquet: one row per job and head.")
+    files.add_argument("--summary", type=Path, required=True, help="summary.parquet: means and intervals.")
+    files.add_argument("--efficiency", type=Path, required=True,
+                       help="label_efficiency.csv: the figure of merit (with .parquet and .json beside it).")
+    files.add_argument("--subsets", type=Path, required=True, help="subsets.parquet: the label subsets.")
+    files.add_argument("--all-predictions", type=Path, required=True, help="predictions.parquet of every job.")
     parser.add_argument("--models", nargs="+", required=True, help="Models to collect (as named in the runs folder).")
     parser.add_argument("--probe-seed", type=int, default=0, help="probe_training.seed (the label subsets' seed).")
     cli.add_section_options(parser, "probes")
@@ -221,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     section = cli.section_from_args(args, "probes", parser)
     cli.setup_logging(args.log, "probe_summary")
-    run(args.runs, args.splits, args.out, args.models, section, args.probe_seed)
+    out = SummaryFiles(args.results, args.summary, args.efficiency, args.subsets, args.all_predictions)
+    run(job_files(args.metrics, args.predictions), args.subjects, out, args.models, section, args.probe_seed)
     return 0
 
 

@@ -15,10 +15,14 @@ its studies), with the years between them; negatives are the same level of two d
 ``negative_ratio`` per positive, a share of them hard (the subject's twin). Pairs never cross split parts.
 
 Run:
-    python -m stages.splits --ingest results/ingest --extract results/extract --out results/splits
+    python -m stages.splits --subjects results/ingest/subjects.parquet --gradings results/ingest/gradings.parquet \\
+        --index results/extract/index.parquet --out-subjects results/splits/subjects.parquet \\
+        --out-volumes results/splits/volumes.parquet --out-pairs results/splits/pairs.parquet \\
+        --out-summary results/splits/summary.json
 
-Writes subjects.* (parts per subject), volumes.* (every extracted volume with its labels and parts), pairs.* (part,
-a, b: rows of vertebrae.npy, level, positive, hard, years), summary.json.
+Writes (each Parquet table with a CSV copy beside it) --out-subjects (parts per subject), --out-volumes (every
+extracted volume with its labels and parts), --out-pairs (part, a, b: rows of vertebrae.npy, level, positive, hard,
+years) and --out-summary (JSON).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.archive.manifest import write_table
 from stages.core import cli
 from stages.core.config import section_config
 
@@ -57,8 +62,7 @@ class SplitConfig:
         return section_config(cls, "splits", section)
 
 
-def subject_table(manifest: pd.DataFrame, index: pd.DataFrame, subjects: pd.DataFrame,
-                  gradings: pd.DataFrame) -> pd.DataFrame:
+def subject_table(index: pd.DataFrame, subjects: pd.DataFrame, gradings: pd.DataFrame) -> pd.DataFrame:
     """One row per subject with extracted volumes: family (own id when unknown), scans, follow-up, graded."""
     scans = index.groupby("subject_id").scan_id.nunique().rename("n_scans")
     table = scans.reset_index()
@@ -168,20 +172,29 @@ def volume_labels(index: pd.DataFrame, gradings: pd.DataFrame, table: pd.DataFra
     return out.merge(table[["subject_id", "family_id", "ssl_part", "downstream_part"]], on="subject_id", how="left")
 
 
-def run(ingest: Path, extract: Path, out: Path, cfg: SplitConfig) -> dict[str, Any]:
-    manifest = pd.read_parquet(ingest / "manifest.parquet")
-    index = pd.read_parquet(extract / "index.parquet")
-    subjects = pd.read_parquet(ingest / "subjects.parquet")
-    gradings = pd.read_parquet(ingest / "gradings.parquet")
-    table = assign_parts(subject_table(manifest, index, subjects, gradings), cfg)
+OUTPUTS = {
+    "subjects": "The parts of every subject (Parquet; a CSV copy beside it).",
+    "volumes": "Every extracted volume with its labels and parts (Parquet; CSV beside it).",
+    "pairs": "The pairs: part, a, b (rows of vertebrae.npy), level, positive, hard, years (Parquet; CSV beside it).",
+    "summary": "The counts and the guarantee (JSON).",
+}
+
+
+def run(index_file: Path, subjects_file: Path, gradings_file: Path, out: dict[str, Path],
+        cfg: SplitConfig) -> dict[str, Any]:
+    """Split the subjects of the extraction index (``index_file``; ingest's pseudonymised subjects and gradings
+    tables) and draw the pairs; write the OUTPUTS named in ``out``."""
+    index = pd.read_parquet(index_file)
+    subjects = pd.read_parquet(subjects_file)
+    gradings = pd.read_parquet(gradings_file)
+    table = assign_parts(subject_table(index, subjects, gradings), cfg)
     volumes = volume_labels(index, gradings, table)
     pairs = make_pairs(volumes, cfg)
-    out.mkdir(parents=True, exist_ok=True)
     for name, frame in (("subjects", table), ("volumes", volumes), ("pairs", pairs)):
-        frame.to_parquet(out / f"{name}.parquet", index=False)
-        frame.to_csv(out / f"{name}.csv", index=False)
+        write_table(frame, out[name])
     summary = summarise(table, volumes, pairs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out["summary"].parent.mkdir(parents=True, exist_ok=True)
+    out["summary"].write_text(json.dumps(summary, indent=2) + "\n")
     log.info("downstream train/val/test subjects %s; self-supervision train/val/test/excluded %s; pairs %s",
              summary["downstream_subjects"], summary["ssl_subjects"], summary["pairs"])
     return summary
@@ -207,10 +220,13 @@ def summarise(table: pd.DataFrame, volumes: pd.DataFrame, pairs: pd.DataFrame) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.splits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ingest", type=cli.existing_folder, required=True, help="Output folder of the ingest stage.")
-    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--index", type=cli.existing_file, required=True, help="index.parquet of the extraction.")
+    parser.add_argument("--subjects", type=cli.existing_file, required=True,
+                        help="Ingest's subjects.parquet (families; may be empty).")
+    parser.add_argument("--gradings", type=cli.existing_file, required=True,
+                        help="Ingest's gradings.parquet (which subjects are graded; may be empty).")
     cli.add_section_options(parser, "splits")
+    cli.add_output_options(parser, OUTPUTS)
     cli.add_log_option(parser)
     return parser
 
@@ -219,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = SplitConfig.from_config(cli.section_from_args(args, "splits", parser))
+    out = cli.outputs_from_args(args, parser, OUTPUTS)
     cli.setup_logging(args.log, "splits")
-    run(args.ingest, args.extract, args.out, cfg)
+    run(args.index, args.subjects, args.gradings, out, cfg)
     return 0
 
 

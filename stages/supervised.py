@@ -8,10 +8,11 @@ what makes it an upper bound, not a fair competitor. No downstream validation or
 self-supervision training or validation parts (checked again here before training).
 
 Run:
-    python -m stages.supervised --splits results/splits --extract results/extract \\
-        --out results/probes/encoders/supervised --width 0.125 --embedding-dim 1024
+    python -m stages.supervised --subjects results/splits/subjects.parquet --volumes results/splits/volumes.parquet \\
+        --vertebrae results/extract/vertebrae.npy --encoder results/probes/encoders/supervised/encoder.pt \\
+        --history results/probes/encoders/supervised/history.csv --width 0.125 --embedding-dim 1024
 
-Writes ``encoder.pt`` (as pretraining writes it: method, spec, weights) and ``history.csv``.
+Writes ``--encoder`` (encoder.pt as pretraining writes it: method, spec, weights) and ``--history`` (CSV).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.core import cli
+from stages.core import cli, seeds
 from stages.core.levels import VERTEBRAE
 from stages.core.runtime import select_device
 from stages.evaluation.probe_data import TASKS, ProbeConfig, check_training_subjects, task_samples
@@ -49,38 +50,43 @@ def training_samples(volumes: pd.DataFrame, subjects: pd.DataFrame) -> tuple[pd.
     return train, val
 
 
-def run(splits: Path, extract: Path, out: Path, cfg: ProbeConfig, width: float, embedding_dim: int) -> pd.DataFrame:
-    subjects = pd.read_parquet(splits / "subjects.parquet")
-    volumes = pd.read_parquet(splits / "volumes.parquet")
+def run(subjects_file: Path, volumes_file: Path, vertebrae: Path, encoder_file: Path, history_file: Path,
+        cfg: ProbeConfig, width: float, embedding_dim: int) -> pd.DataFrame:
+    """Train the supervised-transfer encoder on the self-supervision parts' graded discs (the splits' tables, the
+    ``vertebrae`` array store); write ``encoder_file`` and ``history_file``; return the history."""
+    subjects = pd.read_parquet(subjects_file)
+    volumes = pd.read_parquet(volumes_file)
     train, val = training_samples(volumes, subjects)
     if train.empty:
         raise ValueError("no graded disc in the self-supervision training part: the supervised-transfer encoder "
                          "cannot be trained (drop 'supervised' from probes.baselines)")
     rows = np.concatenate([f[c].to_numpy() for f in (train, val) for c in ("upper", "lower")])
-    read = BodyReader(extract, rows)
+    read = BodyReader(vertebrae, rows)
     shape = read.array.shape[1:]
     spec = EncoderSpec(slices=shape[0], height=shape[1], width_px=shape[2], width=width, embedding_dim=embedding_dim)
-    torch.manual_seed(cfg.seed)
+    seed = seeds.supervised_encoder(cfg.seed)
+    seeds.seed_torch(seed)
     net = DiscNet(spec, len(GRADES), inputs=2, level_head=True)
     log.info("supervised pretraining on %d graded discs (%d subjects), validation %d discs", len(train),
              train.subject_id.nunique(), len(val))
-    net, history = fit(net, train, val, read, len(GRADES), cfg.fit_config(cfg.seed, cfg.level_loss_weight),
+    net, history = fit(net, train, val, read, len(GRADES), cfg.fit_config(seed, cfg.level_loss_weight),
                        select_device(cfg.device, "probe_training.device"))
-    out.mkdir(parents=True, exist_ok=True)
+    for path in (encoder_file, history_file):
+        path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"method": "supervised", "spec": spec.to_dict(), "state_dict": net.encoder.cpu().state_dict()},
-               out / "encoder.pt")
-    history.to_csv(out / "history.csv", index=False)
+               encoder_file)
+    history.to_csv(history_file, index=False)
     return history
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.supervised", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--splits", type=cli.existing_folder, required=True, help="Output folder of the splits stage.")
-    parser.add_argument("--extract", type=cli.existing_folder, required=True, help="Output folder of the extract stage.")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    parser.add_argument("--width", type=float, default=1.0, help="Channel width (pretrain.width; default 1).")
-    parser.add_argument("--embedding-dim", type=cli.positive_int, default=1024,
-                        help="FC7 size (pretrain.embedding_dim; default 1024).")
+    cli.add_split_tables(parser)
+    parser.add_argument("--vertebrae", type=cli.existing_file, required=True,
+                        help="vertebrae.npy of the extract stage (the array store it trains on).")
+    parser.add_argument("--encoder", type=Path, required=True, help="Output: encoder.pt (the trained encoder).")
+    parser.add_argument("--history", type=Path, required=True, help="Output: history.csv (the loss per epoch).")
+    cli.add_encoder_size_options(parser)
     cli.add_section_options(parser, "probe_training")
     cli.add_log_option(parser)
     return parser
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
     cli.setup_logging(args.log, "supervised")
-    run(args.splits, args.extract, args.out, cfg, args.width, args.embedding_dim)
+    run(args.subjects, args.volumes, args.vertebrae, args.encoder, args.history, cfg, args.width, args.embedding_dim)
     return 0
 
 

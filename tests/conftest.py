@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from stages.demo_cohort import DemoConfig, generate
+from stages.anatomy.crops import ExtractConfig, ExtractOutputs
+from stages.anatomy.localiser import LocaliseConfig
+from stages.demo_cohort import DemoConfig, DemoOutputs, generate
+from stages.extract import extract
+from stages.localise import Folders, LocaliseOutputs
+from stages.localise import run as localise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,5 +22,27 @@ TINY = DemoConfig.from_config(dict(seed=7, n_subjects=8, twin_fraction=0.5, foll
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_cohort")
-    generate(TINY, out, workers=2)
+    generate(TINY, DemoOutputs.in_folder(out), workers=2)
     return out
+
+
+# The per-scan stages on folders laid out as the workflow lays out results/ (ingest/, localise/, extract/).
+
+def localise_folder(ingest: Path, out: Path, cfg: LocaliseConfig, model: Path | None, workers: int = 1,
+                    shard: tuple[int, int] = (0, 1)) -> dict:
+    """stages.localise on the ingest folder ``ingest``, into the folder ``out``; returns the summary."""
+    return localise(ingest / "manifest.parquet", Folders(ingest / "volumes", ingest / "labels"),
+                    ingest / "landmarks.parquet", LocaliseOutputs.in_folder(out), cfg, model, workers, shard)
+
+
+def extract_folder(ingest: Path, localised: Path, out: Path, cfg: ExtractConfig, workers: int = 1,
+                   shard: tuple[int, int] = (0, 1)):
+    """stages.extract on the ingest and localise folders, into the folder ``out``; returns the index."""
+    return extract(ingest / "manifest.parquet", ingest / "volumes", localised / "structures.parquet",
+                   localised / "flags.csv", ExtractOutputs.in_folder(out), cfg, workers, shard)
+
+
+def out_args(outputs) -> list[str]:
+    """``--out-<name> PATH`` for every output of a stage's outputs (IngestOutputs, ExtractOutputs, ...)."""
+    return [arg for field in dataclasses.fields(outputs)
+            for arg in (f"--out-{field.name.replace('_', '-')}", str(getattr(outputs, field.name)))]

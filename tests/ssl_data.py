@@ -60,3 +60,9 @@ def write_ssl_data(root: Path, n_subjects: int = 40, seed: int = 0, shape: tuple
     parts.to_parquet(root / "splits" / "subjects.parquet", index=False)
     np.save(root / "extract" / "vertebrae.npy", np.stack(arrays))
     return root
+
+
+def store_files(root: Path) -> dict[str, Path]:
+    """The files pretraining reads from a data set written by :func:`write_ssl_data`, by option name."""
+    return {"pairs": root / "splits" / "pairs.parquet", "volumes": root / "splits" / "volumes.parquet",
+            "vertebrae": root / "extract" / "vertebrae.npy"}

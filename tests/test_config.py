@@ -4,14 +4,15 @@ import importlib
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, out_args
 
 from stages.core.cli import section_options
 from stages.core.config import ConfigError, fill_defaults, load_schema, validate_config
-from stages.demo_cohort import build_parser
+from stages.demo_cohort import DemoOutputs, build_parser
 
 
 def _load(path):
@@ -88,13 +89,14 @@ def test_bad_config_names_the_key_and_what_is_allowed(config, key, words):
 
 def test_section_options_round_trip_through_the_stage_cli():
     values = validate_config({"demo": {"n_subjects": 5, "bad_files": False, "followup_years": [7.5, 9]}})["demo"]
-    args = build_parser().parse_args(["--out", "x", *shlex.split(section_options(values))])
+    outputs = out_args(DemoOutputs.in_folder(Path("x")))
+    args = build_parser().parse_args([*outputs, *shlex.split(section_options(values))])
     assert {k: getattr(args, k) for k in values} == values
 
 
 def test_stage_cli_rejects_out_of_range_value_naming_it():
-    run = subprocess.run([sys.executable, "-m", "stages.demo_cohort", "--out", "unused", "--n-subjects", "1"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "stages.demo_cohort", *out_args(DemoOutputs.in_folder(Path("unused"))),
+                          "--n-subjects", "1"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2
     assert "demo.n_subjects" in run.stderr and "minimum of 2" in run.stderr
 
@@ -131,6 +133,7 @@ def test_every_stage_cli_has_a_help_text_naming_its_config_section_keys(module):
 
 
 def test_stage_cli_rejects_unknown_argument():
-    run = subprocess.run([sys.executable, "-m", "stages.demo_montage", "--cohort", "x", "--out", "y.png", "--colour"],
-                         capture_output=True, text=True, cwd=ROOT)
+    tables = [arg for name in ("studies", "gradings", "landmarks") for arg in (f"--{name}", "pyproject.toml")]
+    run = subprocess.run([sys.executable, "-m", "stages.demo_montage", "--dicom", ".", *tables, "--out", "y.png",
+                          "--colour"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "unrecognized arguments: --colour" in run.stderr

@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, out_args
 from crop_cohort import COLUMNS, N_BAD, write_crop_cohort
 from test_workflow import snakemake
 
-from stages.anatomy.crops import ExtractConfig
+from stages.anatomy.crops import ExtractConfig, ExtractOutputs
 from stages.core import levels
 from stages.extract_crops import core_median, extract_crops, fit
-from stages.ingest_crops import CropTableSpec, ingest_crops, read_image
+from stages.ingest_crops import CropOutputs, CropTableSpec, ingest_crops, read_image
 
 KEY = b"crop-table-test-key-0123456789"
 SPEC = CropTableSpec(columns=COLUMNS, labels={"pfirrmann": (1, 5), "herniation": (0, 1)}, count_from="sacrum")
@@ -35,8 +35,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, in
 @pytest.fixture(scope="module")
 def ingested(cohort, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("crops_ingest")
-    summary = ingest_crops(cohort[0], out / "ingest", KEY, SPEC)
-    extract_crops(out / "ingest", out / "extract", SIZES)
+    summary = ingest_crops(cohort[0], CropOutputs.in_folder(out / "ingest"), KEY, SPEC)
+    extract_crops(out / "ingest" / "crops.parquet", out / "ingest" / "crops", ExtractOutputs.in_folder(out / "extract"),
+                  SIZES)
     return out, summary
 
 
@@ -84,7 +85,7 @@ def test_duplicated_structure_is_reported(cohort, tmp_path):
     twin = table.iloc[[0]].assign(File=str(other))  # another image of the same subject, acquisition and level
     rows = pd.concat([table.iloc[:2].assign(File=[str(cohort[0].parent / f) for f in table.File.iloc[:2]]), twin])
     rows.to_csv(tmp_path / "t.csv", index=False)
-    summary = ingest_crops(tmp_path / "t.csv", tmp_path / "ingest", KEY, SPEC)
+    summary = ingest_crops(tmp_path / "t.csv", CropOutputs.in_folder(tmp_path / "ingest"), KEY, SPEC)
     files = pd.read_csv(tmp_path / "ingest" / "files.csv")
     assert summary["used"] == 2
     assert summary["labelled_discs_without_both_bodies"] == 0  # the two rows are bodies
@@ -162,11 +163,9 @@ def test_intensity_normalisation_by_neighbours_or_per_image(ingested, tmp_path):
                       l4 / bodies.loc["L4", "scale"] * bodies.loc["L3", "scale"]]) == pytest.approx(0.5, rel=0.02)
     # an acquisition with discs only: each disc normalised by its own core
     crops = pd.read_parquet(out / "ingest" / "crops.parquet")
-    only = tmp_path / "ingest"
-    only.mkdir()
-    (only / "crops").symlink_to(out / "ingest" / "crops")
-    crops[(crops.scan_id == scan) & (crops.kind == "disc")].to_parquet(only / "crops.parquet")
-    table = extract_crops(only, tmp_path / "extract", SIZES)
+    crops[(crops.scan_id == scan) & (crops.kind == "disc")].to_parquet(tmp_path / "discs.parquet")
+    table = extract_crops(tmp_path / "discs.parquet", out / "ingest" / "crops",
+                          ExtractOutputs.in_folder(tmp_path / "extract"), SIZES)
     discs = np.load(tmp_path / "extract" / "discs.npy").astype(np.float32)
     assert len(table) == 6 and all(core_median(d) == pytest.approx(0.5, rel=0.02) for d in discs)
 
@@ -199,15 +198,18 @@ def test_cli_errors_are_clear(cohort, tmp_path):
         return subprocess.run([sys.executable, "-m", "stages.ingest_crops", *args], capture_output=True, text=True,
                               cwd=ROOT, env={"SPINE_SSL_PSEUDONYM_KEY": KEY.decode(), "PATH": ""})
     assert run("--help").returncode == 0
-    bad = run("--table", str(cohort[0]), "--out", str(tmp_path), "--column", "path")
+    outputs = out_args(CropOutputs.in_folder(tmp_path / "o"))
+    bad = run("--table", str(cohort[0]), *outputs, "--column", "path")
     assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr
-    bad = run("--table", str(cohort[0]), "--out", str(tmp_path), "--column", "colour=File")
+    bad = run("--table", str(cohort[0]), *outputs, "--column", "colour=File")
     assert bad.returncode == 2 and "unknown field" in bad.stderr
-    bad = run("--table", str(cohort[0]), "--out", str(tmp_path), "--label", "pfirrmann=5:1")
+    bad = run("--table", str(cohort[0]), *outputs, "--label", "pfirrmann=5:1")
     assert bad.returncode == 2 and "MIN <= MAX" in bad.stderr
-    bad = run("--table", str(tmp_path / "none.csv"), "--out", str(tmp_path))
+    bad = run("--table", str(tmp_path / "none.csv"), *outputs)
     assert bad.returncode == 2 and "none.csv" in bad.stderr
-    missing = run("--table", str(cohort[0]), "--out", str(tmp_path / "o"))  # default column names: absent
+    bad = run("--table", str(cohort[0]), *outputs[:-2])
+    assert bad.returncode == 2 and "--out-summary" in bad.stderr
+    missing = run("--table", str(cohort[0]), *outputs)  # default column names: absent
     assert missing.returncode == 1 and "no column(s)" in missing.stderr and "cohort.crops.columns" in missing.stderr
 
 
@@ -264,7 +266,7 @@ def test_a_parquet_crop_table_reads_like_its_csv(cohort, ingested, tmp_path):
     table = pd.read_csv(cohort[0], dtype=str, keep_default_na=False)
     table["File"] = [str(cohort[0].parent / f) for f in table.File]
     table.to_parquet(tmp_path / "crops.parquet", index=False)
-    summary = ingest_crops(tmp_path / "crops.parquet", tmp_path / "ingest", KEY, SPEC)
+    summary = ingest_crops(tmp_path / "crops.parquet", CropOutputs.in_folder(tmp_path / "ingest"), KEY, SPEC)
     assert summary == ingested[1]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ingest" / "gradings.parquet"),
                                   pd.read_parquet(ingested[0] / "ingest" / "gradings.parquet"))

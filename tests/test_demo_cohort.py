@@ -15,7 +15,7 @@ from conftest import TINY
 
 from stages.demo import phantom as ph
 from stages.demo.synth_dicom import read_volume
-from stages.demo_cohort import DemoConfig, generate, plan_cohort
+from stages.demo_cohort import DemoConfig, DemoOutputs, generate, plan_cohort
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
             "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "EchoTime", "RepetitionTime",
@@ -186,8 +186,8 @@ def test_planted_bad_files_are_bad_in_the_intended_way(tiny_cohort):
 
 def test_same_seed_same_bytes_other_seed_other_cohort(tmp_path):
     cfg = DemoConfig.from_config(dict(seed=11, n_subjects=3, followup_fraction=0.5, matrix=40, slices=5))
-    generate(cfg, tmp_path / "a", workers=1)
-    generate(cfg, tmp_path / "b", workers=2)
+    generate(cfg, DemoOutputs.in_folder(tmp_path / "a"), workers=1)
+    generate(cfg, DemoOutputs.in_folder(tmp_path / "b"), workers=2)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert [p.relative_to(tmp_path / "a") for p in a] == [p.relative_to(tmp_path / "b") for p in b]
     assert all(filecmp.cmp(x, y, shallow=False) for x, y in zip(a, b))
@@ -201,4 +201,4 @@ def test_generator_refuses_to_mix_two_cohorts(tmp_path):
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "old").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        generate(DemoConfig.from_config({"n_subjects": 2}), tmp_path)
+        generate(DemoConfig.from_config({"n_subjects": 2}), DemoOutputs.in_folder(tmp_path))

@@ -16,7 +16,7 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT
+from conftest import ROOT, out_args
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
@@ -25,6 +25,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLEL
 from stages.archive import pseudonym as pn
 from stages.archive.dicom_index import ClassifyRules, read_header, walk
 from stages.archive.dicom_volume import SeriesError, assemble
+from stages.archive.manifest import IngestOutputs
 from stages.ingest import ingest_dicom
 
 CT_SERIES = ROOT.parent / "shared" / "fixtures" / "siemens_ct_series"
@@ -40,7 +41,7 @@ def _key(cohort: Path) -> bytes:
 def tiny_ingest(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ingest")
     truth = tiny_cohort / "truth"
-    summary = ingest_dicom(tiny_cohort / "dicom", out, _key(tiny_cohort), RULES, workers=2,
+    summary = ingest_dicom(tiny_cohort / "dicom", IngestOutputs.in_folder(out), _key(tiny_cohort), RULES, workers=2,
                            label_dir=truth / "labels", gradings=truth / "gradings.csv", subjects=truth / "subjects.csv")
     return out, summary
 
@@ -104,14 +105,15 @@ def test_real_ct_series_matches_simpleitk_and_is_rejected_by_default_selection(t
     assert volume.spacing[2] == pytest.approx(2.0, abs=1e-3)  # from the positions, not SliceThickness (3 mm)
     summary_dir = tmp_path / "out"
     with pytest.raises(RuntimeError, match="no volume could be written"):
-        ingest_dicom(CT_SERIES, summary_dir, KEY, RULES)
+        ingest_dicom(CT_SERIES, IngestOutputs.in_folder(summary_dir), KEY, RULES)
     files_table = pd.read_csv(summary_dir / "files.csv")
     assert (files_table.status == "skipped").all() and len(files_table) == len(files)
     reason = files_table.reason.iloc[0]
     assert "modality CT not in ['MR']" in reason and "plane axial not in ['sagittal']" in reason
     # Selected as CT, it is still refused: it carries no identity to pseudonymise.
     with pytest.raises(RuntimeError):
-        ingest_dicom(CT_SERIES, tmp_path / "ct", KEY, ClassifyRules.from_config({"modality": ["CT"], "plane": ["axial"]}))
+        ingest_dicom(CT_SERIES, IngestOutputs.in_folder(tmp_path / "ct"), KEY,
+                     ClassifyRules.from_config({"modality": ["CT"], "plane": ["axial"]}))
     assert set(pd.read_csv(tmp_path / "ct" / "files.csv").reason) == {"missing identity: empty PatientID"}
 
 
@@ -257,7 +259,7 @@ def test_two_series_mixed_in_one_folder_and_an_empty_patient_id(tiny_cohort, tmp
         ds = pydicom.dcmread(p)
         ds.PatientID = ""
         ds.save_as(blank / p.name)
-    summary = ingest_dicom(tmp_path / "archive", tmp_path / "out", KEY, RULES)
+    summary = ingest_dicom(tmp_path / "archive", IngestOutputs.in_folder(tmp_path / "out"), KEY, RULES)
     assert summary["volumes"] == 2
     files = pd.read_csv(tmp_path / "out" / "files.csv")
     blank_rows = files[files.file.str.startswith("blank/")]
@@ -272,8 +274,9 @@ def test_run_where_everything_fails_exits_non_zero(tmp_path):
     shutil.copyfile(get_testdata_file("MR_truncated.dcm"), archive / "b")
     key = tmp_path / "key"
     key.write_text("x" * 32)
-    run = subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(archive), "--out",
-                          str(tmp_path / "out"), "--key-file", str(key)], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(archive), "--key-file", str(key),
+                          *out_args(IngestOutputs.in_folder(tmp_path / "out"))], capture_output=True, text=True,
+                         cwd=ROOT)
     assert run.returncode == 1
     assert "no volume could be written from 2 files" in run.stderr
     assert len(pd.read_csv(tmp_path / "out" / "files.csv")) == 2
@@ -331,8 +334,9 @@ def test_no_identity_in_any_output_file_name_or_log(tiny_cohort, tmp_path):
     key = tmp_path / "key"
     key.write_text("k" * 32)
     truth = tiny_cohort / "truth"
-    run = subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(archive), "--out",
-                          str(tmp_path / "out"), "--key-file", str(key), "--gradings", str(truth / "gradings.csv"),
+    run = subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(archive),
+                          *out_args(IngestOutputs.in_folder(tmp_path / "out")),
+                          "--key-file", str(key), "--gradings", str(truth / "gradings.csv"),
                           "--subjects", str(truth / "subjects.csv"), "--label-dir", str(truth / "labels"),
                           "--log", str(log)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
@@ -392,7 +396,7 @@ def test_dicomdir_is_accounted_for_and_not_needed(tiny_cohort, tmp_path):
     for p in _series_copy(tiny_cohort, tmp_path / "src"):
         fileset.add(pydicom.dcmread(p))
     fileset.write(tmp_path / "media")
-    summary = ingest_dicom(tmp_path / "media", tmp_path / "out", KEY, RULES)
+    summary = ingest_dicom(tmp_path / "media", IngestOutputs.in_folder(tmp_path / "out"), KEY, RULES)
     files = pd.read_csv(tmp_path / "out" / "files.csv").set_index("file")
     assert files.loc["DICOMDIR", "status"] == "skipped" and files.loc["DICOMDIR", "reason"].startswith("DICOMDIR")
     assert summary["volumes"] == 1 and summary["used"] == len(files) - 1
@@ -404,19 +408,20 @@ def test_ingest_in_shards_equals_one_job(tiny_cohort, tiny_ingest, tmp_path):
 
     out, _ = tiny_ingest
     key, truth = _key(tiny_cohort), tiny_cohort / "truth"
-    plan = plan_shards(tiny_cohort / "dicom", tmp_path / "plan", key, 2, scans_per_shard=4)
+    plan_file = tmp_path / "plan" / "plan.parquet"
+    plan = plan_shards(tiny_cohort / "dicom", plan_file, tmp_path / "plan" / "plan.json", key, 2, scans_per_shard=4)
     assert plan["shards"] == 4 and plan["files"] == len(walk(tiny_cohort / "dicom"))
-    table = pd.read_parquet(tmp_path / "plan" / "plan.parquet")
+    table = pd.read_parquet(plan_file)
     assert set(table.shard) == {-1, 0, 1, 2, 3}
     shards = []
     for i in range(plan["shards"]):
-        ingest_shard(tiny_cohort / "dicom", tmp_path / "plan", i, tmp_path / f"shard{i}", key, RULES, 1,
-                     truth / "labels")
+        ingest_shard(tiny_cohort / "dicom", plan_file, i, tmp_path / f"shard{i}", key, RULES, 1, truth / "labels")
         shards.append(tmp_path / f"shard{i}")
     subjects = [set(pd.read_parquet(s / "manifest.parquet").subject_id) for s in shards]
     assert all(not a & b for n, a in enumerate(subjects) for b in subjects[n + 1:])  # a subject in one shard
     merged = tmp_path / "merged"
-    merge_shards(tmp_path / "plan", shards, merged, key, truth / "gradings.csv", truth / "subjects.csv")
+    merge_shards(plan_file, shards, IngestOutputs.in_folder(merged), key, truth / "gradings.csv",
+                 truth / "subjects.csv")
     for name in ("manifest.csv", "files.csv", "series.csv", "gradings.csv", "subjects.csv", "summary.json"):
         assert (merged / name).read_text() == (out / name).read_text(), name
     for folder in ("volumes", "labels"):
@@ -436,8 +441,12 @@ def test_ingest_shard_modes_need_a_plan(tiny_cohort, tmp_path):
     bad = run("--shard", "0", "--out", str(tmp_path / "o"))
     assert bad.returncode == 2 and "--shard needs --plan" in bad.stderr
     bad = run("--shard", "0", "--plan", str(tmp_path), "--out", str(tmp_path / "o"))
-    assert bad.returncode == 2 and "no plan.parquet" in bad.stderr
-    bad = run("--make-plan", "--merge", str(tmp_path), "--plan", str(tmp_path))
+    assert bad.returncode == 2 and "is not a file" in bad.stderr
+    bad = run("--out-plan", str(tmp_path / "p.parquet"), "--shard", "0", "--out", str(tmp_path / "o"))
     assert bad.returncode == 2 and "one at a time" in bad.stderr
+    bad = run("--out-plan", str(tmp_path / "p.parquet"), "--out-plan-summary", str(tmp_path / "p.json"))
+    assert bad.returncode == 2 and "--scans-per-shard" in bad.stderr
+    bad = run("--shard", "0")
+    assert bad.returncode == 2 and "--shard needs --plan" in bad.stderr
     bad = run("--gradings", str(tiny_cohort / "truth" / "gradings.csv"))
-    assert bad.returncode == 2 and "--out is required" in bad.stderr
+    assert bad.returncode == 2 and "--out-volumes is required" in bad.stderr

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from conftest import ROOT
+from conftest import ROOT, out_args
 
 from stages.archive import pseudonym as pn
+from stages.archive.manifest import IngestOutputs
 from stages.ingest_volumes import ingest_volumes
 
 KEY = b"another key of at least sixteen bytes"
@@ -39,7 +40,7 @@ def _spider_like(tiny_cohort, root):
 def test_volume_cohort_gives_manifest_labels_and_accounting(tiny_cohort, tmp_path):
     studies = _spider_like(tiny_cohort, tmp_path / "spider")
     out = tmp_path / "out"
-    summary = ingest_volumes(tmp_path / "spider" / "cohort.csv", out, KEY)
+    summary = ingest_volumes(tmp_path / "spider" / "cohort.csv", IngestOutputs.in_folder(out), KEY)
     assert summary["volumes"] == 4 and summary["with_label_map"] == 4
     files = pd.read_csv(out / "files.csv")
     assert len(files) == 7
@@ -65,6 +66,6 @@ def test_cli_reports_a_table_without_images(tmp_path):
     key = tmp_path / "key"
     key.write_text("k" * 20)
     run = subprocess.run([sys.executable, "-m", "stages.ingest_volumes", "--table", str(tmp_path / "t.csv"),
-                          "--out", str(tmp_path / "out"), "--key-file", str(key)], capture_output=True, text=True,
-                         cwd=ROOT)
+                          *out_args(IngestOutputs.in_folder(tmp_path / "out")), "--key-file", str(key)],
+                         capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 1 and "no volume could be read from the 1 rows" in run.stderr

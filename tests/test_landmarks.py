@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT
+from conftest import ROOT, extract_folder, localise_folder, out_args
 from test_ingest import _output_texts
 from test_ingest_volumes import _spider_like
 from test_localise_extract import EXTRACT, pipeline  # noqa: F401 - the label-map path, as a fixture
@@ -23,11 +23,10 @@ from stages.anatomy.localiser import LocaliseConfig
 from stages.anatomy.spine_structures import check_structures, structures_from_label_map
 from stages.archive import pseudonym as pn
 from stages.archive.dicom_index import ClassifyRules
+from stages.archive.manifest import IngestOutputs
 from stages.core import levels
-from stages.extract import extract
 from stages.ingest import ingest_dicom
 from stages.ingest_volumes import ingest_volumes
-from stages.localise import run as localise
 
 # The user's column names for ours (--landmark-column OURS=THEIRS).
 THEIRS = {"scan": "SeriesUID", "slice": "z_index", "x": "col", "y": "row", "level": "name", "structure": "part",
@@ -100,11 +99,11 @@ def landmark_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     l4l5 = int(truth.index[(truth.scan == truth.scan[0]) & (truth.level == "L4-L5")][0])
     table = _write_theirs(pd.concat([good, _bad_rows(good, l4l5)], ignore_index=True), root / "marks.csv")
     ingest = root / "ingest"
-    summary = ingest_dicom(tiny_cohort / "dicom", ingest, pn.load_key(tiny_cohort / "pseudonym.key"),
-                           ClassifyRules.from_config(), workers=2, landmark_table=table, landmark_columns=THEIRS,
-                           level_count_from="sacrum")
-    located = localise(ingest, root / "localise", LocaliseConfig.from_config(), None, workers=2)
-    extract(ingest, root / "localise", root / "extract", EXTRACT, workers=2)
+    summary = ingest_dicom(tiny_cohort / "dicom", IngestOutputs.in_folder(ingest),
+                           pn.load_key(tiny_cohort / "pseudonym.key"), ClassifyRules.from_config(), workers=2,
+                           landmark_table=table, landmark_columns=THEIRS, level_count_from="sacrum")
+    located = localise_folder(ingest, root / "localise", LocaliseConfig.from_config(), None, workers=2)
+    extract_folder(ingest, root / "localise", root / "extract", EXTRACT, workers=2)
     return {"root": root, "ingest": ingest, "localise": root / "localise", "extract": root / "extract",
             "table": table, "good": len(good), "l4l5_row": l4l5 + 2, "summary": summary, "located": located}
 
@@ -136,7 +135,7 @@ def test_without_depth_centres_and_axes_are_the_label_maps_and_crops_agree(landm
     shutil.copytree(landmark_run["ingest"], ingest)
     marks = pd.read_parquet(ingest / "landmarks.parquet")
     marks.assign(depth_mm=np.nan).to_parquet(ingest / "landmarks.parquet", index=False)
-    localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=2)
+    localise_folder(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=2)
     ours = pd.read_parquet(tmp_path / "localise" / "structures.parquet").set_index(["scan_id", "level"]).sort_index()
     theirs = pd.read_parquet(pipeline["localise"] / "structures.parquet").set_index(["scan_id", "level"]).sort_index()
     assert ours.index.equals(theirs.index)
@@ -149,7 +148,7 @@ def test_without_depth_centres_and_axes_are_the_label_maps_and_crops_agree(landm
         bodies = rows.xs(scan)[rows.xs(scan).kind == "vertebra"].reindex(levels.VERTEBRAE)
         gap = np.median(np.linalg.norm(np.diff(bodies[["x", "y", "z"]].to_numpy(), axis=0), axis=1))
         assert rows.depth_mm.to_numpy() == pytest.approx(0.95 * gap)
-    extract(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT, workers=2)
+    extract_folder(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT, workers=2)
     mine, reference = _crops(tmp_path / "extract"), _crops(pipeline["extract"])
     assert set(mine) == set(reference)
     r = pd.Series({key: _pearson(mine[key], reference[key]) for key in reference})
@@ -186,7 +185,7 @@ def test_withheld_label_maps_give_way_to_landmarks_and_are_compared(landmark_run
     shutil.copytree(pipeline["ingest"], ingest)
     shutil.copy(landmark_run["ingest"] / "landmarks.parquet", ingest / "landmarks.parquet")
     cfg = LocaliseConfig.from_config({"withhold_label_fraction": 0.5})
-    summary = localise(ingest, tmp_path / "localise", cfg, None, workers=2)
+    summary = localise_folder(ingest, tmp_path / "localise", cfg, None, workers=2)
     assert summary["landmarks"] > 0 and summary["from_label_map"] > 0 and summary["learned"] == 0
     assert summary["landmarks"] + summary["from_label_map"] == summary["scans"] and summary["flagged"] == 0
     structures = pd.read_parquet(tmp_path / "localise" / "structures.parquet")
@@ -249,7 +248,8 @@ def test_volume_cohort_names_scans_by_their_image(tiny_cohort, tmp_path):
                                   "structure": table.kind}))
     pd.concat(rows).to_parquet(tmp_path / "marks.parquet", index=False)
     out = tmp_path / "out"
-    summary = ingest_volumes(tmp_path / "spider" / "cohort.csv", out, b"another key of at least sixteen bytes",
+    summary = ingest_volumes(tmp_path / "spider" / "cohort.csv", IngestOutputs.in_folder(out),
+                             b"another key of at least sixteen bytes",
                              landmark_table=tmp_path / "marks.parquet", landmark_columns={"scan": "img"})
     assert summary["landmarks"] == {"rows": 52, "used": 52, "rejected": 0, "reasons": {}}
     marks = pd.read_parquet(out / "landmarks.parquet")
@@ -272,7 +272,8 @@ def test_a_bad_table_is_a_clear_error_naming_the_column(tmp_path):
 
 def _cli(tiny_cohort: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stages.ingest", "--dicom-dir", str(tiny_cohort / "dicom"),
-                           "--out", str(tmp_path / "out"), "--key-file", str(tiny_cohort / "pseudonym.key"), *extra],
+                           *out_args(IngestOutputs.in_folder(tmp_path / "out")), "--key-file",
+                           str(tiny_cohort / "pseudonym.key"), *extra],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
 
 

@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from stages.core.imports import direct_imports, local_imports
 
 STAGES = ROOT / "stages"

@@ -10,18 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import extract_folder, localise_folder
 from scipy.ndimage import binary_erosion
 
-from stages.anatomy.crops import ExtractConfig, crop
+from stages.anatomy.crops import ExtractConfig, ExtractOutputs, crop
 from stages.anatomy.localiser import LocaliseConfig
 from stages.anatomy.spine_structures import check_structures, structures_from_label_map
 from stages.archive import pseudonym as pn
 from stages.archive.dicom_index import ClassifyRules
+from stages.archive.manifest import IngestOutputs
 from stages.core import levels
-from stages.demo_cohort import DemoConfig, generate
-from stages.extract import extract
+from stages.demo_cohort import DemoConfig, DemoOutputs, generate
 from stages.ingest import ingest_dicom
-from stages.localise import run as localise
 from stages.localiser_train import run as train_localiser
 
 EXTRACT = ExtractConfig.from_config({"vertebra_size": [32, 32, 5], "disc_size": [16, 32, 5], "axial_size": [16, 16]})
@@ -29,8 +29,9 @@ EXTRACT = ExtractConfig.from_config({"vertebra_size": [32, 32, 5], "disc_size": 
 
 def _ingest(cohort: Path, out: Path) -> Path:
     truth = cohort / "truth"
-    ingest_dicom(cohort / "dicom", out, pn.load_key(cohort / "pseudonym.key"), ClassifyRules.from_config(),
-                 workers=2, label_dir=truth / "labels", gradings=truth / "gradings.csv", subjects=truth / "subjects.csv")
+    ingest_dicom(cohort / "dicom", IngestOutputs.in_folder(out), pn.load_key(cohort / "pseudonym.key"),
+                 ClassifyRules.from_config(), workers=2, label_dir=truth / "labels", gradings=truth / "gradings.csv",
+                 subjects=truth / "subjects.csv")
     return out
 
 
@@ -38,8 +39,8 @@ def _ingest(cohort: Path, out: Path) -> Path:
 def pipeline(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipeline")
     ingest = _ingest(tiny_cohort, root / "ingest")
-    localise(ingest, root / "localise", LocaliseConfig.from_config(), None, workers=2)
-    extract(ingest, root / "localise", root / "extract", EXTRACT, workers=2)
+    localise_folder(ingest, root / "localise", LocaliseConfig.from_config(), None, workers=2)
+    extract_folder(ingest, root / "localise", root / "extract", EXTRACT, workers=2)
     return {"ingest": ingest, "localise": root / "localise", "extract": root / "extract"}
 
 
@@ -132,8 +133,8 @@ def test_normalisation_is_exact_on_piecewise_constant_bodies(pipeline, tmp_path)
     image = sitk.GetImageFromArray(flat)
     image.CopyInformation(label)
     sitk.WriteImage(image, str(ingest / scan.volume))
-    localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
-    index = extract(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
+    localise_folder(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    index = extract_folder(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
     for row in index.itertuples():
         if row.kind == "disc":
             around = row.level.split("-")
@@ -158,7 +159,7 @@ def test_crop_pads_missing_slices_with_zeros_and_is_deterministic(pipeline):
 
 
 def test_extraction_is_reproducible(pipeline, tmp_path):
-    extract(pipeline["ingest"], pipeline["localise"], tmp_path / "again", EXTRACT, workers=1)
+    extract_folder(pipeline["ingest"], pipeline["localise"], tmp_path / "again", EXTRACT, workers=1)
     for name in ("vertebrae", "discs", "axial"):
         assert np.array_equal(np.load(tmp_path / "again" / f"{name}.npy"), np.load(pipeline["extract"] / f"{name}.npy"))
 
@@ -174,11 +175,11 @@ def test_a_damaged_label_map_is_flagged_and_skipped_not_fatal(pipeline, tmp_path
     damaged = sitk.GetImageFromArray(array)
     damaged.CopyInformation(label)
     sitk.WriteImage(damaged, str(ingest / victim.label_map))
-    summary = localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    summary = localise_folder(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
     flags = pd.read_csv(tmp_path / "localise" / "flags.csv")
     assert summary["flagged"] == 1 and list(flags.scan_id) == [victim.scan_id]
     assert flags.reason.iloc[0] == "missing vertebra level(s): L3"
-    index = extract(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
+    index = extract_folder(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
     assert victim.scan_id not in set(index.scan_id) and index.scan_id.nunique() == len(manifest) - 1
 
 
@@ -188,7 +189,7 @@ def test_scan_without_label_map_and_without_localiser_is_flagged(pipeline, tmp_p
     manifest = pd.read_parquet(ingest / "manifest.parquet")
     manifest.loc[0, "label_map"] = ""
     manifest.to_parquet(ingest / "manifest.parquet")
-    localise(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    localise_folder(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
     flags = pd.read_csv(tmp_path / "localise" / "flags.csv")
     assert flags.reason.tolist() == ["no label map and no learned localiser"]
 
@@ -200,12 +201,14 @@ def test_learned_localiser_on_held_out_scans(tmp_path_factory):
     root = tmp_path_factory.mktemp("learned")
     cohort = root / "cohort"
     generate(DemoConfig.from_config({"seed": 5, "n_subjects": 16, "matrix": 96, "slices": 9, "bad_files": False}),
-             cohort, workers=2)
+             DemoOutputs.in_folder(cohort), workers=2)
     ingest = _ingest(cohort, root / "ingest")
     cfg = LocaliseConfig.from_config({"withhold_label_fraction": 0.5, "epochs": 100, "image_size": 64, "width": 8,
                                       "batch_size": 8})
-    model = train_localiser(ingest, root / "model", cfg)
-    summary = localise(ingest, root / "localise", cfg, model, workers=2)["learned_vs_withheld_labels"]
+    model = train_localiser(ingest / "manifest.parquet", ingest / "volumes", ingest / "labels",
+                            {"model": root / "model" / "localiser.pt", "history": root / "model" / "training.csv",
+                             "scans": root / "model" / "training_scans.csv"}, cfg)
+    summary = localise_folder(ingest, root / "localise", cfg, model, workers=2)["learned_vs_withheld_labels"]
     assert summary["scans"] >= 6
     assert summary["detected_fraction"] > 0.8
     assert summary["level_accuracy"] > 0.6
@@ -218,12 +221,13 @@ def test_learned_localiser_on_held_out_scans(tmp_path_factory):
 def test_sharded_localisation_and_extraction_equal_one_job(pipeline, tmp_path):
     """Three shard jobs and a merge write exactly what one job over the cohort writes (issue 9: per-shard jobs)."""
     from stages.extract import merge as merge_extract
+    from stages.localise import LocaliseOutputs
     from stages.localise import merge as merge_localise
 
     n = 3
     for i in range(n):
-        localise(pipeline["ingest"], tmp_path / "loc" / str(i), LocaliseConfig.from_config(), None, 1, (i, n))
-    merge_localise([tmp_path / "loc" / str(i) for i in range(n)], tmp_path / "localise")
+        localise_folder(pipeline["ingest"], tmp_path / "loc" / str(i), LocaliseConfig.from_config(), None, 1, (i, n))
+    merge_localise([tmp_path / "loc" / str(i) for i in range(n)], LocaliseOutputs.in_folder(tmp_path / "localise"))
     whole = pipeline["localise"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "localise" / "structures.parquet"),
                                   pd.read_parquet(whole / "structures.parquet"))
@@ -234,8 +238,8 @@ def test_sharded_localisation_and_extraction_equal_one_job(pipeline, tmp_path):
     assert sum(sizes) == ours["scans"] and max(sizes) - min(sizes) <= 1
 
     for i in range(n):
-        extract(pipeline["ingest"], whole, tmp_path / "ext" / str(i), EXTRACT, 1, (i, n))
-    merge_extract([tmp_path / "ext" / str(i) for i in range(n)], tmp_path / "extract")
+        extract_folder(pipeline["ingest"], whole, tmp_path / "ext" / str(i), EXTRACT, 1, (i, n))
+    merge_extract([tmp_path / "ext" / str(i) for i in range(n)], ExtractOutputs.in_folder(tmp_path / "extract"))
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "extract" / "index.parquet"),
                                   pd.read_parquet(pipeline["extract"] / "index.parquet"))
     for name in ("vertebrae", "discs", "axial"):
@@ -281,14 +285,30 @@ def test_a_shard_job_counts_the_shards_from_the_manifest(pipeline, tmp_path):
 
     from conftest import ROOT
 
-    from stages.core.shards import resolve_shard
+    from stages.core.shards import count_from_manifest, resolve_shard
 
-    n_scans = len(pd.read_parquet(pipeline["ingest"] / "manifest.parquet"))
-    assert resolve_shard("1", 6, n_scans) == (1, -(-n_scans // 6))
-    assert resolve_shard("1/4", None, n_scans) == (1, 4)
-    with pytest.raises(ValueError):
-        resolve_shard("1", None, n_scans)
-    run = subprocess.run([sys.executable, "-m", "stages.extract", "--ingest", str(pipeline["ingest"]), "--localise",
-                          str(pipeline["localise"]), "--out", str(tmp_path / "x"), "--shard", "9",
-                          "--scans-per-shard", str(n_scans)], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 2 and "0 <= I < N" in run.stderr
+    manifest = pipeline["ingest"] / "manifest.parquet"
+    n_scans = len(pd.read_parquet(manifest))
+    assert resolve_shard("1", count_from_manifest(manifest, 6)) == (1, -(-n_scans // 6))
+    assert resolve_shard("1/4", count_from_manifest(manifest, None)) == (1, 4)
+    with pytest.raises(ValueError, match="--scans-per-shard"):
+        resolve_shard("1", count_from_manifest(manifest, None))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        ingest, localised = pipeline["ingest"], pipeline["localise"]
+        return subprocess.run([sys.executable, "-m", "stages.extract", "--manifest", str(manifest), "--volumes",
+                               str(ingest / "volumes"), "--structures", str(localised / "structures.parquet"),
+                               "--flags", str(localised / "flags.csv"), *args], capture_output=True, text=True,
+                              cwd=ROOT)
+
+    bad = run("--shard", "9", "--scans-per-shard", str(n_scans), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "0 <= I < N" in bad.stderr
+    bad = run("--shard", "0", "--scans-per-shard", str(n_scans))
+    assert bad.returncode == 2 and "--shard and --out SHARD_DIR go together" in bad.stderr
+    bad = run("--out-vertebrae", str(tmp_path / "v.npy"))
+    assert bad.returncode == 2 and "--out-discs is required" in bad.stderr
+    sizes = ("--vertebra-size", "32", "32", "5", "--disc-size", "16", "32", "5", "--axial-size", "16", "16")  # EXTRACT
+    shard = run("--shard", "0/1", "--out", str(tmp_path / "one"), *sizes)
+    assert shard.returncode == 0, shard.stderr
+    assert pd.read_parquet(tmp_path / "one" / "index.parquet").equals(
+        pd.read_parquet(pipeline["extract"] / "index.parquet"))

@@ -3,6 +3,7 @@ over 2 gloo processes equals one process on the same global batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -16,23 +17,27 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ROOT
-from ssl_data import write_ssl_data
+from ssl_data import store_files, write_ssl_data
 
 from stages.core.errors import LeakageError
 from stages.pretext_eval import run as pretext_run
-from stages.pretrain import (
-    METRIC_COLUMNS,
+from stages.training.config import PretrainConfig
+from stages.training.harness import (
     TIMING_COLUMNS,
-    PretrainConfig,
+    Outputs,
     World,
     batches_of_epoch,
+    metric_columns,
     resumable,
     run_identity,
     train,
 )
+from stages.training.methods.siamese import SiameseMethod
 from stages.training.store import VolumeStore
 
 SMALL = dict(width=0.125, embedding_dim=32, batch_size=16, threads=1, device="cpu", checkpoint_every=2)
+METRIC_COLUMNS = ["epoch", "split", "step", "lr", "loss", "contrastive", "level_loss", "level_accuracy",
+                  "positive_distance", "negative_distance", "samples", "seconds", "samples_per_s", "data_wait_share"]
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +46,25 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stage(data: Path, out: Path, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "stages.pretrain", "--method", "siamese", "--splits", str(data / "splits"),
-            "--extract", str(data / "extract"), "--out", str(out)]
+    args = [sys.executable, "-m", "stages.pretrain", "--method", "siamese"]
+    for option, path in {**store_files(data), **dataclasses.asdict(Outputs.under(out))}.items():
+        args += [f"--{option.replace('_', '-')}", str(path)]
     for key, value in SMALL.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args + list(extra)
+
+
+def _store(data: Path, **kwargs) -> VolumeStore:
+    return VolumeStore(**store_files(data), **kwargs)
+
+
+def _train(cfg: PretrainConfig, data: Path, out: Path, **kwargs) -> pd.DataFrame:
+    return train(SiameseMethod, cfg, _store(data), Outputs.under(out), **kwargs)
+
+
+def _pretext(run: Path, data: Path, out: Path) -> dict:
+    return pretext_run(run / "checkpoint.pt", **store_files(data), evaluation=out / "evaluation.json",
+                       scores=out / "distances.parquet", scores_csv=out / "distances.csv")
 
 
 def _encoder(out: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +76,7 @@ def _env() -> dict[str, str]:
 
 
 def test_only_self_supervision_train_and_val_volumes_are_readable(data):
-    store = VolumeStore(data / "splits", data / "extract")
+    store = _store(data)
     subjects = pd.read_parquet(data / "splits" / "subjects.parquet").set_index("subject_id")
     volumes = pd.read_parquet(data / "splits" / "volumes.parquet").set_index("row")
     read = np.concatenate([np.r_[p.a.to_numpy(), p.b.to_numpy()] for p in store.pairs.values()])
@@ -82,7 +101,7 @@ def test_a_pair_reaching_a_downstream_test_subject_stops_the_run(data, tmp_path)
     pairs.loc[pairs.index[pairs.part == "train"][0], "b"] = test_row
     pairs.to_parquet(forged / "splits" / "pairs.parquet", index=False)
     with pytest.raises(LeakageError, match="must not read"):
-        VolumeStore(forged / "splits", forged / "extract")
+        _store(forged)
     result = subprocess.run(_stage(forged, tmp_path / "out", "--max-steps", "1"), capture_output=True, text=True,
                             env=_env(), cwd=ROOT)
     assert result.returncode != 0 and "LeakageError" in result.stderr
@@ -93,12 +112,13 @@ def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
     runs = {}
     for name, seed in (("first", 0), ("again", 0), ("other", 1)):
         cfg = PretrainConfig.from_config({**SMALL, "seed": seed})
-        train("siamese", cfg, data / "splits", data / "extract", tmp_path / name, max_steps=3)
+        _train(cfg, data, tmp_path / name, max_steps=3)
         runs[name] = _encoder(tmp_path / name)
     assert all(torch.equal(runs["first"][k], runs["again"][k]) for k in runs["first"])
     assert not all(torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
     metrics = pd.read_csv(tmp_path / "first" / "metrics.csv")
-    assert list(metrics.columns) == METRIC_COLUMNS and set(metrics.split) == {"train", "val"}
+    assert list(metrics.columns) == METRIC_COLUMNS == metric_columns(SiameseMethod)
+    assert set(metrics.split) == {"train", "val"}
     assert not (tmp_path / "first" / "resume").exists(), "the rolling checkpoint is removed once a run completes"
     for name in ("encoder.pt", "checkpoint.pt", "metrics.csv", "run_config.yaml"):
         assert (tmp_path / "first" / name).is_file()
@@ -176,8 +196,8 @@ def test_global_batches_divide_among_processes_and_depend_only_on_seed_and_epoch
 
 def test_pretext_evaluation_reads_only_the_test_part_and_writes_every_pair(data, tmp_path):
     cfg = PretrainConfig.from_config(SMALL)
-    train("siamese", cfg, data / "splits", data / "extract", tmp_path / "run", max_steps=2)
-    summary = pretext_run(tmp_path / "run" / "checkpoint.pt", data / "splits", data / "extract", tmp_path / "eval")
+    _train(cfg, data, tmp_path / "run", max_steps=2)
+    summary = _pretext(tmp_path / "run", data, tmp_path / "eval")
     pairs = pd.read_parquet(data / "splits" / "pairs.parquet")
     distances = pd.read_parquet(tmp_path / "eval" / "distances.parquet")
     assert len(distances) == int((pairs.part == "test").sum()) > 0
@@ -195,8 +215,8 @@ def test_a_short_training_clearly_beats_an_untrained_network_on_both_pretext_fig
     no_augmentation = dict(rotation_deg=0, shift_fraction=[0, 0], shift_slices=0, scale_range=[1, 1], intensity=0,
                            flip=False)
     cfg = PretrainConfig.from_config({**SMALL, "dropout": 0.0, **no_augmentation})
-    train("siamese", cfg, data / "splits", data / "extract", tmp_path / "run", max_steps=120)
-    summary = pretext_run(tmp_path / "run" / "checkpoint.pt", data / "splits", data / "extract", tmp_path / "eval")
+    _train(cfg, data, tmp_path / "run", max_steps=120)
+    summary = _pretext(tmp_path / "run", data, tmp_path / "eval")
     trained, untrained = summary["trained"], summary["untrained"]
     assert trained["auc"] >= untrained["auc"] + 0.1, (trained["auc"], untrained["auc"])
     assert trained["level_accuracy"] >= untrained["level_accuracy"] + 0.3, (trained, untrained)

@@ -15,13 +15,22 @@ from sklearn.preprocessing import StandardScaler
 from stages.core import levels
 from stages.evaluation.probe_data import TASKS, LeakageError, label_subset, run_folder, task_samples
 from stages.nets.heads import balanced_weights, fit_head, grouped_folds
-from stages.probe import ProbeConfig, run
-from stages.probe_summary import bootstrap, label_efficiency, load_runs, summarise
+from stages.probe import JobFiles, ProbeConfig, run
+from stages.probe_summary import bootstrap, job_files, label_efficiency, load_runs, summarise
 from stages.splits import SplitConfig, assign_parts, volume_labels
 
 SHAPE = (5, 48, 48)
 FAST = ProbeConfig.from_config({"linear_c": [0.01, 0.1, 1.0], "mlp_hidden": 16, "max_iter": 200, "epochs": 2,
                                 "batch_size": 8, "learning_rate": 0.01, "threads": 1, "device": "cpu"})
+
+
+def probe(model: str, task: str, fraction: float, seed: int, splits: Path, job: Path, cfg: ProbeConfig,
+          features: Path | None = None, extract: Path | None = None, **kwargs) -> dict:
+    """stages.probe.run on the tables of a splits folder, the features or array store of a features or extract
+    folder, writing the workflow's file names into the folder ``job``."""
+    return run(model, task, fraction, seed, splits / "subjects.parquet", splits / "volumes.parquet",
+               JobFiles.in_folder(job), cfg, features=None if features is None else features / "features.npy",
+               vertebrae=None if extract is None else extract / "vertebrae.npy", **kwargs)
 
 
 def write_probe_data(root: Path, n_subjects: int = 60, seed: int = 0, dim: int = 12) -> Path:
@@ -84,7 +93,7 @@ def test_no_test_subject_in_any_training_subset(data):
 
 
 def test_a_job_trains_only_on_its_subset_and_scores_only_the_test_subjects(data, tmp_path):
-    result = run("informative", "grade", 0.5, 1, data / "splits", tmp_path / "job", FAST,
+    result = probe("informative", "grade", 0.5, 1, data / "splits", tmp_path / "job", FAST,
                  features=data / "features" / "informative")
     subjects = pd.read_parquet(data / "splits" / "subjects.parquet")
     members = set(label_subset(subjects, 0.5, 1, seed=0))
@@ -110,7 +119,7 @@ def test_a_test_subject_forged_into_training_stops_the_job(data, tmp_path):
     volumes.to_parquet(forged / "volumes.parquet", index=False)        # while its volumes say test
     assert victim in label_subset(fake, 1.0, 0, seed=0)
     with pytest.raises(LeakageError):
-        run("informative", "grade", 1.0, 0, forged, tmp_path / "job", FAST,
+        probe("informative", "grade", 1.0, 0, forged, tmp_path / "job", FAST,
             features=data / "features" / "informative")
 
 
@@ -118,7 +127,7 @@ def test_frozen_heads_read_the_features_they_are_given(data, tmp_path):
     scores, n_test = {}, {}
     for name in ("informative", "noise"):
         for task in ("grade", "herniation", "level"):
-            result = run(name, task, 1.0, 0, data / "splits", tmp_path / name / task, FAST,
+            result = probe(name, task, 1.0, 0, data / "splits", tmp_path / name / task, FAST,
                          features=data / "features" / name)
             scores[name, task], n_test[task] = result["heads"], result["n_test"]
     for head in ("linear", "mlp"):
@@ -135,8 +144,8 @@ def test_end_to_end_from_scratch_is_seeded_and_learns(data, tmp_path):
     cfg = ProbeConfig.from_config({**FAST.__dict__, "heads": list(FAST.heads), "linear_c": list(FAST.linear_c),
                                    "epochs": 6, "patience": 6})
     kwargs = dict(extract=data / "extract", end_to_end=True, width=0.125, embedding_dim=32)
-    one = run("scratch", "grade", 1.0, 0, data / "splits", tmp_path / "one", cfg, **kwargs)
-    two = run("scratch", "grade", 1.0, 0, data / "splits", tmp_path / "two", cfg, **kwargs)
+    one = probe("scratch", "grade", 1.0, 0, data / "splits", tmp_path / "one", cfg, **kwargs)
+    two = probe("scratch", "grade", 1.0, 0, data / "splits", tmp_path / "two", cfg, **kwargs)
     p1 = pd.read_parquet(tmp_path / "one" / "predictions.parquet")
     p2 = pd.read_parquet(tmp_path / "two" / "predictions.parquet")
     pd.testing.assert_frame_equal(p1, p2)
@@ -194,7 +203,7 @@ def test_a_subset_with_one_class_predicts_it_and_says_so(data, tmp_path):
     one.mkdir()
     volumes.to_parquet(one / "volumes.parquet", index=False)
     pd.read_parquet(data / "splits" / "subjects.parquet").to_parquet(one / "subjects.parquet", index=False)
-    result = run("informative", "herniation", 1.0, 0, one, tmp_path / "job", FAST,
+    result = probe("informative", "herniation", 1.0, 0, one, tmp_path / "job", FAST,
                  features=data / "features" / "informative")
     for head in ("linear", "mlp"):
         assert "one class" in result["heads"][head]["note"] and result["heads"][head]["auc"] == 0.5
@@ -251,7 +260,9 @@ def test_results_summary_and_label_efficiency_from_job_folders(tmp_path):
                    "heads": {"linear": metrics}}
             (folder / "metrics.json").write_text(json.dumps(job))
             preds.to_parquet(folder / "predictions.parquet")
-    results, predictions = load_runs(tmp_path, ["ssl", "random", "scratch"], ["herniation"], [0.5, 1.0], 3)
+    results, predictions = load_runs(job_files(sorted(tmp_path.rglob("metrics.json")),
+                                               sorted(tmp_path.rglob("predictions.parquet"))),
+                                     ["ssl", "random", "scratch"], ["herniation"], [0.5, 1.0], 3)
     assert len(results) == 18
     summary = summarise(results, predictions, 200, 0.95)
     acc = summary[summary.metric == "accuracy"]
@@ -273,7 +284,7 @@ def test_fine_tuning_starts_from_the_given_encoder(data, tmp_path):
     torch.save({"method": "test", "spec": encoder.spec.to_dict(), "state_dict": encoder.state_dict()},
                tmp_path / "encoder.pt")
     cfg = ProbeConfig.from_config({"epochs": 1, "batch_size": 8, "threads": 1, "device": "cpu"})
-    result = run("test-finetune", "herniation", 0.5, 0, data / "splits", tmp_path / "job", cfg,
+    result = probe("test-finetune", "herniation", 0.5, 0, data / "splits", tmp_path / "job", cfg,
                  extract=data / "extract", encoder=tmp_path / "encoder.pt", end_to_end=True)
     assert result["heads"]["linear"]["init"] == "pretrained" and result["n_test"] > 0
 
@@ -289,5 +300,8 @@ def test_the_supervised_encoder_learns_only_from_self_supervision_training_and_v
     assert (part.loc[val.subject_id, "ssl_part"] == "val").all()
     assert not part.loc[pd.concat([train, val]).subject_id, "downstream_part"].isin(["val", "test"]).any()
     cfg = ProbeConfig.from_config({"epochs": 1, "batch_size": 8, "threads": 1, "device": "cpu"})
-    history = supervised(data / "splits", data / "extract", tmp_path / "sup", cfg, width=0.125, embedding_dim=32)
+    sup = tmp_path / "sup"
+    history = supervised(data / "splits" / "subjects.parquet", data / "splits" / "volumes.parquet",
+                         data / "extract" / "vertebrae.npy", sup / "encoder.pt", sup / "history.csv", cfg,
+                         width=0.125, embedding_dim=32)
     assert len(history) == 1 and (tmp_path / "sup" / "encoder.pt").is_file()

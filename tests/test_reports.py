@@ -4,6 +4,7 @@ synthetic result tables, the t-SNE inputs and the configuration page."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from stages.features import embed_all
 from stages.nets.disc_net import DiscNet, load_net, save_net
 from stages.nets.heads import Head, fit_head
 from stages.nets.siamese import EncoderSpec, VggM3dEncoder, random_encoder
+from stages.probe import JobFiles
 from stages.probe import run as run_probe
 from stages.report_config import render
 
@@ -179,16 +181,18 @@ def test_pair_maps_explain_the_distance_of_the_embeddings(tmp_path):
 
 
 def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
-    """A real probe job on features of a real (random) encoder, explained; masks on the rows where the synthetic
-    discs are (the top and bottom rows of each body's crop)."""
+    """A real probe job on features of a real (random) encoder, explained through the command line (the files the
+    rule declares); masks on the rows where the synthetic discs are (the top and bottom rows of each body's crop)."""
     root = write_probe_data(tmp_path, n_subjects=24)
     encoder = random_encoder(SHAPE, 0, 0.125, 16)
-    folder = root / "features" / "enc"
-    folder.mkdir(parents=True)
-    embed_all(encoder, np.load(root / "extract" / "vertebrae.npy", mmap_mode="r"), folder / "features.npy")
-    job = root / "runs" / run_folder("enc", "grade", 1.0, 0)
-    run_probe("enc", "grade", 1.0, 0, root / "splits", job, FAST, features=folder)
-    predictions = pd.read_parquet(job / "predictions.parquet")
+    vertebrae = root / "extract" / "vertebrae.npy"
+    features = root / "features" / "random" / "features.npy"
+    features.parent.mkdir(parents=True)
+    embed_all(encoder, np.load(vertebrae, mmap_mode="r"), features)
+    job = JobFiles.in_folder(root / "runs" / run_folder("random", "grade", 1.0, 0))
+    run_probe("random", "grade", 1.0, 0, root / "splits" / "subjects.parquet", root / "splits" / "volumes.parquet",
+              job, FAST, features=features)
+    predictions = pd.read_parquet(job.predictions)
     linear = predictions[predictions["head"] == "linear"].reset_index(drop=True)
     masks = np.zeros((len(linear), 2, *SHAPE), np.uint8)
     masks[:, 0, :, -6:] = 1                 # the disc below the upper body, above the lower one
@@ -197,12 +201,18 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     volumes = pd.read_parquet(root / "splits" / "volumes.parquet")
     row = {(s, lv): r for s, lv, r in volumes[volumes.kind == "vertebra"][["scan_id", "level", "row"]].itertuples(
         index=False)}
-    np.savez(tmp_path / "masks.npz", masks=masks, has_mask=has_mask, sample_scan_id=linear.scan_id.to_numpy().astype(str),
-             sample_level=linear.level.to_numpy().astype(str), sample_label=linear.label.to_numpy(),
+    np.savez(tmp_path / "masks.npz", masks=masks, has_mask=has_mask,
+             sample_scan_id=linear.scan_id.to_numpy().astype(str), sample_level=linear.level.to_numpy().astype(str), sample_label=linear.label.to_numpy(),
              sample_upper=np.array([row[(s, lv.split("-")[0])] for s, lv in zip(linear.scan_id, linear.level)]),
              sample_lower=np.array([row[(s, lv.split("-")[1])] for s, lv in zip(linear.scan_id, linear.level)]))
-    summary = gradcam.run("enc", job, tmp_path / "masks.npz", root / "extract", tmp_path / "out", "conv3", encoder)
-    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    out = {"scores": tmp_path / "out" / "s.csv", "maps": tmp_path / "maps" / "m.npz", "summary": tmp_path / "x.json"}
+    assert gradcam.main(["probe", "--model", "random", "--metrics", str(job.metrics), "--predictions",
+                         str(job.predictions), "--model-file", str(job.model), "--masks", str(tmp_path / "masks.npz"),
+                         "--vertebrae", str(vertebrae), "--random", "--seed", "0", "--width", "0.125",
+                         "--embedding-dim", "16", "--gradcam-layer", "conv3", "--threads", "1",
+                         *[f"--{k}={v}" for k, v in out.items()]]) == 0
+    summary = json.loads(out["summary"].read_text())
+    scores = pd.read_csv(out["scores"])
     assert len(scores) == len(linear) and summary["samples"] == int(has_mask.sum())
     # the explained model predicts what the probe job predicted
     merged = scores.merge(linear, on=["scan_id", "level"], suffixes=("", "_job"))
@@ -213,11 +223,12 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     assert len(scored) + summary["empty_maps"] == has_mask.sum() and scored.inside_disc.between(0, 1).all()
     assert summary["inside_disc"] == pytest.approx(scored.inside_disc.mean())
     assert summary["map_size"] == [SHAPE[0], 3, 3] and summary["task"] == "grade"     # conv3 of 48 px crops
+    assert summary["model"] == "random" and summary["layer"] == "conv3"
     assert scored.disc_share_of_volume.to_numpy() == pytest.approx(6 / 48)   # 6 of 48 rows in each volume
-    maps = np.load(tmp_path / "out" / "maps.npz")
+    maps = np.load(out["maps"])
     assert maps["cam_up"].shape[1:] == (2, *SHAPE) and maps["has_mask"].all()   # examples with a mask come first
     with pytest.raises(ValueError, match="give its encoder"):
-        gradcam.load_model(job, None)
+        gradcam.load_model(job.model, None)
 
 
 # --- Figures and tables -------------------------------------------------------------------------------------------
@@ -266,6 +277,14 @@ def synthetic_results(seeds: int = 3) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
     return pd.DataFrame(results), pd.DataFrame(summary), pd.concat(predictions, ignore_index=True)
 
 
+def _figure(folder: Path, name: str) -> figures.FigureFiles:
+    return figures.FigureFiles(folder / f"{name}.png", folder / f"{name}.pdf")
+
+
+def _table(folder: Path, name: str) -> figures.TableFiles:
+    return figures.TableFiles(folder / f"{name}.html", folder / f"{name}.csv")
+
+
 def _is_image(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -273,19 +292,20 @@ def _is_image(path: Path) -> bool:
 def test_every_result_figure_is_written_as_png_and_pdf(tmp_path):
     results, summary, predictions = synthetic_results()
     written = []
-    written += figures.label_efficiency_figure(summary, tmp_path / "eff", ["scratch"])
-    written += figures.label_curves_figure(summary, tmp_path / "curves", ["scratch"])
-    written += figures.roc_figure(predictions, tmp_path / "roc", ["scratch"])
-    written += figures.confusion_figure(predictions, tmp_path / "confusion", ["scratch"])
+    written += figures.label_efficiency_figure(summary, _figure(tmp_path, "eff"), ["scratch"])
+    written += figures.label_curves_figure(summary, _figure(tmp_path, "curves"), ["scratch"])
+    written += figures.roc_figure(predictions, _figure(tmp_path, "roc"), ["scratch"])
+    written += figures.confusion_figure(predictions, _figure(tmp_path, "confusion"), ["scratch"])
     distances = pd.DataFrame({"positive": [True] * 20 + [False] * 40,
                               "distance": np.r_[np.linspace(0, 1, 20), np.linspace(0.5, 2, 40)],
                               "untrained_distance": np.linspace(0, 1, 60)})
-    written += figures.pretext_figure({"siamese": distances}, tmp_path / "pretext")
+    written += figures.pretext_figure({"siamese": distances}, _figure(tmp_path, "pretext"))
     history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, 0.95],
                             "kept": [False, True, False]})
     metrics = pd.DataFrame({"epoch": [1, 1, 2, 2], "split": ["train", "val"] * 2, "loss": [1.0, 1.1, 0.8, 0.9],
                             "level_accuracy": [0.3, 0.3, 0.6, 0.5]})
-    written += figures.training_figure({"siamese": metrics}, history, {"scratch": history}, tmp_path / "training")
+    written += figures.training_figure({"siamese": metrics}, history, {"scratch": history},
+                                       _figure(tmp_path, "training"))
     for path in written:
         assert path.exists() and path.stat().st_size > 1000, path
     assert all(_is_image(p) for p in written if p.suffix == ".png")
@@ -294,7 +314,7 @@ def test_every_result_figure_is_written_as_png_and_pdf(tmp_path):
 
 def test_cao_table_gives_mean_and_std_over_seeds(tmp_path):
     results, _, _ = synthetic_results()
-    figures.metrics_table(results, tmp_path / "table", ["scratch"])
+    figures.metrics_table(results, _table(tmp_path, "table"), ["scratch"])
     table = pd.read_csv(tmp_path / "table.csv")
     full = results[(results.task == "herniation") & (results.fraction == 1.0) & (results.model == "random")]
     row = table[table.method == "random (linear probe)"].iloc[0]
@@ -314,7 +334,7 @@ def test_figure_of_merit_table_says_not_reached(tmp_path):
                                 "head": "linear", "reference_value": 0.7, "reference_scans": 30.0,
                                 "matched_at_fraction": None, "matched_scans": None, "scan_share": None,
                                 "value_there": None}])
-    figures.figure_of_merit_table(efficiency, tmp_path / "merit")
+    figures.figure_of_merit_table(efficiency, _table(tmp_path, "merit"))
     table = pd.read_csv(tmp_path / "merit.csv", keep_default_na=False)
     assert table["first subset matching it"].tolist() == ["0.5", "not reached"]
     assert table["share of scans"].tolist() == ["50%", ""]
@@ -337,20 +357,54 @@ def test_embeddings_map_the_test_parts_bodies_with_the_grade_of_the_disc_below(t
     assert table[table.level == "S1"].grade.isna().all()          # no disc below S1 in the table
     coords = table.assign(x=np.arange(len(table)), y=np.arange(len(table)) % 7).rename(
         columns={"subject_id": "subject"})
-    paths = figures.embeddings_figure({"siamese": coords, "random": coords}, tmp_path / "emb")
+    paths = figures.embeddings_figure({"siamese": coords, "random": coords}, _figure(tmp_path, "emb"))
     assert all(p.exists() for p in paths)
 
 
-def test_configuration_page_round_trips():
+def test_configuration_page_round_trips_and_names_the_keys_left_out():
     config = {"pretrain": {"methods": ["siamese"], "seed": 0}, "results": "results", "note": "<b>"}
     text, page = render(config)
     assert yaml.safe_load(text) == config
     assert "&lt;b&gt;" in page and "<h4>pretrain</h4>" in page
+    assert "pretrain.threads" in page.split("Not listed")[1] and "reports." not in page   # only its sections' keys
 
 
 def test_figures_cli_rejects_mismatched_names(tmp_path):
     distances = tmp_path / "d.parquet"
     pd.DataFrame({"positive": [True, False], "distance": [0.1, 1.0]}).to_parquet(distances)
     with pytest.raises(SystemExit) as exit_info:
-        figures.main(["pretext", "--distances", str(distances), "--methods", "a", "b", "--out", str(tmp_path / "x")])
+        figures.main(["pretext", "--distances", str(distances), "--methods", "a", "b", "--png", str(tmp_path / "x.png"),
+                      "--pdf", str(tmp_path / "x.pdf")])
     assert exit_info.value.code == 2
+
+
+def test_figures_cli_writes_exactly_the_files_it_is_given(tmp_path):
+    efficiency = tmp_path / "in" / "label_efficiency.csv"
+    efficiency.parent.mkdir()
+    pd.DataFrame(columns=["task", "metric", "model", "head"]).to_csv(efficiency, index=False)
+    html, csv = tmp_path / "a" / "merit.page", tmp_path / "b" / "merit.table"
+    assert figures.main(["figure-of-merit", "--efficiency", str(efficiency), "--html", str(html), "--csv",
+                         str(csv)]) == 0
+    assert "<table" in html.read_text() and pd.read_csv(csv).columns.tolist() == ["note"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "a/merit.page", "b/merit.table", "in/label_efficiency.csv"]
+    pairs = tmp_path / "pairs.npz"
+    np.savez(pairs, a=np.zeros(0, np.int64))
+    np.save(tmp_path / "vertebrae.npy", np.zeros((2, *SHAPE), np.float16))
+    png, pdf = tmp_path / "f" / "pairs.png", tmp_path / "g" / "pairs.pdf"
+    figures.main(["pairs", "--pairs", str(pairs), "--vertebrae", str(tmp_path / "vertebrae.npy"), "--png", str(png),
+                  "--pdf", str(pdf)])
+    assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+def test_end_to_end_histories_are_named_by_their_probe_job(tmp_path):
+    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9], "kept": [False, True]})
+    paths = []
+    for model, table in (("scratch", history), ("siamese-finetune", history), ("other", history.iloc[:0])):
+        path = tmp_path / "runs" / run_folder(model, "grade", 1.0, 0) / "history.csv"
+        path.parent.mkdir(parents=True)
+        table.to_csv(path, index=False)
+        paths.append(path)
+    named = figures.histories(paths)
+    assert list(named) == ["scratch", "siamese-finetune"]       # a job that trained nothing has no curve
+    pd.testing.assert_frame_equal(named["scratch"], history)

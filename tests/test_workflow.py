@@ -25,7 +25,11 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The project's snakemake, run as `.venv/bin/snakemake` without an activated environment: the project's
+    interpreter is not on PATH (the rules must run their stages with it all the same)."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    env = {**os.environ, "PATH": os.pathsep.join(path)}
+    env.pop("VIRTUAL_ENV", None)
     return subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
                            "--cores", "2", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -225,6 +229,104 @@ def test_second_run_has_nothing_to_do(tiny_run):
     again = snakemake(workdir, "--configfile", str(TINY))
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def _with(changes: dict[str, dict], path: Path) -> Path:
+    """The tiny config with ``changes`` ({section: {key: value}}) applied, written to ``path``."""
+    config = yaml.safe_load(TINY.read_text())
+    for section, values in changes.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _other_value(spec: dict, value):
+    """A valid value of a schema key other than ``value`` (integers only: every runtime key is one)."""
+    assert spec["type"] == "integer", spec
+    return value - 1 if value > spec.get("minimum", 0) else value + 1
+
+
+@pytest.mark.slow
+def test_runtime_only_keys_plan_no_job(tiny_run, tmp_path):
+    """Each key the schema marks x-runtime (threads, read-ahead, evaluation batch, checkpoint interval, picture
+    counts) changed alone on a finished run: Snakemake plans nothing."""
+    from stages.core.config import fill_defaults, load_schema, runtime_keys
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    schema = load_schema()
+    config = fill_defaults(yaml.safe_load(TINY.read_text()), schema)
+    keys = [(section, key) for section in schema["properties"] for key in sorted(runtime_keys(section, schema))]
+    assert ("pretrain", "threads") in keys and ("extract", "qc_scans") in keys and len(keys) >= 6
+    for section, key in keys:
+        value = _other_value(schema["properties"][section]["properties"][key], config[section][key])
+        changed = _with({section: {key: value}}, tmp_path / f"{section}.{key}.yaml")
+        plan = snakemake(workdir, "-n", "--configfile", str(changed))
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        text = plan.stdout + plan.stderr
+        assert "Nothing to be done" in text, (section, key, _job_counts(text))
+
+
+@pytest.mark.slow
+def test_a_key_that_changes_results_plans_exactly_the_jobs_downstream_of_it(tiny_run, tmp_path):
+    """pretrain.learning_rate plans what Snakemake's own --forcerun of the pretraining rule plans (its jobs and
+    everything downstream of them), and the configuration page; probe_training.mlp_hidden plans the frozen probe jobs
+    (not the end-to-end ones, which do not read it) and what is downstream of them."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    cases = [({"pretrain": {"learning_rate": 0.02}}, ["pretrain"]),
+             ({"probe_training": {"mlp_hidden": 8}},
+              [str(p.relative_to(workdir)) for model in FROZEN
+               for p in sorted((workdir / "results" / "probes" / "runs" / model).rglob("metrics.json"))])]
+    for i, (change, forced) in enumerate(cases):
+        changed = snakemake(workdir, "-n", "--configfile", str(_with(change, tmp_path / f"{i}.yaml")))
+        reference = snakemake(workdir, "-n", "--configfile", str(TINY), "--forcerun", *forced)
+        assert changed.returncode == 0 and reference.returncode == 0, changed.stderr[-2000:] + reference.stderr[-2000:]
+        planned = _job_counts(changed.stdout + changed.stderr)
+        expected = _job_counts(reference.stdout + reference.stderr)
+        assert planned.pop("report_config") == 1      # the run's configuration page shows every key
+        planned["total"] -= 1
+        assert planned == expected, (change, planned, expected)
+        assert expected.get("probe", 0) > 0 and "extract" not in expected
+
+
+def _jobs(text: str) -> list[dict[str, str]]:
+    """The jobs of a dry run with --printshellcmds: rule, input line, shell command."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:rule|checkpoint|localrule) \w+:\n)", text):
+        head = re.match(r"(?:rule|checkpoint|localrule) (\w+):\n", block)
+        if head:
+            inputs = re.search(r"^    input: (.*)$", block, re.M)
+            command = re.search(r"^Shell command: (.*)$", block, re.M)
+            jobs.append({"rule": head.group(1), "input": inputs.group(1) if inputs else "",
+                         "command": command.group(1) if command else ""})
+    return jobs
+
+
+@pytest.mark.slow
+def test_every_rule_lists_its_stage_s_local_imports_as_code(tiny_run):
+    """Every job's code input is exactly its stage module and the stage modules it imports, transitively (read from
+    the source by stages.core.imports), so a change in any helper re-runs the rules that run it."""
+    from stages.core.imports import local_imports
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    # --forceall plans every job but those behind a checkpoint's input function (the shard jobs): forced apart
+    plans = [snakemake(workdir, "-n", "-p", "--forceall", "--configfile", str(TINY)),
+             snakemake(workdir, "-n", "-p", "--configfile", str(TINY), "--forcerun", "ingest_shard", "localise_shard",
+                       "extract_shard")]
+    jobs = [job for plan in plans for job in _jobs(plan.stdout + plan.stderr)]
+    assert all(plan.returncode == 0 for plan in plans)
+    rules = {job["rule"] for job in jobs}
+    assert {"ingest_shard", "localise_shard", "extract_shard", "pretrain", "probe", "gradcam", "all"} <= rules
+    checked = set()
+    for job in jobs:
+        stage = re.search(r"-m stages\.(\w+)", job["command"])
+        if job["rule"] == "all":
+            continue
+        assert stage, job
+        code = {Path(p) for p in job["input"].split(", ") if Path(p).is_absolute() and "/stages/" in p}
+        assert code == {ROOT / p for p in local_imports(ROOT, stage.group(1))}, job["rule"]
+        checked.add(job["rule"])
+    assert checked == rules - {"all"}
 
 
 @pytest.mark.slow

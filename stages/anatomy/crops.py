@@ -5,6 +5,7 @@ columns of the extraction index (see stages/extract.py for the whole stage)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,29 @@ from stages.core.config import section_config
 INDEX_COLUMNS = ["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study", "source", "kind",
                  "level", "x", "y", "z", "step_mm", "scale"]
 ARRAYS = ("vertebrae", "discs", "axial")
+
+
+@dataclass(frozen=True)
+class ExtractOutputs:
+    """What an extraction stage writes: the three arrays and the index (Parquet, with a CSV copy beside it)."""
+
+    vertebrae: Path
+    discs: Path
+    axial: Path
+    index: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> ExtractOutputs:
+        """The outputs laid out in one folder as the workflow lays out results/extract (and a shard its folder)."""
+        return cls(**{name: folder / f"{name}.npy" for name in ARRAYS}, index=folder / "index.parquet")
+
+
+EXTRACT_OUTPUTS = {
+    "vertebrae": "Vertebral-body volumes, float16 (N, S, H, W).",
+    "discs": "Disc volumes, float16 (N, S, Hd, W).",
+    "axial": "Axial slices through each disc, float16 (N, 3, Ha, Wa).",
+    "index": "One row per extracted volume (Parquet; a CSV copy beside it).",
+}
 
 
 @dataclass(frozen=True)

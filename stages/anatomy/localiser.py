@@ -30,7 +30,7 @@ from stages.anatomy.spine_structures import (
     slice_normal,
     structures_from_label_map,
 )
-from stages.core import levels
+from stages.core import levels, seeds
 from stages.core.config import section_config
 
 log = logging.getLogger("localiser")
@@ -132,13 +132,13 @@ def training_samples(volume_path: str, label_path: str, cfg: LocaliseConfig) -> 
 
 def train(samples: list[tuple[torch.Tensor, torch.Tensor]], cfg: LocaliseConfig) -> tuple[HeatmapUNet, list[dict]]:
     """Fit the network; returns it and the loss per epoch. Deterministic for a seed on the CPU."""
-    torch.manual_seed(cfg.seed)
+    seeds.seed_torch(seeds.localiser(cfg.seed))
     x = torch.cat([s[0] for s in samples])
     y = torch.cat([s[1] for s in samples])
     model = HeatmapUNet(cfg.width)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.epochs, 1))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = seeds.generator(seeds.localiser(cfg.seed))
     history = []
     for epoch in range(cfg.epochs):
         model.train()

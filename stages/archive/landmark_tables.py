@@ -26,15 +26,17 @@ def read_landmark_table(path: Path | None, columns: dict[str, str] | None, count
     return landmarks.normalise_landmarks(landmarks.read_landmarks(path, columns), count_from, first)
 
 
-def write_landmarks(out: Path, table: pd.DataFrame | None, scan_ids: dict[str, str],
+def write_landmarks(marks_file: Path, rows_file: Path, table: pd.DataFrame | None, scan_ids: dict[str, str],
                     sizes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """landmarks.parquet / .csv (empty without a table) and landmark_rows.csv; returns their summary."""
+    """The usable rows under scan ids as ``marks_file`` (Parquet, CSV beside it; empty without a table) and every
+    row's account as ``rows_file`` (CSV); returns their summary."""
     if table is None:
         marks, account = landmarks.empty_landmarks(), pd.DataFrame(columns=landmarks.ACCOUNT)
     else:
         marks, account = landmarks.pseudonymise_landmarks(table, scan_ids, sizes)
-    write_table(marks, out / "landmarks")
-    account.to_csv(out / "landmark_rows.csv", index=False)
+    write_table(marks, marks_file)
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    account.to_csv(rows_file, index=False)
     summary = landmarks.summarise_landmarks(account)
     if table is not None:
         log.info("landmark table: %d rows, %d used (%d scans), %d rejected (see landmark_rows.csv)", summary["rows"],

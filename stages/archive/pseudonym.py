@@ -7,6 +7,7 @@ the config or from the environment (``SPINE_SSL_PSEUDONYM_KEY``), never from the
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import os
@@ -46,6 +47,28 @@ def load_key(key_file: str | Path | None, environ: dict[str, str] | None = None)
     if len(key) < MIN_KEY_BYTES:
         raise PseudonymKeyError(f"the key in {source} has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
     return key
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Write ``key`` as a key file :func:`load_key` reads (one line; at least 16 bytes)."""
+    if len(key.strip()) < MIN_KEY_BYTES:
+        raise PseudonymKeyError(f"a key needs at least {MIN_KEY_BYTES} bytes, got {len(key.strip())}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.strip() + b"\n")
+
+
+def add_key_option(parser: argparse.ArgumentParser) -> None:
+    """--key-file, the pseudonymisation key of every stage that pseudonymises (default: the environment variable)."""
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help=f"File holding the pseudonymisation key (default: environment variable {KEY_ENV}).")
+
+
+def key_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bytes:
+    """The key named by --key-file, else the environment's; exits with code 2 and the reason when there is none."""
+    try:
+        return load_key(args.key_file)
+    except PseudonymKeyError as err:
+        parser.error(str(err))
 
 
 def digest(key: bytes, kind: str, value: str, length: int = 16) -> str:

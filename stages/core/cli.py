@@ -122,3 +122,39 @@ def setup_logging(log: Path | None, name: str) -> logging.Logger:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     return logging.getLogger(name)
+
+
+def add_split_tables(parser: argparse.ArgumentParser) -> None:
+    """--subjects and --volumes: the splits stage's tables a downstream stage reads."""
+    parser.add_argument("--subjects", type=existing_file, required=True,
+                        help="subjects.parquet of the splits stage (each subject's parts).")
+    parser.add_argument("--volumes", type=existing_file, required=True,
+                        help="volumes.parquet of the splits stage (each extracted volume with its labels and parts).")
+
+
+def add_encoder_size_options(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """--width and --embedding-dim: the size of an encoder built from random weights (pretrain.width,
+    pretrain.embedding_dim); ``when`` says in which case the stage reads them."""
+    parser.add_argument("--width", type=float, default=1.0,
+                        help=f"{when}channel width (pretrain.width; default 1).")
+    parser.add_argument("--embedding-dim", type=positive_int, default=1024,
+                        help=f"{when}FC7 size (pretrain.embedding_dim; default 1024).")
+
+
+def add_output_options(parser: argparse.ArgumentParser, outputs: dict[str, str], required: bool = True,
+                       title: str = "outputs") -> None:
+    """``--out-<name> PATH`` for each of ``outputs`` (name -> help text): the files and folders a stage writes, as its
+    rule declares them. With ``required`` False, :func:`outputs_from_args` checks them when the stage needs them."""
+    group = parser.add_argument_group(title)
+    for name, text in outputs.items():
+        group.add_argument("--out-" + name.replace("_", "-"), dest="out_" + name, type=Path, default=None,
+                           required=required, metavar="PATH", help=text)
+
+
+def outputs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                      outputs: dict[str, str]) -> dict[str, Path]:
+    """The paths of --out-<name> by name; a missing one exits with code 2, naming it."""
+    missing = [name for name in outputs if getattr(args, "out_" + name) is None]
+    if missing:
+        parser.error(f"--out-{missing[0].replace('_', '-')} is required")
+    return {name: getattr(args, "out_" + name) for name in outputs}

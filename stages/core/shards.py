@@ -5,15 +5,23 @@ Scans are sorted by ``scan_id`` and cut into ``n`` contiguous blocks of (nearly)
 scans_per_shard)``; shard ``i`` holds block ``i``. Merging the shards in order therefore gives exactly the tables and
 arrays one job over the whole cohort would write. Arrays are merged through memory maps, a chunk of rows at a time, so
 no job holds the cohort in memory.
+
+The sharded stages (ingest, localise, extract) share their command-line options (:func:`add_shard_options`): a shard
+job writes its part into a folder of its own (``--shard I --out SHARD_DIR``), and ``--merge SHARD_DIR ...`` puts the
+parts together into the stage's outputs.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from stages.core import cli
 
 CHUNK_ROWS = 256  # rows copied at a time when merging arrays
 
@@ -45,15 +53,50 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, n
 
 
-def resolve_shard(text: str, scans_per_shard: int | None, n_scans: int) -> tuple[int, int]:
-    """``I/N``, or ``I`` with ``scans_per_shard`` (N = shard_count(n_scans, scans_per_shard), what the workflow passes:
-    a job then needs no other job's output to know N) -> (I, N); raises ValueError otherwise."""
+def resolve_shard(text: str, n_shards: Callable[[], int]) -> tuple[int, int]:
+    """``I/N``, or ``I`` with N = ``n_shards()`` (what the workflow passes: from the scans per shard, or the plan, so
+    that a job needs no other job's output to know N) -> (I, N); raises ValueError otherwise."""
     if "/" in text:
         return parse_shard(text)
-    if scans_per_shard is None:
-        raise ValueError(f"shard {text!r} without /N needs the scans per shard")
-    n = shard_count(n_scans, scans_per_shard)
-    return parse_shard(f"{text}/{n}")
+    return parse_shard(f"{text}/{n_shards()}")
+
+
+def add_shard_options(parser: argparse.ArgumentParser, items: str) -> None:
+    """--shard, --scans-per-shard, --out SHARD_DIR and --merge: one job per shard of ``items``, then the merge."""
+    group = parser.add_argument_group("shards (parallel jobs, as the workflow runs them: one per shard, then --merge)")
+    group.add_argument("--shard", default=None, metavar="I[/N]",
+                       help=f"Only shard I of N (from 0) of {items}, written into the folder --out.")
+    group.add_argument("--scans-per-shard", type=cli.positive_int, default=None, metavar="P",
+                       help="About P scans per shard: N = ceil(scans / P).")
+    group.add_argument("--out", type=Path, default=None, metavar="SHARD_DIR",
+                       help="With --shard: the shard's folder (read back by --merge).")
+    group.add_argument("--merge", type=cli.existing_folder, nargs="+", default=None, metavar="SHARD_DIR",
+                       help="Instead: merge these shards' folders, in this order, into the outputs.")
+
+
+def shard_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    n_shards: Callable[[], int]) -> tuple[int, int] | None:
+    """(I, N) of --shard (N from ``I/N`` or from ``n_shards()``), None without --shard; a bad combination of the shard
+    options exits with code 2."""
+    if args.shard is not None and args.merge:
+        parser.error("--shard and --merge go one at a time")
+    if (args.shard is None) != (args.out is None):
+        parser.error("--shard and --out SHARD_DIR go together")
+    if args.shard is None:
+        return None
+    try:
+        return resolve_shard(args.shard, n_shards)
+    except (ValueError, OSError) as err:
+        parser.error(f"--shard: {err}")
+
+
+def count_from_manifest(manifest: Path, scans_per_shard: int | None) -> Callable[[], int]:
+    """N of a per-scan stage's ``--shard I``: ceil(scans in ``manifest`` / ``scans_per_shard``), read when asked."""
+    def count() -> int:
+        if scans_per_shard is None:
+            raise ValueError("a shard without /N needs --scans-per-shard")
+        return shard_count(len(pd.read_parquet(manifest, columns=["scan_id"])), scans_per_shard)
+    return count
 
 
 def concat_tables(paths: list[Path]) -> pd.DataFrame:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core import seeds
 from stages.core.runtime import select_device
 from stages.nets.siamese import (
     N_LEVELS,
@@ -76,10 +77,11 @@ class FitConfig:
 
 
 class BodyReader:
-    """Reads body volumes from ``extract/vertebrae.npy`` (a memory map), only the rows it was opened with."""
+    """Reads body volumes from ``vertebrae`` (the extract stage's vertebrae.npy, a memory map), only the rows it was
+    opened with."""
 
-    def __init__(self, extract: Path, rows: np.ndarray):
-        self.array = np.load(extract / "vertebrae.npy", mmap_mode="r")
+    def __init__(self, vertebrae: Path, rows: np.ndarray):
+        self.array = np.load(vertebrae, mmap_mode="r")
         self.allowed = np.zeros(len(self.array), dtype=bool)
         self.allowed[np.asarray(rows, dtype=np.int64)] = True
 
@@ -132,7 +134,7 @@ def fit(model: DiscNet, train: pd.DataFrame, val: pd.DataFrame, read: BodyReader
         level_criterion = BalancedCrossEntropy(class_balanced_weights(torch.as_tensor(levels), N_LEVELS)).to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
                                 weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = seeds.generator(seeds.end_to_end(cfg.seed))
     best, best_loss, best_epoch, history = copy.deepcopy(model.state_dict()), float("inf"), 0, []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -191,7 +193,7 @@ def predict(model: DiscNet, samples: pd.DataFrame, read: BodyReader, batch_size:
 
 
 def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
-                      extract: Path, encoder: Path | None, cfg: FitConfig, device_name: str,
+                      vertebrae: Path, encoder: Path | None, cfg: FitConfig, device_name: str,
                       size: tuple[float, int]) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, DiscNet]:
     """Train a :class:`DiscNet` end to end on ``train`` (from ``encoder``'s weights, or random weights of ``size`` =
     (width, embedding_dim)) and return the test samples' class probabilities, facts, the training history and the
@@ -202,10 +204,10 @@ def train_and_predict(kind: str, train: pd.DataFrame, val: pd.DataFrame, test: p
         rows = np.concatenate([f[c].to_numpy() for f in frames for c in ("upper", "lower")])
         return rows[rows >= 0]
 
-    read = BodyReader(extract, rows_of(train, val))          # training never reads a test volume
-    read_test = BodyReader(extract, rows_of(test))
+    read = BodyReader(vertebrae, rows_of(train, val))          # training never reads a test volume
+    read_test = BodyReader(vertebrae, rows_of(test))
     inputs = 2 if kind == "disc" else 1
-    torch.manual_seed(cfg.seed)
+    seeds.seed_torch(seeds.end_to_end(cfg.seed))
     if encoder is not None:
         pretrained, _ = load_encoder(encoder)
         net = DiscNet(pretrained.spec, len(classes), inputs)

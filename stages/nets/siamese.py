@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core import seeds
 from stages.core.levels import VERTEBRAE
 
 N_LEVELS = len(VERTEBRAE)   # FC8: T12, L1 ... L5, S1
@@ -201,6 +202,6 @@ def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict]:
 def random_encoder(shape: tuple[int, int, int], seed: int, width: float, embedding_dim: int) -> VggM3dEncoder:
     """The pretraining network's encoder at the initial weights of ``seed`` (as pretraining builds it)."""
     slices, height, width_px = shape
-    torch.manual_seed(seed)
+    seeds.seed_torch(seeds.random_encoder(seed))
     return SiameseNet(EncoderSpec(slices=slices, height=height, width_px=width_px, width=width,
                                   embedding_dim=embedding_dim)).encoder

@@ -24,28 +24,29 @@ TRAIN_PARTS = ("train", "val")
 class VolumeStore:
     """The vertebral-body array store of the extract stage, opened read-only, with the rows this run may read.
 
-    ``allowed_parts``: the self-supervision parts whose volumes may be read. Rows of downstream validation or test
-    subjects are never allowed, whatever their self-supervision part.
+    ``pairs`` and ``volumes``: the splits stage's pairs.parquet and volumes.parquet; ``vertebrae``: the extract
+    stage's vertebrae.npy. ``allowed_parts``: the self-supervision parts whose volumes may be read. Rows of
+    downstream validation or test subjects are never allowed, whatever their self-supervision part.
     """
 
-    def __init__(self, splits: Path, extract: Path, allowed_parts: tuple[str, ...] = TRAIN_PARTS):
-        self.volumes = pd.read_parquet(splits / "volumes.parquet")
-        pairs = pd.read_parquet(splits / "pairs.parquet")
-        self.path = extract / "vertebrae.npy"
+    def __init__(self, pairs: Path, volumes: Path, vertebrae: Path, allowed_parts: tuple[str, ...] = TRAIN_PARTS):
+        self.volumes = pd.read_parquet(volumes)
+        pair_table = pd.read_parquet(pairs)
+        self.path = Path(vertebrae)
         self.array = np.load(self.path, mmap_mode="r")
         bodies = self.volumes[self.volumes.kind == "vertebra"].set_index("row").sort_index()
         if not bodies.index.is_unique:
-            raise ValueError(f"{splits / 'volumes.parquet'} lists a vertebra row twice: re-run the splits stage")
+            raise ValueError(f"{volumes} lists a vertebra row twice: re-run the splits stage")
         if len(bodies) and (bodies.index.max() >= len(self.array) or bodies.index.min() < 0):
-            raise ValueError(f"{splits / 'volumes.parquet'} names rows outside {extract / 'vertebrae.npy'} "
-                             f"({len(self.array)} rows): the splits and the extraction are from different runs")
+            raise ValueError(f"{volumes} names rows outside {vertebrae} ({len(self.array)} rows): the splits and the "
+                             "extraction are from different runs")
         self.level = np.full(len(self.array), -1, dtype=np.int64)
         rows = bodies.index.to_numpy(dtype=np.int64)
         self.level[rows] = bodies.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}).to_numpy(dtype=np.int64)
         self.allowed = np.zeros(len(self.array), dtype=bool)
         ok = bodies.ssl_part.isin(allowed_parts) & ~bodies.downstream_part.isin(["val", "test"])
         self.allowed[rows[ok.to_numpy(dtype=bool)]] = True
-        self.pairs = {part: pairs[pairs.part == part].reset_index(drop=True) for part in allowed_parts}
+        self.pairs = {part: pair_table[pair_table.part == part].reset_index(drop=True) for part in allowed_parts}
         self.bodies = bodies
         self.check()
 

@@ -5,36 +5,37 @@ import os
 import shlex
 import sys
 
-from snakemake.settings.types import DeploymentMethod
-
 from stages.core.cli import section_options
 from stages.core.config import runtime_keys
 from stages.core.imports import local_imports
+from stages.evaluation.probe_data import RUN_FOLDER, run_folder
 
 RESULTS = config["results"]
 ENV = "../../envs/spine-ssl.yaml"
 BASEDIR = workflow.basedir
-# The interpreter every rule runs its stage with (`{PYTHON} -m stages.<name>`): the one running Snakemake, so that
-# `.venv/bin/snakemake` works without an activated environment (a cluster job runs Snakemake with the same one);
-# under --sdm conda, the `python` of the rule's conda environment.
-PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(
-    sys.executable)
-# Stages run as `python -m stages.<name>`; make the package importable from any working directory (--directory),
-# in a conda environment, and in a cluster job (which inherits this environment).
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BASEDIR, os.environ.get("PYTHONPATH")) if p)
+# Every job runs its stage as `python -m stages.<name>`, with the interpreter that runs Snakemake first on the PATH:
+# `.venv/bin/snakemake` works without an activated environment, and a cluster job (which runs Snakemake with the same
+# interpreter and reads this file again) too. Under --sdm conda, the activated conda environment comes first.
+os.environ.update(PATH=os.pathsep.join(p for p in (os.path.dirname(sys.executable), os.environ.get("PATH")) if p))
+# Stages run as `python -m stages.<name>` from the working directory (--directory). The venv has the project
+# installed (`pip install -e .`), but the conda environment of --sdm conda does not: put the project on the import
+# path of every job (a cluster job inherits this environment). Set here, not asked of the user (no `envvars:`).
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (BASEDIR, os.environ.get("PYTHONPATH")) if p))
 
 
 def out(stage, *parts):
     """Path of an output of `stage`: {results}/{stage}/{parts...}."""
-    return "/".join([RESULTS, stage, *parts])
+    return os.path.join(RESULTS, stage, *parts)
 
 
 def logs(stage, name):
-    return "/".join([RESULTS, "logs", stage, f"{name}.log"])
+    """The log file of a rule's job: {results}/logs/{stage}/{name}.log."""
+    return os.path.join(RESULTS, "logs", stage, f"{name}.log")
 
 
 def bench(stage, name):
-    return "/".join([RESULTS, "benchmarks", stage, f"{name}.tsv"])
+    """The benchmark file of a rule's job: {results}/benchmarks/{stage}/{name}.tsv."""
+    return os.path.join(RESULTS, "benchmarks", stage, f"{name}.tsv")
 
 
 def code(stage):
@@ -64,10 +65,6 @@ def runtime_flags(section, *keys):
     return section_options({k: config[section][k] for k in keys})
 
 
-def demo_options():
-    return stage_options("demo")
-
-
 def ingest_inputs(wildcards):
     """The archive and its companions: the demo cohort's outputs, or the folders and tables named in `cohort`."""
     cohort = config["cohort"]
@@ -82,11 +79,12 @@ def ingest_inputs(wildcards):
     source = {"dicom": "dicom_dir", "volumes": "volumes_table"}[cohort["source"]]
     if not cohort[source]:
         raise ValueError(f"cohort.source is {cohort['source']} but cohort.{source} is empty: name it in the config")
-    if not cohort["key_file"] and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
-        raise ValueError("no pseudonymisation key: set cohort.key_file or the environment variable "
-                         "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)")
-    named = {"key_file": cohort["key_file"], "gradings": cohort["gradings"], "subjects": cohort["subjects"],
-             "landmarks": cohort["landmarks"]}
+    named = {
+        **key_file_input(),
+        "gradings": cohort["gradings"],
+        "subjects": cohort["subjects"],
+        "landmarks": cohort["landmarks"],
+    }
     if cohort["source"] == "dicom":
         named.update(dicom=cohort["dicom_dir"], label_dir=cohort["label_dir"])
     else:
@@ -119,16 +117,33 @@ def ingest_shard_dirs(wildcards):
     return [out("ingest", "shards", f"{i:04d}") for i in range(n)]
 
 
+def key_file_input():
+    """{"key_file": cohort.key_file}, or nothing when the key comes from the environment (SPINE_SSL_PSEUDONYM_KEY);
+    raises ValueError when there is neither."""
+    key_file = config["cohort"]["key_file"]
+    if not key_file and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
+        raise ValueError(
+            "no pseudonymisation key: set cohort.key_file or the environment variable "
+            "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)"
+        )
+    return {"key_file": key_file} if key_file else {}
+
+
 def ingest_flags(wildcards, input):
-    flags = [f"--dicom-dir {input.dicom}"] if "dicom" in input.keys() else (
-        [f"--table {input.table}"] if "table" in input.keys() else [])
+    """The ingest stage's input options, from the rule's named inputs (quoted: user paths may have spaces)."""
+    flags = (
+        [f"--dicom-dir {shlex.quote(input.dicom)}"]
+        if "dicom" in input.keys()
+        else ([f"--table {shlex.quote(input.table)}"] if "table" in input.keys() else [])
+    )
     for name in ("key_file", "label_dir", "gradings", "subjects", "landmarks"):
         if name in input.keys():
-            flags.append(f"--{name.replace('_', '-')} {input[name]}")
+            flags.append(f"--{name.replace('_', '-')} {shlex.quote(input[name])}")
     if "landmarks" in input.keys():
-        from shlex import quote
-        flags += [f"--landmark-column {quote(f'{ours}={theirs}')}"
-                  for ours, theirs in sorted(config["cohort"]["landmark_columns"].items())]
+        flags += [
+            f"--landmark-column {shlex.quote(f'{ours}={theirs}')}"
+            for ours, theirs in sorted(config["cohort"]["landmark_columns"].items())
+        ]
         flags.append(numbering_flags())
     return " ".join(flags)
 
@@ -141,19 +156,14 @@ def crops_inputs(wildcards):
     cohort = config["cohort"]
     if not cohort["crops_table"]:
         raise ValueError("cohort.source is crops but cohort.crops_table is empty: name it in the config")
-    if not cohort["key_file"] and not os.environ.get("SPINE_SSL_PSEUDONYM_KEY"):
-        raise ValueError("no pseudonymisation key: set cohort.key_file or the environment variable "
-                         "SPINE_SSL_PSEUDONYM_KEY (at least 16 bytes; keep it out of the repository)")
-    return {"table": cohort["crops_table"], **({"key_file": cohort["key_file"]} if cohort["key_file"] else {})}
+    return {"table": cohort["crops_table"], **key_file_input()}
 
 
 def crops_flags(wildcards, input):
     """stages.ingest_crops options from cohort.crops and cohort.level_numbering (quoted: names may have spaces)."""
-    from shlex import quote
-    cohort = config["cohort"]
-    crops = cohort["crops"]
-    flags = [f"--key-file {quote(input.key_file)}"] if "key_file" in input.keys() else []
-    flags += [f"--column {quote(f'{ours}={theirs}')}" for ours, theirs in sorted(crops["columns"].items())]
+    crops = config["cohort"]["crops"]
+    flags = [f"--key-file {shlex.quote(input.key_file)}"] if "key_file" in input.keys() else []
+    flags += [f"--column {shlex.quote(f'{ours}={theirs}')}" for ours, theirs in sorted(crops["columns"].items())]
     flags += [f"--label {name}={low:g}:{high:g}" for name, (low, high) in sorted(crops["labels"].items())]
     flags += [f"--slice-axis {crops['slice_axis']}", numbering_flags()]
     return " ".join(flags)
@@ -172,13 +182,14 @@ def n_shards():
     in its params)."""
     import pandas as pd
     from stages.core.shards import shard_count
+
     manifest = checkpoints.ingest.get().output.manifest
     return shard_count(len(pd.read_parquet(manifest, columns=["scan_id"])), config["scale"]["scans_per_shard"])
 
 
-def shard_files(stage, name):
-    """``name`` in every shard folder of ``stage``: results/{stage}/shards/{0000...}/{name}."""
-    return [out(stage, "shards", f"{i:04d}", name) for i in range(n_shards())]
+def shard_dirs(stage):
+    """The shard folders of ``stage`` (localise, extract), each one job's output: results/{stage}/shards/{0000...}."""
+    return [out(stage, "shards", f"{i:04d}") for i in range(n_shards())]
 
 
 def ingest_stage():
@@ -200,86 +211,29 @@ PROBES = config["probes"]
 # Frozen encoders (features extracted once each) and models trained end to end, as named in results/probes/.
 FROZEN = list(config["pretrain"]["methods"]) + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
 END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
-    [f"{m}-finetune" for m in config["pretrain"]["methods"]] if PROBES["finetune"] else [])
+    [f"{m}-finetune" for m in config["pretrain"]["methods"]] if PROBES["finetune"] else []
+)
 
 
-def probe_targets():
-    """metrics.json of every probe job: (model, task, label subset, seed); the level task for frozen encoders only."""
-    from stages.evaluation.probe_data import run_folder
-    return [out("probes", "runs", run_folder(model, task, fraction, seed), "metrics.json")
-            for model in FROZEN + END_TO_END for task in PROBES["tasks"]
-            if not (task == "level" and model in END_TO_END)
-            for fraction in PROBES["label_fractions"] for seed in range(PROBES["seeds"])]
-
-
-REPORTS = config["reports"]
-# The probe job each report figure of a model reads: the Grad-CAM task (or the first disc task), every label, seed 0.
-REPORT_TASK = REPORTS["gradcam_task"] if REPORTS["gradcam_task"] in PROBES["tasks"] else next(
-    (t for t in PROBES["tasks"] if t != "level"), None)
-# Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none.
-GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS else []
-
-
-def report_run(model):
-    """The probe job folder the report explains for ``model``: REPORT_TASK, the largest label fraction, seed 0."""
-    from stages.evaluation.probe_data import run_folder
-    return out("probes", "runs", run_folder(model, REPORT_TASK, max(PROBES["label_fractions"]), 0))
-
-
-def training_history_inputs(kind):
-    """Inputs of the training-curves figure: the supervised encoder's history, or the end-to-end probe jobs'
-    metrics.json (their history.csv is written beside it by the same job)."""
-    if kind == "supervised":
-        return [out("probes", "encoders", "supervised", "history.csv")] if "supervised" in PROBES["baselines"] else []
-    return [os.path.join(report_run(m), "metrics.json") for m in END_TO_END] if REPORT_TASK else []
-
-
-def training_flags(wildcards, input):
-    flags = [f"--pretrain {' '.join(input.pretrain)}"] if input.pretrain else []
-    if input.supervised:
-        flags.append(f"--supervised {input.supervised[0]}")
-    if input.end_to_end:
-        flags.append("--end-to-end " + " ".join(os.path.join(os.path.dirname(m), "history.csv")
-                                                for m in input.end_to_end))
-    return " ".join(flags)
-
-
-def gradcam_inputs(wildcards):
-    model = wildcards.model
-    inputs = {"code": code("gradcam"),
-              "model": os.path.join(report_run(model), "model.npz"), "masks": out("report", "gradcam", "disc_masks.npz"),
-              "vertebrae": out("extract", "vertebrae.npy")}
-    if model in FROZEN and model != "random":
-        inputs["encoder"] = encoder_file(model)
-    return inputs
-
-
-def gradcam_encoder_flags(wildcards, input):
-    if wildcards.model == "random":
-        p = config["pretrain"]
-        return f"--random {p['seed']} {p['width']} {p['embedding_dim']}"
-    return f"--encoder {input.encoder}" if "encoder" in input.keys() else ""
-
-
-def report_targets():
-    """Every figure and table of the report (those whose task was run)."""
-    figures = ["label_efficiency", "training_curves"]
-    figures += ["pretext"] if config["pretrain"]["methods"] else []
-    figures += ["label_curves_herniation", "roc_herniation"] if "herniation" in PROBES["tasks"] else []
-    figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
-    figures += ["embeddings"] if REPORTS["embeddings"] and FROZEN else []
-    figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
-    figures += [f"pairs_{m}" for m in config["pretrain"]["methods"]]
-    tables = ["figure_of_merit", "configuration"]
-    tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
-    tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
-    return ([out("report", "figures", f"{f}.{ext}") for f in figures for ext in ("png", "pdf")]
-            + [out("report", "tables", f"{t}.html") for t in tables])
+def probe_targets(name="metrics.json"):
+    """``name`` of every probe job: (model, task, label subset, seed); the level task for frozen encoders only."""
+    return [
+        probe_job(model, task, fraction, seed, name)
+        for model in FROZEN + END_TO_END
+        for task in PROBES["tasks"]
+        if not (task == "level" and model in END_TO_END)
+        for fraction in PROBES["label_fractions"]
+        for seed in range(PROBES["seeds"])
+    ]
 
 
 def all_targets():
-    targets = [out("ingest", "manifest.parquet"), out("extract", "index.parquet"), out("extract", "qc", "gallery.png"),
-               out("splits", "summary.json")]
+    targets = [
+        out("ingest", "manifest.parquet"),
+        out("extract", "index.parquet"),
+        out("extract", "qc", "gallery.png"),
+        out("splits", "summary.json"),
+    ]
     if not CROPS:  # a crop-table cohort is not localised
         targets += [out("localise", "evaluation.json"), out("extract", "qc", "localisation.png")]
     targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
@@ -294,11 +248,80 @@ def apply_cluster_resources(rules):
     """config.yaml's `cluster` section as SLURM resources of every rule (read by the SLURM executor plugin with
     --profile workflow/profiles/slurm; a local run ignores them): partition, account, qos, and the GPU type of the
     rules that ask for GPUs."""
-    settings = {"slurm_partition": config["cluster"]["partition"], "slurm_account": config["cluster"]["account"],
-                "qos": config["cluster"]["qos"]}
-    for job_rule in rules:
+    settings = {
+        "slurm_partition": config["cluster"]["partition"],
+        "slurm_account": config["cluster"]["account"],
+        "qos": config["cluster"]["qos"],
+    }
+    for each in rules:
         for name, value in settings.items():
             if value:
-                job_rule.resources[name] = value
-        if config["cluster"]["gpu_model"] and "gpu" in job_rule.resources:
-            job_rule.resources["gpu_model"] = config["cluster"]["gpu_model"]
+                each.resources[name] = value
+        if config["cluster"]["gpu_model"] and "gpu" in each.resources:
+            each.resources["gpu_model"] = config["cluster"]["gpu_model"]
+
+
+# ---- probes (workflow/rules/probes.smk)
+
+
+def encoder_file(name):
+    """encoder.pt of a pretrained method or of the supervised-transfer encoder."""
+    if name == "supervised":
+        return out("probes", "encoders", "supervised", "encoder.pt")
+    return out("pretrain", name, "encoder.pt")
+
+
+def probe_job(model, task, fraction, seed, name="metrics.json"):
+    """A file of one probe job: results/probes/runs/{RUN_FOLDER}/name (stages/evaluation/probe_data.py)."""
+    return out("probes", "runs", run_folder(model, task, fraction, seed), name)
+
+
+def probe_output(name):
+    """A file of the probe rule's job, with the rule's wildcards (model, task, fraction, seed): the same layout."""
+    return out("probes", "runs", RUN_FOLDER, name)
+
+
+def features_inputs(wildcards):
+    inputs = {"code": code("features"), "vertebrae": rules.extract.output.vertebrae}
+    if wildcards.encoder != "random":
+        inputs["encoder"] = encoder_file(wildcards.encoder)
+    return inputs
+
+
+def encoder_size_flags():
+    """--width and --embedding-dim of an encoder built from random weights (pretrain.width, pretrain.embedding_dim)."""
+    return stage_options("pretrain", keys=("width", "embedding_dim"))
+
+
+def features_flags(wildcards, input):
+    if wildcards.encoder == "random":
+        return f"--random {stage_options('pretrain', keys=('seed', 'width', 'embedding_dim'))}"
+    return f"--encoder {input.encoder}"
+
+
+def probe_inputs(wildcards):
+    inputs = {"code": code("probe"), "subjects": rules.splits.output.subjects, "volumes": rules.splits.output.volumes}
+    model = wildcards.model
+    if model in END_TO_END:
+        inputs["vertebrae"] = rules.extract.output.vertebrae
+        if model.endswith("-finetune"):
+            inputs["encoder"] = encoder_file(model.removesuffix("-finetune"))
+    else:
+        inputs["features"] = out("probes", "features", model, "features.npy")
+    return inputs
+
+
+# The probe_training keys each kind of job reads: a change to the end-to-end settings re-runs no frozen job.
+HEAD_KEYS = ("seed", "heads", "linear_c", "cv_folds", "mlp_hidden", "mlp_alpha", "max_iter")
+NETWORK_KEYS = ("seed", "epochs", "patience", "batch_size", "learning_rate", "weight_decay", "device")
+
+
+def probe_options(wildcards):
+    return stage_options("probe_training", keys=NETWORK_KEYS if wildcards.model in END_TO_END else HEAD_KEYS)
+
+
+def probe_flags(wildcards, input):
+    if wildcards.model in END_TO_END:
+        flags = f"--end-to-end --vertebrae {input.vertebrae} {encoder_size_flags()}"
+        return flags + (f" --encoder {input.encoder}" if "encoder" in input.keys() else "")
+    return f"--features {input.features}"

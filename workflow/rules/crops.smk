@@ -9,57 +9,64 @@ rule ingest:
     output:
         crops=directory(out("ingest", "crops")),
         crop_table=out("ingest", "crops.parquet"),
+        crop_table_csv=out("ingest", "crops.csv"),
         manifest=out("ingest", "manifest.parquet"),
         manifest_csv=out("ingest", "manifest.csv"),
         files=out("ingest", "files.parquet"),
         files_csv=out("ingest", "files.csv"),
+        series=out("ingest", "series.csv"),
         gradings=out("ingest", "gradings.parquet"),
+        gradings_csv=out("ingest", "gradings.csv"),
         subjects=out("ingest", "subjects.parquet"),
+        subjects_csv=out("ingest", "subjects.csv"),
         summary=out("ingest", "summary.json"),
-    params:
-        root=out("ingest"),
-        options=crops_flags,
     log:
         logs("ingest", "ingest"),
     benchmark:
         bench("ingest", "ingest")
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        options=crops_flags,
     shell:
-        "{PYTHON} -m stages.ingest_crops --table {input.table} --out {params.root} {params.options} > {log} 2>&1"
+        "python -m stages.ingest_crops --table {input.table} {params.options} --out-crops {output.crops} "
+        "--out-crop-table {output.crop_table} --out-manifest {output.manifest} --out-files {output.files} "
+        "--out-series {output.series} --out-gradings {output.gradings} --out-subjects {output.subjects} "
+        "--out-summary {output.summary} > {log} 2>&1"
 
 
 rule extract:
     input:
         code=code("extract_crops"),
-        crops=rules.ingest.output.crops,
         crop_table=rules.ingest.output.crop_table,
+        crops=rules.ingest.output.crops,
     output:
         vertebrae=out("extract", "vertebrae.npy"),
         discs=out("extract", "discs.npy"),
         axial=out("extract", "axial.npy"),
         index=out("extract", "index.parquet"),
         index_csv=out("extract", "index.csv"),
-    params:
-        ingest=out("ingest"),
-        root=out("extract"),
-        options=lambda wildcards: section_options(config["extract"]),
     log:
         logs("extract", "extract"),
     benchmark:
         bench("extract", "extract")
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        # Crops are brought to the extraction sizes, not cut from a scan: no reslicing or width settings.
+        options=stage_options("extract", keys=("vertebra_size", "disc_size", "axial_size")),
     shell:
-        "{PYTHON} -m stages.extract_crops --ingest {params.ingest} --out {params.root} {params.options} > {log} 2>&1"
+        "python -m stages.extract_crops --crop-table {input.crop_table} --crops {input.crops} {params.options} "
+        "--out-vertebrae {output.vertebrae} --out-discs {output.discs} --out-axial {output.axial} "
+        "--out-index {output.index} > {log} 2>&1"
 
 
 rule extract_qc:
@@ -69,19 +76,22 @@ rule extract_qc:
         vertebrae=rules.extract.output.vertebrae,
         discs=rules.extract.output.discs,
     output:
-        gallery=report(out("extract", "qc", "gallery.png"), caption="../report/extraction_gallery.rst",
-                       category="2. Localisation and extraction", labels={"name": "extracted volumes"}),
-    params:
-        ingest=out("ingest"),
-        extract=out("extract"),
+        gallery=report(
+            out("extract", "qc", "gallery.png"),
+            caption="../report/extraction_gallery.rst",
+            category="2. Localisation and extraction",
+            labels={"name": "extracted volumes"},
+        ),
     log:
         logs("extract", "extract_qc"),
+    benchmark:
+        bench("extract", "extract_qc")
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
-    conda:
-        ENV
     shell:
-        "{PYTHON} -m stages.extract_qc --ingest {params.ingest} --extract {params.extract} "
+        "python -m stages.extract_qc --index {input.index} --vertebrae {input.vertebrae} --discs {input.discs} "
         "--out-gallery {output.gallery} > {log} 2>&1"

@@ -13,21 +13,23 @@ rule demo_cohort:
         landmarks=out("demo_cohort", "truth", "landmarks.csv"),
         planted=out("demo_cohort", "truth", "planted_files.csv"),
         key=out("demo_cohort", "pseudonym.key"),
-    params:
-        root=out("demo_cohort"),
-        options=demo_options(),
     log:
         logs("demo_cohort", "demo_cohort"),
     benchmark:
         bench("demo_cohort", "demo_cohort")
+    conda:
+        ENV
     threads: 8
     resources:
         mem_mb=lambda wildcards, threads: 1000 + 600 * threads,
         runtime=lambda wildcards, attempt: 30 + config["demo"]["n_subjects"] // 4,
-    conda:
-        ENV
+    params:
+        options=stage_options("demo"),
     shell:
-        "{PYTHON} -m stages.demo_cohort --out {params.root} --threads {threads} {params.options} > {log} 2>&1"
+        "python -m stages.demo_cohort --threads {threads} {params.options} --out-dicom {output.dicom} "
+        "--out-labels {output.labels} --out-subjects {output.subjects} --out-studies {output.studies} "
+        "--out-gradings {output.gradings} --out-landmarks {output.landmarks} --out-planted {output.planted} "
+        "--out-key {output.key} > {log} 2>&1"
 
 
 rule demo_montage:
@@ -38,20 +40,23 @@ rule demo_montage:
         gradings=rules.demo_cohort.output.gradings,
         landmarks=rules.demo_cohort.output.landmarks,
     output:
-        png=report(out("demo_cohort", "montage.png"), caption="../report/demo_montage.rst", category="1. Demo cohort",
-                   labels={"name": "demo cohort montage"}),
-    params:
-        root=out("demo_cohort"),
-        subjects=config["demo"]["montage_subjects"],
+        png=report(
+            out("demo_cohort", "montage.png"),
+            caption="../report/demo_montage.rst",
+            category="1. Demo cohort",
+            labels={"name": "demo cohort montage"},
+        ),
     log:
         logs("demo_cohort", "demo_montage"),
     benchmark:
         bench("demo_cohort", "demo_montage")
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=1500,
         runtime=10,
-    conda:
-        ENV
+        flags=runtime_flags("demo", "montage_subjects"),
     shell:
-        "{PYTHON} -m stages.demo_montage --cohort {params.root} --subjects {params.subjects} --out {output.png} > {log} 2>&1"
+        "python -m stages.demo_montage --dicom {input.dicom} --studies {input.studies} --gradings {input.gradings} "
+        "--landmarks {input.landmarks} {resources.flags} --out {output.png} > {log} 2>&1"

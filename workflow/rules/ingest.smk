@@ -2,7 +2,7 @@
 # manifest, and the accounting. The same outputs whatever the source, so later stages never ask. A checkpoint: the
 # number of scans in its manifest decides how many shard jobs localise and extract run (scale.scans_per_shard).
 # A DICOM archive (and the demo's) is ingested in shards: a plan (a checkpoint: it splits the archive by subject),
-# one job per shard, and the merge (`ingest`). A volumes table is one job.
+# one job per shard (a folder each), and the merge (`ingest`). A volumes table is one job.
 
 
 if ingest_stage() == "ingest":
@@ -14,23 +14,22 @@ if ingest_stage() == "ingest":
         output:
             plan=out("ingest", "plan", "plan.parquet"),
             summary=out("ingest", "plan", "plan.json"),
-        params:
-            root=out("ingest", "plan"),
-            inputs=ingest_flags,
-            per_shard=config["scale"]["scans_per_shard"],
         log:
             logs("ingest", "ingest_plan"),
         benchmark:
             bench("ingest", "ingest_plan")
+        conda:
+            ENV
         threads: 8
         resources:
             mem_mb=lambda wildcards, threads: 1500 + 500 * threads,
             runtime=120,
-        conda:
-            ENV
+        params:
+            inputs=ingest_flags,
+            per_shard=config["scale"]["scans_per_shard"],
         shell:
-            "{PYTHON} -m stages.ingest {params.inputs} --make-plan --plan {params.root} "
-            "--scans-per-shard {params.per_shard} --threads {threads} > {log} 2>&1"
+            "python -m stages.ingest {params.inputs} --scans-per-shard {params.per_shard} --out-plan {output.plan} "
+            "--out-plan-summary {output.summary} --threads {threads} > {log} 2>&1"
 
     rule ingest_shard:
         input:
@@ -39,25 +38,24 @@ if ingest_stage() == "ingest":
             plan=rules.ingest_plan.output.plan,
         output:
             shard=temp(directory(out("ingest", "shards", "{shard}"))),
-        wildcard_constraints:
-            shard=r"\d{4}",
-        params:
-            inputs=ingest_flags,
-            plan=out("ingest", "plan"),
-            index=lambda wildcards: int(wildcards.shard),
-            options=lambda wildcards: section_options(config["ingest"]),
         log:
             logs("ingest", "ingest_shard_{shard}"),
         benchmark:
             bench("ingest", "ingest_shard_{shard}")
+        wildcard_constraints:
+            shard=r"\d{4}",
+        conda:
+            ENV
         threads: 8
         resources:
             mem_mb=lambda wildcards, threads: 1500 + 500 * threads,
             runtime=120,
-        conda:
-            ENV
+        params:
+            inputs=ingest_flags,
+            index=lambda wildcards: int(wildcards.shard),
+            options=stage_options("ingest"),
         shell:
-            "{PYTHON} -m stages.ingest {params.inputs} --plan {params.plan} --shard {params.index} --out {output.shard} "
+            "python -m stages.ingest {params.inputs} --plan {input.plan} --shard {params.index} --out {output.shard} "
             "--threads {threads} {params.options} > {log} 2>&1"
 
     checkpoint ingest:
@@ -75,35 +73,38 @@ if ingest_stage() == "ingest":
             files_csv=out("ingest", "files.csv"),
             series=out("ingest", "series.csv"),
             gradings=out("ingest", "gradings.parquet"),
+            gradings_csv=out("ingest", "gradings.csv"),
             subjects=out("ingest", "subjects.parquet"),
+            subjects_csv=out("ingest", "subjects.csv"),
             landmarks=out("ingest", "landmarks.parquet"),
+            landmarks_csv=out("ingest", "landmarks.csv"),
             landmark_rows=out("ingest", "landmark_rows.csv"),
             summary=out("ingest", "summary.json"),
-        params:
-            root=out("ingest"),
-            inputs=ingest_flags,
-            dicom=lambda wildcards: ingest_inputs(wildcards)["dicom"],
-            plan=out("ingest", "plan"),
         log:
             logs("ingest", "ingest"),
         benchmark:
             bench("ingest", "ingest")
+        conda:
+            ENV
         threads: 1
         resources:
             mem_mb=2000,
             runtime=60,
-        conda:
-            ENV
+        params:
+            inputs=ingest_flags,
         shell:
-            "{PYTHON} -m stages.ingest --dicom-dir {params.dicom} {params.inputs} --merge {input.shards} --plan {params.plan} "
-            "--out {params.root} > {log} 2>&1"
+            "python -m stages.ingest {params.inputs} --plan {input.plan} --merge {input.shards} "
+            "--out-volumes {output.volumes} --out-labels {output.labels} --out-manifest {output.manifest} "
+            "--out-files {output.files} --out-series {output.series} --out-gradings {output.gradings} "
+            "--out-subjects {output.subjects} --out-landmarks {output.landmarks} "
+            "--out-landmark-rows {output.landmark_rows} --out-summary {output.summary} > {log} 2>&1"
 
 else:
 
     checkpoint ingest:
         input:
             unpack(ingest_inputs),
-            code=code(ingest_stage()),
+            code=code("ingest_volumes"),
         output:
             volumes=directory(out("ingest", "volumes")),
             labels=directory(out("ingest", "labels")),
@@ -113,25 +114,28 @@ else:
             files_csv=out("ingest", "files.csv"),
             series=out("ingest", "series.csv"),
             gradings=out("ingest", "gradings.parquet"),
+            gradings_csv=out("ingest", "gradings.csv"),
             subjects=out("ingest", "subjects.parquet"),
+            subjects_csv=out("ingest", "subjects.csv"),
             landmarks=out("ingest", "landmarks.parquet"),
+            landmarks_csv=out("ingest", "landmarks.csv"),
             landmark_rows=out("ingest", "landmark_rows.csv"),
             summary=out("ingest", "summary.json"),
-        params:
-            root=out("ingest"),
-            inputs=ingest_flags,
-            stage=ingest_stage(),
-            options=lambda wildcards: section_options(config["ingest"]) if ingest_stage() == "ingest" else "",
         log:
             logs("ingest", "ingest"),
         benchmark:
             bench("ingest", "ingest")
+        conda:
+            ENV
         threads: 8
         resources:
             mem_mb=lambda wildcards, threads: 1500 + 500 * threads,
             runtime=120,
-        conda:
-            ENV
+        params:
+            inputs=ingest_flags,
         shell:
-            "{PYTHON} -m stages.{params.stage} {params.inputs} --out {params.root} --threads {threads} {params.options} "
-            "> {log} 2>&1"
+            "python -m stages.ingest_volumes {params.inputs} --threads {threads} "
+            "--out-volumes {output.volumes} --out-labels {output.labels} --out-manifest {output.manifest} "
+            "--out-files {output.files} --out-series {output.series} --out-gradings {output.gradings} "
+            "--out-subjects {output.subjects} --out-landmarks {output.landmarks} "
+            "--out-landmark-rows {output.landmark_rows} --out-summary {output.summary} > {log} 2>&1"

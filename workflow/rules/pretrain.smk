@@ -17,28 +17,28 @@ rule pretrain:
         checkpoint=out("pretrain", "{method}", "checkpoint.pt"),
         metrics=out("pretrain", "{method}", "metrics.csv"),
         run_config=out("pretrain", "{method}", "run_config.yaml"),
-    wildcard_constraints:
-        method=METHODS_PATTERN,
-    params:
-        splits=out("splits"),
-        extract=out("extract"),
-        root=lambda wildcards: out("pretrain", wildcards.method),
-        ddp=ddp_launcher(),
-        options=lambda wildcards: section_options(config["pretrain"]),
     log:
         logs("pretrain", "{method}"),
     benchmark:
         bench("pretrain", "{method}")
+    wildcard_constraints:
+        method=METHODS_PATTERN,
+    conda:
+        ENV
     threads: config["pretrain"]["threads"]
     resources:
         mem_mb=8000,
         runtime=24 * 60,
         gpu=config["pretrain"]["gpus"],
-    conda:
-        ENV
+        flags=runtime_flags("pretrain", "prefetch", "eval_batch_size", "checkpoint_every"),
+    params:
+        ddp=ddp_launcher(),
+        options=stage_options("pretrain", skip=("methods",)),
     shell:
-        "{PYTHON} {params.ddp} -m stages.pretrain --method {wildcards.method} --splits {params.splits} "
-        "--extract {params.extract} --out {params.root} {params.options} --threads {threads} > {log} 2>&1"
+        "python {params.ddp} -m stages.pretrain --method {wildcards.method} --pairs {input.pairs} "
+        "--volumes {input.volumes} --vertebrae {input.vertebrae} --encoder {output.encoder} "
+        "--checkpoint {output.checkpoint} --metrics {output.metrics} --run-config {output.run_config} "
+        "{params.options} {resources.flags} --threads {threads} > {log} 2>&1"
 
 
 rule pretext_eval:
@@ -52,22 +52,19 @@ rule pretext_eval:
         evaluation=out("pretrain", "{method}", "pretext", "evaluation.json"),
         distances=out("pretrain", "{method}", "pretext", "distances.parquet"),
         distances_csv=out("pretrain", "{method}", "pretext", "distances.csv"),
-    wildcard_constraints:
-        method=METHODS_PATTERN,
-    params:
-        splits=out("splits"),
-        extract=out("extract"),
-        root=lambda wildcards: out("pretrain", wildcards.method, "pretext"),
     log:
         logs("pretext_eval", "{method}"),
     benchmark:
         bench("pretext_eval", "{method}")
+    wildcard_constraints:
+        method=METHODS_PATTERN,
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        ENV
     shell:
-        "{PYTHON} -m stages.pretext_eval --checkpoint {input.checkpoint} --splits {params.splits} "
-        "--extract {params.extract} --out {params.root} --threads {threads} > {log} 2>&1"
+        "python -m stages.pretext_eval --checkpoint {input.checkpoint} --pairs {input.pairs} "
+        "--volumes {input.volumes} --vertebrae {input.vertebrae} --evaluation {output.evaluation} "
+        "--scores {output.distances} --scores-csv {output.distances_csv} --threads {threads} > {log} 2>&1"

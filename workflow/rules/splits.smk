@@ -4,30 +4,30 @@
 rule splits:
     input:
         code=code("splits"),
-        manifest=rules.ingest.output.manifest,
+        index=rules.extract.output.index,
         subjects=rules.ingest.output.subjects,
         gradings=rules.ingest.output.gradings,
-        index=rules.extract.output.index,
     output:
         subjects=out("splits", "subjects.parquet"),
+        subjects_csv=out("splits", "subjects.csv"),
         volumes=out("splits", "volumes.parquet"),
+        volumes_csv=out("splits", "volumes.csv"),
         pairs=out("splits", "pairs.parquet"),
+        pairs_csv=out("splits", "pairs.csv"),
         summary=out("splits", "summary.json"),
-    params:
-        ingest=out("ingest"),
-        extract=out("extract"),
-        root=out("splits"),
-        options=lambda wildcards: section_options(config["splits"]),
     log:
         logs("splits", "splits"),
     benchmark:
         bench("splits", "splits")
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
-    conda:
-        ENV
+    params:
+        options=stage_options("splits"),
     shell:
-        "{PYTHON} -m stages.splits --ingest {params.ingest} --extract {params.extract} --out {params.root} "
-        "{params.options} > {log} 2>&1"
+        "python -m stages.splits --index {input.index} --subjects {input.subjects} --gradings {input.gradings} "
+        "{params.options} --out-subjects {output.subjects} --out-volumes {output.volumes} --out-pairs {output.pairs} "
+        "--out-summary {output.summary} > {log} 2>&1"

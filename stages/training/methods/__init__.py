@@ -1,0 +1,1 @@
+"""The pretraining methods, one module each, registered by name in stages/training/registry.py."""

@@ -1,0 +1,10 @@
+"""The pretraining methods by name: the workflow's ``{method}`` (``pretrain.methods``). Adding a method is one module
+in stages/training/methods/, a class following :class:`stages.training.protocol.Method`, and one entry below; the
+harness does not change."""
+
+from __future__ import annotations
+
+from stages.training.methods.siamese import SiameseMethod
+from stages.training.protocol import Method
+
+METHODS: dict[str, type[Method]] = {"siamese": SiameseMethod}

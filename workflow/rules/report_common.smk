@@ -1,0 +1,105 @@
+# Path builders and input functions of the report's rules (workflow/rules/report.smk).
+
+REPORTS = config["reports"]
+# The probe job each report figure of a model reads: the Grad-CAM task (or the first disc task), every label, seed 0.
+REPORT_TASK = (
+    REPORTS["gradcam_task"]
+    if REPORTS["gradcam_task"] in PROBES["tasks"]
+    else next((t for t in PROBES["tasks"] if t != "level"), None)
+)
+# Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none.
+GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS else []
+# The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
+END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
+
+
+def fig(name, ext="png"):
+    """A figure of the report: results/report/figures/{name}.{ext} (png for the HTML report, pdf for a paper)."""
+    return out("report", "figures", f"{name}.{ext}")
+
+
+def table(name, ext="html"):
+    """A table of the report: results/report/tables/{name}.{ext} (html for the HTML report, and csv)."""
+    return out("report", "tables", f"{name}.{ext}")
+
+
+def in_report(path, caption, category, label):
+    """``path``, shown in the HTML report (snakemake --report) under ``category`` as ``label``, with its caption
+    workflow/report/{caption}.rst."""
+    return report(path, caption=f"../report/{caption}.rst", category=category, labels={"name": label})
+
+
+def file_flags(wildcards, input, output):
+    """Options of stages.figures naming the files of a figure's or a table's job, as its rule declares them
+    (params): ``--{name} {files}`` for every named input but ``code`` and every named output (``end_to_end`` is
+    ``--end-to-end``); an empty input list is left out."""
+    named = [(k, v) for k, v in [*input.items(), *output.items()] if k != "code"]
+    return " ".join(
+        f"--{k.replace('_', '-')} " + " ".join(shlex.quote(f) for f in ([v] if isinstance(v, str) else v))
+        for k, v in named
+        if v
+    )
+
+
+def report_job(model, name):
+    """File ``name`` of the probe job the report explains for ``model``: REPORT_TASK, every label, seed 0."""
+    return probe_job(model, REPORT_TASK, max(PROBES["label_fractions"]), 0, name)
+
+
+def training_history_inputs(kind):
+    """Inputs of the training-curves figure: the supervised encoder's history, or the end-to-end probe jobs'."""
+    if kind == "supervised":
+        return [out("probes", "encoders", "supervised", "history.csv")] if "supervised" in PROBES["baselines"] else []
+    return [report_job(m, "history.csv") for m in END_TO_END] if REPORT_TASK else []
+
+
+def gradcam_inputs(wildcards):
+    """The probe job explained (its task, test samples and model), the disc masks, the volumes and, for a frozen
+    probe of a trained encoder, the encoder."""
+    model = wildcards.model
+    inputs = {
+        "code": code("gradcam"),
+        "metrics": report_job(model, "metrics.json"),
+        "predictions": report_job(model, "predictions.parquet"),
+        "model": report_job(model, "model.npz"),
+        "masks": rules.disc_masks.output.masks,
+        "vertebrae": rules.extract.output.vertebrae,
+    }
+    if model in FROZEN and model != "random":
+        inputs["encoder"] = encoder_file(model)
+    return inputs
+
+
+def gradcam_encoder_flags(wildcards, input):
+    """The encoder of a frozen probe (the random one is rebuilt from its seed and size); nothing end to end."""
+    if wildcards.model == "random":
+        return f"--random {stage_options('pretrain', keys=('seed', 'width', 'embedding_dim'))}"
+    return f"--encoder {input.encoder}" if "encoder" in input.keys() else ""
+
+
+def results_config():
+    """The validated configuration without its x-runtime keys, as JSON: the configuration table's params. The keys
+    that do not change results (threads, read-ahead, picture counts) are left out, so changing them re-runs nothing;
+    the page names them (stages/report_config.py)."""
+    kept = {
+        section: (
+            {k: v for k, v in values.items() if k not in runtime_keys(section)} if isinstance(values, dict) else values
+        )
+        for section, values in config.items()
+    }
+    return json.dumps(kept, sort_keys=True)
+
+
+def report_targets():
+    """Every figure and table of the report (those whose task was run)."""
+    figures = ["label_efficiency", "training_curves"]
+    figures += ["pretext"] if config["pretrain"]["methods"] else []
+    figures += ["label_curves_herniation", "roc_herniation"] if "herniation" in PROBES["tasks"] else []
+    figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
+    figures += ["embeddings"] if REPORTS["embeddings"] and FROZEN else []
+    figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
+    figures += [f"pairs_{m}" for m in config["pretrain"]["methods"]]
+    tables = ["figure_of_merit", "configuration"]
+    tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
+    tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
+    return [fig(f, ext) for f in figures for ext in ("png", "pdf")] + [table(t) for t in tables]
