@@ -109,3 +109,10 @@ def test_pretext_evaluation_is_the_methods_own(data, tmp_path, toy):
     assert len(table) == summary["test_bodies"] > 0
     volumes = pd.read_parquet(store_files(data)["volumes"]).set_index("row")
     assert (volumes.loc[table.row, "ssl_part"] == "test").all()
+
+
+def test_the_schema_offers_exactly_the_registered_methods():
+    """pretrain.methods is checked at start-up against the schema's enum: it names every registered method and
+    nothing else, so a method added to the registry is also added there (and a typo fails before any job runs)."""
+    enum = load_schema()["properties"]["pretrain"]["properties"]["methods"]["items"]["enum"]
+    assert sorted(enum) == sorted(METHODS)
