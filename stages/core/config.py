@@ -8,6 +8,7 @@ missing optional keys are filled with the schema's defaults.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,16 @@ class ConfigError(ValueError):
     """The configuration does not satisfy the schema."""
 
 
-def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+@functools.cache
+def _parsed_schema(path: Path) -> dict[str, Any]:
+    """The schema file parsed once per process (the workflow asks for it for every rule and job)."""
     with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The config schema (a copy: the caller may change it)."""
+    return copy.deepcopy(_parsed_schema(Path(path)))
 
 
 def fill_defaults(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -93,5 +101,5 @@ def runtime_keys(section: str, schema: dict[str, Any] | None = None) -> frozense
     """The keys of config ``section`` marked ``x-runtime: true`` in the schema: they change how a job runs (threads,
     read-ahead, evaluation batch, checkpoint interval, picture counts), not what it computes, so the rules keep them
     out of their params (workflow/rules/common.smk)."""
-    props = (schema or load_schema())["properties"][section].get("properties", {})
+    props = (schema or _parsed_schema(SCHEMA_PATH))["properties"][section].get("properties", {})
     return frozenset(k for k, spec in props.items() if spec.get("x-runtime"))

@@ -21,8 +21,10 @@ def module_file(root: Path, module: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def direct_imports(root: Path, module: str) -> set[str]:
-    """The ``stages`` modules that ``module``'s source imports (module level and inside functions)."""
+@cache
+def direct_imports(root: Path, module: str) -> frozenset[str]:
+    """The ``stages`` modules that ``module``'s source imports (module level and inside functions); each source is
+    read once per process."""
     path = module_file(root, module)
     if path is None:
         raise ValueError(f"no module {module} under {root} (expected {root.joinpath(*module.split('.'))}.py)")
@@ -36,7 +38,7 @@ def direct_imports(root: Path, module: str) -> set[str]:
             continue
         found.update(n for n in names if n.split(".")[0] == PACKAGE and module_file(root, n) is not None)
     found.discard(module)
-    return found
+    return frozenset(found)
 
 
 @cache
