@@ -18,7 +18,9 @@ Run (one job; the workflow runs one per shard, ``--shard I --scans-per-shard P -
 Writes ``--out-vertebrae`` (N, S, H, W), ``--out-discs`` (N, S, Hd, W), ``--out-axial`` (N, 3, Ha, Wa), float16
 arrays written slot by slot through memory maps (the cohort is never held in memory), and ``--out-index`` (Parquet,
 a CSV copy beside it): one row per extracted volume (array, row, scan, subject, study, days since first study, kind,
-level, centre, source of the localisation, pixel size, normalisation factor).
+level, centre, source of the localisation, pixel size, normalisation factor, flag). A volume whose intensities cannot
+be normalised (no vertebral body found around it: no reference intensity) is flagged there with the reason, its
+factor NaN and its slot left as zeros, never NaN; the splits stage leaves flagged volumes out.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ from stages.anatomy.crops import (
     body_medians,
     crop,
     neighbour_reference,
+    normalise,
 )
 from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
 from stages.core import cli, levels
-from stages.core.shards import add_shard_options, concat_arrays, count_from_manifest, shard_block, shard_from_args
+from stages.core.shards import (
+    add_shard_options,
+    concat_arrays,
+    count_from_manifest,
+    shard_block,
+    shard_from_args,
+)
 
 log = logging.getLogger("extract")
 
 
 def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any]:
-    """All crops of one scan, normalised."""
+    """All crops of one scan, normalised (a crop that cannot be: zeros, and the reason in its row's ``flag``)."""
     volume_path, structures, cfg = job
     image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(image)
@@ -64,15 +73,15 @@ def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any
         table = structures[structures.kind == kind].set_index("level")
         for name in names:
             row = next(table.loc[[name]].itertuples())
-            reference = neighbour_reference(name, kind, medians)
-            scale = 0.5 / reference if reference > 0 else np.nan
             array, step = crop(volume, image, row, size, cfg.width_fraction)
-            out[key].append((array * scale).astype(np.float16))
+            crops = [array]
             if kind == "disc":
-                ax = axial_stack(volume, image, row, cfg.axial_size, cfg.axial_spacing_mm, cfg.width_fraction)
-                out["axial"].append((ax * scale).astype(np.float16))
+                crops.append(axial_stack(volume, image, row, cfg.axial_size, cfg.axial_spacing_mm, cfg.width_fraction))
+            crops, scale, flag = normalise(crops, neighbour_reference(name, kind, medians))
+            out[key].append(crops[0])
+            out["axial"] += crops[1:]
             out["rows"].append({"kind": kind, "level": name, "x": row.x, "y": row.y, "z": row.z,
-                                "step_mm": step, "scale": scale})
+                                "step_mm": step, "scale": scale, "flag": flag})
     return out
 
 
@@ -121,11 +130,21 @@ def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_fil
                               "source": source, **row})
     for array in arrays.values():
         array.flush()
-    table = pd.DataFrame(index)
+    table = pd.DataFrame(index, columns=INDEX_COLUMNS)
     write_table(table, out.index)
     log.info("extracted %d vertebral bodies and %d discs from %d scans", (table.kind == "vertebra").sum(),
              (table.kind == "disc").sum(), n)
+    log_flagged(table)
     return table
+
+
+def log_flagged(index: pd.DataFrame) -> None:
+    """Warn about the volumes the index flags (zeros in the arrays, left out by the splits stage), per reason."""
+    flags = index["flag"] if "flag" in index else pd.Series("", index=index.index)
+    flagged = index[flags.fillna("") != ""]
+    for reason, group in flagged.groupby("flag"):
+        log.warning("%d volume(s) of %d scan(s) flagged and left as zeros: %s (e.g. %s %s)", len(group),
+                    group.scan_id.nunique(), reason, group.scan_id.iloc[0], group.level.iloc[0])
 
 
 def merge(shards: list[Path], out: ExtractOutputs) -> pd.DataFrame:
@@ -146,6 +165,7 @@ def merge(shards: list[Path], out: ExtractOutputs) -> pd.DataFrame:
     write_table(index, out.index)
     log.info("merged %d shards: %d vertebral bodies and %d discs", len(shards), (index.kind == "vertebra").sum(),
              (index.kind == "disc").sum())
+    log_flagged(index)
     if index.empty:
         log.warning("no scan to extract: every scan was flagged by localisation (see its flags.csv)")
     return index

@@ -6,7 +6,9 @@ zero-padded around; the slices are centred and zero-padded (or the central ones 
 2D crop becomes a volume with the image on its middle slice and zeros on the others (Jamaludin et al. 2017 zero-pad
 scans with fewer slices). Intensities are normalised as the extract stage does, where the acquisition allows it: the
 median intensity of the neighbouring vertebral bodies' cores (bodies above and below; a disc's two bodies) becomes
-0.5; a crop without neighbouring bodies in its acquisition is normalised by its own core's median (per image).
+0.5; a crop without neighbouring bodies in its acquisition is normalised by its own core's median (per image). A
+crop that has neither (its core is empty) is flagged in the index's ``flag`` column with the reason and left as zeros
+in its array, never NaN (the splits stage leaves flagged volumes out).
 
 Crops are not resliced: ``axial.npy`` (the Hou et al. 2023 path) holds zeros for them, and the index's ``source`` is
 ``crop_table`` (centres and pixel sizes unknown: NaN).
@@ -30,13 +32,21 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import zoom
 
-from stages.anatomy.crops import EXTRACT_OUTPUTS, INDEX_COLUMNS, ExtractConfig, ExtractOutputs, neighbour_reference
+from stages.anatomy.crops import (
+    EXTRACT_OUTPUTS,
+    INDEX_COLUMNS,
+    ExtractConfig,
+    ExtractOutputs,
+    neighbour_reference,
+    normalise,
+)
 from stages.archive.manifest import scan_file, write_table
 from stages.core import cli, levels
 
 log = logging.getLogger("extract_crops")
 
 ORDER = {name: i for i, name in enumerate(levels.VERTEBRAE + levels.DISCS)}
+EMPTY = "no intensity to normalise by: no neighbouring vertebral body in the acquisition and no signal in the crop's core"
 
 
 def fit(image: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
@@ -93,27 +103,31 @@ def extract_crops(crop_table: Path, crop_folder: Path, out: ExtractOutputs, cfg:
             size = cfg.vertebra_size if crop.kind == "vertebra" else cfg.disc_size
             volumes[crop.level] = fit(np.load(scan_file(crop_folder, crop.file)), size)
         medians = {level: core_median(v) for level, v in volumes.items()}
-        bodies = {lv: m for lv, m in medians.items() if lv in levels.VERTEBRAE}
+        bodies = {lv: m for lv, m in medians.items() if lv in levels.VERTEBRAE and np.isfinite(m)}
         for crop in group.itertuples():
             reference = neighbour_reference(crop.level, crop.kind, {k: v for k, v in bodies.items() if k != crop.level})
             if not np.isfinite(reference):  # no neighbouring body in this acquisition: the crop's own intensity
                 reference = medians[crop.level]
                 per_image += 1
-            scale = 0.5 / reference if reference > 0 else np.nan
+            (volume,), scale, flag = normalise([volumes[crop.level]], reference, EMPTY)
             array = "vertebrae" if crop.kind == "vertebra" else "discs"
             slot = slots[array]
             slots[array] += 1
-            arrays[array][slot] = (volumes[crop.level] * scale).astype(np.float16)
+            arrays[array][slot] = volume
             index.append({"array": array, "row": slot, "scan_id": scan_id, "subject_id": crop.subject_id,
                           "study_id": crop.study_id, "days_since_first_study": crop.days_since_first_study,
                           "source": "crop_table", "kind": crop.kind, "level": crop.level, "x": np.nan, "y": np.nan,
-                          "z": np.nan, "step_mm": np.nan, "scale": scale})
+                          "z": np.nan, "step_mm": np.nan, "scale": scale, "flag": flag})
     for array in arrays.values():
         array.flush()
     table = pd.DataFrame(index, columns=INDEX_COLUMNS)
     write_table(table, out.index)
     log.info("%d vertebral bodies and %d discs from %d acquisitions; %d crops normalised by their own intensity "
              "(no neighbouring body in their acquisition)", n_bodies, n_discs, crops.scan_id.nunique(), per_image)
+    flagged = table[table.flag != ""]
+    if len(flagged):
+        log.warning("%d crop(s) flagged and left as zeros: %s (e.g. %s %s)", len(flagged), EMPTY,
+                    flagged.scan_id.iloc[0], flagged.level.iloc[0])
     return table
 
 

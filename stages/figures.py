@@ -228,9 +228,22 @@ def label_efficiency_figure(summary: pd.DataFrame, out: FigureFiles, end_to_end:
     return save(fig, out)
 
 
+def _difference(row: pd.Series) -> str:
+    """``+0.012 [-0.031, +0.050]``: a difference from scratch with its interval."""
+    if pd.isna(row.difference):
+        return "n/a"
+    if pd.isna(row.ci_low) or pd.isna(row.ci_high):
+        return f"{row.difference:+.3f} [no interval]"
+    return f"{row.difference:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
+
+
 def figure_of_merit_table(efficiency: pd.DataFrame, out: TableFiles) -> list[Path]:
+    """The figure of merit (probes/label_efficiency.csv): per task, model and head, the first label subset that
+    matches scratch on every label, and the difference from scratch there with its interval and verdict (not
+    reached: at the largest subset tried)."""
     if efficiency.empty:
         frame = pd.DataFrame({"note": ["no figure of merit: the scratch model was not run on every label"]})
+        note = ""
     else:
         frame = pd.DataFrame({
             "task": efficiency.task.map(TASK_NAMES), "metric": efficiency.metric.map(METRIC_NAMES),
@@ -242,10 +255,23 @@ def figure_of_merit_table(efficiency: pd.DataFrame, out: TableFiles) -> list[Pat
             "scans there": efficiency.matched_scans.map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
             "share of scans": efficiency.scan_share.map(lambda v: "" if pd.isna(v) else f"{v:.0%}"),
             "value there": efficiency.value_there.map(lambda v: "" if pd.isna(v) else f"{v:.3f}")})
+        note = ""
+        if {"difference", "ci_low", "ci_high", "compared_at_fraction", "fraction_verdict"} <= set(efficiency):
+            level = efficiency.ci_level.dropna()
+            margin = efficiency.margin.dropna()
+            percent = f"{level.iloc[0]:.0%}" if len(level) else "bootstrap"
+            frame["compared at subset"] = efficiency.compared_at_fraction.map(lambda v: f"{v:g}")
+            frame[f"difference from scratch [{percent} interval]"] = efficiency.apply(_difference, axis=1)
+            frame["verdict there"] = efficiency.fraction_verdict
+            note = (f" A subset matches when the lower end of the {percent} paired bootstrap interval (over test "
+                    "subjects) of the difference, model minus scratch on every label, is above "
+                    f"-{margin.iloc[0] if len(margin) else 'the margin'} (probes.match_margin; non-inferiority); "
+                    "below scratch at all labels: the interval lies below 0; inconclusive: neither. Not reached: "
+                    "the difference and verdict at the largest subset tried.")
     return write_table(frame, out, "Label efficiency: labels needed to match the model trained from scratch",
-                       "For each model and head: the smallest label subset whose mean headline metric (over seeds) "
-                       "reaches that of the model trained from scratch on every label (Jamaludin et al. 2017 report "
-                       "667 vs 976 scans).")
+                       "For each model and head: the smallest label subset at which its headline metric matches "
+                       "that of the model trained from scratch on every label (Jamaludin et al. 2017 report 667 vs "
+                       "976 scans)." + note)
 
 
 def label_curves_figure(summary: pd.DataFrame, out: FigureFiles, end_to_end: list[str]) -> list[Path]:
@@ -504,10 +530,27 @@ def _overlay(ax: plt.Axes, image: np.ndarray, heat: np.ndarray, mask: np.ndarray
     ax.set_yticks([])
 
 
-def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, out: FigureFiles, variant: str,
-                   example: int = 0) -> list[Path]:
-    """One test disc, every model: the upper and the lower body's middle slice and the slices either side, with the
-    map over them and the disc's outline (white)."""
+def _example_inputs(m: dict[str, np.ndarray], bodies: np.ndarray | None,
+                    example: int) -> tuple[list[np.ndarray], list[str]]:
+    """The input volumes of one example of a model's maps.npz and their names: the disc volume, or the upper and the
+    lower body (saved with the maps; maps written before they were, the bodies' rows of ``bodies``)."""
+    parts = [str(p) for p in m["parts"]] if "parts" in m else ["upper body", "lower body"]
+    if "inputs" in m:
+        return [np.asarray(v, dtype=np.float32) for v in m["inputs"][example]], parts
+    if bodies is None:
+        raise ValueError("these maps hold no input volumes: give the vertebral bodies (--vertebrae)")
+    return [np.asarray(bodies[int(m[k][example])], dtype=np.float32) for k in ("upper", "lower")], parts
+
+
+HOU_TITLE = ("Grad-CAM, variant of Hou et al. 2023 (weights: mean |gradient| / their standard deviation, one softmax "
+             "over every map and channel; each map divided by its maximum)")
+
+
+def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray | None, out: FigureFiles,
+                   variant: str, example: int = 0) -> list[Path]:
+    """One test disc, every model: the middle slice and the slices either side of each volume the model reads (the
+    disc volume, or the upper and the lower body), with the map over them and the disc's outline (white). In Hou et
+    al.'s variant a binary task maps positive predictions only: a negative prediction's row says so."""
     models = list(maps)
     key = "cam_up" if variant == "gradcam" else "hou_up"
     drawn = [m for m in models if len(maps[m][key]) > example]
@@ -517,14 +560,16 @@ def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, o
         return save(fig, out)
     first = maps[drawn[0]]
     task = str(first["task"]) if "task" in first else "grade"
+    binary = TASKS[task].binary if task in TASKS else False
 
     def name(value: Any) -> str:
         return f"P{int(value)}" if task == "grade" else ("herniated" if int(value) else "not herniated")
 
-    slices = bodies.shape[1]
+    volumes, parts = _example_inputs(first, bodies, example)
+    slices = volumes[0].shape[0]
     shown = sorted({max(slices // 2 - 2, 0), slices // 2, min(slices // 2 + 2, slices - 1)})
-    fig, axes = plt.subplots(len(models), 2 * len(shown), figsize=(1.9 * 2 * len(shown), 2.1 * len(models) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(models), len(parts) * len(shown),
+                             figsize=(1.9 * len(parts) * len(shown) + 0.8, 2.1 * len(models) + 0.8), squeeze=False)
     for row, model in zip(axes, models):
         m = maps[model]
         if len(m[key]) <= example:
@@ -533,19 +578,26 @@ def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray, o
             row[0].text(0, 0.5, f"{model}: nothing to explain (one-class rule)", transform=row[0].transAxes,
                         fontsize=8)
             continue
-        for j, (volume_key, part) in enumerate((("upper", "upper body"), ("lower", "lower body"))):
-            volume = np.asarray(bodies[int(m[volume_key][example])], dtype=np.float32)
+        volumes, _ = _example_inputs(m, bodies, example)
+        no_map = variant == "hou" and "hou_map" in m and not bool(m["hou_map"][example])
+        for j, (volume, part) in enumerate(zip(volumes, parts)):
             for s_i, s in enumerate(shown):
                 ax = row[j * len(shown) + s_i]
-                _overlay(ax, volume[s], np.asarray(m[key][example, j, s], dtype=np.float32), m["masks"][example, j, s])
+                heat = np.asarray(m[key][example, j, s], dtype=np.float32)
+                _overlay(ax, volume[s], np.zeros_like(heat) if no_map else heat, m["masks"][example, j, s])
                 if model == drawn[0]:
                     ax.set_title(f"{part}, slice {s + 1}/{slices}", fontsize=8)
-        row[0].set_ylabel(f"{model}\npredicted {name(m['predicted'][example])}", fontsize=8)
-    title = ("Grad-CAM (standard)" if variant == "gradcam" else
-             "Grad-CAM, variant of Hou et al. 2023 (|gradient| weights, softmax across maps, each map in [0, 1])")
+        head = f" ({m['head']})" if "head" in m and str(m["head"]) != "network" else ""
+        text = f"{model}{head}\npredicted {name(m['predicted'][example])}"
+        row[0].set_ylabel(text + ("\nnegative prediction:\nno Hou map" if no_map else ""), fontsize=8)
+    if variant == "gradcam":
+        title = "Grad-CAM (standard): the predicted class's logit, the volumes on one scale"
+    else:
+        title = HOU_TITLE + ("\nbinary task: maps of positive predictions only (y = z1 - z0, the pre-sigmoid logit)"
+                             if binary else "\ny = the predicted class's logit")
     outline = "white: the disc's label map" if first["has_mask"][example] else "no label map for this scan"
     fig.suptitle(f"{title}\ntest disc {first['level'][example]}, truth: {name(first['label'][example])}; {outline}",
-                 fontsize=10)
+                 fontsize=9)
     fig.tight_layout()
     return save(fig, out)
 
@@ -555,19 +607,31 @@ def _number(value: Any) -> str:
 
 
 def attention_table(summaries: list[dict[str, Any]], out: TableFiles) -> list[Path]:
-    frame = pd.DataFrame([{"model": s["model"], "layer (map size)": f"{s['layer']} ("
-                           + " x ".join(str(v) for v in s.get("map_size", [])) + ")",
+    """Per model: the share of each variant's map inside the disc's label map, each beside the uniform share over
+    the same test discs (Hou et al.'s averages cover its own samples: in a binary task the positive predictions)."""
+    frame = pd.DataFrame([{"model": s["model"] + (f" ({s['head']})" if s.get("head") not in (None, "network") else ""),
+                           "input": s.get("input", "two bodies"),
+                           "layer (map size)": f"{s['layer']} (" + " x ".join(str(v) for v in s.get("map_size", []))
+                           + ")",
                            "test discs scored": s["samples"],
                            "inside the disc, Grad-CAM": _number(s["inside_disc"]),
+                           "uniform attention (disc share of the input)": _number(s["disc_share_of_volume"]),
+                           "test discs scored, Hou et al.": s.get("samples_hou", ""),
                            "inside the disc, Hou et al. variant": _number(s["inside_disc_hou"]),
-                           "uniform attention (disc share of the volumes)": _number(s["disc_share_of_volume"]),
+                           "uniform attention, Hou et al.'s discs": _number(s.get("disc_share_of_volume_hou")),
                            "note": s.get("note", "")}
                           for s in summaries])
     if not frame.note.astype(bool).any():
         frame = frame.drop(columns="note")
+    binary = any(TASKS[s["task"]].binary for s in summaries if s.get("task") in TASKS)
+    hou = ("In this binary task Hou et al.'s maps, as theirs, explain the pre-sigmoid logit of positive "
+           "predictions only (y = z1 - z0): their scores cover the test discs predicted positive. " if binary else
+           "Hou et al.'s maps explain the predicted class's logit, on every test disc. ")
     return write_table(frame, out, "Attention inside the disc (share of the Grad-CAM mass inside the disc's label map)",
-                       "Averaged over the test discs with a label map. Uniform attention would score the disc's share "
-                       "of the two body volumes; a higher score means the model looks at the disc.")
+                       "Averaged over the test discs with a label map and a non-empty map. " + hou
+                       + "Uniform attention, a map spread evenly, would score the disc's share of the input volume(s) "
+                       "(the disc volume, or the two body volumes) over the same discs; a higher score means the model "
+                       "looks at the disc.")
 
 
 def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: FigureFiles) -> list[Path]:
@@ -643,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gradcam", "Grad-CAM examples per model.")
     p.add_argument("--maps", type=cli.existing_file, nargs="+", required=True,
                    help="report/gradcam/{model}/maps.npz (the model is the folder's name).")
-    p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
+    p.add_argument("--vertebrae", type=cli.existing_file,
+                   help="extract/vertebrae.npy (only for maps written without their input volumes).")
     p.add_argument("--variant", choices=("gradcam", "hou"), default="gradcam", help="Which maps.")
     p = add("attention", "The attention-inside-the-disc table.", "table")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
@@ -698,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         training_figure(pretrain, supervised, histories(args.end_to_end), figure)
     elif args.figure == "gradcam":
         maps = {p.parent.name: dict(np.load(p)) for p in args.maps}
-        gradcam_figure(maps, np.load(args.vertebrae, mmap_mode="r"), figure, args.variant)
+        bodies = np.load(args.vertebrae, mmap_mode="r") if args.vertebrae else None
+        gradcam_figure(maps, bodies, figure, args.variant)
     elif args.figure == "attention":
         attention_table([json.loads(p.read_text()) for p in args.summaries], table)
     elif args.figure == "pairs":

@@ -3,33 +3,36 @@
 The harness (stages/training/harness.py: device, data, optimiser, plateau schedule, checkpoints, DDP, metrics) knows
 no method; a method (a module in stages/training/methods/, by name in stages/training/registry.py) brings its model,
 how it loads and augments a batch of its samples, its loss and the statistics it logs. Methods: ``siamese`` (Jamaludin
-et al. 2017: longitudinal pairs of vertebral bodies, contrastive + class-balanced level loss;
+et al. 2017: longitudinal pairs of vertebral bodies, or of discs, contrastive + class-balanced level loss;
 stages/training/methods/siamese.py).
 
 Data: the self-supervision train and validation parts of ``--pairs`` (the splits stage's pairs.parquet) over
-``--vertebrae`` (the extract stage's vertebrae.npy, read as a memory map; batches are read ahead by a background
-thread). Every volume row the run may read is checked against ``--volumes`` (the splits stage's volumes.parquet)
-when the data are opened: a row of a self-supervision test subject or of a downstream validation or test subject
-stops the run (:class:`stages.core.errors.LeakageError`).
+``--array``, the extract stage's array of the structure ``--structure`` (``pretrain.structure``): vertebrae.npy for
+``vertebra`` (the paper's vertebral bodies, the default), discs.npy for ``disc``; read as a memory map, batches read
+ahead by a background thread. ``--vertebrae`` is the older name of ``--array``, for the vertebral bodies only. Every
+volume row the run may read is checked against ``--volumes`` (the splits stage's volumes.parquet) when the data are
+opened: a row that is not a volume of the structure, or of a self-supervision test subject, or of a downstream
+validation or test subject stops the run (:class:`stages.core.errors.LeakageError`).
 
 Run (one process; CUDA with bf16 autocast when there is a GPU, else the CPU):
     python -m stages.pretrain --method siamese --pairs results/splits/pairs.parquet \\
-        --volumes results/splits/volumes.parquet --vertebrae results/extract/vertebrae.npy \\
+        --volumes results/splits/volumes.parquet --structure vertebra --array results/extract/vertebrae.npy \\
         --encoder results/pretrain/siamese/encoder.pt --checkpoint results/pretrain/siamese/checkpoint.pt \\
         --metrics results/pretrain/siamese/metrics.csv --run-config results/pretrain/siamese/run_config.yaml
+On discs: ``--structure disc --array results/extract/discs.npy`` (with the pairs the splits stage drew on discs).
 Several GPUs or processes (DistributedDataParallel; gloo on the CPU, NCCL on GPUs; the global batch is split among
 the processes, cut to a multiple of their number, and equals one process's exactly when dropout is 0, since each
 process draws its own dropout masks):
     torchrun --standalone --nproc-per-node 2 -m stages.pretrain --method siamese ...
 
-Writes ``--encoder`` (the encoder's weights from the epoch with the lowest validation loss, and the spec to rebuild
-it), ``--checkpoint`` (the final full checkpoint, with those best weights beside the last ones), ``--metrics`` (one
-row per epoch and split: the method's figures, samples, timings), ``--run-config`` (the config it ran with, the
-device, the data, the epoch whose weights were kept). While training, ``resume/last.pt`` beside ``--checkpoint``
-holds the latest checkpoint; a run started again with the same config and data continues from it and ends with the
-same numbers as an uninterrupted run (exactly, on the CPU with the same number of threads). It is not a declared
-output of the workflow, so Snakemake leaves it in place when a job fails or is killed; it is removed when the run
-completes.
+Writes ``--encoder`` (the encoder's weights from the epoch with the lowest validation loss, the spec to rebuild it
+and the structure it was trained on), ``--checkpoint`` (the final full checkpoint, with those best weights beside the
+last ones), ``--metrics`` (one row per epoch and split: the method's figures, samples, timings), ``--run-config`` (the
+config it ran with, the device, the data, the epoch whose weights were kept). While training, ``resume/last.pt``
+beside ``--checkpoint`` holds the latest checkpoint; a run started again with the same config and data continues from
+it and ends with the same numbers as an uninterrupted run (exactly, on the CPU with the same number of threads). It is
+not a declared output of the workflow, so Snakemake leaves it in place when a job fails or is killed; it is removed
+when the run completes.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch.distributed as dist
 from stages.training.config import PretrainConfig
 from stages.training.harness import Outputs, World, train
 from stages.training.registry import METHODS
-from stages.training.store import VolumeStore
+from stages.training.store import VolumeStore, add_array_options, array_from_args
 
 log = logging.getLogger("pretrain")
 
@@ -57,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=cli.existing_file, required=True, help="pairs.parquet of the splits stage.")
     parser.add_argument("--volumes", type=cli.existing_file, required=True,
                         help="volumes.parquet of the splits stage.")
-    parser.add_argument("--vertebrae", type=cli.existing_file, required=True,
-                        help="vertebrae.npy of the extract stage.")
+    add_array_options(parser)
     parser.add_argument("--encoder", type=Path, required=True, help="Output: the handed-on encoder (encoder.pt).")
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="Output: the final checkpoint (checkpoint.pt); the rolling one goes to resume/ beside it.")
@@ -77,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser))
+    array = array_from_args(args, parser, cfg.structure)
     cli.setup_logging(args.log, "pretrain")
     out = Outputs(encoder=args.encoder, checkpoint=args.checkpoint, metrics=args.metrics, run_config=args.run_config)
     world = World.from_env()
     try:
-        store = VolumeStore(args.pairs, args.volumes, args.vertebrae)
+        store = VolumeStore(args.pairs, args.volumes, array, structure=cfg.structure)
         train(METHODS[args.method], cfg, store, out, max_steps=args.max_steps, world=world)
     finally:
         if world.size > 1 and dist.is_initialized():

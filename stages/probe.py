@@ -58,6 +58,7 @@ log = logging.getLogger("probe")
 
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss"]
+END_TO_END_HEAD = "network"   # the head column of a model trained end to end
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,10 @@ class JobFiles:
                    folder / "history.csv")
 
 
-def classes_of(task: Task) -> np.ndarray:
-    """Every class the task can have (grades 1-5, herniation 0/1, level 0-6), in order."""
-    return {"grade": np.arange(1, 6), "herniation": np.array([0, 1]), "level": np.arange(len(VERTEBRAE))}[task.name]
+def classes_of(task: Task, grade_classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> np.ndarray:
+    """Every class the task can have (grade classes 1..K, herniation 0/1, level 0-6), in order."""
+    return {"grade": np.arange(1, max(grade_classes) + 1), "herniation": np.array([0, 1]),
+            "level": np.arange(len(VERTEBRAE))}[task.name]
 
 
 def feature_matrix(samples: pd.DataFrame, features: np.ndarray) -> np.ndarray:
@@ -132,18 +134,56 @@ def score(task: Task, truth: np.ndarray, proba: np.ndarray, classes: np.ndarray)
     return metrics
 
 
+@dataclass(frozen=True)
+class JobInputs:
+    """What a probe job reads besides the splits' tables (which ones depends on the model and the disc input)."""
+
+    features: Path | None = None      # frozen, bodies: features.npy of the features stage (FC7 of every body)
+    disc_maps: Path | None = None     # frozen, disc: disc_maps.npy of the disc_features stage (FC6's input per view)
+    disc_pooled: Path | None = None   # frozen, disc: disc_pooled.npy (pooled Conv5 features)
+    disc_trunk: Path | None = None    # frozen, disc: disc_trunk.npz (the classifier's spec and Conv1-Conv5)
+    vertebrae: Path | None = None     # end to end, bodies: vertebrae.npy
+    discs: Path | None = None         # end to end, disc: discs.npy
+    encoder: Path | None = None       # end to end: start from this encoder.pt (fine-tuning)
+
+
+def grade_mapping(grade_classes: tuple[int, ...]) -> dict[int, int]:
+    """Pfirrmann grade (1-5) -> class, from ``probes.grade_classes`` (one class per grade, classes 1..K, no gaps)."""
+    if len(grade_classes) != 5:
+        raise ValueError(f"grade_classes needs one class per Pfirrmann grade 1-5, got {list(grade_classes)}")
+    used = sorted(set(grade_classes))
+    if used != list(range(1, len(used) + 1)):
+        raise ValueError(f"grade_classes must use the classes 1..K without gaps, got {list(grade_classes)}")
+    return {grade: int(c) for grade, c in zip(range(1, 6), grade_classes)}
+
+
 def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_file: Path, volumes_file: Path,
         out: JobFiles, cfg: ProbeConfig, features: Path | None = None, vertebrae: Path | None = None,
-        encoder: Path | None = None, end_to_end: bool = False, width: float = 1.0,
-        embedding_dim: int = 1024) -> dict[str, Any]:
-    """One probe job: ``features`` (features.npy of a frozen encoder) or, ``end_to_end``, the network trained on
-    ``vertebrae`` (the array store); the splits' ``subjects_file`` and ``volumes_file``; writes ``out``."""
+        encoder: Path | None = None, end_to_end: bool = False, width: float = 1.0, embedding_dim: int = 1024,
+        disc_input: str = "bodies", inputs: JobInputs | None = None,
+        grade_classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> dict[str, Any]:
+    """One probe job on the splits' ``subjects_file`` and ``volumes_file``; writes ``out``.
+
+    A disc task reads the disc volume (``disc_input`` "disc": ``inputs`` names the disc features of a frozen encoder,
+    or discs.npy end to end) or the two bodies around the disc ("bodies": ``features`` of a frozen encoder, or
+    ``vertebrae`` end to end); the level task always reads bodies. ``encoder``: end to end, start from it."""
+    if disc_input not in ("disc", "bodies"):
+        raise ValueError(f"disc_input must be 'disc' or 'bodies', got {disc_input!r}")
+    inputs = inputs or JobInputs(features=features, vertebrae=vertebrae, encoder=encoder)
     task = TASKS[task_name]
+    on_disc = task.kind == "disc" and disc_input == "disc"
     started = time.perf_counter()
     subjects = pd.read_parquet(subjects_file)
     volumes = pd.read_parquet(volumes_file)
     history = pd.DataFrame(columns=HISTORY_COLUMNS)
-    samples, counts = task_samples(volumes, task)
+    samples, counts = task_samples(volumes, task, disc_input)
+    classes = classes_of(task, grade_classes)
+    if task.name == "grade":
+        mapping = grade_mapping(grade_classes)
+        unknown = sorted(set(samples.label) - set(mapping))
+        if unknown:
+            raise ValueError(f"Pfirrmann grades out of range: {unknown} (expected 1-5)")
+        samples = samples.assign(label=samples.label.map(mapping).astype(int))
     members = set(label_subset(subjects, fraction, subset_seed, cfg.seed))
     train = samples[samples.subject_id.isin(members)].reset_index(drop=True)
     test = samples[samples.downstream_part == "test"].reset_index(drop=True)
@@ -159,60 +199,84 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
                          f"{len(members)} subject(s) of {counts['samples']} labelled samples")
     if test.empty:
         raise ValueError(f"the downstream test part has no {task.name} samples (see results/splits/summary.json)")
-    classes = classes_of(task)
     unknown = sorted(set(samples.label) - set(classes.tolist()))
     if unknown:
         raise ValueError(f"{task.name} labels out of range: {unknown} (expected {classes.tolist()})")
     seed = seeds.probe_job(cfg.seed, subset_seed)
     facts = {"model": model, "task": task.name, "fraction": fraction, "seed": subset_seed,
+             "input": "disc volume" if on_disc else ("two bodies" if task.kind == "disc" else "body"),
              "n_subjects": len(members), "n_train_subjects_with_samples": int(train.subject_id.nunique()),
              "n_scans": int(train.scan_id.nunique()), "n_train": len(train), "n_val": len(val), "n_test": len(test),
              "n_test_subjects": int(test.subject_id.nunique()), "classes_in_train": sorted(set(train.label.tolist())),
              "samples": counts}
+    frozen_heads = [h for h in cfg.heads if on_disc or h != "transfer"] or ["linear"]
     heads: dict[str, dict[str, Any]] = {}
     predictions = []
     saved: dict[str, np.ndarray] = {"classes": classes}   # the fitted model(s), for Grad-CAM (stages/gradcam.py)
+    truth = test.label.to_numpy()
     if train.label.nunique() < 2:   # nothing to learn: the trivial rule, flagged, not a fitted model
         only = int(train.label.iloc[0])
         proba = np.zeros((len(test), len(classes)))
         proba[:, int(np.flatnonzero(classes == only)[0])] = 1.0
         log.warning("%s / subset %s seed %d: every training label is %s; the job predicts it for every test sample",
                     task.name, fraction, subset_seed, only)
-        for head in (["linear"] if end_to_end else cfg.heads):
-            heads[head] = {**score(task, test.label.to_numpy(), proba, classes),
+        for head in ([END_TO_END_HEAD] if end_to_end else frozen_heads):
+            heads[head] = {**score(task, truth, proba, classes),
                            "note": f"one class ({only}) in the training subset: predicts it"}
             predictions.append(_predictions(test, proba, classes, head))
+    elif end_to_end and on_disc:
+        if inputs.discs is None:
+            raise ValueError("end-to-end training on the disc volume needs --discs")
+        proba, info, history, arrays = _disc_network(train, val, test, classes, inputs, cfg, seed, width,
+                                                     embedding_dim)
+        saved.update(arrays)
+        heads[END_TO_END_HEAD] = {**score(task, truth, proba, classes), **info}
+        predictions.append(_predictions(test, proba, classes, END_TO_END_HEAD))
     elif end_to_end:
-        if vertebrae is None:
-            raise ValueError("end-to-end training needs --vertebrae")
+        if inputs.vertebrae is None:
+            raise ValueError("end-to-end training on the bodies needs --vertebrae")
         from stages.nets.disc_net import (
             save_net,
             train_and_predict,  # PyTorch: end to end only
         )
-        proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, vertebrae, encoder,
-                                                       cfg.fit_config(seed), cfg.device, (width, embedding_dim))
+        proba, info, history, net = train_and_predict(task.kind, train, val, test, classes, inputs.vertebrae,
+                                                       inputs.encoder, cfg.fit_config(seed), cfg.device,
+                                                       (width, embedding_dim))
         saved.update(save_net(net))
-        heads["linear"] = {**score(task, test.label.to_numpy(), proba, classes), **info}
-        predictions.append(_predictions(test, proba, classes, "linear"))
+        heads[END_TO_END_HEAD] = {**score(task, truth, proba, classes), **info}
+        predictions.append(_predictions(test, proba, classes, END_TO_END_HEAD))
     else:
-        if features is None:
-            raise ValueError("a frozen probe needs --features")
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(1)   # one BLAS thread: faster on these small matrices, and the same bits always
-        feats = np.load(features, mmap_mode="r")
-        x_train, x_test = feature_matrix(train, feats), feature_matrix(test, feats)
+        if on_disc:
+            if inputs.disc_pooled is None or ("transfer" in frozen_heads
+                                              and (inputs.disc_maps is None or inputs.disc_trunk is None)):
+                raise ValueError("a frozen probe on the disc volume needs --disc-pooled (and --disc-maps and "
+                                 "--disc-trunk for the transfer head)")
+            pooled = np.load(inputs.disc_pooled, mmap_mode="r")
+            x_train, x_test = _rows(pooled, train.row), _rows(pooled, test.row)
+        else:
+            if inputs.features is None:
+                raise ValueError("a frozen probe on the bodies needs --features")
+            feats = np.load(inputs.features, mmap_mode="r")
+            x_train, x_test = feature_matrix(train, feats), feature_matrix(test, feats)
         y_train = np.searchsorted(classes, train.label.to_numpy())
         groups = train.subject_id.to_numpy()
-        for head in cfg.heads:
-            if head == "linear":
-                fitted, info = fit_linear(x_train, y_train, groups, len(classes), cfg, task.binary, seed)
+        for head in frozen_heads:
+            if head == "transfer":
+                proba, info, hist, arrays = _transfer_head(train, val, test, classes, inputs, cfg, seed)
+                history = hist.assign(head="transfer")
+                saved.update(arrays)
             else:
-                fitted = fit_head(x_train, y_train, len(classes), cfg.mlp_alpha, hidden=cfg.mlp_hidden, seed=seed,
-                                  max_iter=cfg.max_iter)
-                info = {"hidden": cfg.mlp_hidden, "alpha": cfg.mlp_alpha, "converged": fitted.converged}
-            proba = fitted.predict_proba(x_test)
-            saved.update(fitted.to_arrays(head))
-            heads[head] = {**score(task, test.label.to_numpy(), proba, classes), **info}
+                if head == "linear":
+                    fitted, info = fit_linear(x_train, y_train, groups, len(classes), cfg, task.binary, seed)
+                else:
+                    fitted = fit_head(x_train, y_train, len(classes), cfg.mlp_alpha, hidden=cfg.mlp_hidden,
+                                      seed=seed, max_iter=cfg.max_iter)
+                    info = {"hidden": cfg.mlp_hidden, "alpha": cfg.mlp_alpha, "converged": fitted.converged}
+                proba = fitted.predict_proba(x_test)
+                saved.update(fitted.to_arrays(head))
+            heads[head] = {**score(task, truth, proba, classes), **info}
             predictions.append(_predictions(test, proba, classes, head))
         limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
@@ -228,6 +292,97 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
                  subset_seed, len(members), len(train), head,
                  ", ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "average_class_accuracy", "auc") if k in m))
     return result
+
+
+def _rows(array: np.ndarray, rows: pd.Series) -> np.ndarray:
+    """``array[rows]`` as float32, read in row order (a memory map reads sequentially)."""
+    r = rows.to_numpy(dtype=np.int64)
+    order = np.argsort(r, kind="stable")
+    out = np.empty((len(r), *array.shape[1:]), dtype=np.float32)
+    out[order] = array[r[order]]
+    return out
+
+
+def _transfer_head(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
+                   inputs: JobInputs, cfg: ProbeConfig, seed: int) -> tuple[np.ndarray, dict[str, Any],
+                                                                            pd.DataFrame, dict[str, np.ndarray]]:
+    """FC6-FC8 (new, random) on the frozen Conv1-Conv5 features cached per view (Jamaludin et al. 2017, 4.2)."""
+    import torch
+
+    from stages.nets.disc_cnn import DiscClassifier, load_classifier, save_head
+    from stages.training.classify import (
+        ClassifierFit,
+        fit_classifier,
+        predict_logits,
+        view_batches,
+    )
+
+    trunk = np.load(inputs.disc_trunk)
+    spec = load_classifier(trunk, "trunk").spec
+    maps = np.load(inputs.disc_maps, mmap_mode="r")
+    seeds.seed_torch(seeds.end_to_end(seed))
+    net = DiscClassifier(spec, len(classes), cfg.dropout)
+    if maps.shape[2] != net.head.layers[0].in_features:
+        raise ValueError(f"{inputs.disc_maps} holds {maps.shape[2]}-d features but the trunk's FC6 takes "
+                         f"{net.head.layers[0].in_features}: the files are from different encoders")
+    fit_rows = np.concatenate([train.row.to_numpy(), val.row.to_numpy()]).astype(np.int64)
+    targets = np.searchsorted(classes, np.concatenate([train.label.to_numpy(), val.label.to_numpy()]))
+    device = torch.device("cpu")   # FC layers on cached features: small
+    head, history = fit_classifier(net.head, view_batches(maps, fit_rows, seed, device), targets, len(train),
+                                   len(val), len(classes), ClassifierFit.from_section(cfg, seed), device)
+    test_rows = test.row.to_numpy(dtype=np.int64)
+    logits = predict_logits(head, view_batches(maps, test_rows, seed, device), np.arange(len(test)), cfg.batch_size)
+    proba = torch.softmax(logits, 1).numpy()
+    info = {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
+            "views": int(maps.shape[1]), "init": "frozen encoder convolutions, new FC6-FC8",
+            "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
+    return proba, info, history, save_head(net, "transfer")
+
+
+def _disc_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
+                  inputs: JobInputs, cfg: ProbeConfig, seed: int, width: float,
+                  embedding_dim: int) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]:
+    """The disc classifier trained end to end on the disc volume: from ``inputs.encoder``'s convolutions
+    (fine-tuning) or from random weights (scratch), with the classification augmentation."""
+    import torch
+
+    from stages.core.runtime import select_device
+    from stages.nets.disc_cnn import DiscClassifier, disc_spec, save_classifier
+    from stages.nets.disc_net import BodyReader
+    from stages.nets.siamese import EncoderSpec, load_encoder
+    from stages.training.classify import (
+        ClassifierFit,
+        classification_ranges,
+        fit_classifier,
+        predict_logits,
+        volume_batches,
+    )
+
+    device = select_device(cfg.device, "probe_training.device")
+    fit_rows = np.concatenate([train.row.to_numpy(), val.row.to_numpy()]).astype(np.int64)
+    read = BodyReader(inputs.discs, fit_rows)          # training never reads a test volume
+    read_test = BodyReader(inputs.discs, test.row.to_numpy(dtype=np.int64))
+    shape = tuple(read.array.shape[1:])
+    seeds.seed_torch(seeds.end_to_end(seed))
+    if inputs.encoder is not None:
+        pretrained, _ = load_encoder(inputs.encoder)
+        net = DiscClassifier(disc_spec(pretrained.spec, shape), len(classes), cfg.dropout)
+        net.load_trunk(pretrained.state_dict(), str(inputs.encoder))
+    else:
+        net = DiscClassifier(EncoderSpec(slices=shape[0], height=shape[1], width_px=shape[2], width=width,
+                                         embedding_dim=embedding_dim, dropout=0.0), len(classes), cfg.dropout)
+    targets = np.searchsorted(classes, np.concatenate([train.label.to_numpy(), val.label.to_numpy()]))
+    net, history = fit_classifier(net, volume_batches(lambda pos: read(fit_rows[pos]), classification_ranges(cfg),
+                                                      seed, device),
+                                  targets, len(train), len(val), len(classes), ClassifierFit.from_section(cfg, seed),
+                                  device)
+    test_rows = test.row.to_numpy(dtype=np.int64)
+    logits = predict_logits(net, volume_batches(lambda pos: read_test(test_rows[pos]), classification_ranges(cfg),
+                                                seed, device), np.arange(len(test)), cfg.batch_size)
+    info = {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
+            "init": "pretrained" if inputs.encoder is not None else "random", "device": str(device),
+            "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
+    return torch.softmax(logits, 1).numpy(), info, history, save_classifier(net.cpu(), "cnn")
 
 
 def _plain(value: Any) -> Any:
@@ -252,12 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fraction", type=float, required=True, help="Label subset: share of training subjects.")
     parser.add_argument("--subset-seed", type=int, required=True, help="Label subset nesting (0, 1, ...).")
     cli.add_split_tables(parser)
-    parser.add_argument("--features", type=cli.existing_file, help="Frozen: features.npy of the features stage.")
-    parser.add_argument("--end-to-end", action="store_true", help="Train the whole network, not a head on features.")
-    parser.add_argument("--vertebrae", type=cli.existing_file,
-                        help="End to end: vertebrae.npy of the extract stage (the array store it trains on).")
-    parser.add_argument("--encoder", type=cli.existing_file, help="End to end: start from this encoder.pt "
-                                                                  "(fine-tuning; default: random weights).")
+    parser.add_argument("--disc-input", choices=("disc", "bodies"), default="disc",
+                        help="What a disc task reads: the disc volume or the two bodies around it (probes.disc_input; "
+                             "default: disc). The level task reads bodies.")
+    parser.add_argument("--grade-classes", type=int, nargs=5, default=[1, 2, 3, 4, 5], metavar="CLASS",
+                        help="The class of Pfirrmann grades 1..5 (probes.grade_classes; default: 1 2 3 4 5).")
+    frozen = parser.add_argument_group("frozen encoder (heads on its features)")
+    frozen.add_argument("--features", type=cli.existing_file, help="Bodies: features.npy of the features stage.")
+    frozen.add_argument("--disc-maps", type=cli.existing_file, help="Disc: disc_maps.npy of the disc_features stage.")
+    frozen.add_argument("--disc-pooled", type=cli.existing_file,
+                        help="Disc: disc_pooled.npy of the disc_features stage.")
+    frozen.add_argument("--disc-trunk", type=cli.existing_file, help="Disc: disc_trunk.npz of the disc_features stage.")
+    trained = parser.add_argument_group("end to end (the whole network trained on the label subset)")
+    trained.add_argument("--end-to-end", action="store_true", help="Train the whole network, not a head on features.")
+    trained.add_argument("--vertebrae", type=cli.existing_file,
+                         help="Bodies: vertebrae.npy of the extract stage (the array store it trains on).")
+    trained.add_argument("--discs", type=cli.existing_file, help="Disc: discs.npy of the extract stage.")
+    trained.add_argument("--encoder", type=cli.existing_file, help="Start from this encoder.pt's convolutions "
+                                                                   "(fine-tuning; default: random weights).")
     cli.add_encoder_size_options(parser, "End to end from random weights: ")
     files = parser.add_argument_group("outputs")
     files.add_argument("--metrics", type=Path, required=True, help="metrics.json of this job.")
@@ -275,16 +442,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.end_to_end == (args.features is not None):
-        parser.error("give either --features (a frozen encoder) or --end-to-end")
-    if args.end_to_end and args.vertebrae is None:
-        parser.error("--end-to-end needs --vertebrae (the array store it trains on)")
+    frozen_inputs = [args.features, args.disc_maps, args.disc_pooled, args.disc_trunk]
+    if args.end_to_end == any(f is not None for f in frozen_inputs):
+        parser.error("give either a frozen encoder's features (--features, --disc-*) or --end-to-end")
+    if args.end_to_end and args.vertebrae is None and args.discs is None:
+        parser.error("--end-to-end needs --discs or --vertebrae (the array store it trains on)")
     if not args.end_to_end and args.encoder is not None:
-        parser.error("--encoder is for --end-to-end (fine-tuning); a frozen probe reads --features")
+        parser.error("--encoder is for --end-to-end (fine-tuning); a frozen probe reads its encoder's features")
     cli.setup_logging(args.log, "probe")
     out = JobFiles(args.metrics, args.predictions, args.model_file, args.history)
-    run(args.model, args.task, args.fraction, args.subset_seed, args.subjects, args.volumes, out, cfg, args.features,
-        args.vertebrae, args.encoder, args.end_to_end, args.width, args.embedding_dim)
+    inputs = JobInputs(features=args.features, disc_maps=args.disc_maps, disc_pooled=args.disc_pooled,
+                       disc_trunk=args.disc_trunk, vertebrae=args.vertebrae, discs=args.discs, encoder=args.encoder)
+    try:
+        grade_mapping(tuple(args.grade_classes))
+    except ValueError as err:
+        parser.error(str(err))
+    run(args.model, args.task, args.fraction, args.subset_seed, args.subjects, args.volumes, out, cfg,
+        end_to_end=args.end_to_end, width=args.width, embedding_dim=args.embedding_dim, disc_input=args.disc_input,
+        inputs=inputs, grade_classes=tuple(args.grade_classes))
     return 0
 
 

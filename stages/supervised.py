@@ -1,8 +1,10 @@
 """Stage supervised: the supervised-transfer encoder, the "upper bound" of Jamaludin et al. 2017 (section 4.2).
 
 The pretraining network is trained *with labels* over the self-supervision training part (validation: the
-self-supervision validation part): the Pfirrmann grade of each graded disc from its two bodies (stages/nets/disc_net.py)
-plus the vertebral level of each body, both class-balanced. Its encoder is then frozen and probed like the
+self-supervision validation part): with ``--discs`` (probes.disc_input: disc), the disc classifier on each graded disc's
+volume (stages/nets/disc_cnn.py; its Conv1-Conv5 and FC6-FC7 are saved as the encoder); with ``--vertebrae``, the
+Pfirrmann grade of each graded disc from its two bodies (stages/nets/disc_net.py) plus the vertebral level of each body,
+both class-balanced. Its encoder is then frozen and probed like the
 self-supervised ones. It sees the grades of every graded training subject there, whatever the label subset: that is
 what makes it an upper bound, not a fair competitor. No downstream validation or test subject is ever in the
 self-supervision training or validation parts (checked again here before training).
@@ -28,9 +30,21 @@ import torch
 from stages.core import cli, seeds
 from stages.core.levels import VERTEBRAE
 from stages.core.runtime import select_device
-from stages.evaluation.probe_data import TASKS, ProbeConfig, check_training_subjects, task_samples
+from stages.evaluation.probe_data import (
+    TASKS,
+    ProbeConfig,
+    check_training_subjects,
+    task_samples,
+)
+from stages.nets.disc_cnn import DiscClassifier
 from stages.nets.disc_net import BodyReader, DiscNet, fit
-from stages.nets.siamese import EncoderSpec
+from stages.nets.siamese import EncoderSpec, VggM3dEncoder
+from stages.training.classify import (
+    ClassifierFit,
+    classification_ranges,
+    fit_classifier,
+    volume_batches,
+)
 
 log = logging.getLogger("supervised")
 GRADES = np.arange(1, 6)
@@ -48,6 +62,63 @@ def training_samples(volumes: pd.DataFrame, subjects: pd.DataFrame) -> tuple[pd.
     check_training_subjects(set(train.subject_id) | set(val.subject_id), subjects, ("train", "none"))
     check_training_subjects(set(train.subject_id), subjects, ("train",), column="ssl_part")
     return train, val
+
+
+def disc_samples(volumes: pd.DataFrame, subjects: pd.DataFrame,
+                 grade_classes: tuple[int, ...]) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Graded disc volumes of the self-supervision training and validation parts (target: the grade's class index)
+    and the number of classes."""
+    samples, _ = task_samples(volumes, TASKS["grade"], "disc")
+    mapping = {g: c for g, c in zip(GRADES, grade_classes)}
+    samples = samples.assign(target=samples.label.map(mapping).astype(int) - 1)
+    train = samples[samples.ssl_part == "train"].reset_index(drop=True)
+    val = samples[samples.ssl_part == "val"].reset_index(drop=True)
+    check_training_subjects(set(train.subject_id) | set(val.subject_id), subjects, ("train", "none"))
+    check_training_subjects(set(train.subject_id), subjects, ("train",), column="ssl_part")
+    return train, val, max(grade_classes)
+
+
+def run_on_discs(subjects_file: Path, volumes_file: Path, discs: Path, encoder_file: Path, history_file: Path,
+                 cfg: ProbeConfig, width: float, embedding_dim: int,
+                 grade_classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> pd.DataFrame:
+    """Train the disc classifier (stages/nets/disc_cnn.py) end to end on the graded disc volumes of the
+    self-supervision parts, with the classification augmentation; write its Conv1-Conv5 and FC6-FC7 as
+    ``encoder_file`` (an encoder of disc-sized volumes) and ``history_file``."""
+    subjects = pd.read_parquet(subjects_file)
+    volumes = pd.read_parquet(volumes_file)
+    train, val, n_classes = disc_samples(volumes, subjects, grade_classes)
+    if train.empty:
+        raise ValueError("no graded disc in the self-supervision training part: the supervised-transfer encoder "
+                         "cannot be trained (drop 'supervised' from probes.baselines)")
+    rows = np.concatenate([train.row.to_numpy(), val.row.to_numpy()]).astype(np.int64)
+    read = BodyReader(discs, rows)
+    shape = read.array.shape[1:]
+    spec = EncoderSpec(slices=shape[0], height=shape[1], width_px=shape[2], width=width, embedding_dim=embedding_dim,
+                       dropout=0.0)
+    seed = seeds.supervised_encoder(cfg.seed)
+    seeds.seed_torch(seed)
+    net = DiscClassifier(spec, n_classes, cfg.dropout)
+    device = select_device(cfg.device, "probe_training.device")
+    log.info("supervised training of the disc classifier on %d graded discs (%d subjects), validation %d discs",
+             len(train), train.subject_id.nunique(), len(val))
+    targets = np.concatenate([train.target.to_numpy(), val.target.to_numpy()])
+    net, history = fit_classifier(net, volume_batches(lambda pos: read(rows[pos]), classification_ranges(cfg), seed,
+                                                      device),
+                                  targets, len(train), len(val), n_classes, ClassifierFit.from_section(cfg, seed),
+                                  device)
+    encoder = VggM3dEncoder(spec)
+    state = encoder.state_dict()
+    trained = net.cpu().state_dict()
+    state.update({k: v for k, v in trained.items() if k.startswith(("conv.", "conv5."))})
+    state.update({"fc.1.weight": trained["head.layers.0.weight"], "fc.1.bias": trained["head.layers.0.bias"],
+                  "fc.4.weight": trained["head.layers.3.weight"], "fc.4.bias": trained["head.layers.3.bias"]})
+    encoder.load_state_dict(state)
+    for path in (encoder_file, history_file):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"method": "supervised", "structure": "disc", "spec": spec.to_dict(), "state_dict": state},
+               encoder_file)
+    history.to_csv(history_file, index=False)
+    return history
 
 
 def run(subjects_file: Path, volumes_file: Path, vertebrae: Path, encoder_file: Path, history_file: Path,
@@ -82,8 +153,13 @@ def run(subjects_file: Path, volumes_file: Path, vertebrae: Path, encoder_file: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.supervised", description=__doc__.split("\n\n")[0])
     cli.add_split_tables(parser)
-    parser.add_argument("--vertebrae", type=cli.existing_file, required=True,
-                        help="vertebrae.npy of the extract stage (the array store it trains on).")
+    array = parser.add_mutually_exclusive_group(required=True)
+    array.add_argument("--vertebrae", type=cli.existing_file,
+                       help="vertebrae.npy of the extract stage: train on each graded disc's two bodies.")
+    array.add_argument("--discs", type=cli.existing_file,
+                       help="discs.npy of the extract stage: train the disc classifier on the disc volumes.")
+    parser.add_argument("--grade-classes", type=int, nargs=5, default=[1, 2, 3, 4, 5], metavar="CLASS",
+                        help="--discs: the class of Pfirrmann grades 1..5 (probes.grade_classes).")
     parser.add_argument("--encoder", type=Path, required=True, help="Output: encoder.pt (the trained encoder).")
     parser.add_argument("--history", type=Path, required=True, help="Output: history.csv (the loss per epoch).")
     cli.add_encoder_size_options(parser)
@@ -97,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
     cli.setup_logging(args.log, "supervised")
-    run(args.subjects, args.volumes, args.vertebrae, args.encoder, args.history, cfg, args.width, args.embedding_dim)
+    if args.discs is not None:
+        run_on_discs(args.subjects, args.volumes, args.discs, args.encoder, args.history, cfg, args.width,
+                     args.embedding_dim, tuple(args.grade_classes))
+    else:
+        run(args.subjects, args.volumes, args.vertebrae, args.encoder, args.history, cfg, args.width,
+            args.embedding_dim)
     return 0
 
 

@@ -170,6 +170,26 @@ def test_intensity_normalisation_by_neighbours_or_per_image(ingested, tmp_path):
     assert len(table) == 6 and all(core_median(d) == pytest.approx(0.5, rel=0.02) for d in discs)
 
 
+def test_a_crop_without_intensity_to_normalise_by_is_flagged_not_nan(ingested, tmp_path):
+    # an acquisition of discs only (each normalised by its own core), one of them blank: no reference at all
+    out, _ = ingested
+    crops = pd.read_parquet(out / "ingest" / "crops.parquet")
+    discs = crops[(crops.scan_id == crops.scan_id.iloc[0]) & (crops.kind == "disc")].reset_index(drop=True)
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for crop in discs.itertuples():
+        image = np.load(out / "ingest" / "crops" / Path(crop.file).name)
+        np.save(folder / Path(crop.file).name, np.zeros_like(image) if crop.level == "L4-L5" else image)
+    discs.to_parquet(tmp_path / "discs.parquet")
+    table = extract_crops(tmp_path / "discs.parquet", folder, ExtractOutputs.in_folder(tmp_path / "extract"), SIZES)
+    flagged = table[table.flag != ""]
+    assert flagged.level.tolist() == ["L4-L5"] and flagged.scale.isna().all()
+    assert flagged.flag.iloc[0].startswith("no intensity to normalise by")
+    array = np.load(tmp_path / "extract" / "discs.npy").astype(np.float32)
+    assert np.isfinite(array).all() and not array[flagged.row.iloc[0]].any()
+    assert np.isfinite(table.scale[table.flag == ""]).all() and len(table) == 6
+
+
 def test_fit_keeps_the_aspect_ratio_and_pads():
     image = np.ones((1, 20, 40), np.float32)
     out = fit(image, (48, 48, 3))

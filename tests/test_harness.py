@@ -20,7 +20,7 @@ from stages.training.harness import TIMING_COLUMNS
 from stages.training.registry import METHODS
 from stages.training.store import VolumeStore
 
-SMALL = dict(batch_size=16, threads=1, device="cpu", checkpoint_every=2, max_epochs=2, dropout=0.0)
+SMALL = {"batch_size": 16, "threads": 1, "device": "cpu", "checkpoint_every": 2, "max_epochs": 2, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,15 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from conftest import extract_folder, localise_folder
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_dilation, binary_erosion
 
-from stages.anatomy.crops import ExtractConfig, ExtractOutputs, crop
+from stages.anatomy.crops import (
+    NO_REFERENCE,
+    ExtractConfig,
+    ExtractOutputs,
+    crop,
+    normalise,
+)
 from stages.anatomy.localiser import LocaliseConfig
 from stages.anatomy.spine_structures import check_structures, structures_from_label_map
 from stages.archive import pseudonym as pn
@@ -142,6 +148,46 @@ def test_normalisation_is_exact_on_piecewise_constant_bodies(pipeline, tmp_path)
             i = levels.VERTEBRAE.index(row.level)
             around = [levels.VERTEBRAE[j] for j in (i - 1, i + 1) if 0 <= j < len(levels.VERTEBRAE)]
         assert row.scale == pytest.approx(0.5 / np.median([value[n] for n in around]), rel=1e-6), row.level
+
+
+def test_a_crop_without_bodies_to_normalise_by_is_flagged_not_nan(pipeline, tmp_path):
+    """The bodies L4, L5 and S1 blacked out (and a margin around them): L5 and S1 (no body median of their own or
+    of a neighbour) and the discs L4-L5 and L5-S1 (none above or below) have no reference intensity. They are
+    flagged in the index with the reason, their scale NaN and their slots zeros; every other volume is normalised."""
+    ingest = tmp_path / "ingest"
+    shutil.copytree(pipeline["ingest"], ingest)
+    manifest = pd.read_parquet(ingest / "manifest.parquet").iloc[:1]
+    manifest.to_parquet(ingest / "manifest.parquet")
+    scan = manifest.iloc[0]
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(ingest / scan.label_map)))
+    image = sitk.ReadImage(str(ingest / scan.volume))
+    volume = sitk.GetArrayFromImage(image)
+    dark = np.isin(label, [levels.VERTEBRA_LABELS[n] for n in ("L4", "L5", "S1")])
+    volume[binary_dilation(dark, np.ones((3, 5, 5), bool))] = 0
+    blacked = sitk.GetImageFromArray(volume)
+    blacked.CopyInformation(image)
+    sitk.WriteImage(blacked, str(ingest / scan.volume))
+    localise_folder(ingest, tmp_path / "localise", LocaliseConfig.from_config(), None, workers=1)
+    index = extract_folder(ingest, tmp_path / "localise", tmp_path / "extract", EXTRACT)
+    flagged = index[index.flag != ""]
+    assert set(flagged.level) == {"L5", "S1", "L4-L5", "L5-S1"}
+    assert (flagged.flag == NO_REFERENCE).all() and flagged.scale.isna().all()
+    assert np.isfinite(index.scale[index.flag == ""]).all()
+    for name in ("vertebrae", "discs", "axial"):
+        array = np.load(tmp_path / "extract" / f"{name}.npy").astype(np.float32)
+        assert np.isfinite(array).all(), name
+        rows = flagged.row[flagged.array == ("discs" if name == "axial" else name)]
+        assert not array[rows.to_numpy()].any(), name
+    assert pd.read_csv(tmp_path / "extract" / "index.csv").flag.notna().sum() == len(flagged)
+
+
+def test_normalisation_that_overflows_float16_is_flagged():
+    volumes, scale, flag = normalise([np.full((2, 3, 3), 100.0, np.float32)], 1e-4)
+    assert flag.startswith("intensities not finite") and np.isnan(scale) and not volumes[0].any()
+    volumes, scale, flag = normalise([np.full((2, 3, 3), 100.0, np.float32)], np.nan)
+    assert flag == NO_REFERENCE and np.isnan(scale) and volumes[0].dtype == np.float16 and not volumes[0].any()
+    volumes, scale, flag = normalise([np.full((2, 3, 3), 100.0, np.float32)], 200.0)
+    assert flag == "" and scale == 0.0025 and np.all(volumes[0] == np.float16(0.25))
 
 
 def test_crop_pads_missing_slices_with_zeros_and_is_deterministic(pipeline):

@@ -1,9 +1,11 @@
 """The pretraining harness: it reads only what the splits allow, reproduces, resumes after SIGKILL exactly, and DDP
-over 2 gloo processes equals one process on the same global batch."""
+over 2 gloo processes equals one process on the same global batch; pretraining on discs (``pretrain.structure``)
+reads disc volumes only, sizes FC8 by the disc levels and records the structure."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -16,10 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import ROOT
-from ssl_data import store_files, write_ssl_data
+from ssl_data import DISC_SHAPE, store_files, write_ssl_data
 
+from stages import pretext_eval, pretrain
 from stages.core.errors import LeakageError
+from stages.core.levels import DISCS
+from stages.nets.siamese import EncoderSpec, SiameseNet, load_encoder
 from stages.pretext_eval import run as pretext_run
 from stages.training.config import PretrainConfig
 from stages.training.harness import (
@@ -35,7 +41,8 @@ from stages.training.harness import (
 from stages.training.methods.siamese import SiameseMethod
 from stages.training.store import VolumeStore
 
-SMALL = dict(width=0.125, embedding_dim=32, batch_size=16, threads=1, device="cpu", checkpoint_every=2)
+SMALL = {"width": 0.125, "embedding_dim": 32, "batch_size": 16, "threads": 1, "device": "cpu",
+         "checkpoint_every": 2}
 METRIC_COLUMNS = ["epoch", "split", "step", "lr", "loss", "contrastive", "level_loss", "level_accuracy",
                   "positive_distance", "negative_distance", "samples", "seconds", "samples_per_s", "data_wait_share"]
 
@@ -102,8 +109,8 @@ def test_a_pair_reaching_a_downstream_test_subject_stops_the_run(data, tmp_path)
     pairs.to_parquet(forged / "splits" / "pairs.parquet", index=False)
     with pytest.raises(LeakageError, match="must not read"):
         _store(forged)
-    result = subprocess.run(_stage(forged, tmp_path / "out", "--max-steps", "1"), capture_output=True, text=True,
-                            env=_env(), cwd=ROOT)
+    result = subprocess.run(_stage(forged, tmp_path / "out", "--max-steps", "1"), check=False, capture_output=True,
+                            text=True, env=_env(), cwd=ROOT)
     assert result.returncode != 0 and "LeakageError" in result.stderr
     assert not (tmp_path / "out" / "encoder.pt").exists()
 
@@ -126,8 +133,8 @@ def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
 
 def test_a_run_killed_with_sigkill_resumes_and_ends_exactly_as_an_uninterrupted_run(data, tmp_path):
     extra = ("--max-epochs", "2")
-    whole = subprocess.run(_stage(data, tmp_path / "whole", *extra), capture_output=True, text=True, env=_env(),
-                           cwd=ROOT)
+    whole = subprocess.run(_stage(data, tmp_path / "whole", *extra), check=False, capture_output=True, text=True,
+                           env=_env(), cwd=ROOT)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(_stage(data, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -149,7 +156,7 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_exactly_as_an_uninterrupted_
         time.sleep(0.02)
     assert killed_at is not None, "the run finished (or timed out) before it could be killed"
     assert proc.returncode == -signal.SIGKILL and not (out / "encoder.pt").exists()
-    again = subprocess.run(_stage(data, out, *extra), capture_output=True, text=True, env=_env(), cwd=ROOT)
+    again = subprocess.run(_stage(data, out, *extra), check=False, capture_output=True, text=True, env=_env(), cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr
     a, b = pd.read_csv(tmp_path / "whole" / "metrics.csv"), pd.read_csv(out / "metrics.csv")
@@ -162,12 +169,12 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_exactly_as_an_uninterrupted_
 
 def test_ddp_with_two_gloo_processes_equals_one_process(data, tmp_path):
     extra = ("--max-steps", "2", "--dropout", "0", "--batch-size", "32")
-    single = subprocess.run(_stage(data, tmp_path / "one", *extra), capture_output=True, text=True, env=_env(),
-                            cwd=ROOT)
+    single = subprocess.run(_stage(data, tmp_path / "one", *extra), check=False, capture_output=True, text=True,
+                            env=_env(), cwd=ROOT)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *_stage(data, tmp_path / "two", *extra)[1:]], capture_output=True, text=True, env=_env(),
-                         cwd=ROOT)
+                          *_stage(data, tmp_path / "two", *extra)[1:]], check=False, capture_output=True,
+                         text=True, env=_env(), cwd=ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     run_config = (tmp_path / "two" / "run_config.yaml").read_text()
     assert "processes: 2" in run_config
@@ -176,7 +183,6 @@ def test_ddp_with_two_gloo_processes_equals_one_process(data, tmp_path):
         assert np.allclose(one[column], two[column], rtol=1e-4), column
     # the weight change after two SGD steps is a function of the gradients: it must agree
     torch.manual_seed(0)
-    from stages.nets.siamese import EncoderSpec, SiameseNet
     spec = torch.load(tmp_path / "one" / "encoder.pt", weights_only=False)["spec"]
     start = SiameseNet(EncoderSpec(**spec)).encoder.state_dict()
     w1, w2 = _encoder(tmp_path / "one"), _encoder(tmp_path / "two")
@@ -210,12 +216,12 @@ def test_pretext_evaluation_reads_only_the_test_part_and_writes_every_pair(data,
 
 def test_a_short_training_clearly_beats_an_untrained_network_on_both_pretext_figures(tmp_path):
     # Subject texture under a coarse per-volume nuisance field: an untrained network's distances follow the
-    # nuisance; 120 steps of the Siamese loss learn to see past it and to tell the levels apart.
-    data = write_ssl_data(tmp_path / "data", nuisance=0.5)
-    no_augmentation = dict(rotation_deg=0, shift_fraction=[0, 0], shift_slices=0, scale_range=[1, 1], intensity=0,
-                           flip=False)
+    # nuisance; 240 steps of the Siamese loss learn to see past it and to tell the levels apart.
+    data = write_ssl_data(tmp_path / "data", n_subjects=80, nuisance=0.5)
+    no_augmentation = {"rotation_deg": 0, "shift_fraction": [0, 0], "shift_slices": 0, "scale_range": [1, 1],
+                       "intensity": 0, "flip": False}
     cfg = PretrainConfig.from_config({**SMALL, "dropout": 0.0, **no_augmentation})
-    _train(cfg, data, tmp_path / "run", max_steps=120)
+    _train(cfg, data, tmp_path / "run", max_steps=240)
     summary = _pretext(tmp_path / "run", data, tmp_path / "eval")
     trained, untrained = summary["trained"], summary["untrained"]
     assert trained["auc"] >= untrained["auc"] + 0.1, (trained["auc"], untrained["auc"])
@@ -227,7 +233,7 @@ def test_a_checkpoint_resumes_across_runtime_settings_but_not_across_the_maths()
     saved = run_identity("siamese", PretrainConfig.from_config(SMALL), 1, data)
     runtime = PretrainConfig.from_config({**SMALL, "threads": 8, "prefetch": 2, "checkpoint_every": 7})
     assert resumable(saved, run_identity("siamese", runtime, 1, data))
-    for key, value in (("learning_rate", 0.5), ("seed", 9), ("width", 0.25), ("flip", False)):
+    for key, value in (("learning_rate", 0.5), ("seed", 9), ("width", 0.25), ("flip", False), ("structure", "disc")):
         changed = PretrainConfig.from_config({**SMALL, key: value})
         assert not resumable(saved, run_identity("siamese", changed, 1, data)), key
     assert not resumable(saved, run_identity("siamese", PretrainConfig.from_config(SMALL), 2, data))
@@ -259,8 +265,124 @@ def test_ddp_evaluation_with_fewer_validation_pairs_than_processes_does_not_hang
     pairs = pd.concat([pairs[pairs.part != "val"], pairs[pairs.part == "val"].head(1)])
     pairs.to_parquet(small / "splits" / "pairs.parquet", index=False)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *_stage(small, tmp_path / "out", "--max-steps", "1")[1:]], capture_output=True, text=True,
-                         env=_env(), cwd=ROOT, timeout=300)
+                          *_stage(small, tmp_path / "out", "--max-steps", "1")[1:]], check=False,
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert int(metrics[metrics.split == "val"].samples.iloc[0]) == 1
+
+
+@pytest.fixture(scope="module")
+def disc_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ssl_data(tmp_path_factory.mktemp("ssl_discs"), structure="disc")
+
+
+def _cli(data: Path, out: Path, structure: str, *extra: str) -> list[str]:
+    """stages.pretrain's arguments (in process) for a short siamese run on ``structure``."""
+    argv = ["--method", "siamese", "--structure", structure]
+    for option, path in {**store_files(data, structure), **dataclasses.asdict(Outputs.under(out))}.items():
+        argv += [f"--{option.replace('_', '-')}", str(path)]
+    for key, value in SMALL.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv + list(extra)
+
+
+def test_pretraining_on_discs_sizes_fc8_by_the_disc_levels_and_records_the_structure(disc_data, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain.main(_cli(disc_data, out, "disc", "--max-steps", "3")) == 0
+    encoder, saved = load_encoder(out / "encoder.pt")
+    assert saved["structure"] == "disc" and saved["spec"]["n_levels"] == len(DISCS) == 6
+    assert (encoder.spec.slices, encoder.spec.height, encoder.spec.width_px) == DISC_SHAPE
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["identity"]["config"]["structure"] == "disc"
+    net = SiameseNet(EncoderSpec(**ckpt["encoder_spec"]))
+    net.load_state_dict(ckpt["model"])
+    assert net.fc8.out_features == 6 and tuple(ckpt["model"]["fc8.weight"].shape) == (6, SMALL["embedding_dim"])
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["pretrain"]["structure"] == "disc"
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics.level_accuracy.between(0, 1).all() and np.isfinite(metrics.loss).all()
+
+    # the pretext evaluation reads the disc test pairs, scores the disc levels and names no paper figures
+    evaluation = tmp_path / "pretext"
+    argv = ["--checkpoint", str(out / "checkpoint.pt"), "--structure", "disc", "--evaluation",
+            str(evaluation / "evaluation.json"), "--scores", str(evaluation / "distances.parquet"), "--scores-csv",
+            str(evaluation / "distances.csv"), "--threads", "1"]
+    for option, path in store_files(disc_data, "disc").items():
+        argv += [f"--{option}", str(path)]
+    assert pretext_eval.main(argv) == 0
+    summary = json.loads((evaluation / "evaluation.json").read_text())
+    volumes = pd.read_parquet(disc_data / "splits" / "volumes.parquet")
+    pairs = pd.read_parquet(disc_data / "splits" / "pairs.parquet")
+    assert summary["structure"] == "disc" and summary["paper"] is None and "test_bodies" not in summary
+    assert summary["test_volumes"] == int(((volumes.kind == "disc") & (volumes.ssl_part == "test")).sum()) > 0
+    assert set(summary["trained"]["level_accuracy_per_level"]) <= set(DISCS)
+    assert len(pd.read_parquet(evaluation / "distances.parquet")) == int((pairs.part == "test").sum())
+    with pytest.raises(ValueError, match="pretrained on disc volumes"):
+        pretext_run(out / "checkpoint.pt", **store_files(disc_data, "disc"), evaluation=evaluation / "x.json",
+                    scores=evaluation / "x.parquet", scores_csv=evaluation / "x.csv", structure="vertebra")
+
+
+def test_the_disc_store_reads_only_allowed_disc_rows_and_refuses_rows_of_the_wrong_kind(disc_data, tmp_path):
+    files = store_files(disc_data, "disc")
+    store = VolumeStore(**files, structure="disc")
+    volumes = pd.read_parquet(files["volumes"])
+    discs = volumes[volumes.kind == "disc"].set_index("row")
+    assert store.levels == DISCS and store.shape == DISC_SHAPE and len(store.table) == len(discs)
+    assert (store.level[discs.index] == discs.level.map(DISCS.index)).all()
+    readable = discs.ssl_part.isin(["train", "val"]) & ~discs.downstream_part.isin(["val", "test"])
+    assert np.array_equal(np.flatnonzero(store.allowed), np.sort(discs.index[readable].to_numpy()))
+    with pytest.raises(LeakageError, match="refusing to read"):
+        store.load(discs.index[discs.downstream_part.eq("test")].to_numpy()[:2])
+
+    # a disc the pairs reach but volumes.parquet lists only as a vertebral body (same row number, other array)
+    forged = tmp_path / "unlisted"
+    shutil.copytree(disc_data, forged)
+    row = int(store.pairs["train"].a.iloc[0])
+    assert ((volumes.kind == "vertebra") & (volumes.row == row)).any()
+    volumes[~((volumes.kind == "disc") & (volumes.row == row))].to_parquet(
+        forged / "splits" / "volumes.parquet", index=False)
+    with pytest.raises(LeakageError, match="does not list as disc volumes"):
+        VolumeStore(**store_files(forged, "disc"), structure="disc")
+
+    # a disc pair reaching a downstream test subject's disc
+    forged = tmp_path / "leak"
+    shutil.copytree(disc_data, forged)
+    pairs = pd.read_parquet(forged / "splits" / "pairs.parquet")
+    test_row = int(discs.index[discs.downstream_part.eq("test")][0])
+    pairs.loc[pairs.index[pairs.part == "train"][0], "b"] = test_row
+    pairs.to_parquet(forged / "splits" / "pairs.parquet", index=False)
+    with pytest.raises(LeakageError, match="must not read"):
+        VolumeStore(**store_files(forged, "disc"), structure="disc")
+
+    # disc pairs over the vertebral array, or a structure that does not exist
+    with pytest.raises(ValueError, match="not vertebra levels"):
+        VolumeStore(**store_files(disc_data, "vertebra"), structure="vertebra")
+    with pytest.raises(ValueError, match="structure must be one of"):
+        VolumeStore(**files, structure="facet")
+
+
+def test_the_structure_of_the_config_and_of_the_store_must_agree(disc_data, tmp_path):
+    store = VolumeStore(**store_files(disc_data, "disc"), structure="disc")
+    with pytest.raises(ValueError, match="pretrain.structure is 'vertebra'"):
+        train(SiameseMethod, PretrainConfig.from_config(SMALL), store, Outputs.under(tmp_path), max_steps=1)
+    with pytest.raises(SystemExit):   # --vertebrae names the vertebral array: not with --structure disc
+        argv = _cli(disc_data, tmp_path / "out", "disc", "--max-steps", "1")
+        argv[argv.index("--array")] = "--vertebrae"
+        pretrain.main(argv)
+    assert not (tmp_path / "out" / "encoder.pt").exists()
+
+
+def test_the_older_vertebrae_option_still_names_the_vertebral_array(data, tmp_path):
+    argv = _cli(data, tmp_path / "run", "vertebra", "--max-steps", "1")
+    argv[argv.index("--array")] = "--vertebrae"
+    assert pretrain.main(argv) == 0
+    encoder = torch.load(tmp_path / "run" / "encoder.pt", weights_only=False)
+    assert encoder["structure"] == "vertebra" and encoder["spec"]["n_levels"] == 7
+    out = tmp_path / "pretext"
+    argv = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--pairs", str(data / "splits" / "pairs.parquet"),
+            "--volumes", str(data / "splits" / "volumes.parquet"), "--vertebrae",
+            str(data / "extract" / "vertebrae.npy"), "--evaluation", str(out / "evaluation.json"), "--scores",
+            str(out / "distances.parquet"), "--scores-csv", str(out / "distances.csv"), "--threads", "1"]
+    assert pretext_eval.main(argv) == 0
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["structure"] == "vertebra" and summary["paper"]["auc"] == 0.946

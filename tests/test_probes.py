@@ -13,10 +13,23 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from stages.core import levels
-from stages.evaluation.probe_data import TASKS, LeakageError, label_subset, run_folder, task_samples
+from stages.evaluation.probe_data import (
+    TASKS,
+    LeakageError,
+    label_subset,
+    run_folder,
+    task_samples,
+)
 from stages.nets.heads import balanced_weights, fit_head, grouped_folds
 from stages.probe import JobFiles, ProbeConfig, run
-from stages.probe_summary import bootstrap, job_files, label_efficiency, load_runs, summarise
+from stages.probe_summary import (
+    bootstrap,
+    efficiency_differences,
+    job_files,
+    label_efficiency,
+    load_runs,
+    summarise,
+)
 from stages.splits import SplitConfig, assign_parts, volume_labels
 
 SHAPE = (5, 48, 48)
@@ -141,7 +154,7 @@ def test_frozen_heads_read_the_features_they_are_given(data, tmp_path):
 
 
 def test_end_to_end_from_scratch_is_seeded_and_learns(data, tmp_path):
-    cfg = ProbeConfig.from_config({**FAST.__dict__, "heads": list(FAST.heads), "linear_c": list(FAST.linear_c),
+    cfg = ProbeConfig.from_config({**{k: list(v) if isinstance(v, tuple) else v for k, v in FAST.__dict__.items()},
                                    "epochs": 6, "patience": 6})
     kwargs = dict(extract=data / "extract", end_to_end=True, width=0.125, embedding_dim=32)
     one = probe("scratch", "grade", 1.0, 0, data / "splits", tmp_path / "one", cfg, **kwargs)
@@ -149,8 +162,8 @@ def test_end_to_end_from_scratch_is_seeded_and_learns(data, tmp_path):
     p1 = pd.read_parquet(tmp_path / "one" / "predictions.parquet")
     p2 = pd.read_parquet(tmp_path / "two" / "predictions.parquet")
     pd.testing.assert_frame_equal(p1, p2)
-    assert one["heads"]["linear"]["average_class_accuracy"] == two["heads"]["linear"]["average_class_accuracy"]
-    assert one["heads"]["linear"]["average_class_accuracy"] > 0.35          # 5 grades: chance is 0.2
+    assert one["heads"]["network"]["average_class_accuracy"] == two["heads"]["network"]["average_class_accuracy"]
+    assert one["heads"]["network"]["average_class_accuracy"] > 0.35          # 5 grades: chance is 0.2
     history = pd.read_csv(tmp_path / "one" / "history.csv")
     assert history.kept.sum() == 1 and len(history) <= 6
     # the saved network (model.npz, for Grad-CAM) is the one that made the job's predictions
@@ -241,7 +254,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_subjects():
     ci_large = bootstrap("herniation", large, 400, 0.95)
     mean = np.mean([(p.label == p.predicted).mean() for p in small])
     assert ci_small["accuracy"][0] <= mean <= ci_small["accuracy"][1]
-    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]
     assert width(ci_large) < width(ci_small)
 
 
@@ -267,7 +280,7 @@ def test_results_summary_and_label_efficiency_from_job_folders(tmp_path):
     summary = summarise(results, predictions, 200, 0.95)
     acc = summary[summary.metric == "accuracy"]
     assert ((acc.ci_low <= acc["mean"] + 0.05) & (acc["mean"] - 0.05 <= acc.ci_high)).all()
-    efficiency = label_efficiency(summary).set_index("model")
+    efficiency = label_efficiency(efficiency_differences(summary, predictions, 200, 0.95, 0.05)).set_index("model")
     assert efficiency.loc["ssl", "matched_at_fraction"] == 0.5 and efficiency.loc["ssl", "matched_scans"] == 75
     assert efficiency.loc["random", "matched_at_fraction"] is None or np.isnan(efficiency.loc["random",
                                                                                            "matched_at_fraction"])
@@ -286,7 +299,7 @@ def test_fine_tuning_starts_from_the_given_encoder(data, tmp_path):
     cfg = ProbeConfig.from_config({"epochs": 1, "batch_size": 8, "threads": 1, "device": "cpu"})
     result = probe("test-finetune", "herniation", 0.5, 0, data / "splits", tmp_path / "job", cfg,
                  extract=data / "extract", encoder=tmp_path / "encoder.pt", end_to_end=True)
-    assert result["heads"]["linear"]["init"] == "pretrained" and result["n_test"] > 0
+    assert result["heads"]["network"]["init"] == "pretrained" and result["n_test"] > 0
 
 
 def test_the_supervised_encoder_learns_only_from_self_supervision_training_and_validation(data, tmp_path):

@@ -1,27 +1,36 @@
-"""The report's parts: Grad-CAM (standard and Hou et al.'s variant) against the papers' equations written as plain
-loops, the explained models against the probes they explain, the attention score, the figures and tables from
-synthetic result tables, the t-SNE inputs and the configuration page."""
+"""The report's parts: standard Grad-CAM against the paper's equations written as plain loops (Hou et al.'s variant:
+tests/test_gradcam_hou.py), the explained models against the probes they explain (on the two bodies, and the disc
+classifier on the disc volume), the attention score, the disc masks cut like the model's input, the figures and
+tables from synthetic result tables, the t-SNE inputs and the configuration page."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 from test_probes import FAST, SHAPE, write_probe_data
 
-from stages import figures, gradcam
+from stages import disc_masks, figures, gradcam
 from stages.core import levels
 from stages.embeddings import bodies_of_test_part
 from stages.evaluation.metrics import roc_curve
 from stages.evaluation.probe_data import run_folder
 from stages.features import embed_all
+from stages.nets.disc_cnn import (
+    DiscClassifier,
+    pooled_features,
+    save_classifier,
+    save_head,
+)
 from stages.nets.disc_net import DiscNet, load_net, save_net
 from stages.nets.heads import Head, fit_head
 from stages.nets.siamese import EncoderSpec, VggM3dEncoder, random_encoder
@@ -41,25 +50,6 @@ def naive_grad_cam(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.maximum(total, 0)
 
 
-def naive_hou(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Hou et al. 2023, eqs. 16-20, for K maps ``(K, C, *spatial)``, as loops."""
-    k_maps, channels = acts.shape[:2]
-    w = np.zeros((k_maps, channels))
-    for k in range(k_maps):
-        for c in range(channels):
-            w[k, c] = np.abs(grads[k, c]).sum() / grads[k, c].size          # (16)
-    w = w / w.std(ddof=1)                                                     # (17) (torch.std: unbiased)
-    a = np.zeros_like(w)
-    for c in range(channels):
-        e = np.exp(w[:, c] - w[:, c].max())
-        a[:, c] = e / e.sum()                                                 # (18)
-    out = []
-    for k in range(k_maps):
-        m = np.maximum(sum(a[k, c] * acts[k, c] for c in range(channels)), 0)   # (19)
-        out.append((m - m.min()) / (m.max() - m.min()))                       # (20)
-    return np.stack(out)
-
-
 @pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 5)])
 def test_grad_cam_matches_its_definition(spatial):
     rng = np.random.default_rng(0)
@@ -67,19 +57,6 @@ def test_grad_cam_matches_its_definition(spatial):
     ours = gradcam.grad_cam(torch.tensor(acts), torch.tensor(grads)).numpy()
     for i in range(3):
         np.testing.assert_allclose(ours[i], naive_grad_cam(acts[i], grads[i]), atol=1e-10)
-
-
-@pytest.mark.parametrize("spatial", [(4, 5), (2, 4, 5)])
-def test_hou_variant_matches_equations_16_to_20(spatial):
-    rng = np.random.default_rng(1)
-    acts = np.abs(rng.normal(size=(3, 8, *spatial)))          # post-ReLU activations
-    grads = rng.normal(size=(3, 8, *spatial))
-    ours = gradcam.hou_cam(torch.tensor(acts), torch.tensor(grads)).numpy()
-    np.testing.assert_allclose(ours, naive_hou(acts, grads), atol=1e-9)
-    for k in range(3):        # each map on its own [0, 1] scale
-        assert ours[k].min() == pytest.approx(0) and ours[k].max() == pytest.approx(1)
-    # the sign of the gradient does not matter (|dh/dA|), unlike standard Grad-CAM
-    np.testing.assert_allclose(gradcam.hou_cam(torch.tensor(acts), torch.tensor(-grads)).numpy(), ours, atol=1e-12)
 
 
 def test_cam_shapes_are_checked_and_a_flat_map_is_zero():
@@ -202,7 +179,8 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     row = {(s, lv): r for s, lv, r in volumes[volumes.kind == "vertebra"][["scan_id", "level", "row"]].itertuples(
         index=False)}
     np.savez(tmp_path / "masks.npz", masks=masks, has_mask=has_mask,
-             sample_scan_id=linear.scan_id.to_numpy().astype(str), sample_level=linear.level.to_numpy().astype(str), sample_label=linear.label.to_numpy(),
+             sample_scan_id=linear.scan_id.to_numpy().astype(str), sample_level=linear.level.to_numpy().astype(str),
+             sample_label=linear.label.to_numpy(),
              sample_upper=np.array([row[(s, lv.split("-")[0])] for s, lv in zip(linear.scan_id, linear.level)]),
              sample_lower=np.array([row[(s, lv.split("-")[1])] for s, lv in zip(linear.scan_id, linear.level)]))
     out = {"scores": tmp_path / "out" / "s.csv", "maps": tmp_path / "maps" / "m.npz", "summary": tmp_path / "x.json"}
@@ -219,7 +197,8 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     assert (merged.predicted == merged.predicted_job).all()
     unscored = scores.disc_share_of_volume.isna()          # the samples without a label map
     assert unscored.sum() == (~has_mask).sum() and scores.inside_disc[unscored].isna().all()
-    scored = scores.dropna(subset=["inside_disc", "inside_disc_hou"])   # an all-zero map has no attention
+    assert scores.hou_map.all()                            # the grade, a multi-class task: every sample a Hou map
+    scored = scores.dropna(subset=["inside_disc"])         # an all-zero map has no attention
     assert len(scored) + summary["empty_maps"] == has_mask.sum() and scored.inside_disc.between(0, 1).all()
     assert summary["inside_disc"] == pytest.approx(scored.inside_disc.mean())
     assert summary["map_size"] == [SHAPE[0], 3, 3] and summary["task"] == "grade"     # conv3 of 48 px crops
@@ -229,6 +208,228 @@ def test_gradcam_stage_scores_a_frozen_probe_job(tmp_path):
     assert maps["cam_up"].shape[1:] == (2, *SHAPE) and maps["has_mask"].all()   # examples with a mask come first
     with pytest.raises(ValueError, match="give its encoder"):
         gradcam.load_model(job.model, None)
+
+
+# --- Grad-CAM of the disc classifier on the disc volume (probes.disc_input: disc) --------------------------------
+
+DISC_SHAPE = (5, 64, 64)    # slices, rows, columns of a disc volume: conv5 is 2 x 2 before its pooling, conv3 4 x 4
+
+
+def _disc_classifier(n_classes: int, seed: int) -> DiscClassifier:
+    torch.manual_seed(seed)
+    spec = EncoderSpec(slices=DISC_SHAPE[0], height=DISC_SHAPE[1], width_px=DISC_SHAPE[2], width=0.125,
+                       embedding_dim=16, dropout=0.0)
+    return DiscClassifier(spec, n_classes, dropout=0.5).eval()
+
+
+def _disc_probe_job(folder: Path, kind: str, task: str, n: int = 15, seed: int = 30) -> dict[str, Any]:
+    """A probe job on the disc volume, its files as stages/probe.py, stages/disc_features.py and stages/disc_masks.py
+    write them: ``kind`` "transfer" (model.npz: FC6-FC8 of a disc classifier whose Conv1-Conv5 are in
+    disc_trunk.npz), "linear" (a logistic regression on the pooled Conv5 maps of that trunk, no transfer head) or
+    "network" (the whole classifier trained end to end, "cnn"); predictions the classifier's own; discs.npy with the
+    test discs at scattered rows; masks (n, 1, S, H, W) of the disc volume: the middle quarter of its rows."""
+    classes = np.array([0, 1]) if task == "herniation" else np.arange(1, 6)
+    net = _disc_classifier(len(classes), seed)
+    rng = np.random.default_rng(seed)
+    discs = rng.normal(0.5, 0.3, size=(n + 5, *DISC_SHAPE)).astype(np.float16)
+    rows = rng.permutation(n + 5)[:n]                   # the test discs' rows of discs.npy, not in order
+    np.save(folder / "discs.npy", discs)
+    x = torch.tensor(discs[rows], dtype=torch.float32)
+    label = classes[rng.integers(0, len(classes), n)]
+    trunk = {k: v for k, v in save_classifier(net, "trunk").items() if not k.startswith("trunk/head.")}
+    np.savez(folder / "disc_trunk.npz", **trunk)
+    if kind == "linear":
+        with torch.no_grad():
+            pooled = pooled_features(net.feature_maps(x)).numpy()
+        head = fit_head(pooled, np.arange(n) % len(classes), len(classes), 1.0, max_iter=100)
+        arrays, proba = head.to_arrays("linear"), head.predict_proba(pooled)
+    else:
+        with torch.no_grad():
+            if task == "herniation":                    # about half of the discs predicted positive
+                logits = net(x)
+                net.head.layers[-1].bias[1] -= (logits[:, 1] - logits[:, 0]).sort().values[n // 2 - 1:n // 2 + 1].mean()
+            proba = torch.softmax(net(x), 1).numpy()
+        arrays = save_head(net, "transfer") if kind == "transfer" else save_classifier(net, "cnn")
+    with (folder / "model.npz").open("wb") as handle:
+        np.savez(handle, classes=classes, **arrays)
+    scan_id, level = np.array([f"scan-{i:02d}" for i in range(n)]), np.array(["L4-L5"] * n)
+    predicted = classes[proba.argmax(1)]
+    predictions = pd.DataFrame({"head": "network" if kind == "network" else kind, "subject_id": scan_id,
+                                "scan_id": scan_id, "level": level, "label": label, "predicted": predicted,
+                                **{f"p_{c}": proba[:, k] for k, c in enumerate(classes)}})
+    predictions.to_parquet(folder / "predictions.parquet", index=False)
+    (folder / "metrics.json").write_text(json.dumps({"task": task}))
+    has_mask = np.arange(n) % 5 != 0                    # a few scans without a label map
+    masks = np.zeros((n, 1, *DISC_SHAPE), np.uint8)
+    masks[has_mask, 0, :, 24:40] = 1                    # 16 of the disc volume's 64 rows
+    np.savez(folder / "masks.npz", masks=masks, has_mask=has_mask, disc_input=np.array("disc"),
+             sample_scan_id=scan_id, sample_level=level, sample_label=label, sample_row=rows)
+    return {"net": net, "discs": discs, "rows": rows, "has_mask": has_mask, "predicted": predicted,
+            "scan_id": scan_id, "classes": classes}
+
+
+def test_pooled_disc_probe_reproduces_the_linear_heads_probabilities():
+    net = _disc_classifier(3, 31)
+    x = torch.randn(12, *DISC_SHAPE, generator=torch.Generator().manual_seed(31))
+    with torch.no_grad():
+        pooled = pooled_features(net.feature_maps(x)).numpy()
+    head = fit_head(pooled, np.arange(12) % 3, 3, 1.0, max_iter=100)
+    probe = gradcam.PooledDiscProbe(net, head)
+    with torch.no_grad():
+        proba = torch.softmax(probe(x), 1).numpy()
+    np.testing.assert_allclose(proba, head.predict_proba(pooled), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, task, layer", [("transfer", "herniation", "conv5"), ("network", "grade", "conv3"),
+                                               ("linear", "grade", "conv5")])
+def test_gradcam_stage_explains_the_disc_classifier_on_the_disc_volume(tmp_path, monkeypatch, kind, task, layer):
+    """A probe job on the disc volume explained through the command line (the files the rule declares): the model is
+    the job's own classifier (it predicts what the job predicted), its maps are Grad-CAM of that classifier on the disc
+    volume at the row the masks name (K = 1 input volume), the attention inside the disc is a share in [0, 1] beside
+    the disc's share of its own volume (uniform attention: 16 of 64 rows), and the figure and table are drawn from
+    what it writes."""
+    job = _disc_probe_job(tmp_path, kind, task)
+    out = {"scores": tmp_path / "scores.csv", "maps": tmp_path / "maps.npz", "summary": tmp_path / "summary.json"}
+    trunk = [] if kind == "network" else ["--disc-trunk", str(tmp_path / "disc_trunk.npz")]
+    assert gradcam.main(["probe", "--model", "scratch" if kind == "network" else "siamese", "--metrics",
+                         str(tmp_path / "metrics.json"), "--predictions", str(tmp_path / "predictions.parquet"),
+                         "--model-file", str(tmp_path / "model.npz"), "--masks", str(tmp_path / "masks.npz"),
+                         "--discs", str(tmp_path / "discs.npy"), *trunk, "--gradcam-layer", layer, "--threads", "1",
+                         *[f"--{k}={v}" for k, v in out.items()]]) == 0
+    scores, summary, maps = pd.read_csv(out["scores"]), json.loads(out["summary"].read_text()), np.load(out["maps"])
+    assert list(scores.columns) == gradcam.SCORE_COLUMNS and len(scores) == len(job["rows"])
+    assert summary["head"] == kind and summary["input"] == "disc volume" and summary["layer"] == layer
+    # the explained model is the job's classifier on the disc volume: it predicts what the job predicted
+    index = {s: i for i, s in enumerate(job["scan_id"])}
+    at = scores.scan_id.map(index).to_numpy()
+    assert (scores.predicted.to_numpy() == job["predicted"][at]).all()
+    # uniform attention: the disc's share of its own volume; no label map, no score
+    with_mask = job["has_mask"][at]
+    assert scores.disc_share_of_volume[with_mask].to_numpy() == pytest.approx(16 / 64)
+    assert scores.disc_share_of_volume[~with_mask].isna().all() and scores.inside_disc[~with_mask].isna().all()
+    scored = scores[with_mask].dropna(subset=["inside_disc"])
+    assert len(scored) == summary["samples"] > 0 and scored.inside_disc.between(0, 1).all()
+    assert summary["inside_disc"] == pytest.approx(scored.inside_disc.mean())
+    assert summary["disc_share_of_volume"] == pytest.approx(16 / 64)
+    made = scores.hou_map.to_numpy(dtype=bool)
+    if task == "herniation":                            # Hou's maps: positive predictions only
+        assert (made == (scores.predicted == 1).to_numpy()).all() and 0 < made[with_mask].sum() < with_mask.sum()
+    else:
+        assert made.all()
+    hou = scores[with_mask & made].dropna(subset=["inside_disc_hou"])
+    assert summary["samples_hou"] == len(hou) > 0 and hou.inside_disc_hou.between(0, 1).all()
+    assert summary["disc_share_of_volume_hou"] == pytest.approx(16 / 64)
+    assert scores.inside_disc_hou[~made].isna().all()
+    # the maps: one input volume, the disc's own, as discs.npy holds it at the row of each example
+    size = [2, 2] if layer == "conv5" else [DISC_SHAPE[0], 4, 4]
+    assert summary["map_size"] == size and maps["cam"].shape == (len(scores), 1, *size)
+    assert maps["cam_up"].shape[1:] == (1, *DISC_SHAPE) and maps["parts"].tolist() == ["disc volume"]
+    shown = len(maps["inputs"])
+    assert shown == 6 and maps["has_mask"].all()        # examples with a mask come first
+    np.testing.assert_array_equal(maps["inputs"][:, 0], job["discs"][maps["row"]])
+    np.testing.assert_array_equal(maps["hou_map"], made[:shown])
+    if layer == "conv5" and kind != "linear":           # Grad-CAM by hand: the classifier's Conv5, its own head
+        net, i = job["net"], 0
+        x = torch.tensor(job["discs"][maps["row"][i:i + 1]], dtype=torch.float32)
+        fm = net.feature_maps(x).detach().requires_grad_(True)
+        logits = net.head(net.conv5[-1](fm).flatten(1))
+        grad, = torch.autograd.grad(logits[0, logits[0].argmax()], fm)
+        manual = naive_grad_cam(fm[0].detach().numpy(), grad[0].numpy())
+        np.testing.assert_allclose(maps["cam"][i, 0], manual / max(manual.max(), 1e-12), atol=1e-5)
+    # the figure (one input volume per model; a negative prediction's row says it has no Hou map) and the table
+    texts = []
+    save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, files: texts.extend(
+        [ax.get_ylabel() for ax in fig.axes] + [fig._suptitle.get_text()]) or save(fig, files))
+    example = int(np.flatnonzero(~maps["hou_map"])[0]) if not maps["hou_map"].all() else 0
+    written = figures.gradcam_figure({"siamese": dict(maps)}, None, _figure(tmp_path, "hou"), "hou", example)
+    assert all(_is_image(p) for p in written if p.suffix == ".png")
+    assert ("negative prediction:\nno Hou map" in "\n".join(texts)) == (task == "herniation")
+    assert "softmax over every map and channel" in texts[-1] and "min" not in texts[-1]
+    figures.attention_table([summary], _table(tmp_path, "attention"))
+    table = pd.read_csv(tmp_path / "attention.csv")
+    assert table.loc[0, "test discs scored, Hou et al."] == summary["samples_hou"]
+    assert table.loc[0, "uniform attention, Hou et al.'s discs"] == pytest.approx(16 / 64)
+    assert table.loc[0, "input"] == "disc volume"
+    page = (tmp_path / "attention.html").read_text()
+    assert ("positive predictions only" in page) == (task == "herniation")
+
+
+def test_gradcam_stage_refuses_mismatched_disc_inputs_and_explains_nothing_of_a_one_class_job(tmp_path):
+    """Refused: a transfer head without its trunk, masks cut for the bodies; a one-class job: nothing to explain."""
+    _disc_probe_job(tmp_path, "transfer", "grade", n=6)
+    with pytest.raises(ValueError, match="--disc-trunk"):
+        gradcam.load_model(tmp_path / "model.npz", None, "transfer")
+    store = dict(np.load(tmp_path / "masks.npz"))
+    np.savez(tmp_path / "bodies.npz", masks=np.repeat(store["masks"], 2, axis=1), has_mask=store["has_mask"],
+             **{k: store[k] for k in ("sample_scan_id", "sample_level", "sample_label")},
+             sample_upper=store["sample_row"], sample_lower=store["sample_row"])
+    job = gradcam.ProbeJob(tmp_path / "metrics.json", tmp_path / "predictions.parquet", tmp_path / "model.npz")
+    out = gradcam.Outputs(tmp_path / "s.csv", tmp_path / "m.npz", tmp_path / "j.json")
+    with pytest.raises(ValueError, match="cut for the bodies input"):
+        gradcam.run("siamese", job, tmp_path / "bodies.npz", tmp_path / "discs.npy", out, "conv5", None,
+                    trunk=tmp_path / "disc_trunk.npz", disc_input="disc")
+    # a job whose training labels had one class fitted nothing: no model, no score, empty maps of one input volume
+    with (tmp_path / "model.npz").open("wb") as handle:
+        np.savez(handle, classes=np.arange(1, 6))
+    summary = gradcam.run("siamese", job, tmp_path / "masks.npz", tmp_path / "discs.npy", out, "conv5", None,
+                          trunk=tmp_path / "disc_trunk.npz")
+    assert summary["samples"] == 0 and summary["head"] == "transfer" and "one class" in summary["note"]
+    assert np.load(out.maps)["cam_up"].shape == (0, 1, 1, 1, 1) and pd.read_csv(out.scores).empty
+
+
+# --- The disc masks: the disc's label map cut like the model's input -----------------------------------------------
+
+def test_disc_masks_cut_the_disc_with_the_crop_of_the_input_the_model_reads(tmp_path):
+    """A label map (1 mm voxels, sagittal slices) with the disc L4-L5 a slab of rows 44-51 and columns 16-47 between
+    the bodies L4 (centre row 31) and L5 (row 65). Cut with the disc's own crop (24 x 32 pixels of 2 mm: the disc's
+    32 mm span half the width), the mask is the volume's middle rows 10-13 and columns 8-23 on every slice; cut with
+    the bodies' crops, the lower rows of the upper body's volume (18-21) and the upper rows of the lower one's (1-4).
+    A scan without a label map gets an empty mask, and the training part's discs none at all."""
+    label = np.zeros((9, 96, 64), np.uint8)
+    label[:, 44:52, 16:48] = levels.DISC_LABELS["L4-L5"]
+    label[:, 20:42, 16:48] = levels.VERTEBRA_LABELS["L4"]
+    label[:, 54:76, 16:48] = levels.VERTEBRA_LABELS["L5"]
+    (tmp_path / "labels").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "labels" / "scan-0.nii.gz"))
+    scans = ["scan-0", "scan-1", "scan-2"]
+    pd.DataFrame({"scan_id": scans, "label_map": ["labels/scan-0.nii.gz", None, "labels/scan-0.nii.gz"]}).to_parquet(
+        tmp_path / "manifest.parquet")
+    geometry = {"x": 32.0, "z": 4.0, "k": 4.0, "depth_mm": 32.0, "axis_x": 0.0, "axis_y": 1.0, "axis_z": 0.0,
+                "ap_x": -1.0, "ap_y": 0.0, "ap_z": 0.0}
+    pd.DataFrame([{"scan_id": s, "kind": kind, "level": lv, "y": y, **geometry} for s in scans
+                  for kind, lv, y in (("vertebra", "L4", 31.0), ("disc", "L4-L5", 48.0), ("vertebra", "L5", 65.0))]
+                 ).to_parquet(tmp_path / "structures.parquet")
+    volumes = pd.DataFrame([{"subject_id": f"s{i}", "scan_id": s, "kind": kind, "level": lv, "row": row,
+                             "downstream_part": "train" if s == "scan-2" else "test",
+                             "pfirrmann": 3.0 if kind == "disc" else np.nan}
+                            for i, s in enumerate(scans)
+                            for kind, lv, row in (("vertebra", "L4", 10 * i), ("disc", "L4-L5", 10 * i + 3),
+                                                  ("vertebra", "L5", 10 * i + 1))])
+    volumes.to_parquet(tmp_path / "volumes.parquet")
+    files = ["--manifest", str(tmp_path / "manifest.parquet"), "--structures", str(tmp_path / "structures.parquet"),
+             "--volumes", str(tmp_path / "volumes.parquet"), "--width-fraction", "0.5"]
+    assert disc_masks.main([*files, "--disc-size", "24", "32", "5", "--out", str(tmp_path / "disc.npz")]) == 0
+    store = np.load(tmp_path / "disc.npz")
+    assert str(store["disc_input"]) == "disc" and store["masks"].shape == (2, 1, 5, 24, 32)
+    assert store["sample_scan_id"].tolist() == ["scan-0", "scan-1"] and store["sample_row"].tolist() == [3, 13]
+    assert store["has_mask"].tolist() == [True, False] and "sample_upper" not in store
+    expected = np.zeros((5, 24, 32), np.uint8)
+    expected[:, 10:14, 8:24] = 1
+    np.testing.assert_array_equal(store["masks"][0, 0], expected)
+    assert not store["masks"][1].any()
+    assert disc_masks.main([*files, "--disc-input", "bodies", "--vertebra-size", "24", "32", "5", "--out",
+                            str(tmp_path / "bodies.npz")]) == 0
+    store = np.load(tmp_path / "bodies.npz")
+    assert store["masks"].shape == (2, 2, 5, 24, 32) and store["sample_upper"].tolist() == [0, 10]
+    assert store["sample_lower"].tolist() == [1, 11] and "sample_row" not in store
+    upper, lower = np.zeros((5, 24, 32), np.uint8), np.zeros((5, 24, 32), np.uint8)
+    upper[:, 18:22, 8:24] = 1
+    lower[:, 1:5, 8:24] = 1
+    np.testing.assert_array_equal(store["masks"][0, 0], upper)
+    np.testing.assert_array_equal(store["masks"][0, 1], lower)
+    with pytest.raises(SystemExit):                     # the disc input needs the disc's crop size
+        disc_masks.main([*files, "--vertebra-size", "24", "32", "5", "--out", str(tmp_path / "x.npz")])
 
 
 # --- Figures and tables -------------------------------------------------------------------------------------------

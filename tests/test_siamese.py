@@ -9,15 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from stages.core.levels import DISCS, VERTEBRAE
 from stages.nets.siamese import (
+    MIN_SIZE,
     BalancedCrossEntropy,
     ContrastiveLoss,
     EncoderSpec,
     SiameseNet,
     VggM3dEncoder,
     class_balanced_weights,
+    load_encoder,
 )
-from stages.training.augment import AugmentRanges, affine_matrices, augment_pairs, sample_pair_params
+from stages.training.augment import (
+    AugmentRanges,
+    affine_matrices,
+    augment_pairs,
+    sample_pair_params,
+)
 
 
 def test_contrastive_loss_matches_the_equation_written_as_a_loop():
@@ -84,10 +92,47 @@ def test_network_shapes_and_conv4_removes_the_slice_axis(size, width):
 
 
 def test_too_small_volumes_are_refused_with_the_size_needed():
-    with pytest.raises(ValueError, match="at least 48 x 48"):
+    with pytest.raises(ValueError, match=r"at least 43 x 43 pixels \(the crop size: extract.vertebra_size / "
+                                         r"extract.disc_size\)"):
         EncoderSpec(slices=9, height=32, width_px=32)
+    # 43 is the true minimum, in either direction: Conv4 then sees 3 x 3, and 42 leaves it 2 x 2
+    assert MIN_SIZE == 43
+    for height, width_px in ((42, 64), (64, 42)):
+        with pytest.raises(ValueError, match="too small"):
+            EncoderSpec(slices=9, height=height, width_px=width_px)
+    net = SiameseNet(EncoderSpec(slices=3, height=43, width_px=43, width=0.125, embedding_dim=8)).eval()
+    with torch.no_grad():
+        assert net.encoder(torch.zeros(1, 3, 43, 43)).shape == (1, 8)
     with pytest.raises(ValueError, match="expected volumes"):
         VggM3dEncoder(EncoderSpec(slices=5, height=48, width_px=48, width=0.125))(torch.zeros(1, 4, 48, 48))
+
+
+def test_fc8_has_one_class_per_level_of_the_structure_and_the_encoder_does_not_depend_on_it():
+    shape = {"slices": 5, "height": 43, "width_px": 48, "width": 0.125, "embedding_dim": 16}
+    assert EncoderSpec(**shape).n_levels == len(VERTEBRAE) == 7
+    torch.manual_seed(0)
+    bodies = SiameseNet(EncoderSpec(**shape))
+    torch.manual_seed(0)
+    discs = SiameseNet(EncoderSpec(**shape, n_levels=len(DISCS)))
+    assert bodies.fc8.out_features == 7 and discs.fc8.out_features == 6
+    x = torch.randn(2, 5, 43, 48)
+    with torch.no_grad():
+        assert discs.eval()(x, x)[2].shape == (4, 6)
+    # the encoder is drawn before FC8: the same seed gives the same initial encoder for bodies and discs
+    assert all(torch.equal(v, discs.encoder.state_dict()[k]) for k, v in bodies.encoder.state_dict().items())
+    with pytest.raises(ValueError, match="n_levels must be >= 1"):
+        EncoderSpec(**shape, n_levels=0)
+
+
+def test_an_encoder_saved_before_structures_existed_loads_as_a_vertebral_one(tmp_path):
+    old_spec = {"slices": 5, "height": 48, "width_px": 48, "width": 0.125, "embedding_dim": 16,
+                "dropout": 0.5}   # no n_levels
+    encoder = VggM3dEncoder(EncoderSpec(**old_spec))
+    torch.save({"method": "siamese", "spec": old_spec, "state_dict": encoder.state_dict()}, tmp_path / "encoder.pt")
+    loaded, saved = load_encoder(tmp_path / "encoder.pt")
+    assert saved["structure"] == "vertebra" and loaded.spec.n_levels == 7
+    assert SiameseNet(EncoderSpec(**saved["spec"])).fc8.out_features == 7
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in encoder.state_dict().items())
 
 
 def test_augmentation_parameters_stay_within_the_stated_ranges():

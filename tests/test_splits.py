@@ -1,7 +1,10 @@
-"""Splits by subject and family, leakage, nested label subsets, and pair counts computed independently."""
+"""Splits by subject and family, stratified by follow-up, leakage, nested label subsets, pair counts computed
+independently, negatives drawn like the positives, same-session scans, and disc pairs."""
 
 from __future__ import annotations
 
+import json
+from itertools import pairwise
 from math import comb
 
 import numpy as np
@@ -10,7 +13,17 @@ import pytest
 
 from stages.core import levels
 from stages.evaluation.probe_data import label_subset
-from stages.splits import SplitConfig, assign_parts, check_leakage, make_pairs, volume_labels
+from stages.splits import (
+    SSL_PARTS,
+    SplitConfig,
+    assign_parts,
+    check_leakage,
+    main,
+    make_pairs,
+    subject_table,
+    summarise,
+    volume_labels,
+)
 
 CFG = SplitConfig.from_config()
 
@@ -83,7 +96,7 @@ def test_label_subsets_are_nested_by_subject_within_downstream_training(split):
     for seed in range(3):
         members = [set(label_subset(parts, f, seed, seed=0)) for f in fractions]
         assert all(m <= train for m in members)
-        assert all(small < large for small, large in zip(members, members[1:]))
+        assert all(small < large for small, large in pairwise(members))
         assert [len(m) for m in members] == [int(np.ceil(f * len(train))) for f in fractions]
         firsts.append(frozenset(members[0]))
         assert set(label_subset(parts, 0.358, seed, seed=0)) == members[0]   # a function of (fraction, seed) alone
@@ -130,3 +143,164 @@ def test_a_leak_is_refused_in_code(split):
     forged.loc[victim, "ssl_part"] = "train"
     with pytest.raises(RuntimeError, match="seen by pretraining"):
         check_leakage(forged)
+
+
+# Stratified self-supervision split, negatives drawn like the positives, same-session scans, disc pairs.
+
+NO_GRADINGS = pd.DataFrame(columns=["subject_id", "study_id", "level", "pfirrmann", "herniation"])
+
+
+def _index(scans: dict[str, list[float]], discs: bool = False) -> pd.DataFrame:
+    """An extraction index: each subject's scans at the given days since its first study, each scan's 7 bodies
+    (rows of vertebrae.npy) and, with ``discs``, its 6 discs (rows of discs.npy, numbered on their own)."""
+    rows, counter = [], {"vertebrae": 0, "discs": 0}
+    for sid, days in scans.items():
+        for visit, day in enumerate(days):
+            for kind, array, names in (("vertebra", "vertebrae", levels.VERTEBRAE), ("disc", "discs", levels.DISCS)):
+                if kind == "disc" and not discs:
+                    continue
+                for level in names:
+                    rows.append({"array": array, "row": counter[array], "scan_id": f"{sid}-{visit}",
+                                 "subject_id": sid, "study_id": f"ses-{sid}-{visit}", "days_since_first_study": day,
+                                 "kind": kind, "level": level, "flag": ""})
+                    counter[array] += 1
+    return pd.DataFrame(rows)
+
+
+def _own_families(scans: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame({"subject_id": list(scans), "family_id": [f"fam-{s}" for s in scans]})
+
+
+def test_every_ssl_part_has_positive_pairs_when_three_families_have_follow_ups():
+    # 3 follow-up subjects among 60: dealt without regard to follow-up, a part would mostly get none of them
+    scans = {f"sub-{i:03d}": [0.0, 3650.0] if i in (5, 30, 55) else [0.0] for i in range(60)}
+    index = _index(scans)
+    table = subject_table(index, _own_families(scans), NO_GRADINGS)
+    for seed in range(10):
+        cfg = SplitConfig.from_config({"seed": seed})
+        parts = assign_parts(table, cfg)
+        pairs = make_pairs(volume_labels(index, NO_GRADINGS, parts), cfg)
+        assert set(pairs.part[pairs.positive]) == set(SSL_PARTS), seed
+        assert parts.ssl_part.value_counts(normalize=True)["train"] == pytest.approx(0.8, abs=0.05)
+
+
+def test_follow_up_families_are_dealt_in_the_ssl_fractions(split):
+    parts, _, pairs = split
+    followup = parts[parts.has_followup & (parts.ssl_part != "excluded")].ssl_part.value_counts(normalize=True)
+    assert followup["train"] == pytest.approx(0.8, abs=0.05) and followup["test"] == pytest.approx(0.1, abs=0.05)
+    assert set(pairs.part[pairs.positive]) == set(SSL_PARTS)
+
+
+def test_negatives_pair_an_earlier_scan_with_a_later_scan_of_another_subject_never_twice(split):
+    _, volumes, pairs = split
+    by_row = volumes.set_index("row")
+    first = volumes.groupby("subject_id").days_since_first_study.min()
+    positives, negatives = pairs[pairs.positive], pairs[~pairs.positive]
+    a, b = by_row.loc[negatives.a], by_row.loc[negatives.b]
+    # a: the earlier scan of one of the part's positive pairs (at that level)
+    assert set(zip(negatives.part, negatives.a)) <= set(zip(positives.part, positives.a))
+    # b: the same level of another subject's later scan (not its first), in the same part
+    assert (a.subject_id.to_numpy() != b.subject_id.to_numpy()).all()
+    assert (b.level.to_numpy() == negatives.level.to_numpy()).all()
+    assert (b.days_since_first_study.to_numpy() > b.subject_id.map(first).to_numpy()).all()
+    assert (a.ssl_part.to_numpy() == negatives.part.to_numpy()).all()
+    assert (b.ssl_part.to_numpy() == negatives.part.to_numpy()).all()
+    # hard: the twin; the others from other families
+    assert ((a.family_id.to_numpy() == b.family_id.to_numpy()) == negatives.hard.to_numpy()).all()
+    assert 0 < negatives.hard.mean() < 0.5
+    # without replacement: no pair of volumes twice within a part, in either order
+    key = [(p, min(x, y), max(x, y)) for p, x, y in zip(negatives.part, negatives.a, negatives.b)]
+    assert len(set(key)) == len(key)
+
+
+def test_same_seed_same_negatives_other_seed_other_negatives(split):
+    _, volumes, pairs = split
+    pd.testing.assert_frame_equal(make_pairs(volumes, CFG), pairs)
+    other = make_pairs(volumes, SplitConfig.from_config({"seed": 1}))
+    negatives = pairs[~pairs.positive].reset_index(drop=True)
+    assert len(other[~other.positive]) == len(negatives)
+    assert not other[~other.positive].reset_index(drop=True)[["a", "b"]].equals(negatives[["a", "b"]])
+
+
+def test_negatives_run_out_rather_than_repeat_and_the_summary_counts_it():
+    # one part, two follow-up subjects of different families: each positive has one negative to draw
+    scans = {"sub-a": [0.0, 3650.0], "sub-b": [0.0, 4000.0], "sub-c": [0.0]}
+    index = _index(scans)
+    parts = subject_table(index, _own_families(scans), NO_GRADINGS).assign(ssl_part="train", downstream_part="none")
+    volumes = volume_labels(index, NO_GRADINGS, parts)
+    cfg = SplitConfig.from_config({"negative_ratio": 3.0})
+    pairs = make_pairs(volumes, cfg)
+    negatives = pairs[~pairs.positive]
+    assert len(pairs[pairs.positive]) == 2 * 7 and len(negatives) == 2 * 7
+    assert not negatives.duplicated(["a", "b"]).any()
+    counts = summarise(parts, volumes, pairs, cfg)["negative_pairs_per_ssl_part"]["train"]
+    assert counts == {"wanted": 42, "drawn": 14, "hard": 0, "short": 28}
+
+
+def test_two_scans_of_one_visit_make_no_follow_up_subject_and_are_same_session_positives():
+    # SPIDER-like: a T1 and a T2 of one visit for every subject, every subject graded
+    scans = {f"sub-{i:03d}": [0.0, 0.0] for i in range(100)}
+    index = _index(scans)
+    gradings = pd.DataFrame({"subject_id": list(scans), "study_id": [f"ses-{s}-0" for s in scans], "level": "L4-L5",
+                             "pfirrmann": 2, "herniation": 0})
+    table = subject_table(index, _own_families(scans), gradings)
+    assert (table.n_scans == 2).all() and not table.has_followup.any()
+    parts = assign_parts(table, CFG)
+    counts = parts.downstream_part.value_counts()
+    assert counts["val"] > 0 and counts["test"] > 0
+    volumes = volume_labels(index, gradings, parts)
+    pairs = make_pairs(volumes, CFG)
+    positives = pairs[pairs.positive]
+    for part in SSL_PARTS:
+        assert (positives.part == part).sum() == 7 * (parts.ssl_part == part).sum()
+    assert (positives.years == 0).all()
+    by_row = volumes.set_index("row")
+    negatives = pairs[~pairs.positive]
+    assert len(negatives) == len(positives)
+    assert (by_row.loc[negatives.a].subject_id.to_numpy() != by_row.loc[negatives.b].subject_id.to_numpy()).all()
+    by_interval = summarise(parts, volumes, pairs, CFG)["positive_pairs_per_ssl_part"]
+    assert sum(c["same_session"] for c in by_interval.values()) == len(positives)
+    assert sum(c["years_apart"] for c in by_interval.values()) == 0
+    assert make_pairs(volumes, SplitConfig.from_config({"same_session_pairs": False})).empty
+
+
+def test_a_later_time_makes_a_follow_up_and_both_kinds_of_positive_are_counted():
+    scans = {"sub-a": [0.0, 0.0, 3652.5], "sub-b": [0.0, 0.0], "sub-c": [0.0, 1826.25]}
+    index = _index(scans)
+    table = subject_table(index, _own_families(scans), NO_GRADINGS).set_index("subject_id")
+    assert table.has_followup.to_dict() == {"sub-a": True, "sub-b": False, "sub-c": True}
+    parts = table.reset_index().assign(ssl_part="train", downstream_part="none")
+    volumes = volume_labels(index, NO_GRADINGS, parts)
+    pairs = make_pairs(volumes, CFG)
+    per_level = pairs[pairs.positive & (pairs.level == "L3")].sort_values(["years", "a"])
+    assert per_level.years.tolist() == [0.0, 0.0, 5.0, 10.0, 10.0]  # a: 1 same-session, 2 years apart; b: 1; c: 1
+    by_interval = summarise(parts, volumes, pairs, CFG)["positive_pairs_per_ssl_part"]["train"]
+    assert by_interval == {"years_apart": 3 * 7, "same_session": 2 * 7, "unknown_interval": 0}
+    only_years = make_pairs(volumes, SplitConfig.from_config({"same_session_pairs": False}))
+    assert (only_years[only_years.positive].years > 0).all() and only_years.positive.sum() == 3 * 7
+
+
+def test_disc_pairs_are_rows_of_the_disc_array_and_flagged_volumes_are_left_out(tmp_path):
+    scans = {f"sub-{i:03d}": [0.0, 3650.0] if i % 2 else [0.0] for i in range(40)}
+    index = _index(scans, discs=True)
+    flagged = index[(index.kind == "disc") & (index.subject_id == "sub-001") & (index.level == "L4-L5")].index[0]
+    index.loc[flagged, "flag"] = "no vertebral-body intensity to normalise by"
+    index.to_parquet(tmp_path / "index.parquet")
+    _own_families(scans).to_parquet(tmp_path / "subjects.parquet")
+    NO_GRADINGS.to_parquet(tmp_path / "gradings.parquet")
+    out = {name: tmp_path / "splits" / f"{name}.{'json' if name == 'summary' else 'parquet'}"
+           for name in ("subjects", "volumes", "pairs", "summary")}
+    assert main(["--index", str(tmp_path / "index.parquet"), "--subjects", str(tmp_path / "subjects.parquet"),
+                 "--gradings", str(tmp_path / "gradings.parquet"), "--structure", "disc",
+                 *[arg for name, path in out.items() for arg in (f"--out-{name}", str(path))]]) == 0
+    pairs, volumes = pd.read_parquet(out["pairs"]), pd.read_parquet(out["volumes"])
+    summary = json.loads(out["summary"].read_text())
+    assert summary["structure"] == "disc" and summary["array"] == "discs.npy"
+    assert summary["flagged_volumes_left_out"] == 1 and len(volumes) == len(index) - 1
+    discs = index[index.kind == "disc"].set_index("row")  # disc rows count from 0 like the body rows
+    assert set(pairs.level) <= set(levels.DISCS) and pairs.positive.any() and (~pairs.positive).any()
+    a, b = discs.loc[pairs.a], discs.loc[pairs.b]
+    assert (a.level.to_numpy() == pairs.level.to_numpy()).all() and (b.level.to_numpy() == pairs.level.to_numpy()).all()
+    assert ((a.subject_id.to_numpy() == b.subject_id.to_numpy()) == pairs.positive.to_numpy()).all()
+    assert index.loc[flagged, "row"] not in set(pairs.a) | set(pairs.b)
+    assert len(pairs[pairs.positive]) == 6 * 20 - 1  # every follow-up subject's discs, but the flagged one

@@ -61,7 +61,7 @@ class ToyMethod:
         self.store = store
         self.spec = {"slices": store.shape[0], "channels": 4, "dim": 8}
         self.model = ToyNet(**self.spec)
-        bodies = store.bodies
+        bodies = store.table
         self.rows = {part: bodies.index[(bodies.ssl_part == part).to_numpy() & store.allowed[bodies.index]]
                      .to_numpy(dtype=np.int64) for part in ("train", "val")}
         self.batches = 0

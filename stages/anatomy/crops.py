@@ -1,6 +1,10 @@
 """Crop geometry shared by the extraction stages: the volumes of a structure cut from a scan along the spine's local
 axes (Jamaludin et al. 2017, section 2.1), the neighbour-body intensity reference, the extraction config and the
-columns of the extraction index (see stages/extract.py for the whole stage)."""
+columns of the extraction index (see stages/extract.py for the whole stage).
+
+The index is also where extraction flags a volume: its ``flag`` column is empty for a usable volume and says why
+otherwise (no intensity to normalise by, e.g. no vertebral body found around a disc); a flagged volume's slot in the
+array holds zeros, never NaN, and the splits stage leaves it out of everything it writes."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from stages.core import levels
 from stages.core.config import section_config
 
 INDEX_COLUMNS = ["array", "row", "scan_id", "subject_id", "study_id", "days_since_first_study", "source", "kind",
-                 "level", "x", "y", "z", "step_mm", "scale"]
+                 "level", "x", "y", "z", "step_mm", "scale", "flag"]
 ARRAYS = ("vertebrae", "discs", "axial")
 
 
@@ -131,5 +135,26 @@ def neighbour_reference(level: str, kind: str, medians: dict[str, float]) -> flo
     else:
         i = levels.VERTEBRAE.index(level)
         around = [levels.VERTEBRAE[j] for j in (i - 1, i + 1) if 0 <= j < len(levels.VERTEBRAE)]
-    values = [medians[n] for n in around if n in medians] or [medians.get(level, np.nan)]
+    values = [medians[n] for n in around if np.isfinite(medians.get(n, np.nan))] or [medians.get(level, np.nan)]
     return float(np.median(values))
+
+
+NO_REFERENCE = "no vertebral-body intensity to normalise by (no body found around the structure)"
+NOT_FINITE = "intensities not finite after normalisation (reference intensity {reference:.3g})"
+
+
+def normalise(volumes: list[np.ndarray], reference: float,
+              missing: str = NO_REFERENCE) -> tuple[list[np.ndarray], float, str]:
+    """The volumes of one structure (its crop; a disc's axial stack too) multiplied so that the intensity
+    ``reference`` becomes 0.5, as float16, with the factor and an empty flag. Where that is undefined (no reference:
+    NaN or not > 0: the flag is ``missing``) or not finite in float16, zeros of the same shapes, factor NaN, and the
+    reason as the flag: a NaN never reaches the arrays."""
+    if not (np.isfinite(reference) and reference > 0):
+        return [np.zeros(v.shape, np.float16) for v in volumes], float("nan"), missing
+    scale = 0.5 / reference
+    with np.errstate(over="ignore"):  # an overflow becomes inf, caught below
+        scaled = [(v * scale).astype(np.float16) for v in volumes]
+    if not all(np.isfinite(v).all() for v in scaled):
+        return ([np.zeros(v.shape, np.float16) for v in volumes], float("nan"),
+                NOT_FINITE.format(reference=reference))
+    return scaled, scale, ""

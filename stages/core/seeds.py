@@ -65,6 +65,22 @@ def end_to_end(seed: int) -> int:
     return seed
 
 
+def classifier_augmentation(seed: int) -> int:
+    """A downstream classifier's on-the-fly augmentation (stages/training/classify.py, end to end), in a private
+    generator; ``seed`` is the fit's seed."""
+    return seed * 1_000_003 + 500_009
+
+
+def view_choice(seed: int) -> int:
+    """Which cached view each training sample of a transfer head reads per epoch (stages/training/classify.py)."""
+    return seed * 1_000_003 + 700_001
+
+
+def cached_views(seed: int) -> int:
+    """The augmented views of every disc volume cached by stages/disc_features.py (``probe_training.seed``)."""
+    return seed * 1_000_003 + 900_007
+
+
 def supervised_encoder(seed: int) -> int:
     """The supervised-transfer encoder (stages/supervised.py, ``probes.seed``): its initial weights and its fit."""
     return seed

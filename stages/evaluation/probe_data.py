@@ -6,10 +6,11 @@ Tasks (Jamaludin et al. 2017, section 4.2; Hou et al. 2023):
 - ``herniation``: disc herniation (binary); accuracy, sensitivity, specificity, ROC AUC.
 - ``level``: the vertebral level of a body (T12 ... S1), a sanity check of the features.
 
-A disc is seen through the two vertebral bodies around it (the body above and the body below, of the same scan):
-the 3D encoder is pretrained on vertebral-body volumes, and each body volume holds the adjacent halves of both its
-discs (results/extract/qc/gallery.png), so a disc's input is the pair of body volumes and its feature vector is the
-concatenation of their two embeddings. A disc whose either body was not extracted is left out (and counted).
+A disc is seen in its own volume (``probes.disc_input: disc``, the default: the disc classifier of Jamaludin et
+al. 2017, section 4.2, Fig. 7), or, with ``disc_input: bodies``, through the two vertebral bodies around it (the body
+above and the body below, of the same scan; each body volume holds the adjacent halves of both its discs), whose
+feature vector is the concatenation of their two embeddings; a disc whose either body was not extracted is then left
+out (and counted).
 
 Label subsets: for seed ``s``, every downstream training subject gets a random key from (``probes.seed``, ``s``,
 subject); the subset of fraction ``f`` is the ``ceil(f n)`` subjects with the smallest keys. Subsets of one seed are
@@ -50,6 +51,15 @@ class ProbeConfig:
     batch_size: int
     learning_rate: float
     weight_decay: float
+    grad_clip: float
+    dropout: float
+    augment_views: int
+    rotation_deg: float
+    shift_fraction: tuple[float, float]
+    shift_slices: int
+    scale_range: tuple[float, float]
+    intensity: float
+    flip: bool
     level_loss_weight: float
     threads: int
     device: str
@@ -82,10 +92,20 @@ TASKS: dict[str, Task] = {
 }
 
 
-def task_samples(volumes: pd.DataFrame, task: Task) -> tuple[pd.DataFrame, dict[str, int]]:
+def task_samples(volumes: pd.DataFrame, task: Task, disc_input: str = "bodies") -> tuple[pd.DataFrame, dict[str, int]]:
     """One row per labelled sample: subject_id, scan_id, level, downstream_part, label, upper (row of the body above
-    or the body itself), lower (row of the body below; -1 for a body task); and counts of what was left out."""
+    or the body itself), lower (row of the body below; -1 for a body task); with ``disc_input`` "disc" a disc task's
+    samples carry ``row`` (the disc's row of discs.npy) instead, and upper = lower = -1; and counts of what was left
+    out."""
     bodies = volumes[volumes.kind == "vertebra"]
+    if task.kind == "disc" and disc_input == "disc":
+        if task.label not in volumes:
+            raise ValueError(f"no {task.label!r} labels in splits/volumes.parquet: the cohort's gradings table has "
+                             f"no such column, so task {task.name!r} cannot run (drop it from probes.tasks)")
+        discs = volumes[(volumes.kind == "disc") & volumes[task.label].notna()
+                        & volumes.downstream_part.isin(["train", "val", "test"])]
+        out = discs.assign(label=discs[task.label].astype(int), upper=-1, lower=-1)
+        return _columns(out), {"samples": len(out)}
     if task.kind == "vertebra":
         out = bodies[bodies.downstream_part.isin(["train", "val", "test"])]
         out = out.assign(label=out.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}), upper=out.row, lower=-1)
@@ -111,7 +131,7 @@ def task_samples(volumes: pd.DataFrame, task: Task) -> tuple[pd.DataFrame, dict[
 
 def _columns(frame: pd.DataFrame) -> pd.DataFrame:
     cols = ["subject_id", "scan_id", "level", "downstream_part", "label", "upper", "lower"]
-    cols += ["ssl_part"] if "ssl_part" in frame else []
+    cols += [c for c in ("row", "ssl_part") if c in frame]
     return frame[cols].sort_values(["scan_id", "level"]).reset_index(drop=True)
 
 

@@ -1,9 +1,11 @@
 """The longitudinal Siamese network of Jamaludin, Kadir and Zisserman 2017 (sections 2.2-2.4): a VGG-M-like 3D CNN on
 vertebral-body volumes, a contrastive loss on same-subject-years-apart pairs, and a class-balanced vertebral-level loss.
 
-Shapes: a volume batch is ``(N, S, H, W)`` (slices, rows, columns; the paper's 9 x 224 x 224). Conv1 to Conv4 are 3D;
-Conv4's kernel spans all S slices without padding, which removes the slice axis; Conv5 is 2D; FC7 is the embedding
-(1024-d in the paper) and FC8 classifies the 7 vertebral levels T12 ... S1.
+Shapes: a volume batch is ``(N, S, H, W)`` (slices, rows, columns; the paper's 9 x 224 x 224; at least 43 rows and
+columns, see :meth:`EncoderSpec.conv5_size`). Conv1 to Conv4 are 3D; Conv4's kernel spans all S slices without
+padding, which removes the slice axis; Conv5 is 2D; FC7 is the embedding (1024-d in the paper) and FC8 classifies the
+levels: the paper's 7 vertebral levels T12 ... S1, or the 6 disc levels T12-L1 ... L5-S1 when the same network is
+pretrained on disc volumes (``pretrain.structure: disc``; ``EncoderSpec.n_levels``).
 
 Deviation from VGG-M, stated: local response normalisation is replaced by group normalisation. Both normalise each
 sample on its own (unlike batch normalisation), which keeps a multi-process (DDP) step equal to a single-process step
@@ -23,14 +25,15 @@ from torch import nn
 from stages.core import seeds
 from stages.core.levels import VERTEBRAE
 
-N_LEVELS = len(VERTEBRAE)   # FC8: T12, L1 ... L5, S1
+N_LEVELS = len(VERTEBRAE)   # FC8 of the paper's network: T12, L1 ... L5, S1 (EncoderSpec.n_levels by default)
+MIN_SIZE = 43               # fewest rows and columns a volume may have (EncoderSpec.conv5_size)
 VGG_M_CHANNELS = (96, 256, 512, 512, 512)
 VGG_M_FC6 = 4096
 
 
 def _channels(base: int, width: float) -> int:
     """VGG-M's channel count scaled by ``width``, rounded to a multiple of 8 (at least 8) for group normalisation."""
-    return max(8, int(round(base * width / 8)) * 8)
+    return max(8, round(base * width / 8) * 8)
 
 
 def _norm(channels: int, dims: int) -> nn.Module:
@@ -39,7 +42,9 @@ def _norm(channels: int, dims: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Everything needed to rebuild an encoder from its weights (saved next to them in ``encoder.pt``)."""
+    """Everything needed to rebuild an encoder from its weights (saved next to them in ``encoder.pt``), and the
+    pretraining network around it: ``n_levels``, FC8's classes (7 vertebral levels; 6 for discs). A spec saved
+    before ``n_levels`` existed rebuilds with the default, the vertebral levels it was trained on."""
 
     slices: int
     height: int
@@ -47,6 +52,7 @@ class EncoderSpec:
     width: float = 1.0
     embedding_dim: int = 1024
     dropout: float = 0.5
+    n_levels: int = N_LEVELS
 
     def __post_init__(self) -> None:
         if self.width <= 0:
@@ -55,15 +61,19 @@ class EncoderSpec:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_levels < 1:
+            raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
         rows, cols = self.conv5_size()
         if rows < 1 or cols < 1:
             raise ValueError(
-                f"vertebral volumes of {self.height} x {self.width_px} pixels are too small for this network: after "
-                "Conv1-Conv3 and two poolings Conv4 (3 x 3, unpadded) needs at least 3 x 3; use crops of at least "
-                "48 x 48 pixels (extract.vertebra_size)")
+                f"volumes of {self.height} x {self.width_px} pixels are too small for this network: after Conv1-Conv3 "
+                "and two poolings Conv4 (3 x 3, unpadded) needs at least 3 x 3; use crops of at least "
+                f"{MIN_SIZE} x {MIN_SIZE} pixels (the crop size: extract.vertebra_size / extract.disc_size)")
 
     def conv5_size(self) -> tuple[int, int]:
-        """Rows and columns after Conv5's pooling, for this input size."""
+        """Rows and columns after Conv5's pooling, for this input size. Conv4 needs 3 rows (columns) after the second
+        pooling, so 6 after Conv2, 11 after the first pooling, 22 after Conv1: at least 43 (``MIN_SIZE``) in the
+        input. 43 to 74 give a 1 x 1 map after Conv5's pooling, the paper's 224 gives 6 x 6."""
         def side(n: int) -> int:
             n = (n - 1) // 2 + 1       # conv1, stride 2, padding 3, kernel 7
             n //= 2                    # pool
@@ -120,16 +130,18 @@ class VggM3dEncoder(nn.Module):
 
 
 class SiameseNet(nn.Module):
-    """One encoder applied to both volumes of a pair (shared weights), and FC8 over the vertebral levels."""
+    """One encoder applied to both volumes of a pair (shared weights), and FC8 over the ``spec.n_levels`` levels of
+    the structure (7 vertebral levels, or 6 disc levels). The encoder's weights are drawn before FC8's: the same seed
+    gives the same initial encoder whatever the number of levels."""
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
         self.encoder = VggM3dEncoder(spec)
-        self.fc8 = nn.Linear(spec.embedding_dim, N_LEVELS)
+        self.fc8 = nn.Linear(spec.embedding_dim, spec.n_levels)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the FC7 embeddings of ``a`` and ``b`` (``(n, D)`` each) and the level logits of both,
-        ``(2n, 7)`` (``a`` first)."""
+        ``(2n, n_levels)`` (``a`` first)."""
         emb = self.encoder(torch.cat([a, b]))
         ea, eb = emb.chunk(2)
         return ea, eb, self.levels(emb)
@@ -192,8 +204,12 @@ class BalancedCrossEntropy(nn.Module):
 
 
 def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict]:
-    """An encoder saved as ``encoder.pt`` (by pretraining or the supervised stage) and what was saved with it."""
+    """An encoder saved as ``encoder.pt`` (by pretraining or the supervised stage) and what was saved with it:
+    ``method``, ``spec``, ``state_dict`` and, from pretraining, ``structure``, the volumes it was trained on
+    (``vertebra`` or ``disc``; files written before pretraining could read discs have none: ``vertebra``)."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("method") != "supervised":
+        saved.setdefault("structure", "vertebra")
     encoder = VggM3dEncoder(EncoderSpec(**saved["spec"]))
     encoder.load_state_dict(saved["state_dict"])
     return encoder, saved

@@ -120,3 +120,28 @@ def _augment(a: torch.Tensor, b: torch.Tensor, params: PairParams) -> tuple[torc
     out = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out.squeeze(1) * params.gain.view(-1, 1, 1, 1)
     return out[:n], out[n:]
+
+
+def sample_volume_params(n: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
+    """Draw the transforms of ``n`` single volumes (a classifier's inputs): each volume its own transform and its own
+    flip. The result is laid out like a pair batch whose ``b`` half is empty, for :func:`augment_volumes`."""
+    pairs = sample_pair_params(n, ranges, generator)   # 2n per-volume draws; keep the first n and draw n flips
+    keep = slice(0, n)
+    flip = (torch.rand(n, generator=generator, device=generator.device) < 0.5) if ranges.flip \
+        else torch.zeros(n, dtype=torch.bool, device=generator.device)
+    return PairParams(angle_deg=pairs.angle_deg[keep], scale=pairs.scale[keep], shift_x=pairs.shift_x[keep],
+                      shift_y=pairs.shift_y[keep], shift_z=pairs.shift_z[keep], gain=pairs.gain[keep], flip=flip)
+
+
+def augment_volumes(x: torch.Tensor, params: PairParams) -> torch.Tensor:
+    """Apply ``params`` (from :func:`sample_volume_params`) to the batch ``x`` ``(n, S, H, W)``, one transform per
+    volume (rotation, scaling, shifts, intensity gain and the mid-sagittal flip)."""
+    if x.dim() != 4 or params.angle_deg.shape[0] != x.shape[0] or params.flip.shape[0] != x.shape[0]:
+        raise ValueError(f"expected (n, S, H, W) volumes and n transforms, got {tuple(x.shape)} and "
+                         f"{params.angle_deg.shape[0]} transforms")
+    with torch.autocast(x.device.type, enabled=False):
+        vol = x.unsqueeze(1).float()
+        vol = torch.where(params.flip.view(-1, 1, 1, 1, 1), vol.flip(2), vol)
+        grid = F.affine_grid(affine_matrices(params, tuple(x.shape[1:])), list(vol.shape), align_corners=False)
+        out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.squeeze(1) * params.gain.view(-1, 1, 1, 1)

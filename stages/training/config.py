@@ -14,6 +14,7 @@ class PretrainConfig:
     """The ``pretrain`` section of the config (see its schema)."""
 
     methods: tuple[str, ...] = ("siamese",)
+    structure: str = "vertebra"      # the volumes pretraining reads: vertebra (bodies, the paper) or disc
     seed: int = 0
     device: str = "auto"
     bf16: bool = True

@@ -43,8 +43,9 @@ TIMING_COLUMNS = ("seconds", "samples_per_s", "data_wait_share")
 
 @dataclass(frozen=True)
 class Outputs:
-    """The files a run writes: the handed-on encoder, the final checkpoint, the metrics and the run's config. The
-    rolling checkpoint lives in ``resume/`` beside the final one (the workflow does not declare it)."""
+    """The files a run writes: the handed-on encoder (method, spec, the structure it was trained on, weights), the
+    final checkpoint, the metrics and the run's config. The rolling checkpoint lives in ``resume/`` beside the final
+    one (the workflow does not declare it)."""
 
     encoder: Path
     checkpoint: Path
@@ -223,7 +224,10 @@ def resumable(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
 def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Outputs, max_steps: int | None = None,
           world: World | None = None) -> pd.DataFrame:
     """Build the method ``build(cfg, store)``, train it to the stopping rule (or ``max_steps`` optimiser steps) and
-    write ``out``; returns the metrics."""
+    write ``out``; returns the metrics. ``store`` holds the volumes of ``cfg.structure``."""
+    if store.structure != cfg.structure:
+        raise ValueError(f"pretrain.structure is {cfg.structure!r}, but the array store holds {store.structure} "
+                         "volumes")
     world = world or World.from_env()
     device = select_device(cfg.device, world)
     if device.type == "cpu":
@@ -285,14 +289,14 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
     if not has_val:
         log.warning("the self-supervision validation part has no samples: the plateau rule watches the training "
                     "loss")
-    log.info("%s on %s (%d process(es)): %d training and %d validation %s of shape %s", method.name, device,
-             world.size, n_train, method.n_samples("val"), method.unit, store.shape)
+    log.info("%s on %s (%d process(es)): %d training and %d validation %s (%s, shape %s)", method.name, device,
+             world.size, n_train, method.n_samples("val"), method.unit, store.noun, store.shape)
     while not state.done:
         batches = batches_of_epoch(n_train, cfg.batch_size, world, cfg.seed, state.epoch)
         share = len(batches[0]) // world.size
         mine = slice(world.rank * share, (world.rank + 1) * share)
         todo = batches[state.batch:]
-        prefetch = Prefetcher(lambda idx: method.load("train", idx[mine]), todo, cfg.prefetch)
+        prefetch = Prefetcher(lambda idx, mine=mine: method.load("train", idx[mine]), todo, cfg.prefetch)
         started = time.perf_counter() - state.seconds
         wait0 = state.wait_seconds
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{method.name} epoch {state.epoch + 1}",
@@ -370,7 +374,8 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
 def write_outputs(out: Outputs, method: Method, ckpt: dict[str, Any], metrics: pd.DataFrame, identity: dict[str, Any],
                   device: torch.device, world: World, best_epoch: int) -> None:
     encoder = method.model.encoder
-    save_atomic({"method": method.name, "spec": method.encoder_spec(), "state_dict": encoder.state_dict()}, out.encoder)
+    save_atomic({"method": method.name, "spec": method.encoder_spec(), "structure": identity["config"]["structure"],
+                 "state_dict": encoder.state_dict()}, out.encoder)
     save_atomic(ckpt, out.checkpoint)
     out.metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.to_csv(out.metrics, index=False)

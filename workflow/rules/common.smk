@@ -200,6 +200,11 @@ def ingest_stage():
 METHODS_PATTERN = "|".join(config["pretrain"]["methods"])
 
 
+def pretrain_array():
+    """The array pretraining reads (pretrain.structure): the extract stage's vertebrae.npy or discs.npy."""
+    return rules.extract.output.discs if config["pretrain"]["structure"] == "disc" else rules.extract.output.vertebrae
+
+
 def ddp_launcher():
     """Nothing, or torchrun's arguments (run by the project's interpreter before `-m stages.pretrain`) with one process
     per GPU when a pretraining job asks for 2 or more GPUs (DDP)."""
@@ -215,13 +220,24 @@ END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
 )
 
 
+def reads_bodies(model):
+    """Whether ``model``'s frozen encoder takes vertebral-body volumes (the level task needs one): the random encoder
+    always, a pretrained one when pretraining read bodies, the supervised one when it was trained on bodies."""
+    if model == "random":
+        return True
+    if model == "supervised":
+        return PROBES["disc_input"] == "bodies"
+    return model in FROZEN and config["pretrain"]["structure"] == "vertebra"
+
+
 def probe_targets(name="metrics.json"):
-    """``name`` of every probe job: (model, task, label subset, seed); the level task for frozen encoders only."""
+    """``name`` of every probe job: (model, task, label subset, seed); the level task for frozen encoders that read
+    vertebral bodies only."""
     return [
         probe_job(model, task, fraction, seed, name)
         for model in FROZEN + END_TO_END
         for task in PROBES["tasks"]
-        if not (task == "level" and model in END_TO_END)
+        if not (task == "level" and not reads_bodies(model))
         for fraction in PROBES["label_fractions"]
         for seed in range(PROBES["seeds"])
     ]
@@ -299,13 +315,41 @@ def features_flags(wildcards, input):
     return f"--encoder {input.encoder}"
 
 
+def on_disc(task):
+    """Whether a probe job of ``task`` reads the disc volume (probes.disc_input: disc; the level task reads bodies)."""
+    return task != "level" and PROBES["disc_input"] == "disc"
+
+
+def disc_features_file(encoder, name):
+    """A file of the disc_features stage for a frozen encoder: results/probes/features/{encoder}/disc_{name}."""
+    return out("probes", "features", encoder, f"disc_{name}")
+
+
+def disc_features_inputs(wildcards):
+    inputs = {"code": code("disc_features"), "discs": rules.extract.output.discs}
+    if wildcards.encoder != "random":
+        inputs["encoder"] = encoder_file(wildcards.encoder)
+    return inputs
+
+
+def disc_features_flags(wildcards, input):
+    if wildcards.encoder == "random":
+        seed = config["pretrain"]["seed"]
+        return f"--random --encoder-seed {seed} {stage_options('pretrain', keys=('width', 'embedding_dim'))}"
+    return f"--encoder {input.encoder}"
+
+
 def probe_inputs(wildcards):
     inputs = {"code": code("probe"), "subjects": rules.splits.output.subjects, "volumes": rules.splits.output.volumes}
     model = wildcards.model
+    disc = on_disc(wildcards.task)
     if model in END_TO_END:
-        inputs["vertebrae"] = rules.extract.output.vertebrae
+        inputs["array"] = rules.extract.output.discs if disc else rules.extract.output.vertebrae
         if model.endswith("-finetune"):
             inputs["encoder"] = encoder_file(model.removesuffix("-finetune"))
+    elif disc:
+        for name in ("maps.npy", "pooled.npy", "trunk.npz"):
+            inputs[name.split(".")[0]] = disc_features_file(model, name)
     else:
         inputs["features"] = out("probes", "features", model, "features.npy")
     return inputs
@@ -313,15 +357,43 @@ def probe_inputs(wildcards):
 
 # The probe_training keys each kind of job reads: a change to the end-to-end settings re-runs no frozen job.
 HEAD_KEYS = ("seed", "heads", "linear_c", "cv_folds", "mlp_hidden", "mlp_alpha", "max_iter")
-NETWORK_KEYS = ("seed", "epochs", "patience", "batch_size", "learning_rate", "weight_decay", "device")
+SCHEDULE_KEYS = ("epochs", "patience", "batch_size", "learning_rate", "weight_decay")
+CLASSIFIER_KEYS = ("grad_clip", "dropout")
+AUGMENT_KEYS = ("rotation_deg", "shift_fraction", "shift_slices", "scale_range", "intensity", "flip")
+NETWORK_KEYS = ("seed",) + SCHEDULE_KEYS + ("device",)
+
+
+def supervised_array_flag():
+    """The supervised encoder's array option: --discs (the disc classifier, probes.disc_input: disc) or --vertebrae
+    (a disc's two bodies), with the grade classes of the disc classifier."""
+    if PROBES["disc_input"] == "disc":
+        return "--grade-classes " + " ".join(str(c) for c in PROBES["grade_classes"]) + " --discs"
+    return "--vertebrae"
+
+
+def supervised_options():
+    if PROBES["disc_input"] == "disc":
+        return stage_options("probe_training", keys=NETWORK_KEYS + CLASSIFIER_KEYS + AUGMENT_KEYS)
+    return stage_options("probe_training", keys=NETWORK_KEYS + ("level_loss_weight",))
 
 
 def probe_options(wildcards):
-    return stage_options("probe_training", keys=NETWORK_KEYS if wildcards.model in END_TO_END else HEAD_KEYS)
+    disc = on_disc(wildcards.task)
+    if wildcards.model in END_TO_END:
+        keys = NETWORK_KEYS + (CLASSIFIER_KEYS + AUGMENT_KEYS if disc else ())
+    else:
+        keys = HEAD_KEYS + (SCHEDULE_KEYS + CLASSIFIER_KEYS if disc else ())
+    return stage_options("probe_training", keys=keys)
 
 
 def probe_flags(wildcards, input):
+    flags = f"--disc-input {PROBES['disc_input']}"
+    if wildcards.task == "grade":
+        flags += " --grade-classes " + " ".join(str(c) for c in PROBES["grade_classes"])
     if wildcards.model in END_TO_END:
-        flags = f"--end-to-end --vertebrae {input.vertebrae} {encoder_size_flags()}"
+        array = "--discs" if on_disc(wildcards.task) else "--vertebrae"
+        flags += f" --end-to-end {array} {input.array} {encoder_size_flags()}"
         return flags + (f" --encoder {input.encoder}" if "encoder" in input.keys() else "")
-    return f"--features {input.features}"
+    if on_disc(wildcards.task):
+        return flags + f" --disc-maps {input.maps} --disc-pooled {input.pooled} --disc-trunk {input.trunk}"
+    return flags + f" --features {input.features}"

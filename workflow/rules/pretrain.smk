@@ -11,7 +11,7 @@ rule pretrain:
         code=code("pretrain"),
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
-        vertebrae=rules.extract.output.vertebrae,
+        array=pretrain_array(),
     output:
         encoder=out("pretrain", "{method}", "encoder.pt"),
         checkpoint=out("pretrain", "{method}", "checkpoint.pt"),
@@ -36,7 +36,7 @@ rule pretrain:
         options=stage_options("pretrain", skip=("methods",)),
     shell:
         "python {params.ddp} -m stages.pretrain --method {wildcards.method} --pairs {input.pairs} "
-        "--volumes {input.volumes} --vertebrae {input.vertebrae} --encoder {output.encoder} "
+        "--volumes {input.volumes} --array {input.array} --encoder {output.encoder} "
         "--checkpoint {output.checkpoint} --metrics {output.metrics} --run-config {output.run_config} "
         "{params.options} {resources.flags} --threads {threads} > {log} 2>&1"
 
@@ -47,7 +47,7 @@ rule pretext_eval:
         checkpoint=rules.pretrain.output.checkpoint,
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
-        vertebrae=rules.extract.output.vertebrae,
+        array=pretrain_array(),
     output:
         evaluation=out("pretrain", "{method}", "pretext", "evaluation.json"),
         distances=out("pretrain", "{method}", "pretext", "distances.parquet"),
@@ -66,5 +66,5 @@ rule pretext_eval:
         runtime=60,
     shell:
         "python -m stages.pretext_eval --checkpoint {input.checkpoint} --pairs {input.pairs} "
-        "--volumes {input.volumes} --vertebrae {input.vertebrae} --evaluation {output.evaluation} "
+        "--volumes {input.volumes} --array {input.array} --evaluation {output.evaluation} "
         "--scores {output.distances} --scores-csv {output.distances_csv} --threads {threads} > {log} 2>&1"

@@ -11,7 +11,7 @@ rule supervised:
         code=code("supervised"),
         subjects=rules.splits.output.subjects,
         volumes=rules.splits.output.volumes,
-        vertebrae=rules.extract.output.vertebrae,
+        array=rules.extract.output.discs if PROBES["disc_input"] == "disc" else rules.extract.output.vertebrae,
     output:
         encoder=out("probes", "encoders", "supervised", "encoder.pt"),
         history=out("probes", "encoders", "supervised", "history.csv"),
@@ -28,10 +28,11 @@ rule supervised:
         gpu=min(config["pretrain"]["gpus"], 1),
     params:
         size=encoder_size_flags(),
-        options=stage_options("probe_training", keys=NETWORK_KEYS + ("level_loss_weight",)),
+        array=supervised_array_flag(),
+        options=supervised_options(),
     shell:
         "python -m stages.supervised --subjects {input.subjects} --volumes {input.volumes} "
-        "--vertebrae {input.vertebrae} --encoder {output.encoder} --history {output.history} {params.size} "
+        "{params.array} {input.array} --encoder {output.encoder} --history {output.history} {params.size} "
         "{params.options} --threads {threads} > {log} 2>&1"
 
 
@@ -58,6 +59,36 @@ rule features:
     shell:
         "python -m stages.features {params.flags} --vertebrae {input.vertebrae} --features {output.features} "
         "--meta {output.meta} --threads {threads} > {log} 2>&1"
+
+
+rule disc_features:
+    input:
+        unpack(disc_features_inputs),
+    output:
+        maps=disc_features_file("{encoder}", "maps.npy"),
+        pooled=disc_features_file("{encoder}", "pooled.npy"),
+        trunk=disc_features_file("{encoder}", "trunk.npz"),
+        meta=disc_features_file("{encoder}", "features.json"),
+    log:
+        logs("probes", "disc_features_{encoder}"),
+    benchmark:
+        bench("probes", "disc_features_{encoder}")
+    wildcard_constraints:
+        encoder="|".join(FROZEN),
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        flags=runtime_flags("probe_training", "threads"),
+    params:
+        flags=disc_features_flags,
+        options=stage_options("probe_training", keys=("seed", "augment_views", "device") + AUGMENT_KEYS),
+    shell:
+        "python -m stages.disc_features {params.flags} --discs {input.discs} --out-maps {output.maps} "
+        "--out-pooled {output.pooled} --out-trunk {output.trunk} --out-meta {output.meta} {params.options} "
+        "{resources.flags} > {log} 2>&1"
 
 
 rule probe:
@@ -107,6 +138,8 @@ rule probe_summary:
         efficiency=out("probes", "label_efficiency.csv"),
         efficiency_parquet=out("probes", "label_efficiency.parquet"),
         efficiency_json=out("probes", "label_efficiency.json"),
+        efficiency_differences=out("probes", "label_efficiency_differences.parquet"),
+        efficiency_differences_csv=out("probes", "label_efficiency_differences.csv"),
         subsets=out("probes", "subsets.parquet"),
         subsets_csv=out("probes", "subsets.csv"),
         predictions=out("probes", "predictions.parquet"),
@@ -122,10 +155,13 @@ rule probe_summary:
         runtime=60,
     params:
         models=" ".join(FROZEN + END_TO_END),
-        options=stage_options("probes", keys=("tasks", "label_fractions", "seeds", "bootstrap", "ci_level")),
+        options=stage_options(
+            "probes", keys=("tasks", "label_fractions", "seeds", "bootstrap", "ci_level", "match_margin")
+        ),
         probe_seed=config["probe_training"]["seed"],
     shell:
         "python -m stages.probe_summary --metrics {input.metrics} --predictions {input.predictions} "
         "--subjects {input.subjects} --results {output.results} --summary {output.summary} "
-        "--efficiency {output.efficiency} --subsets {output.subsets} --all-predictions {output.predictions} "
+        "--efficiency {output.efficiency} --efficiency-differences {output.efficiency_differences} "
+        "--subsets {output.subsets} --all-predictions {output.predictions} "
         "--models {params.models} --probe-seed {params.probe_seed} {params.options} > {log} 2>&1"

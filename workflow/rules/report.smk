@@ -199,7 +199,8 @@ use rule figure_pretext as figure_training with:
         options="",
 
 
-# The label maps are read from the paths the manifest names (ingest's labels/ folder, written with the manifest).
+# The label maps are read from the paths the manifest names (ingest's labels/ folder, written with the manifest). The
+# disc is cut with the crop of what the models read: the disc volume's (probes.disc_input: disc) or the two bodies'.
 rule disc_masks:
     input:
         code=code("disc_masks"),
@@ -220,7 +221,7 @@ rule disc_masks:
         runtime=30,
     params:
         task=stage_options("reports", keys=("gradcam_task",)),
-        crop=stage_options("extract", keys=("vertebra_size", "width_fraction")),
+        crop=disc_masks_options(),
     shell:
         "python -m stages.disc_masks --manifest {input.manifest} --structures {input.structures} "
         "--volumes {input.volumes} {params.task} {params.crop} --out {output.masks} > {log} 2>&1"
@@ -246,12 +247,13 @@ rule gradcam:
         mem_mb=4000,
         runtime=30,
     params:
+        volumes=gradcam_volumes_flag,
         encoder=gradcam_encoder_flags,
         layer=stage_options("reports", keys=("gradcam_layer",)),
     shell:
         "python -m stages.gradcam probe --model {wildcards.model} --metrics {input.metrics} "
         "--predictions {input.predictions} --model-file {input.model} --masks {input.masks} "
-        "--vertebrae {input.vertebrae} {params.encoder} {params.layer} --scores {output.scores} "
+        "{params.volumes} {params.encoder} {params.layer} --scores {output.scores} "
         "--maps {output.maps} --summary {output.summary} --threads {threads} > {log} 2>&1"
 
 

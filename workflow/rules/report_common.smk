@@ -53,9 +53,16 @@ def training_history_inputs(kind):
     return [report_job(m, "history.csv") for m in END_TO_END] if REPORT_TASK else []
 
 
+def gradcam_on_disc():
+    """Whether the Grad-CAM task's models read the disc volume (probes.disc_input: disc), not the two bodies."""
+    return on_disc(REPORTS["gradcam_task"])
+
+
 def gradcam_inputs(wildcards):
-    """The probe job explained (its task, test samples and model), the disc masks, the volumes and, for a frozen
-    probe of a trained encoder, the encoder."""
+    """The probe job explained (its task, test samples and model), the disc masks and the volumes the model reads:
+    on the disc volume discs.npy and, for a frozen encoder, its disc classifier's Conv1-Conv5 (disc_trunk.npz: the
+    transfer head in model.npz is FC6-FC8 alone); on the two bodies vertebrae.npy and, for a frozen probe of a
+    trained encoder, the encoder."""
     model = wildcards.model
     inputs = {
         "code": code("gradcam"),
@@ -63,18 +70,41 @@ def gradcam_inputs(wildcards):
         "predictions": report_job(model, "predictions.parquet"),
         "model": report_job(model, "model.npz"),
         "masks": rules.disc_masks.output.masks,
-        "vertebrae": rules.extract.output.vertebrae,
     }
+    if gradcam_on_disc():
+        inputs["discs"] = rules.extract.output.discs
+        if model in FROZEN:
+            inputs["disc_trunk"] = disc_features_file(model, "trunk.npz")
+        return inputs
+    inputs["vertebrae"] = rules.extract.output.vertebrae
     if model in FROZEN and model != "random":
         inputs["encoder"] = encoder_file(model)
     return inputs
 
 
 def gradcam_encoder_flags(wildcards, input):
-    """The encoder of a frozen probe (the random one is rebuilt from its seed and size); nothing end to end."""
+    """What the explained model is rebuilt from besides its model.npz: on the disc volume the frozen encoder's
+    disc_trunk.npz; on the two bodies the frozen encoder (the random one is rebuilt from its seed and size). Nothing
+    for a model trained end to end."""
+    if "disc_trunk" in input.keys():
+        return f"--disc-trunk {input.disc_trunk}"
+    if gradcam_on_disc():
+        return ""
     if wildcards.model == "random":
         return f"--random {stage_options('pretrain', keys=('seed', 'width', 'embedding_dim'))}"
     return f"--encoder {input.encoder}" if "encoder" in input.keys() else ""
+
+
+def gradcam_volumes_flag(wildcards, input):
+    """The volumes the explained model reads: --discs (the disc volume) or --vertebrae (the two bodies)."""
+    return f"--discs {input.discs}" if "discs" in input.keys() else f"--vertebrae {input.vertebrae}"
+
+
+def disc_masks_options():
+    """stages.disc_masks options: the input the models read and its crop (extract.disc_size, or vertebra_size for
+    the two bodies) with extract.width_fraction; only the keys that input's crop reads."""
+    crop = stage_options("extract", keys=("disc_size" if gradcam_on_disc() else "vertebra_size", "width_fraction"))
+    return f"--disc-input {PROBES['disc_input']} {crop}"
 
 
 def results_config():

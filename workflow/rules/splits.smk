@@ -27,7 +27,8 @@ rule splits:
         runtime=15,
     params:
         options=stage_options("splits"),
+        structure=stage_options("pretrain", keys=("structure",)),
     shell:
         "python -m stages.splits --index {input.index} --subjects {input.subjects} --gradings {input.gradings} "
-        "{params.options} --out-subjects {output.subjects} --out-volumes {output.volumes} --out-pairs {output.pairs} "
+        "{params.options} {params.structure} --out-subjects {output.subjects} --out-volumes {output.volumes} --out-pairs {output.pairs} "
         "--out-summary {output.summary} > {log} 2>&1"

@@ -1,15 +1,18 @@
-"""Pretraining method ``siamese``: Jamaludin, Kadir and Zisserman 2017, longitudinal pairs of vertebral bodies.
+"""Pretraining method ``siamese``: Jamaludin, Kadir and Zisserman 2017, longitudinal pairs of vertebral bodies (or of
+discs, ``pretrain.structure: disc``: a cohort of disc crops only, or the ablation section 4.2 asks for).
 
-A sample is a pair of vertebral bodies of the same level (positive: one subject, studies years apart; negative: two
-subjects). Loss: the contrastive loss on the FC7 embeddings of the pair plus ``level_loss_weight`` x the
-class-balanced level loss on FC8 for both volumes (stages/nets/siamese.py). The augmentation is drawn for the whole
+A sample is a pair of volumes of the same structure and level (positive: one subject, studies years apart; negative:
+two subjects). Loss: the contrastive loss on the FC7 embeddings of the pair plus ``level_loss_weight`` x the
+class-balanced level loss on FC8 for both volumes (stages/nets/siamese.py); FC8 has one class per level of the
+structure (7 vertebral levels T12 ... S1, or 6 disc levels T12-L1 ... L5-S1). The augmentation is drawn for the whole
 global batch on the device and each process takes its share, so DDP sees exactly the single-process batch.
 
-Pretext evaluation (section 4.1 and Fig. 6): every vertebral body of the self-supervision test subjects is embedded
-(FC7); for every test pair the L2 distance between the two embeddings is the score for "different subject",
-summarised as the ROC AUC of same-subject detection (the paper: 94.6% on TwinsUK); FC8's level prediction is scored
-as accuracy over the test bodies (the paper: 97.8%). The same figures for the untrained network (the same seed's
-initial weights) are the floor they must clear.
+Pretext evaluation (section 4.1 and Fig. 6): every volume of the self-supervision test subjects is embedded (FC7);
+for every test pair the L2 distance between the two embeddings is the score for "different subject", summarised as
+the ROC AUC of same-subject detection (the paper, on vertebral bodies: 94.6% on TwinsUK); FC8's level prediction is
+scored as accuracy over the test volumes (the paper, on vertebral bodies: 97.8%; it reports no disc figures, so a
+disc run's evaluation names no paper figures). The same figures for the untrained network (the same seed's initial
+weights) are the floor they must clear.
 """
 
 from __future__ import annotations
@@ -24,19 +27,26 @@ import torch
 from torch import nn
 
 from stages.core import seeds
-from stages.core.levels import VERTEBRAE
-from stages.nets.siamese import BalancedCrossEntropy, ContrastiveLoss, EncoderSpec, SiameseNet, class_balanced_weights
+from stages.nets.siamese import (
+    BalancedCrossEntropy,
+    ContrastiveLoss,
+    EncoderSpec,
+    SiameseNet,
+    class_balanced_weights,
+)
 from stages.training.augment import augment_pairs, sample_pair_params
 from stages.training.config import PretrainConfig
 from stages.training.protocol import AugmentDraw, handed_on
 from stages.training.store import VolumeStore
 
 log = logging.getLogger("pretrain.siamese")
+# the paper's pretext figures, on vertebral bodies: a run on another structure has none to compare with
 PAPER = {"cohort": "TwinsUK (Jamaludin et al. 2017, section 4.1)", "auc": 0.946, "level_accuracy": 0.978}
+PAPER_STRUCTURE = "vertebra"
 
 
 class SiameseMethod:
-    """Contrastive + class-balanced level loss on pairs of vertebral bodies (see the module's docstring)."""
+    """Contrastive + class-balanced level loss on pairs of vertebral bodies or discs (see the module's docstring)."""
 
     name = "siamese"
     columns = ("loss", "contrastive", "level_loss", "level_accuracy", "positive_distance", "negative_distance")
@@ -48,16 +58,16 @@ class SiameseMethod:
         self.store = store
         slices, height, width_px = store.shape
         self.spec = EncoderSpec(slices=slices, height=height, width_px=width_px, width=cfg.width,
-                                embedding_dim=cfg.embedding_dim, dropout=cfg.dropout)
+                                embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, n_levels=len(store.levels))
         self.model = SiameseNet(self.spec)
         train = store.pairs["train"]
         train_rows = np.unique(np.concatenate([train.a.to_numpy(), train.b.to_numpy()]))
         if len(train_rows) == 0:
             raise ValueError(f"nothing to pretrain on: the self-supervision training part has no pairs among "
-                             f"{len(store.bodies)} extracted vertebral bodies. Pairs need subjects with two or more "
-                             "studies (see results/splits/summary.json) and extracted bodies (see "
+                             f"{len(store.table)} extracted {store.noun}. Pairs need subjects with two or more "
+                             f"studies (see results/splits/summary.json) and extracted {store.noun} (see "
                              "results/localise/flags.csv for scans that were skipped)")
-        alpha = class_balanced_weights(torch.from_numpy(store.level[train_rows]), len(VERTEBRAE))
+        alpha = class_balanced_weights(torch.from_numpy(store.level[train_rows]), len(store.levels))
         self.contrastive = ContrastiveLoss(cfg.contrastive_margin)
         self.level_loss = BalancedCrossEntropy(alpha)
         self.ranges = cfg.augment_ranges()
@@ -123,8 +133,12 @@ class SiameseMethod:
     def pretext(cls, checkpoint: dict[str, Any], store: VolumeStore,
                 batch_size: int) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The distance of every test pair (a, b, level, positive, hard, years, distance, untrained_distance) and
-        the figures: test pair counts, AUC and level accuracy of the trained and the untrained network, the paper's."""
+        the figures: test pair counts, AUC and level accuracy of the trained and the untrained network, and the
+        paper's (on vertebral bodies: None for a disc run)."""
         spec = EncoderSpec(**checkpoint["encoder_spec"])
+        if spec.n_levels != len(store.levels):
+            raise ValueError(f"the checkpoint's FC8 has {spec.n_levels} levels, but the store's {store.noun} have "
+                             f"{len(store.levels)}: it was pretrained on another structure")
         trained = SiameseNet(spec)
         trained.load_state_dict(handed_on(checkpoint))
         seeds.seed_torch(seeds.initial_weights(checkpoint["identity"]["config"]["seed"]))   # as pretraining built it
@@ -133,12 +147,14 @@ class SiameseMethod:
         base_distances, base = pretext_scores(untrained, store, batch_size)
         distances["untrained_distance"] = base_distances.distance.to_numpy()
         pairs = store.pairs["test"]
-        log.info("%d test pairs: AUC %s (untrained %s), level accuracy %s (untrained %s)", len(pairs),
-                 *(_fmt(v) for v in (figures["auc"], base["auc"], figures["level_accuracy"], base["level_accuracy"])))
+        log.info("%d test pairs of %s: AUC %s (untrained %s), level accuracy %s (untrained %s)", len(pairs),
+                 store.noun, *(_fmt(v) for v in (figures["auc"], base["auc"], figures["level_accuracy"],
+                                                  base["level_accuracy"])))
         if not len(pairs):
             log.warning("the self-supervision test part has no pairs: no AUC (see results/splits/summary.json)")
         counts = {"positive": int(pairs.positive.sum()), "negative": int((~pairs.positive).sum())}
-        return distances, {"test_pairs": counts, "trained": figures, "untrained": base, "paper": PAPER}
+        paper = PAPER if store.structure == PAPER_STRUCTURE else None
+        return distances, {"test_pairs": counts, "trained": figures, "untrained": base, "paper": paper}
 
 
 def _slice_params(values: torch.Tensor, sl: slice, per_volume: bool) -> torch.Tensor:
@@ -184,7 +200,7 @@ def pretext_scores(model: SiameseNet, store: VolumeStore,
         "auc": float(roc_auc_score(positive, -distance)) if both else None,
         "level_accuracy": float((pred == truth).mean()) if len(rows) else None,
         "level_accuracy_per_level": {lv: float((pred[truth == k] == k).mean())
-                                     for k, lv in enumerate(VERTEBRAE) if (truth == k).any()},
+                                     for k, lv in enumerate(store.levels) if (truth == k).any()},
         "mean_distance_positive": float(distance[positive].mean()) if positive.any() else None,
         "mean_distance_negative": float(distance[~positive].mean()) if (~positive).any() else None,
     }
