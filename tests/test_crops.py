@@ -239,7 +239,7 @@ def crop_config(tmp_path: Path, table: Path) -> Path:
         "results": str(tmp_path / "results"),
         "cohort": {"source": "crops", "crops_table": str(table), "key_file": str(tmp_path / "key"),
                    "crops": {"columns": COLUMNS}, "level_numbering": {"count_from": "sacrum"}},
-        "extract": {"vertebra_size": [48, 48, 5], "disc_size": [16, 32, 5], "axial_size": [16, 16]},
+        "extract": {"vertebra_size": [48, 48, 5], "disc_size": [44, 48, 5], "axial_size": [16, 16]},
         "splits": {"ssl_fractions": [0.6, 0.2, 0.2]},
         "pretrain": {"width": 0.125, "embedding_dim": 16, "batch_size": 8, "max_epochs": 2, "checkpoint_every": 2},
         "probes": {"tasks": ["grade", "level"], "baselines": ["random"], "label_fractions": [1.0], "seeds": 1,

@@ -105,7 +105,7 @@ def task_samples(volumes: pd.DataFrame, task: Task, disc_input: str = "bodies") 
         discs = volumes[(volumes.kind == "disc") & volumes[task.label].notna()
                         & volumes.downstream_part.isin(["train", "val", "test"])]
         out = discs.assign(label=discs[task.label].astype(int), upper=-1, lower=-1)
-        return _columns(out), {"samples": len(out)}
+        return _columns(out), {"samples": len(out), "missing_body": 0}   # the disc's own volume: no body needed
     if task.kind == "vertebra":
         out = bodies[bodies.downstream_part.isin(["train", "val", "test"])]
         out = out.assign(label=out.level.map({lv: i for i, lv in enumerate(VERTEBRAE)}), upper=out.row, lower=-1)

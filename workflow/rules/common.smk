@@ -230,6 +230,10 @@ def reads_bodies(model):
     return model in FROZEN and config["pretrain"]["structure"] == "vertebra"
 
 
+# The frozen encoders whose vertebral-body features exist (the features rule): the level task and the t-SNE maps.
+BODY_ENCODERS = [m for m in FROZEN if reads_bodies(m)]
+
+
 def probe_targets(name="metrics.json"):
     """``name`` of every probe job: (model, task, label subset, seed); the level task for frozen encoders that read
     vertebral bodies only."""

@@ -151,7 +151,7 @@ rule embeddings:
     benchmark:
         bench("report", "embeddings_{encoder}")
     wildcard_constraints:
-        encoder="|".join(FROZEN),
+        encoder="|".join(BODY_ENCODERS),
     conda:
         ENV
     threads: 2
@@ -168,7 +168,7 @@ rule embeddings:
 use rule figure_pretext as figure_embeddings with:
     input:
         code=code("figures"),
-        coords=expand(rules.embeddings.output.coords, encoder=FROZEN),
+        coords=expand(rules.embeddings.output.coords, encoder=BODY_ENCODERS),
     output:
         png=in_report(fig("embeddings"), "embeddings", "6. Representations", "t-SNE maps of the features"),
         pdf=fig("embeddings", "pdf"),

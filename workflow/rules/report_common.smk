@@ -126,7 +126,7 @@ def report_targets():
     figures += ["pretext"] if config["pretrain"]["methods"] else []
     figures += ["label_curves_herniation", "roc_herniation"] if "herniation" in PROBES["tasks"] else []
     figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
-    figures += ["embeddings"] if REPORTS["embeddings"] and FROZEN else []
+    figures += ["embeddings"] if REPORTS["embeddings"] and BODY_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
     figures += [f"pairs_{m}" for m in config["pretrain"]["methods"]]
     tables = ["figure_of_merit", "configuration"]
