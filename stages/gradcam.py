@@ -75,7 +75,12 @@ from torch import nn
 
 from stages.core import cli, seeds
 from stages.evaluation.probe_data import TASKS
-from stages.nets.disc_cnn import DiscClassifier, load_classifier, load_transfer
+from stages.nets.disc_cnn import (
+    DiscClassifier,
+    load_classifier,
+    load_transfer,
+    pooled_features,
+)
 from stages.nets.heads import Head
 from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
 
@@ -237,8 +242,7 @@ class PooledDiscProbe(FrozenProbe):
         super().__init__(trunk, head, inputs=1)
 
     def forward(self, upper: torch.Tensor, lower: torch.Tensor | None = None) -> torch.Tensor:
-        maps = self.encoder.feature_maps(upper)     # (n, C, h, w): differentiable, unlike pooled_features
-        return self.head_logits(torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1))
+        return self.head_logits(pooled_features(self.encoder.feature_maps(upper)))
 
 
 def explained_head(model_file: Path, disc: bool) -> str:

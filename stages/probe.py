@@ -49,6 +49,7 @@ from stages.evaluation.probe_data import (
     ProbeConfig,
     Task,
     check_training_subjects,
+    grade_mapping,
     label_subset,
     task_samples,
 )
@@ -145,16 +146,6 @@ class JobInputs:
     vertebrae: Path | None = None     # end to end, bodies: vertebrae.npy
     discs: Path | None = None         # end to end, disc: discs.npy
     encoder: Path | None = None       # end to end: start from this encoder.pt (fine-tuning)
-
-
-def grade_mapping(grade_classes: tuple[int, ...]) -> dict[int, int]:
-    """Pfirrmann grade (1-5) -> class, from ``probes.grade_classes`` (one class per grade, classes 1..K, no gaps)."""
-    if len(grade_classes) != 5:
-        raise ValueError(f"grade_classes needs one class per Pfirrmann grade 1-5, got {list(grade_classes)}")
-    used = sorted(set(grade_classes))
-    if used != list(range(1, len(used) + 1)):
-        raise ValueError(f"grade_classes must use the classes 1..K without gaps, got {list(grade_classes)}")
-    return {grade: int(c) for grade, c in zip(range(1, 6), grade_classes)}
 
 
 def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_file: Path, volumes_file: Path,

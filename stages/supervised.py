@@ -34,11 +34,12 @@ from stages.evaluation.probe_data import (
     TASKS,
     ProbeConfig,
     check_training_subjects,
+    grade_mapping,
     task_samples,
 )
 from stages.nets.disc_cnn import DiscClassifier
 from stages.nets.disc_net import BodyReader, DiscNet, fit
-from stages.nets.siamese import EncoderSpec, VggM3dEncoder
+from stages.nets.siamese import EncoderSpec
 from stages.training.classify import (
     ClassifierFit,
     classification_ranges,
@@ -69,8 +70,7 @@ def disc_samples(volumes: pd.DataFrame, subjects: pd.DataFrame,
     """Graded disc volumes of the self-supervision training and validation parts (target: the grade's class index)
     and the number of classes."""
     samples, _ = task_samples(volumes, TASKS["grade"], "disc")
-    mapping = {g: c for g, c in zip(GRADES, grade_classes)}
-    samples = samples.assign(target=samples.label.map(mapping).astype(int) - 1)
+    samples = samples.assign(target=samples.label.map(grade_mapping(grade_classes)).astype(int) - 1)
     train = samples[samples.ssl_part == "train"].reset_index(drop=True)
     val = samples[samples.ssl_part == "val"].reset_index(drop=True)
     check_training_subjects(set(train.subject_id) | set(val.subject_id), subjects, ("train", "none"))
@@ -106,13 +106,7 @@ def run_on_discs(subjects_file: Path, volumes_file: Path, discs: Path, encoder_f
                                                       device),
                                   targets, len(train), len(val), n_classes, ClassifierFit.from_section(cfg, seed),
                                   device)
-    encoder = VggM3dEncoder(spec)
-    state = encoder.state_dict()
-    trained = net.cpu().state_dict()
-    state.update({k: v for k, v in trained.items() if k.startswith(("conv.", "conv5."))})
-    state.update({"fc.1.weight": trained["head.layers.0.weight"], "fc.1.bias": trained["head.layers.0.bias"],
-                  "fc.4.weight": trained["head.layers.3.weight"], "fc.4.bias": trained["head.layers.3.bias"]})
-    encoder.load_state_dict(state)
+    state = net.cpu().as_encoder().state_dict()
     for path in (encoder_file, history_file):
         path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"method": "supervised", "structure": "disc", "spec": spec.to_dict(), "state_dict": state},

@@ -135,6 +135,16 @@ def _columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[cols].sort_values(["scan_id", "level"]).reset_index(drop=True)
 
 
+def grade_mapping(grade_classes: tuple[int, ...]) -> dict[int, int]:
+    """Pfirrmann grade (1-5) -> class, from ``probes.grade_classes`` (one class per grade, classes 1..K, no gaps)."""
+    if len(grade_classes) != 5:
+        raise ValueError(f"grade_classes needs one class per Pfirrmann grade 1-5, got {list(grade_classes)}")
+    used = sorted(set(grade_classes))
+    if used != list(range(1, len(used) + 1)):
+        raise ValueError(f"grade_classes must use the classes 1..K without gaps, got {list(grade_classes)}")
+    return {grade: int(c) for grade, c in zip(range(1, 6), grade_classes)}
+
+
 # The probe run layout, the one place it is written: the output folder of one probe job relative to the runs folder,
 # as a pattern whose fields are the probe rule's wildcards (workflow/rules/probes.smk).
 RUN_FOLDER = "{model}/{task}/f{fraction}/seed{seed}"

@@ -84,12 +84,18 @@ class DiscClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv_features(x))
 
-    def trunk_parameters(self) -> list[nn.Parameter]:
-        return [*self.conv.parameters(), *self.conv5.parameters()]
-
-    def freeze_trunk(self) -> None:
-        for p in self.trunk_parameters():
-            p.requires_grad_(False)
+    def as_encoder(self) -> VggM3dEncoder:
+        """This classifier's Conv1-Conv5 and FC6-FC7 as a pretraining encoder of its spec (what ``encoder.pt``
+        holds): FcHead's first two layers are the encoder's FC6 and FC7, of the same sizes."""
+        encoder = VggM3dEncoder(self.spec)
+        state = encoder.state_dict()
+        own = self.state_dict()
+        state.update({k: v for k, v in own.items() if k.startswith(TRUNK_PREFIXES)})
+        for fc, layer in (("fc.1", "head.layers.0"), ("fc.4", "head.layers.3")):
+            for part in ("weight", "bias"):
+                state[f"{fc}.{part}"] = own[f"{layer}.{part}"]
+        encoder.load_state_dict(state)
+        return encoder
 
     def load_trunk(self, encoder_state: dict[str, torch.Tensor], source: str = "the encoder") -> None:
         """Copy Conv1-Conv5 from an encoder's state dict (a :class:`VggM3dEncoder`'s); FC layers are not copied."""
@@ -122,9 +128,9 @@ def disc_spec(encoder_spec: EncoderSpec, disc_shape: tuple[int, int, int]) -> En
         raise ValueError(f"disc volumes of {height} x {width_px} pixels: {err} (extract.disc_size)") from err
 
 
-@torch.no_grad()
 def pooled_features(maps: torch.Tensor) -> torch.Tensor:
-    """Conv5's maps ``(N, C, h, w)`` averaged and maximised over positions: ``(N, 2C)``."""
+    """Conv5's maps ``(N, C, h, w)`` averaged and maximised over positions: ``(N, 2C)`` (differentiable, for
+    Grad-CAM of a head on them)."""
     return torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
 
 
@@ -132,7 +138,8 @@ def save_classifier(net: DiscClassifier, prefix: str = "cnn") -> dict[str, np.nd
     """A :class:`DiscClassifier` as named arrays (for ``np.savez``; :func:`load_classifier` rebuilds it)."""
     arrays = {f"{prefix}/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     arrays[f"{prefix}/spec"] = np.array(json.dumps(net.spec.to_dict()))
-    arrays[f"{prefix}/shape"] = np.array([net.n_classes, net.head.layers[2].p * 1000], dtype=np.int64)
+    arrays[f"{prefix}/n_classes"] = np.array(net.n_classes)
+    arrays[f"{prefix}/dropout"] = np.array(net.head.layers[2].p)
     return arrays
 
 
@@ -141,10 +148,11 @@ def load_classifier(arrays: Any, prefix: str = "cnn") -> DiscClassifier:
     disc_features stage writes it, gets a random head: use its convolutions only)."""
     if f"{prefix}/spec" not in arrays:
         raise KeyError(f"the saved model holds no disc classifier {prefix!r}")
-    n_classes, dropout_milli = (int(v) for v in arrays[f"{prefix}/shape"])
-    net = DiscClassifier(EncoderSpec(**json.loads(str(arrays[f"{prefix}/spec"]))), n_classes, dropout_milli / 1000)
+    facts = {f"{prefix}/{k}" for k in ("spec", "n_classes", "dropout")}
+    net = DiscClassifier(EncoderSpec(**json.loads(str(arrays[f"{prefix}/spec"]))), int(arrays[f"{prefix}/n_classes"]),
+                         float(arrays[f"{prefix}/dropout"]))
     state = {k.removeprefix(f"{prefix}/"): torch.from_numpy(np.asarray(arrays[k])) for k in arrays
-             if k.startswith(f"{prefix}/") and k not in (f"{prefix}/spec", f"{prefix}/shape")}
+             if k.startswith(f"{prefix}/") and k not in facts}
     net.load_state_dict(state, strict=any(k.startswith("head.") for k in state))
     return net.eval()
 

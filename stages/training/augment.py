@@ -62,10 +62,9 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator, device
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
-def sample_pair_params(n_pairs: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
-    """Draw the transforms of ``n_pairs`` pairs on the generator's device."""
+def _draw(m: int, n_flips: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
+    """``m`` per-volume transforms and ``n_flips`` flips, drawn in this order on the generator's device."""
     device = generator.device
-    m = 2 * n_pairs
     return PairParams(
         angle_deg=_uniform(m, -ranges.rotation_deg, ranges.rotation_deg, generator, device),
         scale=_uniform(m, ranges.scale[0], ranges.scale[1], generator, device),
@@ -74,9 +73,24 @@ def sample_pair_params(n_pairs: int, ranges: AugmentRanges, generator: torch.Gen
         shift_z=torch.randint(-ranges.shift_slices, ranges.shift_slices + 1, (m,), generator=generator,
                               device=device),
         gain=_uniform(m, 1 - ranges.intensity, 1 + ranges.intensity, generator, device),
-        flip=(torch.rand(n_pairs, generator=generator, device=device) < 0.5) if ranges.flip
-        else torch.zeros(n_pairs, dtype=torch.bool, device=device),
+        flip=(torch.rand(n_flips, generator=generator, device=device) < 0.5) if ranges.flip
+        else torch.zeros(n_flips, dtype=torch.bool, device=device),
     )
+
+
+def sample_pair_params(n_pairs: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
+    """Draw the transforms of ``n_pairs`` pairs on the generator's device (a flip per pair)."""
+    return _draw(2 * n_pairs, n_pairs, ranges, generator)
+
+
+def sample_volume_params(n: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
+    """Draw the transforms of ``n`` single volumes (a classifier's inputs): each its own transform and its own flip,
+    for :func:`augment_volumes`. The stream is that of a pair batch of ``n`` pairs (whose first ``n`` transforms are
+    kept) followed by ``n`` flips: the draws the classifiers were first measured with."""
+    pairs = _draw(2 * n, n, ranges, generator)
+    flip = _draw(0, n, ranges, generator).flip
+    return PairParams(pairs.angle_deg[:n], pairs.scale[:n], pairs.shift_x[:n], pairs.shift_y[:n], pairs.shift_z[:n],
+                      pairs.gain[:n], flip)
 
 
 def affine_matrices(params: PairParams, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -111,26 +125,18 @@ def augment_pairs(a: torch.Tensor, b: torch.Tensor, params: PairParams) -> tuple
 
 
 def _augment(a: torch.Tensor, b: torch.Tensor, params: PairParams) -> tuple[torch.Tensor, torch.Tensor]:
-    n = a.shape[0]
-    both = torch.cat([a, b]).unsqueeze(1).float()                     # (2n, 1, S, H, W)
-    flip = params.flip.repeat(2).view(-1, 1, 1, 1, 1)
-    both = torch.where(flip, both.flip(2), both)
-    mats = affine_matrices(params, tuple(a.shape[1:]))
-    grid = F.affine_grid(mats, list(both.shape), align_corners=False)
-    out = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = out.squeeze(1) * params.gain.view(-1, 1, 1, 1)
-    return out[:n], out[n:]
+    out = _warp(torch.cat([a, b]), params.flip.repeat(2), params)   # one flip per pair, on both volumes
+    return out[:len(a)], out[len(a):]
 
 
-def sample_volume_params(n: int, ranges: AugmentRanges, generator: torch.Generator) -> PairParams:
-    """Draw the transforms of ``n`` single volumes (a classifier's inputs): each volume its own transform and its own
-    flip. The result is laid out like a pair batch whose ``b`` half is empty, for :func:`augment_volumes`."""
-    pairs = sample_pair_params(n, ranges, generator)   # 2n per-volume draws; keep the first n and draw n flips
-    keep = slice(0, n)
-    flip = (torch.rand(n, generator=generator, device=generator.device) < 0.5) if ranges.flip \
-        else torch.zeros(n, dtype=torch.bool, device=generator.device)
-    return PairParams(angle_deg=pairs.angle_deg[keep], scale=pairs.scale[keep], shift_x=pairs.shift_x[keep],
-                      shift_y=pairs.shift_y[keep], shift_z=pairs.shift_z[keep], gain=pairs.gain[keep], flip=flip)
+def _warp(volumes: torch.Tensor, flip: torch.Tensor, params: PairParams) -> torch.Tensor:
+    """``volumes`` ``(m, S, H, W)`` mirrored where ``flip``, then rotated, scaled, shifted and scaled in intensity by
+    the ``m`` transforms of ``params``."""
+    vol = volumes.unsqueeze(1).float()                                 # (m, 1, S, H, W)
+    vol = torch.where(flip.view(-1, 1, 1, 1, 1), vol.flip(2), vol)
+    grid = F.affine_grid(affine_matrices(params, tuple(volumes.shape[1:])), list(vol.shape), align_corners=False)
+    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.squeeze(1) * params.gain.view(-1, 1, 1, 1)
 
 
 def augment_volumes(x: torch.Tensor, params: PairParams) -> torch.Tensor:
@@ -140,8 +146,4 @@ def augment_volumes(x: torch.Tensor, params: PairParams) -> torch.Tensor:
         raise ValueError(f"expected (n, S, H, W) volumes and n transforms, got {tuple(x.shape)} and "
                          f"{params.angle_deg.shape[0]} transforms")
     with torch.autocast(x.device.type, enabled=False):
-        vol = x.unsqueeze(1).float()
-        vol = torch.where(params.flip.view(-1, 1, 1, 1, 1), vol.flip(2), vol)
-        grid = F.affine_grid(affine_matrices(params, tuple(x.shape[1:])), list(vol.shape), align_corners=False)
-        out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.squeeze(1) * params.gain.view(-1, 1, 1, 1)
+        return _warp(x, params.flip, params)

@@ -367,11 +367,16 @@ AUGMENT_KEYS = ("rotation_deg", "shift_fraction", "shift_slices", "scale_range",
 NETWORK_KEYS = ("seed",) + SCHEDULE_KEYS + ("device",)
 
 
+def grade_classes_flag():
+    """probes.grade_classes as the option of the stages that train on grades."""
+    return "--grade-classes " + " ".join(str(c) for c in PROBES["grade_classes"])
+
+
 def supervised_array_flag():
     """The supervised encoder's array option: --discs (the disc classifier, probes.disc_input: disc) or --vertebrae
     (a disc's two bodies), with the grade classes of the disc classifier."""
     if PROBES["disc_input"] == "disc":
-        return "--grade-classes " + " ".join(str(c) for c in PROBES["grade_classes"]) + " --discs"
+        return f"{grade_classes_flag()} --discs"
     return "--vertebrae"
 
 
@@ -393,7 +398,7 @@ def probe_options(wildcards):
 def probe_flags(wildcards, input):
     flags = f"--disc-input {PROBES['disc_input']}"
     if wildcards.task == "grade":
-        flags += " --grade-classes " + " ".join(str(c) for c in PROBES["grade_classes"])
+        flags += f" {grade_classes_flag()}"
     if wildcards.model in END_TO_END:
         array = "--discs" if on_disc(wildcards.task) else "--vertebrae"
         flags += f" --end-to-end {array} {input.array} {encoder_size_flags()}"
