@@ -278,8 +278,9 @@ def ingest_crops(table_path: Path, out: CropOutputs, key: bytes, spec: CropTable
              "%(subjects)d subjects, %(quarantined)d quarantined (see files.csv)", summary)
     if summary["labelled_discs_without_both_bodies"]:
         log.warning("%d labelled disc(s) lack the crop of a vertebral body above or below them in their acquisition: "
-                    "the disc tasks see a disc through its two bodies (the encoder is pretrained on bodies) and will "
-                    "leave them out", summary["labelled_discs_without_both_bodies"])
+                    "the disc tasks read the disc crop itself (probes.disc_input: disc), but with disc_input: bodies "
+                    "they see a disc through its two bodies and will leave these out",
+                    summary["labelled_discs_without_both_bodies"])
     if not len(crop_table):
         raise RuntimeError(f"no crop could be read from the {len(accounting)} rows of {table_path}")
     return summary
