@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from stages.archive import pseudonym as pn
 from stages.core import cli
 from stages.core.config import section_config
+from stages.core.pool import worker_pool
 from stages.demo import phantom as ph
 from stages.demo import synth_dicom as sd
 
@@ -489,7 +489,7 @@ def generate(cfg: DemoConfig, out: DemoOutputs, workers: int = 1) -> dict[str, i
              sum(len(s.studies) for s in subjects))
     jobs = [(cfg, s, out) for s in subjects]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             results = list(tqdm(pool.map(_write_subject_job, jobs), total=len(jobs), desc="subjects", mininterval=5))
     else:
         results = [_write_subject_job(j) for j in tqdm(jobs, desc="subjects", mininterval=5)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from stages.anatomy.crops import (
 )
 from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
 from stages.core import cli, levels
+from stages.core.pool import worker_pool
 from stages.core.shards import (
     add_shard_options,
     concat_arrays,
@@ -112,7 +112,7 @@ def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_fil
               for name, shape in shapes.items()}
     jobs = ((scan_file(volumes, scan.volume), structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
     index = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for i, (scan, result) in enumerate(tqdm(zip(usable.itertuples(), pool.map(extract_scan, jobs)), total=n,
                                                 desc="scans", mininterval=5)):
             source = structures.loc[structures.scan_id == scan.scan_id, "source"].iloc[0]

@@ -50,7 +50,7 @@ import re
 import shutil
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,9 @@ class Context:
     key: bytes
     label_dir: Path | None
     scrubber: re.Pattern | None
+    # Folder and file names already scrubbed: the files of a series share their folders' names, and searching one
+    # name for every piece of identity in the archive took more time than the rest of the accounting (issue 20).
+    names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _scrub(text: str, ctx: Context) -> str:
@@ -101,9 +104,12 @@ def _scrub(text: str, ctx: Context) -> str:
 
 
 def _scrub_path(path: str, ctx: Context) -> str:
-    rel = str(Path(path).relative_to(ctx.root))
-    return "/".join(_scrub(part, ctx) if ctx.scrubber is None or not ctx.scrubber.search(part) else pn.REDACTED
-                    for part in Path(rel).parts)
+    """The path below the archive, each folder or file name that holds identity replaced by [redacted]."""
+    parts = Path(path).relative_to(ctx.root).parts
+    for part in parts:
+        if part not in ctx.names:
+            ctx.names[part] = pn.REDACTED if ctx.scrubber is not None and ctx.scrubber.search(part) else part
+    return "/".join(ctx.names[part] for part in parts)
 
 
 def _date(text: str) -> dt.date | None:
@@ -205,6 +211,38 @@ def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[st
     return f"labels/{scan_id}.nii.gz", ""
 
 
+def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -> tuple[
+        dict[str, tuple[str, str]], dict[str, dict[str, Any]], list[dict[str, Any]], list[tuple[Context, list]]]:
+    """Screen the files, group them into series and classify each: the files' statuses so far, each grouped file's
+    series information (for the accounting), the rows of series.csv, and one volume job per study with candidates."""
+    status = screen(records, ctx)
+    info: dict[str, dict[str, Any]] = {}
+    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if not r["problem"] and r["path"] not in status:
+            by_series[r["series_uid"]].append(r)
+    series_rows = []
+    candidates: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    for uid, members in by_series.items():
+        c = classify_series(members, rules)
+        sid = pn.series_id(ctx.key, uid)
+        description = _scrub(c["description"], ctx)
+        for r in members:
+            info[r["path"]] = {"series": sid, "modality": c["modality"], "plane": c["plane"],
+                               "weighting": c["weighting"], "description": description}
+        series_rows.append({"series": sid, "study_id": pn.study_id(ctx.key, members[0]["study_uid"]),
+                            **{k: v for k, v in c.items() if k not in ("reasons", "description")},
+                            "uid_note": members[0]["uid_note"],
+                            "description": description, "reasons": "; ".join(c["reasons"])})
+        if c["reasons"]:
+            for r in members:
+                status[r["path"]] = (SKIPPED, "series not selected: " + "; ".join(c["reasons"]))
+        else:
+            candidates[members[0]["study_uid"]].append(members)
+    jobs = [(ctx, sorted(c, key=tie_break_key)) for _, c in sorted(candidates.items())]
+    return status, info, series_rows, jobs
+
+
 def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRules, workers: int = 1,
                  label_dir: Path | None = None, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
@@ -225,40 +263,17 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
     log.info("found %d files", len(files))
     if not files and not shard:
         raise RuntimeError(f"no files found below {root}")
+    # One pool for both passes, started before the headers are in memory: workers forked after the header pass
+    # inherit the parent's whole heap, and copy-on-write then counted much of it again in each worker (60 MiB more on
+    # the benchmark's demo archive, measured as summed PSS; issue 20).
     with ProcessPoolExecutor(max_workers=workers) as pool:
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
-    ctx = Context(root=root, volumes=out.volumes, labels=out.labels, key=key, label_dir=label_dir,
-                  scrubber=build_scrubber(records))
-    status: dict[str, tuple[str, str]] = {}
-    info: dict[str, dict[str, Any]] = {}
-    status.update(screen(records, ctx))
-    good = [r for r in records if not r["problem"]]
-    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in good:
-        if r["path"] not in status:
-            by_series[r["series_uid"]].append(r)
-    series_rows = []
-    candidates: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
-    for uid, members in by_series.items():
-        c = classify_series(members, rules)
-        sid = pn.series_id(key, uid)
-        for r in members:
-            info[r["path"]] = {"series": sid, "modality": c["modality"], "plane": c["plane"],
-                               "weighting": c["weighting"], "description": _scrub(c["description"], ctx)}
-        series_rows.append({"series": sid, "study_id": pn.study_id(key, members[0]["study_uid"]),
-                            **{k: v for k, v in c.items() if k not in ("reasons", "description")},
-                            "uid_note": members[0]["uid_note"],
-                            "description": _scrub(c["description"], ctx), "reasons": "; ".join(c["reasons"])})
-        if c["reasons"]:
-            for r in members:
-                status[r["path"]] = (SKIPPED, "series not selected: " + "; ".join(c["reasons"]))
-        else:
-            candidates[members[0]["study_uid"]].append(members)
-    jobs = [(ctx, sorted(c, key=tie_break_key)) for _, c in sorted(candidates.items())]
-    out.volumes.mkdir(parents=True, exist_ok=True)
-    out.labels.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+        ctx = Context(root=root, volumes=out.volumes, labels=out.labels, key=key, label_dir=label_dir,
+                      scrubber=build_scrubber(records))
+        status, info, series_rows, jobs = _select(records, ctx, rules)
+        out.volumes.mkdir(parents=True, exist_ok=True)
+        out.labels.mkdir(parents=True, exist_ok=True)
         results = list(tqdm(pool.map(_study_job, jobs), total=len(jobs), desc="volumes", mininterval=5))
     rows = []
     for result in results:
@@ -267,7 +282,9 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
             rows.append(result["row"])
     # Time: days since the subject's first study in the archive (any series), then drop the absolute date.
     first_date: dict[str, dt.date] = {}
-    for r in good:
+    for r in records:
+        if r["problem"]:
+            continue
         d = _date(r["study_date"])
         if d and r["patient_id"]:
             sid = pn.subject_id(key, r["patient_id"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from stages.anatomy.localiser import (
 from stages.anatomy.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
 from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
 from stages.core import cli
+from stages.core.pool import worker_pool
 from stages.core.shards import add_shard_options, concat_tables, count_from_manifest, shard_block, shard_from_args
 
 log = logging.getLogger("localise")
@@ -172,7 +172,7 @@ def run(manifest_file: Path, folders: Folders, landmarks: Path | None, out: Loca
              marks.get(scan["scan_id"])) for scan in manifest.to_dict("records")]
     from_landmarks = sum(not j[2] and j[4] is not None for j in jobs)
     structures, flags, evaluation = [], [], []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for scan, result in tqdm(zip(manifest.itertuples(), pool.map(localise_scan, jobs)), total=len(jobs),
                                  desc="scans", mininterval=5):
             if result["structures"] is not None and len(result["structures"]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -19,12 +20,14 @@ import SimpleITK as sitk
 from conftest import ROOT, out_args
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
+from stages.archive import dicom_index
 from stages.archive import pseudonym as pn
-from stages.archive.dicom_index import ClassifyRules, read_header, walk
-from stages.archive.dicom_volume import SeriesError, assemble
+from stages.archive.dicom_index import ClassifyRules, read_header, scan_header, walk
+from stages.archive.dicom_volume import SeriesError, assemble, decode_slice
 from stages.archive.manifest import IngestOutputs
 from stages.ingest import ingest_dicom
 
@@ -139,6 +142,105 @@ def test_pydicom_test_files_decode_to_the_same_pixels(name, tmp_path):
 def test_truncated_file_is_quarantined_with_the_reason():
     record = read_header(Path(get_testdata_file("MR_truncated.dcm")))
     assert record["problem"].startswith("truncated")
+
+
+def _pydicom_test_files() -> list[Path]:
+    """pydicom's own test files (those installed with it; none is downloaded)."""
+    return sorted(p for p in Path(get_testdata_file("MR_small.dcm")).parent.rglob("*") if p.is_file())
+
+
+def _header_variants(tiny_cohort: Path, dest: Path) -> dict[str, tuple[Path, bool]]:
+    """Files that exercise the header walk, each with whether the walk reads it (True) or leaves it to pydicom."""
+    source = _series_copy(tiny_cohort, dest / "plain")[0]
+    variants = {"plain": (source, True)}
+
+    def variant(name: str, fast: bool, change, cut: float | None = None, append: bytes = b"") -> None:
+        ds = pydicom.dcmread(source)
+        change(ds)
+        path = dest / name
+        ds.save_as(path)
+        data = path.read_bytes()
+        path.write_bytes(data[:int(len(data) * cut)] if cut else data + append)
+        variants[name] = (path, fast)
+
+    def sequences(ds: Dataset) -> None:
+        inner, item = Dataset(), Dataset()
+        inner.CodeValue, inner.CodeMeaning = "T-D1100", "Spine"
+        item.ReferencedSOPInstanceUID, item.AnatomicRegionSequence = "1.2.3.4", [inner]
+        ds.ReferencedImageSequence = [item]
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        ds.ReferencedImageSequence[0].is_undefined_length_sequence_item = True
+
+    def implicit(ds: Dataset) -> None:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        sequences(ds)
+
+    def names(charset, name: str, institution: str):
+        def change(ds: Dataset) -> None:
+            ds.SpecificCharacterSet, ds.PatientName, ds.InstitutionName = charset, name, institution
+        return change
+
+    def odd_values(ds: Dataset) -> None:
+        ds.PatientName, ds.EchoTime, ds.ImageType = "", None, "ORIGINAL"
+        ds.SeriesDescription = ["SAG", "T2"]  # a backslash in LO: a multi-valued element
+        ds.InversionTime = " 2200.5 "
+
+    def long_header(ds: Dataset) -> None:  # a vendor's private block (as Siemens' CSA) before Rows, Columns...
+        ds.private_block(0x0019, "SPINE-SSL TEST", create=True).add_new(0x10, "OB", bytes(3 * dicom_index.HEAD_BYTES))
+
+    variant("sequences", True, sequences)
+    variant("implicit_vr", True, implicit)
+    variant("latin1", True, names("ISO_IR 100", "MÜLLER^JÜRGEN", "KLINIK SÜD"))
+    variant("utf8", True, names("ISO_IR 192", "ØVREBØ^ÅSE", "SJUKHUS ÖST"))
+    variant("iso2022", True, names(["", "ISO 2022 IR 87"], "YAMADA^TAROU=山田^太郎", "SPITAL"))
+    variant("long_header", True, long_header)  # read again, whole, when the first read ends inside the header
+    variant("odd_values", True, odd_values)
+    # An element after the pixel data repeats one before it: pydicom keeps the later one, and so must the walk.
+    variant("after_pixels", True, lambda ds: None, append=b"\x08\x00\x60\x00CS\x02\x00CT")
+    variant("truncated", True, lambda ds: None, cut=0.6)
+    variant("cut_in_header", False, lambda ds: None, cut=0.01)
+    return variants
+
+
+def test_header_walk_reads_the_same_fields_as_pydicom(tiny_cohort, tmp_path, monkeypatch):
+    variants = _header_variants(tiny_cohort, tmp_path)
+    files = [path for path, _ in variants.values()]
+    files += _pydicom_test_files()  # every transfer syntax, DICOMDIRs, files without preamble or meta
+    walked = [read_header(p) for p in files]
+    for name, (path, fast) in variants.items():
+        assert (scan_header(path) is not None) == fast, name
+    monkeypatch.setattr(dicom_index, "scan_header", lambda *args, **kwargs: None)  # pydicom.dcmread for every file
+    for path, ours in zip(files, walked):
+        reference = read_header(path)
+        assert ours.keys() == reference.keys(), path
+        for key, value in reference.items():
+            both_nan = isinstance(value, float) and math.isnan(value) and math.isnan(ours[key])
+            assert ours[key] == value or both_nan, (path, key)
+    assert walked[files.index(variants["after_pixels"][0])]["modality"] == "CT"
+    assert walked[files.index(variants["truncated"][0])]["problem"].startswith("truncated")
+    assert "山田" in walked[files.index(variants["iso2022"][0])]["patient_name"]
+
+
+def test_pixels_read_at_the_walked_offset_equal_pydicom_pixel_array(tiny_cohort, tmp_path):
+    variants = _header_variants(tiny_cohort, tmp_path)
+    files = [path for name, (path, _) in variants.items() if name not in ("truncated", "cut_in_header")]
+    files += _pydicom_test_files()
+    compared = 0
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            reference = ds.pixel_array
+        except Exception:  # noqa: BLE001, S112 - not an image pydicom can decode: nothing to compare
+            continue
+        if reference.ndim != 2:
+            with pytest.raises(SeriesError):
+                decode_slice(str(path))
+            continue
+        pixels, slope, intercept = decode_slice(str(path))
+        assert pixels.dtype == reference.dtype and np.array_equal(pixels, reference), path
+        assert (slope, intercept) == (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+        compared += 1
+    assert compared >= 30
 
 
 def _series_copy(tiny_cohort: Path, dest: Path, transfer_syntax=None) -> list[Path]:
