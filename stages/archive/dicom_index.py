@@ -285,6 +285,7 @@ def read_header(path: Path) -> dict[str, Any]:
         record.update(problem="hidden file (the name starts with a dot)", kind="hidden")
         return record
     scan = scan_header(path)
+    directory_records = False  # a DICOMDIR's directory records (scan_header leaves those files to pydicom)
     if scan is not None:
         size, get, meta_get, raw = scan.size, scan.get, scan.meta_get, scan.pixel_data
     else:
@@ -299,13 +300,10 @@ def read_header(path: Path) -> dict[str, Any]:
             return record
         meta = getattr(ds, "file_meta", None)
         get, meta_get = ds.get, (meta.get if meta else lambda keyword: None)
-        if "DirectoryRecordSequence" in ds:
-            record["problem"] = "DICOMDIR: a media index, not an image (files are found by walking the folder)"
-            record["kind"] = "dicomdir"
-            return record
+        directory_records = "DirectoryRecordSequence" in ds
         raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None  # tag and length, not value
     sop_class = _text(get("SOPClassUID") or meta_get("MediaStorageSOPClassUID"))
-    if sop_class == DICOMDIR_CLASS:
+    if sop_class == DICOMDIR_CLASS or directory_records:
         record["problem"] = "DICOMDIR: a media index, not an image (files are found by walking the folder)"
         record["kind"] = "dicomdir"
         return record
