@@ -13,7 +13,7 @@ CORES ?= 2
 SNAKEMAKE_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast dryrun rulegraph bench clean
+.PHONY: setup demo test test-fast dryrun rulegraph bench localiser-weights clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,17 @@ rulegraph: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
 	$(PY) -m benchmarks
+
+## localiser-weights: retrain the shipped localiser (stages/anatomy/weights) with its recipe, then measure it on the
+## real SPIDER slices in ../shared/real_spider_sagittal when they are there (README "The built-in localiser")
+WEIGHTS := stages/anatomy/weights
+SPIDER ?= ../shared/real_spider_sagittal
+localiser-weights: $(STAMP)
+	$(PY) -m stages.localiser_builtin --threads $(CORES) --out-model $(WEIGHTS)/builtin_localiser.pt \
+		--out-card $(WEIGHTS)/builtin_localiser.json
+	if [ -f $(SPIDER)/discs.csv ]; then $(PY) -m stages.localiser_slices --discs $(SPIDER)/discs.csv \
+		--images $(SPIDER)/images --out-discs $(WEIGHTS)/builtin_localiser_spider.csv \
+		--out-summary $(WEIGHTS)/builtin_localiser_spider.json; fi
 
 clean:
 	rm -rf results .snakemake

@@ -1,12 +1,14 @@
 """Stage extract: cut the small volumes every later stage trains on (Jamaludin et al. 2017, section 2.1).
 
 For each scan that localisation did not flag: 7 vertebral-body volumes (T12 to S1) and 6 disc volumes (T12-L1 to
-L5-S1), each H x W x S (height x width x slices; the paper: 224 x 224 x 9 for a body, 112 x 224 x 9 for a disc),
-centred on the structure's own middle slice (so scoliosis does not misalign them), slices zero-padded where the scan
-has too few, the in-plane crop rotated to the local axis of the spine (rows run down the spine, columns from anterior
-to posterior) and rescaled so that the structure's antero-posterior width spans ``width_fraction`` of the crop width.
-Intensities are divided so that the median intensity of the vertebral bodies above and below is 0.5. For the Hou et
-al. 2023 path, each disc also gets 3 slices through its centre resliced perpendicular to the spine (axial).
+L5-S1), or those of them its structures hold (a SPIDER mask has no S1: no S1 body volume, the rest as usual), each
+H x W x S (height x width x slices; the paper: 224 x 224 x 9 for a body, 112 x 224 x 9 for a disc), centred on the
+structure's own middle slice (so scoliosis does not misalign them), slices zero-padded where the scan has too few,
+the in-plane crop rotated to the local axis of the spine (rows run down the spine, columns from anterior to
+posterior) and rescaled so that the structure's antero-posterior width spans ``width_fraction`` of the crop width.
+Intensities are divided so that the median intensity of the vertebral bodies above and below is 0.5 (the one there is
+when the other is missing: L5 alone for L5-S1 without S1). For the Hou et al. 2023 path, each disc also gets 3 slices
+through its centre resliced perpendicular to the spine (axial).
 
 Run (one job; the workflow runs one per shard, ``--shard I --scans-per-shard P --out SHARD_DIR``, then
 ``--merge SHARD_DIR ...`` with the --out-* files):
@@ -62,7 +64,8 @@ log = logging.getLogger("extract")
 
 
 def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any]:
-    """All crops of one scan, normalised (a crop that cannot be: zeros, and the reason in its row's ``flag``)."""
+    """The crops of one scan's structures, top to bottom, normalised (a crop that cannot be: zeros, and the reason in
+    its row's ``flag``); a level its structures lack has none."""
     volume_path, structures, cfg = job
     image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(image)
@@ -71,7 +74,7 @@ def extract_scan(job: tuple[Path, pd.DataFrame, ExtractConfig]) -> dict[str, Any
     for kind, names, size, key in (("vertebra", levels.VERTEBRAE, cfg.vertebra_size, "vertebrae"),
                                    ("disc", levels.DISCS, cfg.disc_size, "discs")):
         table = structures[structures.kind == kind].set_index("level")
-        for name in names:
+        for name in (n for n in names if n in table.index):
             row = next(table.loc[[name]].itertuples())
             array, step = crop(volume, image, row, size, cfg.width_fraction)
             crops = [array]
@@ -99,8 +102,9 @@ def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_fil
     for path in (out.vertebrae, out.discs, out.axial, out.index):
         path.parent.mkdir(parents=True, exist_ok=True)
     n = len(usable)
+    n_bodies, n_discs = structure_counts(structures[structures.scan_id.isin(usable.scan_id)])
     (h, w, s), (hd, wd, sd), (ha, wa) = cfg.vertebra_size, cfg.disc_size, cfg.axial_size
-    shapes = {"vertebrae": (n * 7, s, h, w), "discs": (n * 6, sd, hd, wd), "axial": (n * 6, 3, ha, wa)}
+    shapes = {"vertebrae": (n_bodies, s, h, w), "discs": (n_discs, sd, hd, wd), "axial": (n_discs, 3, ha, wa)}
     if n == 0:  # nothing usable: empty arrays and index, said in the log (and in the localise flags)
         for name, shape in shapes.items():
             np.save(getattr(out, name), np.zeros(shape, np.float16))
@@ -112,16 +116,18 @@ def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_fil
               for name, shape in shapes.items()}
     jobs = ((scan_file(volumes, scan.volume), structures[structures.scan_id == scan.scan_id], cfg) for scan in usable.itertuples())
     index = []
+    slots = {"vertebrae": 0, "discs": 0}  # the next free slot of each array: scan after scan, top to bottom
     with worker_pool(workers) as pool:
-        for i, (scan, result) in enumerate(tqdm(zip(usable.itertuples(), pool.map(extract_scan, jobs)), total=n,
-                                                desc="scans", mininterval=5)):
+        for scan, result in tqdm(zip(usable.itertuples(), pool.map(extract_scan, jobs)), total=n, desc="scans",
+                                 mininterval=5):
             source = structures.loc[structures.scan_id == scan.scan_id, "source"].iloc[0]
             counters = {"vertebra": 0, "disc": 0}
             for row in result["rows"]:
                 j = counters[row["kind"]]
                 counters[row["kind"]] += 1
-                array, per_scan = ("vertebrae", 7) if row["kind"] == "vertebra" else ("discs", 6)
-                slot = i * per_scan + j
+                array = "vertebrae" if row["kind"] == "vertebra" else "discs"
+                slot = slots[array]
+                slots[array] += 1
                 arrays[array][slot] = result[array][j]
                 if row["kind"] == "disc":
                     arrays["axial"][slot] = result["axial"][j]
@@ -136,6 +142,14 @@ def extract(manifest_file: Path, volumes: Path, structures_file: Path, flags_fil
              (table.kind == "disc").sum(), n)
     log_flagged(table)
     return table
+
+
+def structure_counts(structures: pd.DataFrame) -> tuple[int, int]:
+    """How many vertebral bodies and discs (of the workflow's levels, one per scan and level) ``structures`` holds:
+    the rows of the arrays :func:`extract_scan` fills for them (7 and 6 per scan when no level is missing)."""
+    unique = structures.drop_duplicates(["scan_id", "kind", "level"])
+    return (int(((unique.kind == "vertebra") & unique.level.isin(levels.VERTEBRAE)).sum()),
+            int(((unique.kind == "disc") & unique.level.isin(levels.DISCS)).sum()))
 
 
 def log_flagged(index: pd.DataFrame) -> None:

@@ -17,13 +17,17 @@ What happens:
      ImageOrientationPatient, weighting from TE/TR/TI with SeriesDescription as a hint, localizer) and the ones the
      selection asks for (default: sagittal T2 MR) become candidates, one per study. Tie-break among candidates of a
      study: more slices, then finer in-plane pixels, then the higher SeriesNumber, then the SeriesInstanceUID.
-  3. The chosen series is ordered along the slice normal, checked (one orientation, matrix and pixel spacing; no
-     missing slices; duplicates dropped) and written as NIfTI with its full geometry. If it fails, the next candidate
-     of the study is tried.
+  3. The chosen series (single-frame files, or the frames of enhanced multi-frame objects) is ordered along the slice
+     normal, checked (one orthonormal orientation, matrix and pixel spacing; no missing slices; duplicates dropped;
+     at least min_slices positions, so one 2D image with min_slices 1) and written as NIfTI with its full geometry.
+     If it fails, the next candidate of the study is tried.
 
 Writes (each Parquet table with a CSV copy beside it):
     --out-volumes              {scan_id}.nii.gz, one volume per study (LPS geometry kept in the NIfTI header)
-    --out-labels               {scan_id}.nii.gz, label maps, when --label-dir has one named {SeriesInstanceUID}.nii.gz
+    --out-labels               {scan_id}.nii.gz, label maps, when --label-dir has one named {SeriesInstanceUID}.nii.gz,
+                               in the workflow's numbering (VerSe; --label-scheme says how they are numbered, see
+                               stages/archive/label_scheme.py); the manifest's label_problem names values the scheme
+                               does not know (set to background), or that no level was found (the map is not used)
     --out-manifest             one row per volume: ids, days since the subject's first study, scanner, geometry
     --out-files                every file found: used, skipped (with its series' classification) or quarantined,
                                with the reason; the counts add up to the number of files
@@ -69,6 +73,14 @@ from stages.archive.dicom_index import (
     walk,
 )
 from stages.archive.dicom_volume import SeriesError, assemble, write_volume
+from stages.archive.label_scheme import (
+    VERSE,
+    LabelScheme,
+    add_label_scheme_option,
+    problem_counts,
+    remap_image,
+    scheme_from_args,
+)
 from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
 from stages.archive.manifest import (
     INGEST_OUTPUTS,
@@ -94,6 +106,7 @@ class Context:
     key: bytes
     label_dir: Path | None
     scrubber: re.Pattern | None
+    label_scheme: LabelScheme = VERSE
     # Folder and file names already scrubbed: the files of a series share their folders' names, and searching one
     # name for every piece of identity in the archive took more time than the rest of the accounting (issue 20).
     names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -110,6 +123,11 @@ def _scrub_path(path: str, ctx: Context) -> str:
         if part not in ctx.names:
             ctx.names[part] = pn.REDACTED if ctx.scrubber is not None and ctx.scrubber.search(part) else part
     return "/".join(ctx.names[part] for part in parts)
+
+
+def _scrub_reason(text: str, ctx: Context) -> str:
+    """A reason that names files of the archive: their paths below it, identity replaced by [redacted]."""
+    return _scrub(text.replace(str(ctx.root) + "/", ""), ctx)
 
 
 def _date(text: str) -> dt.date | None:
@@ -144,9 +162,10 @@ def build_scrubber(records: list[dict[str, Any]]) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
 
 
-def _study_job(job: tuple[Context, list[list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Try the candidate series of one study in order; write the first that makes a good volume."""
-    ctx, candidates = job
+def _study_job(job: tuple[Context, list[list[dict[str, Any]]], int]) -> dict[str, Any]:
+    """Try the candidate series of one study in order; write the first that makes a good volume (of at least
+    ``min_slices`` distinct slice positions, the last item of ``job``)."""
+    ctx, candidates, min_slices = job
     statuses: dict[str, tuple[str, str]] = {}
     row = None
     for rank, records in enumerate(candidates):
@@ -164,7 +183,7 @@ def _study_job(job: tuple[Context, list[list[dict[str, Any]]]]) -> dict[str, Any
             statuses.update({p: (QUARANTINED, "inconsistent identity: several PatientIDs in one series") for p in paths})
             continue
         try:
-            volume = assemble(records)
+            volume = assemble(records, min_slices)
         except SeriesError as err:
             for p in paths:
                 statuses[p] = (QUARANTINED, err.files.get(p, f"series unusable: {err}"))
@@ -173,9 +192,9 @@ def _study_job(job: tuple[Context, list[list[dict[str, Any]]]]) -> dict[str, Any
         scan_id = pn.series_id(ctx.key, first["series_uid"])
         write_volume(volume, ctx.volumes / f"{scan_id}.nii.gz")
         label_map, label_problem = _copy_label(ctx, first["series_uid"], scan_id, volume)
-        statuses.update({p: (USED, f"in volume {scan_id}") for p in volume.used})
-        statuses.update({p: (QUARANTINED, _scrub(reason.replace(str(ctx.root) + "/", ""), ctx))
-                         for p, reason in volume.dropped.items()})
+        statuses.update({p: (USED, f"in volume {scan_id}" + (f"; {_scrub_reason(volume.notes[p], ctx)}"
+                                                             if p in volume.notes else "")) for p in volume.used})
+        statuses.update({p: (QUARANTINED, _scrub_reason(reason, ctx)) for p, reason in volume.dropped.items()})
         shape = volume.array.shape
         row = {
             "scan_id": scan_id, "subject_id": pn.subject_id(ctx.key, first["patient_id"]),
@@ -205,10 +224,13 @@ def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[st
             or not np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-3)
             or not np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-3)):
         return "", "label map geometry differs from the volume"
+    remapped, check = remap_image(label, ctx.label_scheme)
+    if not check.usable:
+        return "", check.problem
     target = ctx.labels / f"{scan_id}.nii.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return f"labels/{scan_id}.nii.gz", ""
+    sitk.WriteImage(remapped, str(target), useCompression=True)
+    return f"labels/{scan_id}.nii.gz", check.problem
 
 
 def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -> tuple[
@@ -239,7 +261,7 @@ def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -
                 status[r["path"]] = (SKIPPED, "series not selected: " + "; ".join(c["reasons"]))
         else:
             candidates[members[0]["study_uid"]].append(members)
-    jobs = [(ctx, sorted(c, key=tie_break_key)) for _, c in sorted(candidates.items())]
+    jobs = [(ctx, sorted(c, key=tie_break_key), rules.min_slices) for _, c in sorted(candidates.items())]
     return status, info, series_rows, jobs
 
 
@@ -247,13 +269,15 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
                  label_dir: Path | None = None, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
-                 level_first: str | None = None, files: list[Path] | None = None) -> dict[str, Any]:
+                 level_first: str | None = None, files: list[Path] | None = None,
+                 label_scheme: LabelScheme = VERSE) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be written.
 
     ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.anatomy.landmarks), its columns
     named as in ``landmark_columns`` (ours -> the table's), numeric levels counted from ``level_count_from`` starting
     at ``level_first``. ``files`` (a shard of the archive, see :func:`ingest_shard`) replaces walking the archive:
-    then the accounting keeps each file's key and an empty result is no error."""
+    then the accounting keeps each file's key and an empty result is no error. Label maps are numbered as
+    ``label_scheme`` says (stages.archive.label_scheme)."""
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM folder {root} does not exist")
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
@@ -270,7 +294,7 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
         ctx = Context(root=root, volumes=out.volumes, labels=out.labels, key=key, label_dir=label_dir,
-                      scrubber=build_scrubber(records))
+                      scrubber=build_scrubber(records), label_scheme=label_scheme)
         status, info, series_rows, jobs = _select(records, ctx, rules)
         out.volumes.mkdir(parents=True, exist_ok=True)
         out.labels.mkdir(parents=True, exist_ok=True)
@@ -339,12 +363,16 @@ def finish(out: IngestOutputs, key: bytes, manifest: pd.DataFrame, accounting: p
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
                "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
                "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason),
-               "landmarks": landmark_summary}
+               **problem_counts(manifest.label_problem), "landmarks": landmark_summary}
     assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"]
     out.summary.parent.mkdir(parents=True, exist_ok=True)
     out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d files: %(used)d used in %(volumes)d volumes (%(subjects)d subjects), "
              "%(skipped)d skipped, %(quarantined)d quarantined (see files.csv)", summary)
+    if summary["label_maps_without_level"] or summary["label_maps_with_unknown_values"]:
+        log.warning("label maps: %(label_maps_without_level)d without any level of the workflow (not used), "
+                    "%(label_maps_with_unknown_values)d with values their label scheme does not know (set to "
+                    "background); see label_problem in manifest.csv", summary)
     if not len(manifest):
         raise RuntimeError(f"no volume could be written from {len(accounting)} files; see "
                            f"{out.files.with_suffix('.csv')} for why")
@@ -424,9 +452,10 @@ def plan_shard_count(plan: Path) -> int:
 
 
 def ingest_shard(root: Path, plan: Path, shard: int, out: Path, key: bytes, rules: ClassifyRules,
-                 workers: int = 1, label_dir: Path | None = None) -> dict[str, Any]:
+                 workers: int = 1, label_dir: Path | None = None, label_scheme: LabelScheme = VERSE) -> dict[str, Any]:
     """Ingest the files of shard ``shard`` of ``plan`` (plan.parquet of :func:`plan_shards`) into the folder ``out``
-    (laid out as IngestOutputs.in_folder): volumes, labels, the shard's manifest, accounting (with file keys), series."""
+    (laid out as IngestOutputs.in_folder): volumes, labels (numbered as ``label_scheme`` says), the shard's manifest,
+    accounting (with file keys), series."""
     root = root.resolve()
     table = pd.read_parquet(plan, columns=["file_key", "shard"])
     mine = set(table.file_key[table.shard == shard])
@@ -434,7 +463,8 @@ def ingest_shard(root: Path, plan: Path, shard: int, out: Path, key: bytes, rule
     if len(files) != len(mine):
         raise RuntimeError(f"the archive changed since the plan: {len(mine)} files planned for shard {shard}, "
                            f"{len(files)} found; re-run the ingest plan")
-    return ingest_dicom(root, IngestOutputs.in_folder(out), key, rules, workers, label_dir, files=files)
+    return ingest_dicom(root, IngestOutputs.in_folder(out), key, rules, workers, label_dir, files=files,
+                        label_scheme=label_scheme)
 
 
 def merge_shards(plan: Path, shards: list[Path], out: IngestOutputs, key: bytes, gradings: Path | None = None,
@@ -493,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_key_option(parser)
     parser.add_argument("--label-dir", type=Path, default=None,
                         help="Optional folder of label maps named {SeriesInstanceUID}.nii.gz, copied beside volumes.")
+    add_label_scheme_option(parser)
     parser.add_argument("--gradings", type=Path, default=None,
                         help="Optional CSV with patient_id, study_uid and label columns, written pseudonymised.")
     parser.add_argument("--subjects", type=Path, default=None,
@@ -526,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not value.is_file():
             parser.error(f"--{name.replace('_', '-')} {value} is not a file")
     rules = ClassifyRules.from_config(cli.section_from_args(args, "ingest", parser))
+    scheme = scheme_from_args(args, parser)
     key = pn.key_from_args(args, parser)
     make_plan = args.out_plan is not None or args.out_plan_summary is not None
     if make_plan and (args.shard is not None or args.merge):
@@ -546,12 +578,13 @@ def main(argv: list[str] | None = None) -> int:
         if make_plan:
             plan_shards(args.dicom_dir, args.out_plan, args.out_plan_summary, key, args.threads, args.scans_per_shard)
         elif shard is not None:
-            ingest_shard(args.dicom_dir, args.plan, shard[0], args.out, key, rules, args.threads, args.label_dir)
+            ingest_shard(args.dicom_dir, args.plan, shard[0], args.out, key, rules, args.threads, args.label_dir,
+                         scheme)
         elif args.merge:
             merge_shards(args.plan, args.merge, out, key, args.gradings, args.subjects, **marks)
         else:
             ingest_dicom(args.dicom_dir, out, key, rules, args.threads, args.label_dir, args.gradings,
-                         args.subjects, **marks)
+                         args.subjects, **marks, label_scheme=scheme)
     except RuntimeError as err:
         log.error("%s", err)
         return 1

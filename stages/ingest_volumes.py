@@ -8,7 +8,8 @@ The table (CSV) has one row per volume:
     study    optional: which study/visit, unique in the cohort (default: the image's file name); a gradings table
              names it in its study_uid column
     days     optional: days since the subject's first study (or give `date` as YYYY-MM-DD instead; it is dropped)
-    mask     optional: a label map in the same geometry, relative like `image`
+    mask     optional: a label map in the same geometry, relative like `image`, numbered as --label-scheme says
+             (default VerSe; spider for SPIDER's masks; stages/archive/label_scheme.py)
     + optional columns field_strength_t, manufacturer, model, sex, age_years, series_description
 
 Run:
@@ -18,7 +19,10 @@ Run:
 Writes the --out-* outputs (volumes, labels, manifest, files, series, gradings, subjects, landmarks, landmark_rows,
 summary) exactly as ``stages.ingest`` does (a --landmarks table names each scan by the value of its ``image`` column
 here); ``files`` accounts for every row of the table (used, or quarantined with the reason: missing
-file, unreadable image, label map with another geometry, duplicated row).
+file, unreadable image, label map with another geometry, duplicated row). Label maps are written in the workflow's
+numbering (VerSe); a mask with values the scheme does not know is used with those set to background, one without any
+level of the workflow is not used: the manifest's ``label_problem`` says which, the row's reason in ``files`` names the
+mask, and the summary counts both.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ import pandas as pd
 import SimpleITK as sitk
 
 from stages.archive import pseudonym as pn
+from stages.archive.label_scheme import (
+    VERSE,
+    LabelScheme,
+    add_label_scheme_option,
+    problem_counts,
+    remap_image,
+    scheme_from_args,
+)
 from stages.archive.landmark_tables import add_landmark_options, landmark_options, read_landmark_table, write_landmarks
 from stages.archive.manifest import (
     INGEST_OUTPUTS,
@@ -67,9 +79,10 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 def ingest_volumes(table_path: Path, out: IngestOutputs, key: bytes, gradings: Path | None = None,
                    subjects: Path | None = None, landmark_table: Path | None = None,
                    landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
-                   level_first: str | None = None) -> dict[str, Any]:
+                   level_first: str | None = None, label_scheme: LabelScheme = VERSE) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be read, ValueError for a table
-    without image and subject columns. A landmark table (stages.anatomy.landmarks) names scans by the ``image`` value."""
+    without image and subject columns. A landmark table (stages.anatomy.landmarks) names scans by the ``image`` value;
+    masks are numbered as ``label_scheme`` says (stages.archive.label_scheme)."""
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     table = pd.read_csv(table_path, dtype={"subject": str, "study": str})
     missing = {"image", "subject"} - set(table.columns)
@@ -122,13 +135,19 @@ def ingest_volumes(table_path: Path, out: IngestOutputs, key: bytes, gradings: P
             else:
                 mask = sitk.ReadImage(str(mask_path))
                 if _same_geometry(mask, image):
-                    sitk.WriteImage(mask, str(out.labels / f"{scan_id}.nii.gz"), useCompression=True)
-                    label_map = f"labels/{scan_id}.nii.gz"
+                    remapped, check = remap_image(mask, label_scheme)
+                    label_problem = check.problem
+                    if check.usable:
+                        sitk.WriteImage(remapped, str(out.labels / f"{scan_id}.nii.gz"), useCompression=True)
+                        label_map = f"labels/{scan_id}.nii.gz"
                 else:
                     label_problem = "label map geometry differs from the volume"
         sitk.WriteImage(image, str(out.volumes / f"{scan_id}.nii.gz"), useCompression=True)
         scan_ids.setdefault(str(rec["image"]).strip(), scan_id)
         entry.update(status=USED, reason=f"in volume {scan_id}", series=scan_id)
+        if label_problem:
+            entry["reason"] += f"; label map {rec['mask']}: {label_problem}"
+            log.warning("label map %s: %s", rec["mask"], label_problem)
         size, spacing = image.GetSize(), image.GetSpacing()
         rows.append({
             "scan_id": scan_id, "subject_id": subject, "study_id": pn.study_id(key, study),
@@ -152,8 +171,8 @@ def ingest_volumes(table_path: Path, out: IngestOutputs, key: bytes, gradings: P
     summary = {"files": len(accounting), "used": counts.get(USED, 0), "skipped": 0,
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
-               "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
-               "landmarks": landmark_summary}
+               "with_label_map": int((manifest.label_map != "").sum()),
+               **problem_counts(manifest.label_problem), "tables": tables, "landmarks": landmark_summary}
     out.summary.parent.mkdir(parents=True, exist_ok=True)
     out.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%(files)d table rows: %(used)d used, %(quarantined)d quarantined (see files.csv)", summary)
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradings", type=Path, default=None, help="Optional gradings CSV (patient_id = subject).")
     parser.add_argument("--subjects", type=Path, default=None, help="Optional subjects CSV (patient_id = subject).")
     add_landmark_options(parser, "the value of the table's image column")
+    add_label_scheme_option(parser)
     cli.add_output_options(parser, INGEST_OUTPUTS)
     cli.add_log_option(parser)
     return parser
@@ -182,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table.is_file():
         parser.error(f"--table {args.table} is not a file")
     marks = landmark_options(args, parser)
+    scheme = scheme_from_args(args, parser)
     key = pn.key_from_args(args, parser)
     out = IngestOutputs(**cli.outputs_from_args(args, parser, INGEST_OUTPUTS))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     cli.setup_logging(args.log, "ingest_volumes")
     try:
-        ingest_volumes(args.table, out, key, args.gradings, args.subjects, **marks)
+        ingest_volumes(args.table, out, key, args.gradings, args.subjects, **marks, label_scheme=scheme)
     except (RuntimeError, ValueError) as err:
         log.error("%s", err)
         return 1

@@ -7,13 +7,16 @@ the label map: centre error in mm (mean, 95th percentile) and level-labelling ac
 map that has rows in ingest's landmark table (``landmarks.parquet``, a user's table of level centres) is localised
 from them instead of by the learned localiser (stages.anatomy.landmarks), and compared with its label map likewise when that
 is withheld. Scans where localisation fails or is doubtful (missing levels, a transitional vertebra, levels out of
-order, implausible spacing) are listed in ``flags.csv`` with the reason, and later stages skip them.
+order, implausible spacing) are listed in ``flags.csv`` with the reason, and later stages skip them. A label map is
+expected to hold only the levels its label scheme can name (``--label-scheme``, cohort.label_scheme, as ingest read
+it; stages.archive.label_scheme.named_levels): SPIDER's masks have no sacrum label, so their scans are not flagged for
+lacking S1 (extraction then cuts no S1 body). The learned localiser and landmarks must still find every level.
 
 Run (one job; the workflow runs one per shard, ``--shard I --scans-per-shard P --out SHARD_DIR``, then
 ``--merge SHARD_DIR ...`` with the --out-* files):
     python -m stages.localise --manifest results/ingest/manifest.parquet --volumes results/ingest/volumes \\
         --labels results/ingest/labels --landmarks results/ingest/landmarks.parquet \\
-        --model results/localise/model/localiser.pt --threads 2 \\
+        --weights stages/anatomy/weights/builtin_localiser.pt --threads 2 \\
         --out-structures results/localise/structures.parquet --out-flags results/localise/flags.csv \\
         --out-evaluation results/localise/evaluation.csv --out-summary results/localise/evaluation.json
 
@@ -26,8 +29,10 @@ the number of scans from each source).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,32 +44,15 @@ import torch
 from tqdm import tqdm
 
 from stages.anatomy.landmarks import structures_from_landmarks
-from stages.anatomy.localiser import (
-    HeatmapUNet,
-    LocaliseConfig,
-    compare,
-    predict_heatmaps,
-    structures_from_heatmaps,
-    withheld_subjects,
-)
+from stages.anatomy.localiser import LocaliseConfig, compare, load_localiser, localise_image, withheld_subjects
 from stages.anatomy.spine_structures import COLUMNS, check_structures, slice_normal, structures_from_label_map
+from stages.archive.label_scheme import add_label_scheme_option, named_levels, scheme_from_args
 from stages.archive.manifest import add_ingest_inputs, scan_file, write_table
-from stages.core import cli
+from stages.core import cli, levels
 from stages.core.pool import worker_pool
 from stages.core.shards import add_shard_options, concat_tables, count_from_manifest, shard_block, shard_from_args
 
 log = logging.getLogger("localise")
-
-
-def load_model(path: Path) -> tuple[HeatmapUNet | None, LocaliseConfig]:
-    """The localiser saved by stages.localiser_train; None when it could not be trained (no label maps)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = LocaliseConfig(**saved["config"])
-    if saved["state_dict"] is None:
-        return None, cfg
-    model = HeatmapUNet(cfg.width)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), cfg
 
 
 @dataclass(frozen=True)
@@ -75,10 +63,12 @@ class Folders:
     labels: Path
 
 
-def localise_scan(job: tuple[Folders, dict[str, Any], bool, Path | None, pd.DataFrame | None]) -> dict[str, Any]:
+def localise_scan(job: tuple[Folders, dict[str, Any], bool, Path | None, pd.DataFrame | None],
+                  expected: Collection[str] | None = None) -> dict[str, Any]:
     """Structures, problems and (for withheld scans) the comparison with the label map, for one scan: from its label
     map (when ``use_label``), else from its landmarks (rows of ingest's landmarks.parquet, or None), else by the
-    learned localiser."""
+    learned localiser. ``expected``: the levels a label map must hold (its scheme's, ``named_levels``; default all);
+    landmarks and the learned localiser must find all."""
     folders, scan, use_label, model_path, marks = job
     torch.set_num_threads(1)
     result: dict[str, Any] = {"scan_id": scan["scan_id"], "evaluation": None}
@@ -88,7 +78,7 @@ def localise_scan(job: tuple[Folders, dict[str, Any], bool, Path | None, pd.Data
         label = sitk.ReadImage(str(label_path))
         table = structures_from_label_map(label)
         result.update(source="label_map", structures=table,
-                      problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label)))))
+                      problems=check_structures(table, set(np.unique(sitk.GetArrayViewFromImage(label))), expected))
         return result
     if marks is not None and len(marks):
         image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
@@ -98,15 +88,14 @@ def localise_scan(job: tuple[Folders, dict[str, Any], bool, Path | None, pd.Data
             result["evaluation"] = compare(table, structures_from_label_map(sitk.ReadImage(str(label_path))),
                                            slice_normal(image))
         return result
-    model, cfg = load_model(model_path) if model_path is not None else (None, None)
+    model, cfg = load_localiser(model_path) if model_path is not None else (None, None)
     if model is None:
         why = "no label map and no learned localiser" if model_path is None else \
             "no label map, and the localiser is untrained (no scan had a label map to train it on)"
         result.update(source="learned", structures=None, problems=[why])
         return result
     image = sitk.ReadImage(str(volume_path), sitk.sitkFloat32)
-    heat = predict_heatmaps(model, sitk.GetArrayFromImage(image), cfg.image_size)
-    table, problems = structures_from_heatmaps(heat, image, cfg.peak_threshold)
+    table, problems = localise_image(model, cfg, image)
     problems += check_structures(table) if len(table) else []
     result.update(source="learned", structures=table, problems=problems)
     if label_path is not None:
@@ -161,8 +150,13 @@ OUTPUTS = {
 
 
 def run(manifest_file: Path, folders: Folders, landmarks: Path | None, out: LocaliseOutputs, cfg: LocaliseConfig,
-        model_path: Path | None, workers: int, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """Localise the scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all of them by default)."""
+        model_path: Path | None, workers: int, shard: tuple[int, int] = (0, 1),
+        expected: Collection[str] | None = None) -> dict[str, Any]:
+    """Localise the scans of shard ``shard`` = (i, n) of the manifest sorted by scan id (all of them by default);
+    ``expected``: the levels a label map must hold (default all; see :func:`localise_scan`)."""
+    unnamed = [name for name in levels.VERTEBRAE + levels.DISCS if expected is not None and name not in expected]
+    if unnamed:
+        log.info("not expected in label maps (their label scheme cannot name them): %s", ", ".join(unnamed))
     manifest = pd.read_parquet(manifest_file).sort_values("scan_id")
     manifest["label_map"] = manifest.label_map.fillna("")
     hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
@@ -173,7 +167,8 @@ def run(manifest_file: Path, folders: Folders, landmarks: Path | None, out: Loca
     from_landmarks = sum(not j[2] and j[4] is not None for j in jobs)
     structures, flags, evaluation = [], [], []
     with worker_pool(workers) as pool:
-        for scan, result in tqdm(zip(manifest.itertuples(), pool.map(localise_scan, jobs)), total=len(jobs),
+        scan_job = functools.partial(localise_scan, expected=expected)
+        for scan, result in tqdm(zip(manifest.itertuples(), pool.map(scan_job, jobs)), total=len(jobs),
                                  desc="scans", mininterval=5):
             if result["structures"] is not None and len(result["structures"]):
                 structures.append(result["structures"].assign(scan_id=scan.scan_id, subject_id=scan.subject_id,
@@ -233,10 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.localise", description=__doc__.split("\n\n")[0])
     inputs = parser.add_argument_group("inputs (the first three required but with --merge)")
     add_ingest_inputs(inputs, "manifest", "volumes", "labels", "landmarks", required=False)
-    inputs.add_argument("--model", type=cli.existing_file, default=None,
-                        help="The learned localiser (localiser.pt of stages.localiser_train); without it, scans "
-                             "without label maps are flagged.")
+    inputs.add_argument("--weights", type=cli.existing_file, default=None,
+                        help="The learned localiser's weights (localise.model: the built-in "
+                             "stages/anatomy/weights/builtin_localiser.pt, or localiser.pt of stages.localiser_train); "
+                             "without them, scans without label maps or landmarks are flagged.")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="Worker processes (default: 1).")
+    add_label_scheme_option(parser, "Label maps are expected to hold only the levels the scheme can name (spider: "
+                                    "no S1, SPIDER has no sacrum label); the learned localiser and landmarks must "
+                                    "find every level.")
     add_shard_options(parser, "the scans sorted by id")
     cli.add_section_options(parser, "localise")
     cli.add_output_options(parser, OUTPUTS, required=False, title="outputs (but with --shard)")
@@ -252,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--{missing[0]} is required (but with --merge)")
     shard = shard_from_args(args, parser, count_from_manifest(args.manifest, args.scans_per_shard))
     cfg = LocaliseConfig.from_config(cli.section_from_args(args, "localise", parser))
+    expected = named_levels(scheme_from_args(args, parser))
     out = LocaliseOutputs.in_folder(args.out) if shard else LocaliseOutputs(**cli.outputs_from_args(args, parser,
                                                                                                      OUTPUTS))
     cli.setup_logging(args.log, "localise")
     if args.merge:
         merge(args.merge, out)
     else:
-        run(args.manifest, Folders(args.volumes, args.labels), args.landmarks, out, cfg, args.model, args.threads,
-            shard or (0, 1))
+        run(args.manifest, Folders(args.volumes, args.labels), args.landmarks, out, cfg, args.weights, args.threads,
+            shard or (0, 1), expected)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Stage localiser_train: train the learned localiser on the scans that have label maps.
+"""Stage localiser_train: train the learned localiser on the scans that have label maps (``localise.model: cohort``).
 
 Subjects whose label maps are withheld (``localise.withhold_label_fraction``, for the demo) are left out of training
 so that the localise stage can measure the localiser on them.
@@ -22,7 +22,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages.anatomy.localiser import LocaliseConfig, train, training_samples, withheld_subjects
+from stages.anatomy.localiser import (
+    BUILTIN,
+    HeatmapUNet,
+    LocaliseConfig,
+    load_localiser,
+    save_localiser,
+    train,
+    training_samples,
+    withheld_subjects,
+)
 from stages.archive.manifest import add_ingest_inputs, scan_file
 from stages.core import cli
 
@@ -33,6 +42,17 @@ def training_scans(manifest: pd.DataFrame, cfg: LocaliseConfig) -> pd.DataFrame:
     hidden = withheld_subjects(manifest.subject_id.tolist(), cfg.withhold_label_fraction, cfg.seed)
     labelled = manifest[(manifest.label_map.fillna("") != "") & ~manifest.subject_id.isin(hidden)]
     return labelled.sort_values("scan_id")
+
+
+def starting_point(cfg: LocaliseConfig) -> tuple[HeatmapUNet | None, LocaliseConfig]:
+    """The built-in weights to start from (``start_from_builtin``), and the config with their network's settings;
+    else no start and the config as given."""
+    if not cfg.start_from_builtin:
+        return None, cfg
+    model, builtin = load_localiser(BUILTIN)
+    kept = {"width": builtin.width, "image_size": builtin.image_size, "heatmap_sigma_mm": builtin.heatmap_sigma_mm}
+    log.info("starting from the built-in weights (%s): %s", BUILTIN.name, kept)
+    return model, dataclasses.replace(cfg, **kept)
 
 
 OUTPUTS = {
@@ -55,15 +75,16 @@ def run(manifest_file: Path, volumes: Path, labels: Path, out: dict[str, Path], 
         # would have needed the localiser.
         log.warning("no scan with a label map to train the localiser on (cohort.label_dir, or fewer withheld): "
                     "the localiser stays untrained")
-        torch.save({"state_dict": None, "config": dataclasses.asdict(cfg)}, path)
+        save_localiser(None, cfg, path)
         pd.DataFrame(columns=["epoch", "loss"]).to_csv(out["history"], index=False)
         scans[["scan_id", "subject_id"]].to_csv(out["scans"], index=False)
         return path
     log.info("training on %d labelled scans of %d subjects", len(scans), scans.subject_id.nunique())
+    start, cfg = starting_point(cfg)
     samples = [training_samples(str(scan_file(volumes, s.volume)), str(scan_file(labels, s.label_map)), cfg)
                for s in scans.itertuples()]
-    model, history = train(samples, cfg)
-    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(cfg)}, path)
+    model, history = train(samples, cfg, start)
+    save_localiser(model, cfg, path)
     pd.DataFrame(history).to_csv(out["history"], index=False)
     scans[["scan_id", "subject_id"]].to_csv(out["scans"], index=False)
     log.info("final loss %.5f; wrote %s", history[-1]["loss"] if history else float("nan"), path)

@@ -29,10 +29,11 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The per-scan stages on folders laid out as the workflow lays out results/ (ingest/, localise/, extract/).
 
 def localise_folder(ingest: Path, out: Path, cfg: LocaliseConfig, model: Path | None, workers: int = 1,
-                    shard: tuple[int, int] = (0, 1)) -> dict:
-    """stages.localise on the ingest folder ``ingest``, into the folder ``out``; returns the summary."""
+                    shard: tuple[int, int] = (0, 1), expected: tuple[str, ...] | None = None) -> dict:
+    """stages.localise on the ingest folder ``ingest``, into the folder ``out`` (``expected``: the levels a label map
+    must hold, default all); returns the summary."""
     return localise(ingest / "manifest.parquet", Folders(ingest / "volumes", ingest / "labels"),
-                    ingest / "landmarks.parquet", LocaliseOutputs.in_folder(out), cfg, model, workers, shard)
+                    ingest / "landmarks.parquet", LocaliseOutputs.in_folder(out), cfg, model, workers, shard, expected)
 
 
 def extract_folder(ingest: Path, localised: Path, out: Path, cfg: ExtractConfig, workers: int = 1,

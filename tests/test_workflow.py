@@ -375,7 +375,7 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
                   "days": theirs.days_since_first_study}).to_csv(table, index=False)
     vols = tmp_path / "vols.yaml"
     vols.write_text(f"results: {tmp_path / 'vols'}\ncohort:\n  source: volumes\n  volumes_table: {table}\n"
-                    f"  key_file: {demo / 'pseudonym.key'}\n")
+                    f"  key_file: {demo / 'pseudonym.key'}\nlocalise:\n  model: cohort\n")
     second = snakemake(tmp_path, "splits", "--configfile", str(vols))
     assert second.returncode == 0, second.stdout[-3000:]
     read_back = pd.read_parquet(tmp_path / "vols" / "ingest" / "manifest.parquet")
@@ -385,6 +385,16 @@ def test_own_dicom_archive_and_volume_cohort_through_the_workflow(tiny_run, tmp_
     assert set(flags.scan_id) == set(read_back.scan_id) and flags.reason.str.contains("untrained").all()
     assert pd.read_parquet(tmp_path / "vols" / "extract" / "index.parquet").empty
     assert sorted(read_back.days_since_first_study) == sorted(theirs.days_since_first_study)
+    # The default, the built-in localiser, localises the same cohort without any label map, and extraction runs.
+    builtin = tmp_path / "builtin.yaml"
+    builtin.write_text(vols.read_text().replace("model: cohort", "model: builtin").replace("/vols", "/builtin"))
+    fourth = snakemake(tmp_path, "extract", "--configfile", str(builtin))
+    assert fourth.returncode == 0, fourth.stdout[-3000:]
+    structures = pd.read_parquet(tmp_path / "builtin" / "localise" / "structures.parquet")
+    assert set(structures.source) == {"learned"} and structures.scan_id.nunique() >= len(read_back) - 2
+    flagged = pd.read_csv(tmp_path / "builtin" / "localise" / "flags.csv")
+    assert not flagged.reason.str.contains("untrained").any() and flagged.scan_id.nunique() <= len(read_back) // 4
+    assert len(pd.read_parquet(tmp_path / "builtin" / "extract" / "index.parquet")) > 0
     # ... and pretraining says why it cannot run, rather than failing obscurely
     third = snakemake(tmp_path, "--configfile", str(vols), "--keep-going")
     assert third.returncode != 0

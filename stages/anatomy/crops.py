@@ -129,7 +129,8 @@ def body_medians(volume: np.ndarray, image: sitk.Image, structures: pd.DataFrame
 
 def neighbour_reference(level: str, kind: str, medians: dict[str, float]) -> float:
     """The median intensity that must become 0.5: the vertebral bodies above and below (a disc's, or a body's
-    neighbours; at the ends of the column, the one neighbour there is, else the body itself)."""
+    neighbours) of those in ``medians``; at the ends of the column, or where a body is missing, the one there is (L5
+    alone for L5-S1 in a label map without S1), else the body itself (a disc with neither: NaN, flagged)."""
     if kind == "disc":
         around = level.split("-")
     else:

@@ -1,17 +1,28 @@
 """A learned localiser for scans without label maps: heatmap regression of vertebral-body and disc centres.
 
 A small 2D U-Net looks at three neighbouring sagittal slices at a time (resized to ``image_size`` square) and
-predicts two heatmaps: Gaussians at the centres of the vertebral bodies (channel 0) and of the discs (channel 1).
-Run over every slice of a scan, the peaks of the maximum over slices give the in-plane centres, and the slice of
-strongest response gives each structure's own middle slice. Levels are assigned by counting up from the lowest body,
-S1; each disc is the disc peak nearest the midpoint of two neighbouring bodies.
+predicts three heatmaps: Gaussians at the centres of the vertebral bodies (channel 0), of the discs (channel 1) and of
+the L5-S1 disc alone (channel 2, the anchor of the level count). Run over every slice of a scan, the peaks of the
+maximum over slices give the in-plane centres, and the slice of strongest response gives each structure's own middle
+slice. Levels are counted from the lumbosacral junction: S1 and L5 are the two bodies around the anchor's peak, and the
+chain of bodies is followed up from them, each next body near where the last step predicts it (so sacral segments
+below S1, and posterior elements beside the chain, are not counted). Without a confident anchor, S1 is the lowest
+body with a confident disc above it. Each disc is the disc peak nearest the midpoint of two neighbouring bodies. A
+single 2D slice is a one-slice volume: its stack repeats it three times.
+
+Which localiser serves a cohort is ``localise.model``: ``builtin``, the shipped weights (:data:`BUILTIN`, trained
+on domain-randomised phantom slices by ``stages.localiser_builtin``; their model card is in the README), ``cohort``,
+trained on the cohort's own label maps by ``stages.localiser_train`` (from the built-in weights with
+``localise.start_from_builtin``), or the path of weights saved by either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +47,11 @@ from stages.core.config import section_config
 log = logging.getLogger("localiser")
 
 CONFIDENT = 0.5  # a disc peak at least this strong marks a real intervertebral disc (for finding S1)
+CHANNELS = ("vertebra", "disc", "L5-S1")  # the heatmaps: body centres, disc centres, the lumbosacral disc
+ANCHOR = "L5-S1"
+STEP_TOLERANCE = 0.55  # the next body of the chain lies within this share of a step of where the step predicts it
+BUILTIN = Path(__file__).parent / "weights" / "builtin_localiser.pt"  # the shipped weights
+BUILTIN_CARD = BUILTIN.with_suffix(".json")  # how they were trained and what they reach
 
 
 @dataclass(frozen=True)
@@ -51,11 +67,41 @@ class LocaliseConfig:
     heatmap_sigma_mm: float
     peak_threshold: float
     width: int
+    model: str = "builtin"
+    start_from_builtin: bool = False
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> LocaliseConfig:
         """Validate a (partial) ``localise`` section against the schema, fill its defaults, and build the config."""
         return section_config(cls, "localise", section)
+
+
+def model_path(cfg: LocaliseConfig, trained: Path | None = None) -> Path | None:
+    """The weights ``cfg.model`` names: the shipped ones, ``trained`` (the cohort's, from stages.localiser_train) or
+    a path."""
+    if cfg.model == "builtin":
+        return BUILTIN
+    if cfg.model == "cohort":
+        return trained
+    return Path(cfg.model)
+
+
+def save_localiser(model: HeatmapUNet | None, cfg: LocaliseConfig, path: Path) -> None:
+    """Weights (None: untrained) and the config they were trained with."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": None if model is None else model.state_dict(), "config": dataclasses.asdict(cfg)}, path)
+
+
+def load_localiser(path: Path) -> tuple[HeatmapUNet | None, LocaliseConfig]:
+    """A localiser saved by :func:`save_localiser`; None when it could not be trained (no label maps)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    known = {f.name for f in dataclasses.fields(LocaliseConfig)}
+    cfg = LocaliseConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    if saved["state_dict"] is None:
+        return None, cfg
+    model = HeatmapUNet(cfg.width)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), cfg
 
 
 def withheld_subjects(subjects: list[str], fraction: float, seed: int) -> set[str]:
@@ -70,7 +116,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class HeatmapUNet(nn.Module):
-    """(B, 3, S, S) slices -> (B, 2, S, S) heatmap logits. S must be divisible by 8."""
+    """(B, 3, S, S) slices -> (B, 3, S, S) heatmap logits (CHANNELS). S must be divisible by 8."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -78,7 +124,7 @@ class HeatmapUNet(nn.Module):
         self.enc = nn.ModuleList([_block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
         self.bottom = _block(4 * w, 8 * w)
         self.dec = nn.ModuleList([_block(8 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)])
-        self.head = nn.Conv2d(w, 2, 1)
+        self.head = nn.Conv2d(w, len(CHANNELS), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -103,16 +149,19 @@ def slice_stacks(volume: np.ndarray, size: int) -> torch.Tensor:
 
 def heatmap_targets(structures: pd.DataFrame, shape: tuple[int, int], spacing: tuple[float, float], size: int,
                     sigma_mm: float) -> np.ndarray:
-    """(2, size, size) Gaussian targets at the structures' in-plane centres (channel 0 bodies, 1 discs)."""
+    """(3, size, size) Gaussian targets at the structures' in-plane centres (CHANNELS: bodies, discs, and the L5-S1
+    disc again); ``structures`` has columns kind, level, i, j."""
     rows, cols = shape
     sx, sy = size / cols, size / rows
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    out = np.zeros((2, size, size), dtype=np.float32)
+    out = np.zeros((len(CHANNELS), size, size), dtype=np.float32)
     for row in structures.itertuples():
-        channel = 0 if row.kind == "vertebra" else 1
         x, y = (row.i + 0.5) * sx - 0.5, (row.j + 0.5) * sy - 0.5
         gx, gy = sigma_mm * sx / spacing[0], sigma_mm * sy / spacing[1]
-        out[channel] = np.maximum(out[channel], np.exp(-((xx - x) ** 2 / (2 * gx**2) + (yy - y) ** 2 / (2 * gy**2))))
+        blob = np.exp(-((xx - x) ** 2 / (2 * gx**2) + (yy - y) ** 2 / (2 * gy**2)))
+        for channel in (CHANNELS.index(row.kind), CHANNELS.index(ANCHOR) if row.level == ANCHOR else None):
+            if channel is not None:
+                out[channel] = np.maximum(out[channel], blob)
     return out
 
 
@@ -130,12 +179,16 @@ def training_samples(volume_path: str, label_path: str, cfg: LocaliseConfig) -> 
     return stacks, torch.from_numpy(target).expand(len(ks), -1, -1, -1).clone()
 
 
-def train(samples: list[tuple[torch.Tensor, torch.Tensor]], cfg: LocaliseConfig) -> tuple[HeatmapUNet, list[dict]]:
-    """Fit the network; returns it and the loss per epoch. Deterministic for a seed on the CPU."""
+def train(samples: list[tuple[torch.Tensor, torch.Tensor]], cfg: LocaliseConfig,
+          start: HeatmapUNet | None = None) -> tuple[HeatmapUNet, list[dict]]:
+    """Fit the network (from ``start``'s weights if given); returns it and the loss per epoch. Deterministic for a
+    seed on the CPU."""
     seeds.seed_torch(seeds.localiser(cfg.seed))
     x = torch.cat([s[0] for s in samples])
     y = torch.cat([s[1] for s in samples])
     model = HeatmapUNet(cfg.width)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.epochs, 1))
     generator = seeds.generator(seeds.localiser(cfg.seed))
@@ -166,10 +219,26 @@ def train(samples: list[tuple[torch.Tensor, torch.Tensor]], cfg: LocaliseConfig)
 
 @torch.no_grad()
 def predict_heatmaps(model: HeatmapUNet, volume: np.ndarray, size: int) -> np.ndarray:
-    """(K, 2, size, size) heatmaps, one per slice."""
+    """(K, 3, size, size) heatmaps (CHANNELS), one per slice."""
     model.eval()
     stacks = slice_stacks(volume, size)
     return torch.cat([torch.sigmoid(model(stacks[i:i + 8])) for i in range(0, len(stacks), 8)]).numpy()
+
+
+def localise_image(model: HeatmapUNet, cfg: LocaliseConfig, image: sitk.Image) -> tuple[pd.DataFrame, list[str]]:
+    """The structure table of one scan (a volume, or a one-slice image) and what makes it doubtful."""
+    heat = predict_heatmaps(model, sitk.GetArrayFromImage(image), cfg.image_size)
+    return structures_from_heatmaps(heat, image, cfg.peak_threshold)
+
+
+def slice_image(pixels: np.ndarray, pixel_mm: float, thickness_mm: float = 4.0) -> sitk.Image:
+    """A 2D sagittal slice (rows head to feet, columns anterior to posterior, as a sagittal series is displayed) as a
+    one-slice volume with square ``pixel_mm`` pixels, in patient coordinates (LPS)."""
+    image = sitk.GetImageFromArray(np.asarray(pixels, dtype=np.float32)[None])
+    image.SetSpacing((pixel_mm, pixel_mm, thickness_mm))
+    row, col = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])
+    image.SetDirection(tuple(np.column_stack([row, col, np.cross(row, col)]).ravel()))
+    return image
 
 
 def _peaks(heat: np.ndarray, threshold: float, min_distance_px: int) -> list[tuple[float, float]]:
@@ -198,7 +267,7 @@ def structures_from_heatmaps(heat: np.ndarray, image: sitk.Image, threshold: flo
     peak_per_slice = heat[:, 0].reshape(len(heat), -1).max(axis=1)
     centre = int(np.rint((peak_per_slice * np.arange(len(heat))).sum() / max(peak_per_slice.sum(), 1e-6)))
     lo, hi = max(centre - 2, 0), min(centre + 3, len(heat))
-    for channel, kind in ((0, "vertebra"), (1, "disc")):
+    for channel, kind in enumerate(CHANNELS[: heat.shape[1]]):
         stack = heat[lo:hi, channel]
         points = []
         projection = stack.max(axis=0)
@@ -219,13 +288,19 @@ def structures_from_heatmaps(heat: np.ndarray, image: sitk.Image, threshold: flo
     disc_arr = np.array(found["disc"]) if found["disc"] else np.zeros((0, 4))
     disc_points, disc_score = disc_arr[:, :3], disc_arr[:, 3]
     disc_world = index_to_world(image, disc_points) if len(disc_points) else np.zeros((0, 3))
-    # S1 is the lowest body with a confident disc between it and the body above (the sacral segments below have
-    # at most a faint rudimentary one).
-    confident = disc_world[disc_score >= CONFIDENT]
-    has_disc_above = [False] + [_disc_between(world[a], world[b], confident) is not None
-                                for a, b in zip(order[:-1], order[1:])]
-    lowest = max((n for n, ok in enumerate(has_disc_above) if ok), default=len(order) - 1)
-    order = order[: lowest + 1]  # body-like peaks below S1 (the sacral segments) are not levels
+    anchors = [a for a in found.get(ANCHOR, []) if a[3] >= CONFIDENT]
+    chain = _chain_from_anchor(world, index_to_world(image, max(anchors, key=lambda a: a[3])[None, :3])[0],
+                               slice_normal(image)) if anchors else None
+    if chain is not None:
+        order = np.array(chain[::-1])
+    else:
+        # S1 is the lowest body with a confident disc between it and the body above (the sacral segments below
+        # have at most a faint rudimentary one).
+        confident = disc_world[disc_score >= CONFIDENT]
+        has_disc_above = [False] + [_disc_between(world[a], world[b], confident) is not None
+                                    for a, b in zip(order[:-1], order[1:])]
+        lowest = max((n for n, ok in enumerate(has_disc_above) if ok), default=len(order) - 1)
+        order = order[: lowest + 1]  # body-like peaks below S1 (the sacral segments) are not levels
     if len(order) > len(levels.VERTEBRAE):  # T11 and above: count up from S1 and keep seven
         order = order[-len(levels.VERTEBRAE):]
     names = levels.VERTEBRAE[len(levels.VERTEBRAE) - len(order):]
@@ -250,6 +325,38 @@ def structures_from_heatmaps(heat: np.ndarray, image: sitk.Image, threshold: flo
         rows_out.append(_row("disc", f"{names[upper]}-{names[upper + 1]}", disc_points[best], disc_world[best], a, p,
                              *(f * spacing_mm for f in EXTENT_FACTORS["disc"])))
     return pd.DataFrame(rows_out, columns=COLUMNS), problems
+
+
+def _chain_from_anchor(bodies: np.ndarray, anchor: np.ndarray, normal: np.ndarray | None = None) -> list[int] | None:
+    """Indices of the bodies S1, L5, L4, ... (world centres ``bodies``) counted from the L5-S1 disc at ``anchor``:
+    S1 and L5 are the nearest bodies below and above it, then each next body is the one nearest to where the last
+    step predicts it (the first: twice the way from the disc to L5), within STEP_TOLERANCE of that step. Distances
+    are taken within the slice plane (``normal``: the slice normal), where the centres are precise; across slices
+    they are as coarse as the slice spacing. None when the anchor has no body on either side."""
+    if normal is not None:
+        bodies = bodies - np.outer(bodies @ normal, normal)
+        anchor = anchor - (anchor @ normal) * normal
+    down = bodies @ np.array([0.0, 0.0, -1.0]) - anchor @ np.array([0.0, 0.0, -1.0])
+    distance = np.linalg.norm(bodies - anchor, axis=1)
+    below, above = np.flatnonzero(down > 0), np.flatnonzero(down <= 0)
+    if not len(below) or not len(above):
+        return None
+    chain = [int(below[np.argmin(distance[below])]), int(above[np.argmin(distance[above])])]
+    # The first step up is twice the way from the disc to L5: along L5's own axis (the sacrum below is angled
+    # against the lumbar spine, so S1 -> L5 would point the walk off the spine).
+    step = 2 * (bodies[chain[1]] - anchor)
+    if not 10.0 <= np.linalg.norm(step) <= 80.0:  # mm: no two neighbouring lumbar bodies are that close or far
+        return None
+    while len(chain) < len(levels.VERTEBRAE):
+        expected = bodies[chain[-1]] + step
+        miss = np.linalg.norm(bodies - expected, axis=1)
+        miss[chain] = np.inf
+        best = int(np.argmin(miss))
+        if miss[best] > STEP_TOLERANCE * np.linalg.norm(step):
+            break
+        step = bodies[best] - bodies[chain[-1]]
+        chain.append(best)
+    return chain
 
 
 def _disc_between(upper: np.ndarray, lower: np.ndarray, discs: np.ndarray) -> int | None:

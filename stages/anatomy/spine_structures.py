@@ -8,6 +8,8 @@ vector down the spine, in the slice plane), ``ap_*`` (unit vector to anterior, i
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
@@ -82,14 +84,18 @@ def structures_from_label_map(label: sitk.Image) -> pd.DataFrame:
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def check_structures(table: pd.DataFrame, label_values: set[int] | None = None) -> list[str]:
+def check_structures(table: pd.DataFrame, label_values: set[int] | None = None,
+                     expected: Collection[str] | None = None) -> list[str]:
     """Reasons to doubt a scan's structures (empty when it looks right): missing levels, a transitional vertebra,
-    levels out of order along the spine, implausible spacing, a disc not between its bodies."""
+    levels out of order along the spine, implausible spacing, a disc not between its bodies. ``expected``: the levels
+    that must be there (default all, T12 ... S1 and T12-L1 ... L5-S1); one left out is not reported missing (a label
+    map whose scheme cannot name it: SPIDER's have no S1), and every other check is the same."""
     problems = []
     if label_values is not None and levels.TRANSITIONAL_L6 in label_values:
         problems.append("transitional vertebra: a sixth lumbar vertebra (label 25) is present")
+    wanted = set(levels.VERTEBRAE + levels.DISCS) if expected is None else set(expected)
     for kind, names in (("vertebra", levels.VERTEBRAE), ("disc", levels.DISCS)):
-        missing = [n for n in names if n not in set(table.level[table.kind == kind])]
+        missing = [n for n in names if n in wanted and n not in set(table.level[table.kind == kind])]
         if missing:
             problems.append(f"missing {kind} level(s): {', '.join(missing)}")
     bodies = table[table.kind == "vertebra"].set_index("level").reindex(levels.VERTEBRAE).dropna(subset=["x"])

@@ -1,2 +1,3 @@
 """Reading a cohort in: DICOM headers and series classification, series to volumes, pseudonymisation, landmark
-tables at ingest, and the manifest every ingest stage writes. Imports from core and anatomy."""
+tables at ingest, label maps' numbering (label schemes), and the manifest every ingest stage writes. Imports from core
+and anatomy."""

@@ -12,6 +12,14 @@ anything the walk finds unusual) goes to ``pydicom.dcmread``. Why: the header pa
 largest phase, and two thirds of a header's time went to building a Dataset of every element and converting values
 through it; a header now takes 0.2 ms instead of 0.6 ms on the benchmark archives (issue 20, bench_ingest.py).
 tests/test_ingest.py checks that both paths give the same fields on pydicom's own test files and on odd variants.
+
+Enhanced (multi-frame) objects, such as Enhanced MR Image Storage, hold a whole series in one file, its geometry in
+functional groups (PerFrameFunctionalGroupsSequence, SharedFunctionalGroupsSequence) rather than at the top level.
+Every multi-frame file, and every file without a top-level ImageOrientationPatient, is read by pydicom (they are few
+and large); :func:`frame_geometry` reads each frame's position, orientation, pixel measures and rescale into the
+record's ``frame_geometry``, and its echo and timing into the record's EchoTime, RepetitionTime and InversionTime.
+:func:`slices_of` then gives one entry per image, whether single-frame files or frames, so that classification and
+volume assembly treat both alike.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -54,12 +63,13 @@ HEADER_KEYWORDS = (
     "SeriesInstanceUID", "FrameOfReferenceUID", "StudyTime", "StudyDate", "SeriesDate", "AcquisitionDate",
     "ContentDate", "SeriesNumber", "InstanceNumber", "SeriesDescription", "ProtocolName", "ImageType", "Manufacturer",
     "ManufacturerModelName", "MagneticFieldStrength", "EchoTime", "RepetitionTime", "InversionTime",
-    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
-    "NumberOfFrames", "SamplesPerPixel",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
 )
 HEADER_TAGS = frozenset(tag_for_keyword(k) for k in HEADER_KEYWORDS)
 HEAD_BYTES = 16384  # the first read of a file: most headers fit (when one does not, the whole file is read)
 CHARSET = 0x00080005
+IOP = 0x00200037  # ImageOrientationPatient: an image without it at the top level may be an enhanced object
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD  # sequence delimiters
 UNDEFINED = 0xFFFFFFFF
 _VRS = {vr.value.encode(): str(vr.value) for vr in VR if len(vr.value) == 2}
@@ -101,6 +111,13 @@ def _float(value: Any) -> float | None:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
+
+
+def _first(value: Any) -> Any:
+    """The first value of a multi-valued element (InversionTimes), the value itself otherwise."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return value[0] if len(value) else None
+    return value
 
 
 class _Short(Exception):
@@ -285,6 +302,8 @@ def read_header(path: Path) -> dict[str, Any]:
         record.update(problem="hidden file (the name starts with a dot)", kind="hidden")
         return record
     scan = scan_header(path)
+    if scan is not None and (IOP not in scan.elements or (_float(scan.get("NumberOfFrames")) or 1) > 1):
+        scan = None  # multi-frame, or perhaps an enhanced object: pydicom reads its functional groups
     directory_records = False  # a DICOMDIR's directory records (scan_header leaves those files to pydicom)
     if scan is not None:
         size, get, meta_get, raw = scan.size, scan.get, scan.meta_get, scan.pixel_data
@@ -309,6 +328,8 @@ def read_header(path: Path) -> dict[str, Any]:
         return record
     tsyntax = _text(meta_get("TransferSyntaxUID"))
     has_pixels = raw is not None
+    functional_groups = scan is None and ("PerFrameFunctionalGroupsSequence" in ds
+                                          or "SharedFunctionalGroupsSequence" in ds)
     truncated = False
     if has_pixels and getattr(raw, "length", None) not in (None, 0xFFFFFFFF) and hasattr(raw, "value_tell"):
         truncated = raw.value_tell + raw.length > size
@@ -344,16 +365,92 @@ def read_header(path: Path) -> dict[str, Any]:
         "ipp": _floats(get("ImagePositionPatient"), 3),
         "pixel_spacing": _floats(get("PixelSpacing"), 2),
         "slice_thickness": _float(get("SliceThickness")),
+        "spacing_between": _float(get("SpacingBetweenSlices")),
         "rows": int(get("Rows") or 0),
         "cols": int(get("Columns") or 0),
         "frames": int(_float(get("NumberOfFrames")) or 1),
         "samples": int(get("SamplesPerPixel") or 1),
+        "frame_geometry": None,
     })
+    if functional_groups:
+        try:
+            _read_frames(ds, record)
+        except Exception as err:  # noqa: BLE001 - malformed functional groups are a property of the file
+            record["problem"] = f"unreadable functional groups: {type(err).__name__}: {str(err)[:120]}"
+            return record
     if not has_pixels:
         record["problem"] = "no pixel data (not an image object)"
     elif truncated:
         record["problem"] = f"truncated: pixel data needs {raw.value_tell + raw.length} bytes, the file has {size}"
     return record
+
+
+def _group_value(ds: Any, frame: Any, shared: Any, group: str, keyword: str) -> Any:
+    """``keyword`` of the functional group ``group``: in the frame's groups, else the shared ones, else at the top
+    level (where a legacy converted object may keep it); None when absent."""
+    for source in (frame, shared):
+        items = source.get(group) if source is not None else None
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return ds.get(keyword)
+
+
+def frame_geometry(ds: Any) -> list[dict[str, Any]]:
+    """Per frame of an enhanced object (a pydicom Dataset with functional groups): ImagePositionPatient (``ipp``,
+    PlanePositionSequence), ImageOrientationPatient (``iop``, PlaneOrientationSequence), PixelSpacing, SliceThickness
+    and SpacingBetweenSlices (PixelMeasuresSequence), RescaleSlope and RescaleIntercept (``slope``, ``intercept``,
+    PixelValueTransformationSequence; 1 and 0 when absent, as for a single-frame file). Raises ValueError when the
+    per-frame groups do not match NumberOfFrames."""
+    n = int(_float(ds.get("NumberOfFrames")) or 1)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if per_frame and len(per_frame) != n:
+        raise ValueError(f"{len(per_frame)} per-frame functional groups for NumberOfFrames {n}")
+    out = []
+    for k in range(n):
+        value = functools.partial(_group_value, ds, per_frame[k] if per_frame else None, shared)
+        out.append({
+            "ipp": _floats(value("PlanePositionSequence", "ImagePositionPatient"), 3),
+            "iop": _floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            "pixel_spacing": _floats(value("PixelMeasuresSequence", "PixelSpacing"), 2),
+            "slice_thickness": _float(value("PixelMeasuresSequence", "SliceThickness")),
+            "spacing_between": _float(value("PixelMeasuresSequence", "SpacingBetweenSlices")),
+            "slope": _float(value("PixelValueTransformationSequence", "RescaleSlope")) or 1.0,
+            "intercept": _float(value("PixelValueTransformationSequence", "RescaleIntercept")) or 0.0,
+        })
+    return out
+
+
+def _read_frames(ds: Any, record: dict[str, Any]) -> None:
+    """The functional groups of an enhanced object into its header record: ``frame_geometry``, the first frame's
+    geometry where the top level has none, and EchoTime (EffectiveEchoTime, MREchoSequence), RepetitionTime
+    (MRTimingAndRelatedParametersSequence) and InversionTime (the first InversionTimes, MRModifierSequence) where the
+    top level has none."""
+    frames = frame_geometry(ds)
+    record["frame_geometry"] = frames
+    for key in ("ipp", "iop", "pixel_spacing", "slice_thickness", "spacing_between"):
+        if record[key] is None:
+            record[key] = frames[0][key]
+    first = (ds.get("PerFrameFunctionalGroupsSequence") or [None])[0]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    for key, group, keyword in (("echo_time", "MREchoSequence", "EffectiveEchoTime"),
+                                ("repetition_time", "MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+                                ("inversion_time", "MRModifierSequence", "InversionTimes")):
+        if record[key] is None:
+            record[key] = _float(_first(_group_value(ds, first, shared, group, keyword)))
+
+
+def slices_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per image of a series: the record of a single-frame file, or for each frame of an enhanced file its
+    record with the frame's geometry and rescale (:func:`frame_geometry`) and ``frame``, its index (from 0)."""
+    out = []
+    for r in records:
+        frames = r.get("frame_geometry")
+        if frames:
+            out.extend({**r, **g, "frame": k} for k, g in enumerate(frames))
+        else:
+            out.append(r)
+    return out
 
 
 def fill_missing_uids(record: dict[str, Any]) -> None:
@@ -449,8 +546,9 @@ def weighting_of(te: float | None, tr: float | None, ti: float | None, descripti
 def classify_series(records: list[dict[str, Any]], rules: ClassifyRules) -> dict[str, Any]:
     """Classification of one series from its files' headers, and the reasons it does not meet the selection."""
     first = records[0]
+    images = slices_of(records)
     modalities = sorted({r["modality"] for r in records})
-    planes = sorted({plane_of(r["iop"], rules.oblique_max_deg) for r in records})
+    planes = sorted({plane_of(r["iop"], rules.oblique_max_deg) for r in images})
     plane = planes[0] if len(planes) == 1 else "mixed"
     description = first["series_description"]
     localizer = "LOCALIZER" in first["image_type"] or bool(re.search(rules.localizer_pattern, description, re.I))
@@ -470,8 +568,8 @@ def classify_series(records: list[dict[str, Any]], rules: ClassifyRules) -> dict
         reasons.append(f"weighting {weighting} ({source}) not in {list(rules.weighting)}")
     if localizer:
         reasons.append("localizer")
-    if any(r["frames"] > 1 for r in records):
-        reasons.append("multi-frame (enhanced) objects are not supported")
+    if any(r["frames"] > 1 and not r.get("frame_geometry") for r in records):
+        reasons.append("multi-frame object without per-frame geometry (no functional groups)")
     if n_images < rules.min_slices:
         reasons.append(f"{n_images} image(s), fewer than min_slices {rules.min_slices}")
     return {"modality": modality, "plane": plane, "weighting": weighting, "weighting_source": source,
@@ -479,7 +577,9 @@ def classify_series(records: list[dict[str, Any]], rules: ClassifyRules) -> dict
 
 
 def tie_break_key(records: list[dict[str, Any]]) -> tuple:
-    """Order of preference among candidate series of one study (smallest first): more slices, finer in-plane pixels,
-    the later series (a repeat after motion), then the SeriesInstanceUID so the choice is always the same."""
+    """Order of preference among candidate series of one study (smallest first): more slices (files or frames), finer
+    in-plane pixels, the later series (a repeat after motion), then the SeriesInstanceUID so the choice is always the
+    same."""
     spacing = records[0]["pixel_spacing"] or [math.inf, math.inf]
-    return (-len(records), spacing[0] * spacing[1], -(records[0]["series_number"] or 0), records[0]["series_uid"])
+    return (-sum(r["frames"] for r in records), spacing[0] * spacing[1], -(records[0]["series_number"] or 0),
+            records[0]["series_uid"])

@@ -1,21 +1,32 @@
 """Second pass: turn the files of one selected series into a volume with its full geometry.
 
-Slices are ordered by their position along the slice normal (never by InstanceNumber). The series must have one
-orientation, one matrix and one pixel spacing; slices at the same position are duplicates (dropped when their pixels
-are identical, fatal otherwise); a gap larger than 1.5 spacings is a missing slice. The geometry follows SimpleITK's
-ImageSeriesReader: origin at the first slice, direction columns (row, column, normal), slice spacing from the positions
-(not SliceThickness), voxels after the modality LUT (RescaleSlope/Intercept).
+A slice is a single-frame file or one frame of an enhanced (multi-frame) file (:func:`stages.archive.dicom_index.
+slices_of`), and both are treated alike: the same slices as single-frame files or as the frames of one enhanced object
+give the same volume, voxel for voxel and in geometry. Slices are ordered by their position along the slice normal
+(never by InstanceNumber or frame number). The series must have one orientation, one matrix and one pixel spacing; its
+ImageOrientationPatient must be orthonormal: row and column of unit length and at right angles, each within
+ORTHONORMAL_TOL = 1e-3 (0.06 degrees). A DS written to four decimals stays within it, so a worse one is a broken
+header, not rounding, which NIfTI's writer would coerce to a rotation with no more than a warning. Slices at the same
+position are duplicates (dropped when their pixels are identical, fatal otherwise); a gap larger than 1.5 spacings is
+a missing slice. The geometry follows SimpleITK's ImageSeriesReader: origin at the first slice, direction columns
+(row, column, normal), slice spacing from the positions (not SliceThickness), voxels after the modality LUT
+(RescaleSlope/Intercept, per frame for an enhanced object). The row and column written are the orthonormal pair
+nearest the header's (they differ by less than the tolerance), so that the NIfTI writer has nothing to coerce. A
+series of one slice (``min_slices`` 1) takes its slice spacing from SpacingBetweenSlices, as SimpleITK reads one file,
+else SliceThickness, else DEFAULT_SLICE_SPACING_MM (SimpleITK's 1 mm) with a note on the file.
 
 Pixels of uncompressed (little endian) files are read at the offset the header walk finds
 (:func:`stages.archive.dicom_index.scan_header`) and decoded by pydicom's own decoder with the options pydicom takes
 from the dataset, so they equal ``Dataset.pixel_array``; other files go through ``pydicom.dcmread``, which parses
-the whole file again: 0.2 ms a slice instead of 0.5 ms on the benchmark archives (issue 20).
+the whole file again: 0.2 ms a slice instead of 0.5 ms on the benchmark archives (issue 20). An enhanced file is
+decoded whole, once, the same way.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +38,11 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from stages.archive.dicom_index import scan_header
+from stages.archive.dicom_index import scan_header, slices_of
 
-ORIENTATION_TOL = 1e-4
+ORIENTATION_TOL = 1e-4  # the largest difference between the orientations of the slices of one series
+ORTHONORMAL_TOL = 1e-3  # the largest departure of the row and column from unit length and from a right angle
+DEFAULT_SLICE_SPACING_MM = 1.0  # a single slice without SpacingBetweenSlices or SliceThickness (as SimpleITK)
 SPACING_REL_TOL = 0.01
 # What decoding needs: the Image Pixel module (as pydicom.pixels.utils.as_pixel_options reads it) and the rescale.
 PIXEL_TAGS = frozenset({0x00280002, 0x00280004, 0x00280006, 0x00280008, 0x00280010, 0x00280011, 0x00280100,
@@ -50,8 +63,9 @@ class Volume:
     origin: np.ndarray  # (3,) LPS mm
     spacing: np.ndarray  # (3,) col, row, slice spacing, mm
     direction: np.ndarray  # (3, 3) columns: row dir, col dir, normal
-    used: list[str]  # paths of the files in the volume, in slice order
+    used: list[str]  # paths of the files in the volume, in the order of their first slice
     dropped: dict[str, str]  # path -> why it was left out (duplicates)
+    notes: dict[str, str] = field(default_factory=dict)  # path of a used file -> what to know (frames left out...)
 
     def to_sitk(self) -> sitk.Image:
         image = sitk.GetImageFromArray(self.array)
@@ -61,14 +75,43 @@ class Volume:
         return image
 
 
+def _name(image: dict[str, Any]) -> str:
+    """How a reason names one slice: its file, or its frame of an enhanced file (counted from 1, as DICOM does)."""
+    return image["path"] if image.get("frame") is None else f"frame {image['frame'] + 1} of {image['path']}"
+
+
+def orientation_problem(iop: list[float]) -> str | None:
+    """Why an ImageOrientationPatient is not orthonormal within ORTHONORMAL_TOL; None when it is."""
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    lengths, dot = (float(np.linalg.norm(row)), float(np.linalg.norm(col))), float(row @ col)
+    if max(abs(lengths[0] - 1), abs(lengths[1] - 1), abs(dot)) <= ORTHONORMAL_TOL:
+        return None
+    return (f"ImageOrientationPatient not orthonormal: row length {lengths[0]:.4f}, column length {lengths[1]:.4f}, "
+            f"row . column {dot:.4f} (tolerance {ORTHONORMAL_TOL:g})")
+
+
+def orthonormal_axes(iop: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and normal: the orthonormal pair nearest the header's row and column (the polar factor of the
+    3 x 2 matrix [row column], which moves neither more than the other), and their cross product."""
+    u, _, vt = np.linalg.svd(np.column_stack([iop[:3], iop[3:]]), full_matrices=False)
+    pair = u @ vt
+    return pair[:, 0], pair[:, 1], np.cross(pair[:, 0], pair[:, 1])
+
+
 def order_slices(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-    """Check one orientation, matrix and pixel spacing; return records sorted along the normal, their positions
-    along it, and the normal."""
+    """Check one orthonormal orientation, one matrix and one pixel spacing; return the slices (records of
+    single-frame files and frames, :func:`stages.archive.dicom_index.slices_of`) sorted along the normal, their
+    positions along it, and the normal."""
     first = records[0]
     for key in ("iop", "ipp", "pixel_spacing"):
-        missing = [r["path"] for r in records if r[key] is None]
+        missing = [r for r in records if r[key] is None]
         if missing:
-            raise SeriesError(f"{len(missing)} file(s) without {key.upper()}", {p: f"no {key.upper()}" for p in missing})
+            raise SeriesError(f"{len(missing)} image(s) without {key.upper()}",
+                              {r["path"]: f"no {key.upper()}" + ("" if r.get("frame") is None else
+                                                                  f" (frame {r['frame'] + 1})") for r in missing})
+    bad = {r["path"]: problem for r in records if (problem := orientation_problem(r["iop"]))}
+    if bad:
+        raise SeriesError(next(iter(bad.values())), bad)
     iop = np.array(first["iop"])
     for r in records:
         if np.abs(np.array(r["iop"]) - iop).max() > ORIENTATION_TOL:
@@ -77,10 +120,10 @@ def order_slices(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], n
             raise SeriesError("inconsistent geometry: slices with different matrix sizes in one series")
         if np.abs(np.array(r["pixel_spacing"]) - first["pixel_spacing"]).max() > 1e-4:
             raise SeriesError("inconsistent geometry: slices with different pixel spacing in one series")
-    normal = np.cross(iop[:3], iop[3:])
-    normal /= np.linalg.norm(normal)
+    normal = orthonormal_axes(first["iop"])[2]
     position = np.array([np.dot(r["ipp"], normal) for r in records])
-    order = np.lexsort((np.array([r["path"] for r in records]), position))
+    frame = np.array([-1 if r.get("frame") is None else r["frame"] for r in records])
+    order = np.lexsort((frame, np.array([r["path"] for r in records]), position))
     return [records[i] for i in order], position[order], normal
 
 
@@ -111,19 +154,41 @@ def decode_slice(path: str) -> tuple[np.ndarray, float, float]:
     return pixels, slope, intercept
 
 
-def assemble(records: list[dict[str, Any]]) -> Volume:
-    """The volume of one series. Raises :class:`SeriesError` saying why not."""
-    ordered, position, normal = order_slices(records)
+def decode_frames(path: str) -> np.ndarray:
+    """The frames of one enhanced greyscale file (frames, rows, cols), as ``Dataset.pixel_array``; their rescale is
+    per frame (``slope`` and ``intercept`` of :func:`stages.archive.dicom_index.frame_geometry`)."""
+    pixels, ds = _read_pixels(path)
+    shape = (int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns))
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or pixels.size != np.prod(shape) or pixels.shape[-2:] != shape[1:]:
+        raise SeriesError(f"pixel data of shape {pixels.shape}; {shape[0]} greyscale frame(s) are needed",
+                          {path: f"not a multi-frame greyscale image (shape {pixels.shape})"})
+    return pixels.reshape(shape)
+
+
+def assemble(records: list[dict[str, Any]], min_slices: int = 2) -> Volume:
+    """The volume of one series (its files' header records), with at least ``min_slices`` distinct slice positions.
+    Raises :class:`SeriesError` saying why not."""
+    if min_slices < 1:
+        raise ValueError(f"min_slices must be >= 1, got {min_slices}")
+    ordered, position, _ = order_slices(slices_of(records))
     # Slices at (nearly) the same position: identical pixels -> keep the first; otherwise the series is ambiguous.
     tol = 1e-3
     keep: list[int] = []
-    dropped: dict[str, str] = {}
+    left_out: list[tuple[dict[str, Any], str]] = []  # (slice, why)
     decoded: dict[int, tuple[np.ndarray, float, float]] = {}
+    frames: dict[str, np.ndarray] = {}  # the decoded enhanced files
+
+    def decode(image: dict[str, Any]) -> tuple[np.ndarray, float, float]:
+        if image.get("frame") is None:
+            return decode_slice(image["path"])
+        if image["path"] not in frames:
+            frames[image["path"]] = decode_frames(image["path"])
+        return frames[image["path"]][image["frame"]], image["slope"], image["intercept"]
 
     def pixels(i: int) -> tuple[np.ndarray, float, float]:
         if i not in decoded:
             try:
-                decoded[i] = decode_slice(ordered[i]["path"])
+                decoded[i] = decode(ordered[i])
             except SeriesError:
                 raise
             except Exception as err:  # noqa: BLE001 - a decoder failure is a property of the file
@@ -136,21 +201,41 @@ def assemble(records: list[dict[str, Any]]) -> Volume:
         if keep and abs(position[i] - position[keep[-1]]) < tol:
             a, b = pixels(keep[-1])[0], pixels(i)[0]
             if a.shape == b.shape and np.array_equal(a, b):
-                dropped[ordered[i]["path"]] = f"duplicate slice: same position and pixels as {ordered[keep[-1]]['path']}"
+                left_out.append((ordered[i], f"same position and pixels as {_name(ordered[keep[-1]])}"))
                 continue
             raise SeriesError(f"two different images at one position ({position[i]:.2f} mm along the normal)")
         keep.append(i)
-    if len(keep) < 2:
-        raise SeriesError("fewer than 2 distinct slice positions")
-    gaps = np.diff(position[keep])
-    spacing = float(np.median(gaps))
-    big = np.flatnonzero(gaps > 1.5 * spacing)
-    if big.size:
-        k = int(big[0])
-        raise SeriesError(f"missing slice(s): a gap of {gaps[k]:.2f} mm after slice {k + 1} of {len(keep)} where the "
-                          f"spacing is {spacing:.2f} mm")
-    if np.abs(gaps - spacing).max() > SPACING_REL_TOL * spacing:
-        raise SeriesError(f"non-uniform slice spacing: {gaps.min():.3f} to {gaps.max():.3f} mm")
+    if len(keep) < min_slices:
+        raise SeriesError(f"{len(keep)} distinct slice position(s), fewer than min_slices {min_slices}")
+    used = list(dict.fromkeys(ordered[i]["path"] for i in keep))
+    notes: dict[str, list[str]] = defaultdict(list)
+    dropped: dict[str, str] = {}
+    in_volume = set(used)
+    for image, why in left_out:
+        if image["path"] in in_volume:
+            notes[image["path"]].append(f"frame {image['frame'] + 1} left out as a duplicate slice: {why}")
+        elif image["path"] not in dropped:
+            dropped[image["path"]] = "duplicate slice" + (
+                "" if image.get("frame") is None else f" (frame {image['frame'] + 1})") + f": {why}"
+    first = ordered[keep[0]]
+    if len(keep) > 1:
+        gaps = np.diff(position[keep])
+        spacing = float(np.median(gaps))
+        big = np.flatnonzero(gaps > 1.5 * spacing)
+        if big.size:
+            k = int(big[0])
+            raise SeriesError(f"missing slice(s): a gap of {gaps[k]:.2f} mm after slice {k + 1} of {len(keep)} where "
+                              f"the spacing is {spacing:.2f} mm")
+        if np.abs(gaps - spacing).max() > SPACING_REL_TOL * spacing:
+            raise SeriesError(f"non-uniform slice spacing: {gaps.min():.3f} to {gaps.max():.3f} mm")
+        slice_spacing = (position[keep[-1]] - position[keep[0]]) / (len(keep) - 1)
+    else:
+        slice_spacing = next((v for v in (first.get("spacing_between"), first.get("slice_thickness"))
+                              if v is not None and v > 0), None)
+        if slice_spacing is None:
+            slice_spacing = DEFAULT_SLICE_SPACING_MM
+            notes[first["path"]].append(f"one slice without SpacingBetweenSlices or SliceThickness: slice spacing set "
+                                        f"to {DEFAULT_SLICE_SPACING_MM:g} mm")
     slices = []
     rescaled = False
     for i in keep:
@@ -165,13 +250,11 @@ def assemble(records: list[dict[str, Any]]) -> Volume:
             array = array.astype(np.int16)
         else:
             array = array.astype(np.float32)
-    iop = np.array(ordered[0]["iop"])
-    first = ordered[keep[0]]
-    direction = np.column_stack([iop[:3], iop[3:], normal])
+    row, col, normal = orthonormal_axes(first["iop"])
     ps = first["pixel_spacing"]
-    return Volume(array=array, origin=np.array(first["ipp"]),
-                  spacing=np.array([ps[1], ps[0], (position[keep[-1]] - position[keep[0]]) / (len(keep) - 1)]),
-                  direction=direction, used=[ordered[i]["path"] for i in keep], dropped=dropped)
+    return Volume(array=array, origin=np.array(first["ipp"]), spacing=np.array([ps[1], ps[0], slice_spacing]),
+                  direction=np.column_stack([row, col, normal]), used=used, dropped=dropped,
+                  notes={path: "; ".join(text) for path, text in notes.items()})
 
 
 def write_volume(volume: Volume, path: Path) -> None:

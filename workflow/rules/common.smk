@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 
+from stages.archive.label_scheme import scheme_options
 from stages.core.cli import section_options
 from stages.core.config import runtime_keys
 from stages.core.imports import local_imports
@@ -139,6 +140,8 @@ def ingest_flags(wildcards, input):
     for name in ("key_file", "label_dir", "gradings", "subjects", "landmarks"):
         if name in input.keys():
             flags.append(f"--{name.replace('_', '-')} {shlex.quote(input[name])}")
+    if ("label_dir" in input.keys() or "table" in input.keys()) and LABEL_SCHEME:
+        flags.append(LABEL_SCHEME)
     if "landmarks" in input.keys():
         flags += [
             f"--landmark-column {shlex.quote(f'{ours}={theirs}')}"
@@ -148,6 +151,16 @@ def ingest_flags(wildcards, input):
     return " ".join(flags)
 
 
+def label_scheme_flags():
+    """--label-scheme from cohort.label_scheme, for the jobs that read label maps; none for VerSe (the stages'
+    default, so that existing results are not re-run) and for the demo, whose label maps are VerSe. Called once at
+    start-up: a bad mapping stops the workflow with a message naming the key."""
+    scheme = config["cohort"]["label_scheme"]
+    options = scheme_options(scheme)
+    return "" if scheme == "verse" or config["cohort"]["source"] == "demo" else shlex.join(options)
+
+
+LABEL_SCHEME = label_scheme_flags()
 CROPS = config["cohort"]["source"] == "crops"
 
 
@@ -406,3 +419,24 @@ def probe_flags(wildcards, input):
     if on_disc(wildcards.task):
         return flags + f" --disc-maps {input.maps} --disc-pooled {input.pooled} --disc-trunk {input.trunk}"
     return flags + f" --features {input.features}"
+
+
+BUILTIN_LOCALISER = os.path.join(BASEDIR, "stages", "anatomy", "weights", "builtin_localiser.pt")
+
+
+def check_localiser_model():
+    """localise.model must be builtin, cohort or a weights file that exists: checked at start-up (localisation
+    comes after ingest's checkpoint, where a dry run would not look)."""
+    choice = config["localise"]["model"]
+    if choice not in ("builtin", "cohort") and not os.path.isfile(choice):
+        raise ValueError(f"localise.model is {choice!r}: neither builtin, cohort nor an existing weights file")
+
+
+def localiser_weights(wildcards=None):
+    """The weights localise.model names: built-in, the cohort's (localiser_train), or a path."""
+    choice = config["localise"]["model"]
+    if choice == "builtin":
+        return BUILTIN_LOCALISER
+    if choice == "cohort":
+        return rules.localiser_train.output.model
+    return choice

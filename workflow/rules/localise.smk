@@ -1,6 +1,9 @@
-# Localisation of vertebral bodies and discs: a learned localiser trained on the scans with label maps, then every
-# scan localised (from its label map, from ingest's landmark table, or by the localiser), with doubtful scans flagged.
+# Localisation of vertebral bodies and discs: every scan localised (from its label map, from ingest's landmark table,
+# or by the learned localiser), with doubtful scans flagged. The localiser is localise.model: the built-in weights
+# shipped in stages/anatomy/weights, one trained on the cohort's scans with label maps (cohort), or a file.
 # One job per shard of scale.scans_per_shard scans (a folder each), then the merge.
+
+check_localiser_model()
 
 
 rule localiser_train:
@@ -9,6 +12,7 @@ rule localiser_train:
         manifest=rules.ingest.output.manifest,
         volumes=rules.ingest.output.volumes,
         labels=rules.ingest.output.labels,
+        start=BUILTIN_LOCALISER if config["localise"]["start_from_builtin"] else [],
     output:
         model=out("localise", "model", "localiser.pt"),
         history=out("localise", "model", "training.csv"),
@@ -38,7 +42,7 @@ rule localise_shard:
         volumes=rules.ingest.output.volumes,
         labels=rules.ingest.output.labels,
         landmarks=rules.ingest.output.landmarks,
-        model=rules.localiser_train.output.model,
+        model=localiser_weights,
     output:
         shard=temp(directory(out("localise", "shards", "{shard}"))),
     log:
@@ -58,10 +62,14 @@ rule localise_shard:
         per_shard=config["scale"]["scans_per_shard"],
         # The trained model carries the network's settings; this stage reads which label maps to withhold.
         options=stage_options("localise", keys=("withhold_label_fraction", "seed")),
+        # cohort.label_scheme, as ingest is given it: a label map is expected to hold only the levels its scheme can
+        # name (SPIDER's masks have no S1). Empty for VerSe and the demo.
+        label_scheme=LABEL_SCHEME,
     shell:
         "python -m stages.localise --manifest {input.manifest} --volumes {input.volumes} --labels {input.labels} "
-        "--landmarks {input.landmarks} --model {input.model} --shard {params.index} "
-        "--scans-per-shard {params.per_shard} --out {output.shard} --threads {threads} {params.options} > {log} 2>&1"
+        "--landmarks {input.landmarks} --weights {input.model} --shard {params.index} "
+        "--scans-per-shard {params.per_shard} --out {output.shard} --threads {threads} {params.options} "
+        "{params.label_scheme} > {log} 2>&1"
 
 
 rule localise:
