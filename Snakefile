@@ -32,6 +32,7 @@ else:
     include: "workflow/rules/ingest.smk"
     include: "workflow/rules/localise.smk"
     include: "workflow/rules/extract.smk"
+    include: "workflow/rules/axial.smk"
 
 
 include: "workflow/rules/splits.smk"

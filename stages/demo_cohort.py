@@ -2,8 +2,9 @@
 
 It stands in for a hospital archive such as TwinsUK: families of twins and singletons, a baseline study at one field
 strength and, for some subjects, follow-ups 8-12 years later at another, with disc degeneration progressing. Every
-study has a 3-plane localizer, a sagittal T1, a sagittal T2 and an axial T2 through the lower discs, one file per
-slice in nested folders with opaque names. Patient name, ID, birth date, accession number and dates are fake but
+study has a 3-plane localizer, a sagittal T1, a sagittal T2 and an axial T2 (one series of angled blocks of 3 to 5
+thin slices, a block through each lumbar disc, T12-L1 to L5-S1, so every herniation has axial coverage), one file
+per slice in nested folders with opaque names. Patient name, ID, birth date, accession number and dates are fake but
 look real: they are the identity that later stages must never leak.
 
 Run (as the workflow lays the cohort out in results/demo_cohort):
@@ -16,7 +17,8 @@ Writes:
     --out-labels     {series}.nii.gz, the label map of each sagittal T2 series, in its geometry (stages.demo.phantom)
     --out-subjects   patient_id, name, birth date, sex, family, twin, age at baseline, graded
     --out-studies    one row per study: UIDs, date, years from baseline, field strength, vendor, series folders and
-                     label map (paths relative to the cohort folder, the one that holds the archive)
+                     label map (paths relative to the cohort folder, the one that holds the archive), and the disc
+                     each axial slice was planned through (axial_t2_levels, by InstanceNumber, ";"-separated)
     --out-gradings   patient_id, study_uid, level, Pfirrmann grade (1-5), herniation (0/1)
     --out-landmarks  centre, size and axes of every labelled body and disc of every sagittal T2 series
     --out-planted    the deliberately bad files: path (relative to the cohort folder), kind, detail
@@ -67,7 +69,11 @@ FEMALE_NAMES = ("MARGARET", "SUSAN", "PATRICIA", "ELIZABETH", "JANET", "CAROL", 
 MALE_NAMES = ("DAVID", "JOHN", "MICHAEL", "PETER", "ROBERT", "ANTHONY", "RICHARD", "STEPHEN", "ALAN", "PAUL")
 LEVEL_EFFECT = np.array([-0.6, -0.4, -0.1, 0.2, 0.7, 0.8])  # per LABELLED_DISCS: worse at L4-L5, L5-S1
 HERNIATION_LEVEL = np.array([-1.0, -0.6, -0.2, 0.3, 1.0, 1.0])
-AXIAL_DISCS = ("L3-L4", "L4-L5", "L5-S1")
+AXIAL_DISCS = ph.LABELLED_DISCS  # an angled axial block through every lumbar disc (Hou et al. 2023's slices)
+AXIAL_SLICES = (3, 5)  # slices per block, drawn per study (Hou et al.: 3 to 5 through a disc)
+AXIAL_SPACING_MM, AXIAL_THICKNESS_MM = 3.3, 3.0
+AXIAL_FOV_MM = 160.0  # the axial field of view: a smaller matrix at the same pixel size as a 200 mm field would have
+AXIAL_MAX_TILT_DEG = 30.0  # how far a block can be angled from the body axis
 
 
 @dataclass(frozen=True)
@@ -383,17 +389,23 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: DemoOutputs) -> di
                     "axis_x": axis[0], "axis_y": axis[1], "axis_z": axis[2],
                     "anterior_x": anterior[0], "anterior_y": anterior[1], "anterior_z": anterior[2]})
 
-        # Axial T2 through the lower discs: one angled stack of 3 slices per disc, in one series.
+        # Axial T2: one angled block of thin slices through each lumbar disc, in one series (as a technologist plans
+        # them on the sagittal), the block's angle limited; the same pixel size as a 200 mm field on the full matrix.
         ax_slices: list[sd.SliceGeometry] = []
+        ax_levels: list[str] = []
+        ax_matrix = max(16, int(round(cfg.matrix * AXIAL_FOV_MM / 200.0 / 2)) * 2)
+        n_ax = int(rng.integers(AXIAL_SLICES[0], AXIAL_SLICES[1] + 1))
         for name in AXIAL_DISCS:
             world, axis, _ = ph.structure_centre(layout, state, float(layout.disc[ph.DISCS.index(name)].mean()))
-            a_row, a_col = sd.plane_frame(_limit_tilt(-axis, 30.0), np.array([1.0, 0.0, 0.0]))
-            ax_slices += sd.stack(world, a_row, a_col, 3, 4.4, 200.0 / cfg.matrix, cfg.matrix, 4.0)
+            a_row, a_col = sd.plane_frame(_limit_tilt(-axis, AXIAL_MAX_TILT_DEG), np.array([1.0, 0.0, 0.0]))
+            ax_slices += sd.stack(world, a_row, a_col, n_ax, AXIAL_SPACING_MM, AXIAL_FOV_MM / ax_matrix, ax_matrix,
+                                  AXIAL_THICKNESS_MM)
+            ax_levels += [name] * n_ax
         ax_images, _ = _render_stack(ax_slices, traits, state, (ph.T2,), rng.integers(2**31), samples=1)
         header = _series_header(base, study, 4, vendor["series"]["ax"], series_uids["ax"], *timing["t2"],
-                                ["ORIGINAL", "PRIMARY", "M", "NORM"], 4.4)
+                                ["ORIGINAL", "PRIMARY", "M", "NORM"], AXIAL_SPACING_MM)
         pixels = ph.acquire(ax_images["T2"].ravel(), np.concatenate([g.points() for g in ax_slices]), traits, state, acq, rng)
-        pixels = pixels.reshape(len(ax_slices), cfg.matrix, cfg.matrix)
+        pixels = pixels.reshape(len(ax_slices), ax_matrix, ax_matrix)
         for instance, geom in enumerate(ax_slices, start=1):
             sop = sd.uid(cfg.seed, subject.index, study.visit, "ax", instance)
             sd.write(sd.mr_dataset(header, geom, instance, sop, pixels[instance - 1]), study_dir / folders["ax"] / f"IM{instance:05d}")
@@ -419,7 +431,7 @@ def write_subject(cfg: DemoConfig, subject: SubjectPlan, out: DemoOutputs) -> di
             "age": round(age, 2), "field_strength_t": study.field_t, "manufacturer": vendor["Manufacturer"],
             "model": vendor["ManufacturerModelName"], "sag_t2_series_uid": series_uids["t2"], "sag_t2_dir": rel("t2"),
             "sag_t1_series_uid": series_uids["t1"], "sag_t1_dir": rel("t1"), "axial_t2_series_uid": series_uids["ax"],
-            "axial_t2_dir": rel("ax"), "localizer_series_uid": series_uids["loc"], "localizer_dir": rel("loc"),
+            "axial_t2_dir": rel("ax"), "axial_t2_levels": ";".join(ax_levels), "localizer_series_uid": series_uids["loc"], "localizer_dir": rel("loc"),
             "label_map": out.relative(label_path)})
         if subject.graded:
             for k, level in enumerate(ph.LABELLED_DISCS):

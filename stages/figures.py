@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from stages.core import cli  # noqa: E402
-from stages.core.levels import VERTEBRAE  # noqa: E402
+from stages.core.levels import DISCS, VERTEBRAE  # noqa: E402
 from stages.evaluation.metrics import roc_auc, roc_curve  # noqa: E402
 from stages.evaluation.probe_data import TASKS, run_of  # noqa: E402
 
@@ -54,8 +54,9 @@ METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": 
                 "sensitivity": "sensitivity", "specificity": "specificity"}
 TASK_NAMES = {"grade": "Pfirrmann grade", "herniation": "herniation", "level": "vertebral level"}
 # Fixed colours per model, so that a model has one colour in every figure.
-KNOWN = {"siamese": "#1b6ca8", "random": "#8c8c8c", "scratch": "#d9822b", "supervised": "#2e8b57"}
-CYCLE = ["#7b3294", "#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
+KNOWN = {"siamese": "#1b6ca8", "simclr": "#7b3294", "random": "#8c8c8c", "scratch": "#d9822b",
+         "supervised": "#2e8b57"}
+CYCLE = ["#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                      "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.bbox": "tight",
                      "axes.spines.top": False, "axes.spines.right": False})
@@ -148,43 +149,137 @@ def _empty(ax: plt.Axes, text: str) -> None:
 
 # --- Pretext ------------------------------------------------------------------------------------------------------
 
-def pretext_figure(distances: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
-    """Jamaludin Fig. 6 per method: distance histograms of positive and negative test pairs, and the ROC curve of
-    same-subject detection (score: minus the distance), trained and untrained."""
+TOP1_COLUMNS = ("trained_view1_top1", "trained_view2_top1")
+
+
+def pretext_figure(distances: dict[str, pd.DataFrame], out: FigureFiles,
+                   evaluations: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+    """One row per method, panels by what its pretext evaluation scored (its per-item table's columns): a pair method
+    (siamese, columns ``positive`` and ``distance``) gets Jamaludin Fig. 6, the distance histograms of positive and
+    negative test pairs and the ROC curve of same-subject detection (score: minus the distance), trained and
+    untrained; a view method (simclr, columns ``trained_view1_top1`` ...) the test top-1 of the trained and the
+    untrained network with bootstrap intervals over the test slices, overall and per level (:func:`_top1_panels`;
+    ``evaluations``, the methods' evaluation.json, give the batch size of the chance line)."""
     methods = list(distances)
-    fig, axes = plt.subplots(len(methods), 2, figsize=(8.5, 3.2 * len(methods)), squeeze=False)
-    for (hist_ax, roc_ax), method in zip(axes, methods):
+    evaluations = evaluations or {}
+    fig, axes = plt.subplots(len(methods), 2, figsize=(8.5, 3.4 * len(methods)), squeeze=False)
+    for (left, right), method in zip(axes, methods):
         table = distances[method]
-        positive = table.positive.astype(bool).to_numpy()
-        if positive.all() or not positive.any():
-            kind = "no" if not len(positive) else "only positive" if positive.any() else "only negative"
-            _empty(hist_ax, f"{method}: the self-supervision test part has {kind} pairs")
-            _empty(roc_ax, "no ROC curve without both kinds of pairs")
-            continue
-        bins = np.histogram_bin_edges(table.distance, bins=30)
-        hist_ax.hist(table.distance[~positive], bins=bins, color="#c0392b", alpha=0.55,
-                     label=f"negative pairs (n={int((~positive).sum())})")
-        hist_ax.hist(table.distance[positive], bins=bins, color="#1b6ca8", alpha=0.55,
-                     label=f"positive pairs (n={int(positive.sum())})")
-        hist_ax.set_xlabel("L2 distance between FC7 embeddings")
-        hist_ax.set_ylabel("test pairs")
-        hist_ax.set_title(f"{method}: distances of test pairs")
-        hist_ax.legend(frameon=False)
-        for column, name, line in (("distance", "trained", "-"), ("untrained_distance", "untrained (same seed)", ":")):
-            if column not in table:
-                continue
-            fpr, tpr = roc_curve(positive, -table[column].to_numpy())
-            auc = roc_auc(positive, -table[column].to_numpy())
-            roc_ax.plot(fpr, tpr, line, color="#1b6ca8" if column == "distance" else "#8c8c8c",
-                        label=f"{name}: AUC {auc:.3f}")
-        roc_ax.plot([0, 1], [0, 1], color="#cccccc", linewidth=0.8)
-        roc_ax.set_xlabel("false-positive rate (other subject called same)")
-        roc_ax.set_ylabel("true-positive rate")
-        roc_ax.set_title(f"{method}: same-subject detection (ROC)")
-        roc_ax.set_aspect("equal")
-        roc_ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        if {"positive", "distance"} <= set(table):
+            _pair_panels(left, right, method, table)
+        elif set(TOP1_COLUMNS) <= set(table):
+            _top1_panels(left, right, method, table, evaluations.get(method, {}))
+        else:
+            _empty(left, f"{method}: its pretext table has neither pair distances nor top-1 columns\n"
+                         f"(columns: {', '.join(map(str, table.columns))})")
+            right.axis("off")
     fig.tight_layout()
     return save(fig, out)
+
+
+def _pair_panels(hist_ax: plt.Axes, roc_ax: plt.Axes, method: str, table: pd.DataFrame) -> None:
+    """Jamaludin Fig. 6 for one pair method: distance histograms and same-subject ROC, trained and untrained."""
+    positive = table.positive.astype(bool).to_numpy()
+    if positive.all() or not positive.any():
+        kind = "no" if not len(positive) else "only positive" if positive.any() else "only negative"
+        _empty(hist_ax, f"{method}: the self-supervision test part has {kind} pairs")
+        _empty(roc_ax, "no ROC curve without both kinds of pairs")
+        return
+    bins = np.histogram_bin_edges(table.distance, bins=30)
+    hist_ax.hist(table.distance[~positive], bins=bins, color="#c0392b", alpha=0.55,
+                 label=f"negative pairs (n={int((~positive).sum())})")
+    hist_ax.hist(table.distance[positive], bins=bins, color="#1b6ca8", alpha=0.55,
+                 label=f"positive pairs (n={int(positive.sum())})")
+    hist_ax.set_xlabel("L2 distance between FC7 embeddings")
+    hist_ax.set_ylabel("test pairs")
+    hist_ax.set_title(f"{method}: distances of test pairs")
+    hist_ax.legend(frameon=False)
+    for column, name, line in (("distance", "trained", "-"), ("untrained_distance", "untrained (same seed)", ":")):
+        if column not in table:
+            continue
+        fpr, tpr = roc_curve(positive, -table[column].to_numpy())
+        auc = roc_auc(positive, -table[column].to_numpy())
+        roc_ax.plot(fpr, tpr, line, color="#1b6ca8" if column == "distance" else "#8c8c8c",
+                    label=f"{name}: AUC {auc:.3f}")
+    roc_ax.plot([0, 1], [0, 1], color="#cccccc", linewidth=0.8)
+    roc_ax.set_xlabel("false-positive rate (other subject called same)")
+    roc_ax.set_ylabel("true-positive rate")
+    roc_ax.set_title(f"{method}: same-subject detection (ROC)")
+    roc_ax.set_aspect("equal")
+    roc_ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+
+
+def slice_top1(table: pd.DataFrame, network: str) -> np.ndarray:
+    """Each test slice's top-1 of ``network`` ("trained" or "untrained"): the mean of its two views' (0, 0.5 or 1)."""
+    views = table[[f"{network}_view1_top1", f"{network}_view2_top1"]].astype(float).to_numpy()
+    return views.mean(1)
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int = 2000, level: float = 0.95, seed: int = 0,
+                   paired: np.ndarray | None = None) -> tuple[float, float, float]:
+    """The mean of ``values`` (one per test slice; minus ``paired``'s, slice for slice, when given) and its
+    percentile bootstrap interval over the slices (resampled with replacement, ``resamples`` times, seeded: the
+    figure is the same at every run). NaN for no slices."""
+    x = np.asarray(values, dtype=float) - (0.0 if paired is None else np.asarray(paired, dtype=float))
+    if not len(x):
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([x[rng.integers(0, len(x), size=(min(200, resamples - done), len(x)))].mean(1)
+                            for done in range(0, resamples, 200)])
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(low), float(high)
+
+
+def _top1_panels(all_ax: plt.Axes, level_ax: plt.Axes, method: str, table: pd.DataFrame,
+                 evaluation: dict[str, Any]) -> None:
+    """A view method's pretext test top-1 (the share of views whose other view ranks first among the batch's views):
+    trained vs untrained with 95% bootstrap intervals over the test slices (a slice's two views resampled together),
+    the chance level of a full batch, and the same per disc level."""
+    if table.empty:
+        _empty(all_ax, f"{method}: the self-supervision test part has no slices")
+        level_ax.axis("off")
+        return
+    networks = (("trained", "#7b3294"), ("untrained", "#8c8c8c"))
+    top1 = {name: slice_top1(table, name) for name, _ in networks if f"{name}_view1_top1" in table}
+    for i, (name, c) in enumerate((n, c) for n, c in networks if n in top1):
+        mean, low, high = bootstrap_mean(top1[name])
+        all_ax.bar(i, mean, color=c, alpha=0.8, width=0.6)
+        all_ax.errorbar(i, mean, yerr=[[mean - low], [high - mean]], color="#222", capsize=4, linewidth=1)
+        all_ax.text(i, high + 0.02, f"{mean:.3f}\n[{low:.3f}, {high:.3f}]", ha="center", va="bottom", fontsize=7.5)
+    all_ax.set_xticks(range(len(top1)), [f"{n}" + (" (same seed)" if n == "untrained" else "") for n in top1])
+    batch = int(evaluation.get("batch_images") or 0)
+    if batch > 1:
+        chance = 1 / (2 * batch - 1)
+        all_ax.axhline(chance, color="#c0392b", linestyle="--", linewidth=0.9,
+                       label=f"chance: 1 of {2 * batch - 1} other views ({batch} images a batch)")
+        all_ax.legend(frameon=False, loc="upper right", fontsize=7)
+    all_ax.set_ylim(0, 1.18)
+    all_ax.set_ylabel("top-1 (share of test views)")
+    title = f"{method}: pretext test top-1 ({len(table)} slices; 95% bootstrap intervals)"
+    if len(top1) == 2:
+        diff, low, high = bootstrap_mean(top1["trained"], paired=top1["untrained"])
+        title += f"\ntrained - untrained {diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+    all_ax.set_title(title)
+    levels_here = [lv for lv in DISCS if "level" in table and lv in set(table.level)]
+    if not levels_here:
+        _empty(level_ax, "no disc levels in the pretext table")
+        return
+    for j, (name, c) in enumerate((n, c) for n, c in networks if n in top1):
+        stats = [bootstrap_mean(top1[name][(table.level == lv).to_numpy()]) for lv in levels_here]
+        x = np.arange(len(levels_here)) + (j - 0.5) * 0.2
+        mean, low, high = (np.array(v) for v in zip(*stats))
+        level_ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o", color=c, markersize=4, capsize=2.5,
+                          linewidth=1, label=name)
+    counts = table.level.value_counts()
+    level_ax.set_xticks(range(len(levels_here)), [f"{lv}\n({counts[lv]})" for lv in levels_here])
+    if batch > 1:
+        level_ax.axhline(1 / (2 * batch - 1), color="#c0392b", linestyle="--", linewidth=0.9)
+    level_ax.set_ylim(0, 1.05)
+    level_ax.set_xlabel("disc level (test slices)")
+    level_ax.set_ylabel("top-1")
+    level_ax.set_title(f"{method}: top-1 per level (95% bootstrap intervals)")
+    level_ax.legend(frameon=False, fontsize=7)
+    level_ax.grid(alpha=0.25, axis="y")
 
 
 # --- Label efficiency ---------------------------------------------------------------------------------------------
@@ -468,35 +563,56 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: FigureFiles) -> list
 
 # --- Training curves ----------------------------------------------------------------------------------------------
 
+# What a pretraining method's metrics.csv holds besides its loss (each method logs its own statistics): the column of
+# its accuracy panel and the panels' titles. Siamese: the level loss's FC8 accuracy; simclr: NT-Xent's top-1.
+PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss (contrastive + level)"),
+                   ("top1", "top-1 (other view ranked first in batch)", "NT-Xent loss"))
+
+
 def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame | None,
                     end_to_end: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
-    """Pretraining loss and level accuracy per method; the downstream networks' losses."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    """One row per pretraining method, its loss and its accuracy per epoch (train and val: the columns its
+    metrics.csv has, :data:`PRETRAIN_CURVES`); beside them the downstream networks' losses."""
+    methods = list(pretrain) or ["none"]
+    rows = len(methods)
+    fig = plt.figure(figsize=(14, 3.6 * rows + 0.2))
+    grid = fig.add_gridspec(rows, 3)
+    down_ax = fig.add_subplot(grid[:, 2])
     models = list(pretrain) + ["supervised"] + list(end_to_end)
-    loss_ax, acc_ax, down_ax = axes
-    for method, table in pretrain.items():
+    for r, method in enumerate(methods):
+        loss_ax, acc_ax = fig.add_subplot(grid[r, 0]), fig.add_subplot(grid[r, 1])
+        table = pretrain.get(method)
+        if table is None:
+            _empty(loss_ax, "no pretraining method")
+            _empty(acc_ax, "no pretraining method")
+            continue
+        column, acc_title, loss_title = next((c for c in PRETRAIN_CURVES if c[0] in table),
+                                             (None, "accuracy", "loss"))
         c = colour(method, models)
         for split, line in (("train", "-"), ("val", "--")):
-            part = table[table.split == split]
+            part = table[table.split == split].sort_values("epoch")
             if part.empty:
                 continue
-            loss_ax.plot(part.epoch, part.loss, line, color=c, label=f"{method} ({split})")
-            if part.level_accuracy.notna().any():
-                acc_ax.plot(part.epoch, part.level_accuracy, line, color=c, label=f"{method} ({split})")
-    loss_ax.set_title("pretraining: loss (contrastive + level)")
-    acc_ax.set_title("pretraining: FC8 level accuracy")
-    acc_ax.set_ylim(0, 1.02)
-    for ax in (loss_ax, acc_ax):
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.25)
-        if ax.lines:
-            ax.legend(frameon=False)
-        else:
-            _empty(ax, "no pretraining method")
-    loss_ax.set_ylabel("loss")
-    acc_ax.set_ylabel("accuracy")
-    for ax in axes:
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            if part.loss.notna().any():
+                loss_ax.plot(part.epoch, part.loss, line, color=c, marker="o", markersize=2.5,
+                             label=f"{method} ({split})")
+            if column is not None and part[column].notna().any():
+                acc_ax.plot(part.epoch, part[column], line, color=c, marker="o", markersize=2.5,
+                            label=f"{method} ({split})")
+        loss_ax.set_title(f"{method} pretraining: {loss_title}")
+        acc_ax.set_title(f"{method} pretraining: {acc_title}")
+        acc_ax.set_ylim(0, 1.02)
+        loss_ax.set_ylabel("loss")
+        acc_ax.set_ylabel("accuracy" if column != "top1" else "top-1")
+        for ax in (loss_ax, acc_ax):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.25)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            if ax.lines:
+                ax.legend(frameon=False)
+            else:
+                _empty(ax, f"{method}: no such column in its metrics.csv")
+    down_ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     curves = ({"supervised encoder": supervised} if supervised is not None else {}) | end_to_end
     for name, table in curves.items():
         c = colour(name.split(" ")[0], models)
@@ -546,11 +662,31 @@ HOU_TITLE = ("Grad-CAM, variant of Hou et al. 2023 (weights: mean |gradient| / t
              "over every map and channel; each map divided by its maximum)")
 
 
+def _shown_disc(maps: dict[str, dict[str, np.ndarray]], drawn: list[str],
+                example: int) -> dict[str, tuple[int, bool]]:
+    """The example each drawn model shows, and whether it is the first model's disc: the same test disc for all
+    (the first model's ``example``-th, where another model has it among its examples; the models' test samples and
+    their order can differ, as the axial probes' and the two bodies' do); a model without it shows its own
+    ``example``-th."""
+    def key(m: dict[str, np.ndarray], i: int) -> tuple[str, str]:
+        return (str(m["scan_id"][i]), str(m["level"][i])) if "scan_id" in m and "level" in m else ("", str(i))
+
+    first = maps[drawn[0]]
+    wanted = key(first, example)
+    shown = {}
+    for model in drawn:
+        m = maps[model]
+        keys = [key(m, i) for i in range(len(m["cam_up"]))]
+        shown[model] = (keys.index(wanted), True) if wanted in keys else (example, False)
+    return shown
+
+
 def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray | None, out: FigureFiles,
                    variant: str, example: int = 0) -> list[Path]:
-    """One test disc, every model: the middle slice and the slices either side of each volume the model reads (the
-    disc volume, or the upper and the lower body), with the map over them and the disc's outline (white). In Hou et
-    al.'s variant a binary task maps positive predictions only: a negative prediction's row says so."""
+    """One test disc, every model, one row each: the slices of each input the model reads (the middle slice and the
+    slices either side of the disc volume, or of the upper and the lower body; a simclr model's 3 axial slices), with
+    the map over them and the disc's outline (white). In Hou et al.'s variant a binary task maps positive
+    predictions only: a negative prediction's row says so."""
     models = list(maps)
     key = "cam_up" if variant == "gradcam" else "hou_up"
     drawn = [m for m in models if len(maps[m][key]) > example]
@@ -565,33 +701,46 @@ def gradcam_figure(maps: dict[str, dict[str, np.ndarray]], bodies: np.ndarray | 
     def name(value: Any) -> str:
         return f"P{int(value)}" if task == "grade" else ("herniated" if int(value) else "not herniated")
 
-    volumes, parts = _example_inputs(first, bodies, example)
-    slices = volumes[0].shape[0]
-    shown = sorted({max(slices // 2 - 2, 0), slices // 2, min(slices // 2 + 2, slices - 1)})
-    fig, axes = plt.subplots(len(models), len(parts) * len(shown),
-                             figsize=(1.9 * len(parts) * len(shown) + 0.8, 2.1 * len(models) + 0.8), squeeze=False)
+    def slices_shown(volume: np.ndarray) -> list[int]:
+        n = volume.shape[0]
+        return sorted({max(n // 2 - 2, 0), n // 2, min(n // 2 + 2, n - 1)})
+
+    index = _shown_disc(maps, drawn, example)
+    layout = {}                                  # per drawn model: its inputs, their names and the slices shown
+    for model in drawn:
+        volumes, parts = _example_inputs(maps[model], bodies, index[model][0])
+        layout[model] = (volumes, parts, slices_shown(volumes[0]))
+    columns = max(len(p) * len(s) for _, p, s in layout.values())
+    fig, axes = plt.subplots(len(models), columns, figsize=(1.9 * columns + 1.0, 2.2 * len(models) + 0.8),
+                             squeeze=False)
+    titled: tuple[str, ...] | None = None
     for row, model in zip(axes, models):
-        m = maps[model]
-        if len(m[key]) <= example:
-            for ax in row:
-                ax.axis("off")
+        for ax in row:
+            ax.axis("off")
+        if model not in layout:
             row[0].text(0, 0.5, f"{model}: nothing to explain (one-class rule)", transform=row[0].transAxes,
                         fontsize=8)
             continue
-        volumes, _ = _example_inputs(m, bodies, example)
-        no_map = variant == "hou" and "hou_map" in m and not bool(m["hou_map"][example])
+        m, (i, same) = maps[model], index[model]
+        volumes, parts, shown = layout[model]
+        no_map = variant == "hou" and "hou_map" in m and not bool(m["hou_map"][i])
         for j, (volume, part) in enumerate(zip(volumes, parts)):
             for s_i, s in enumerate(shown):
                 ax = row[j * len(shown) + s_i]
-                heat = np.asarray(m[key][example, j, s], dtype=np.float32)
-                _overlay(ax, volume[s], np.zeros_like(heat) if no_map else heat, m["masks"][example, j, s])
-                if model == drawn[0]:
-                    ax.set_title(f"{part}, slice {s + 1}/{slices}", fontsize=8)
+                ax.axis("on")
+                heat = np.asarray(m[key][i, j, s], dtype=np.float32)
+                _overlay(ax, volume[s], np.zeros_like(heat) if no_map else heat, m["masks"][i, j, s])
+                if tuple(parts) != titled:       # each kind of input's columns named where it first appears
+                    ax.set_title(part if volume.shape[0] == 1 else f"{part}, slice {s + 1}/{volume.shape[0]}",
+                                 fontsize=7.5)
+        titled = tuple(parts)
         head = f" ({m['head']})" if "head" in m and str(m["head"]) != "network" else ""
-        text = f"{model}{head}\npredicted {name(m['predicted'][example])}"
+        text = f"{model}{head}\npredicted {name(m['predicted'][i])}"
+        if not same:
+            text += f"\n(another test disc: {m['level'][i]},\ntruth {name(m['label'][i])})"
         row[0].set_ylabel(text + ("\nnegative prediction:\nno Hou map" if no_map else ""), fontsize=8)
     if variant == "gradcam":
-        title = "Grad-CAM (standard): the predicted class's logit, the volumes on one scale"
+        title = "Grad-CAM (standard): the predicted class's logit, a disc's inputs on one scale"
     else:
         title = HOU_TITLE + ("\nbinary task: maps of positive predictions only (y = z1 - z0, the pre-sigmoid logit)"
                              if binary else "\ny = the predicted class's logit")
@@ -630,8 +779,10 @@ def attention_table(summaries: list[dict[str, Any]], out: TableFiles) -> list[Pa
     return write_table(frame, out, "Attention inside the disc (share of the Grad-CAM mass inside the disc's label map)",
                        "Averaged over the test discs with a label map and a non-empty map. " + hou
                        + "Uniform attention, a map spread evenly, would score the disc's share of the input volume(s) "
-                       "(the disc volume, or the two body volumes) over the same discs; a higher score means the model "
-                       "looks at the disc.")
+                       "(the disc volume, the two body volumes, or a simclr model's 3 axial slices, where the disc's "
+                       "label map is resliced as the slices are) over the same discs; a higher score means the model "
+                       "looks at the disc. The axial slices' score and the sagittal volumes' are each against their "
+                       "own uniform share, not against each other.")
 
 
 def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: FigureFiles) -> list[Path]:
@@ -680,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distances", type=cli.existing_file, nargs="+", required=True,
                    help="pretrain/{method}/pretext/distances.parquet, one per method.")
     p.add_argument("--methods", nargs="+", required=True, help="The methods' names, in the same order.")
+    p.add_argument("--evaluations", type=cli.existing_file, nargs="*", default=[],
+                   help="pretrain/{method}/pretext/evaluation.json, one per method in the same order (a view "
+                        "method's batch size: the chance level of its top-1).")
     for name, text in (("label-efficiency", "Headline metric vs training subjects with bands (Jamaludin Fig. 8)."),
                        ("label-curves", "Herniation accuracy and AUC vs labels (Hou Fig. 9).")):
         p = add(name, text)
@@ -742,7 +896,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.methods) != len(args.distances):
             parser.error(f"give one --methods name per --distances file ({len(args.distances)} files, "
                          f"{len(args.methods)} names)")
-        pretext_figure({m: pd.read_parquet(p) for m, p in zip(args.methods, args.distances)}, figure)
+        if args.evaluations and len(args.evaluations) != len(args.methods):
+            parser.error(f"give one --evaluations file per method ({len(args.methods)} methods, "
+                         f"{len(args.evaluations)} files)")
+        pretext_figure({m: pd.read_parquet(p) for m, p in zip(args.methods, args.distances)}, figure,
+                       {m: json.loads(p.read_text()) for m, p in zip(args.methods, args.evaluations)})
     elif args.figure == "label-efficiency":
         label_efficiency_figure(pd.read_parquet(args.summary), figure, args.end_to_end)
     elif args.figure == "label-curves":

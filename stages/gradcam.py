@@ -12,6 +12,11 @@ saved by the probe job (``model.npz``), on the input it was trained on:
 - two vertebral-body volumes (``disc_input: bodies``, ``--vertebrae``; the bodies above and below the disc,
   stages/nets/disc_net.py): a frozen encoder (``--encoder`` or ``--random``) with its fitted ``linear`` head, or the
   network trained end to end. K = 2 input volumes (input 0 the upper body, 1 the lower).
+- a disc's three axial slices (a ``simclr`` encoder, Hou et al. 2023; ``--axial``, axial/slices.npy): the encoder
+  (``--encoder``, stages/nets/simclr.py: MONAI's 2D ResNet and the first FC block) on each slice, the slices'
+  features concatenated in slice order, and the job's fitted ``linear`` head (their one FC layer; as saved, with its
+  standardisation), as one differentiable network (:class:`AxialProbe`). K = 3 inputs, the slices (cranial, centre,
+  caudal), each explained at the ResNet's last stage (``resnet.layer4``; ``--gradcam-layer conv3``: ``layer3``).
 
 Standard Grad-CAM explains the logit of the class the model predicts; Hou et al.'s variant explains what their
 classifier's map explains (:func:`hou_target`).
@@ -29,10 +34,15 @@ classifier's map explains (:func:`hou_target`).
   sample a map.
 - Layers: ``conv5`` (the deepest convolutional layer, default; Conv4 has already spanned the slices, so its map is
   2D and the same on every slice; the disc volume alone gives K = 1 map per sample) or ``conv3`` (the deepest layer
-  that still has a slice axis: one map per slice, K = the slices of every input volume).
+  that still has a slice axis: one map per slice, K = the slices of every input volume). A simclr encoder's layer
+  under the same option: ``conv5`` its ResNet's last stage (``layer4``, 2 x 2 on 48-pixel slices), ``conv3`` the
+  stage before (``layer3``); each axial slice passes through the 2D network alone, so standard Grad-CAM weights each
+  slice's channels by that slice's mean gradient (the three maps on one colour scale), and Hou et al.'s K = 3 maps are
+  the three slices, as in their paper.
 - Attention inside the disc: the share of a map's mass (after upsampling to the input volumes) that falls inside the
   disc's label map cut with the input's own crop geometry (the disc's crop, or the bodies' crops;
-  stages/disc_masks.py), averaged over the test samples; the share the disc takes of the input volume(s) is the
+  stages/disc_masks.py; the axial slices: the label map cut on each slice's own pixels by the axial_slices stage,
+  stages/axial_masks.py), averaged over the test samples; the share the disc takes of the input volume(s) is the
   score of uniform attention. A share above it means the model looks at the disc more than at random.
 
 Run (``probe``: a probe job explained; ``pairs``: a pretrained encoder's similarity of a few pretext test pairs):
@@ -42,7 +52,9 @@ Run (``probe``: a probe job explained; ``pairs``: a pretrained encoder's similar
         --discs results/extract/discs.npy --scores results/report/gradcam/siamese/scores.csv \\
         --maps results/report/gradcam/siamese/maps.npz --summary results/report/gradcam/siamese/summary.json
     (end to end on the disc volume: no --disc-trunk; on the two bodies: ``--vertebrae results/extract/vertebrae.npy``
-    instead of --discs, and ``--encoder results/pretrain/siamese/encoder.pt`` (or ``--random``) for a frozen model)
+    instead of --discs, and ``--encoder results/pretrain/siamese/encoder.pt`` (or ``--random``) for a frozen model;
+    a simclr model: ``--axial results/axial/slices.npy --encoder results/pretrain/simclr/encoder.pt`` and
+    ``--masks results/report/gradcam/axial_masks.npz``)
     python -m stages.gradcam pairs --encoder results/pretrain/siamese/encoder.pt \\
         --distances results/pretrain/siamese/pretext/distances.parquet --vertebrae results/extract/vertebrae.npy \\
         --out results/report/gradcam/siamese/pairs.npz
@@ -83,14 +95,22 @@ from stages.nets.disc_cnn import (
 )
 from stages.nets.heads import Head
 from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
+from stages.nets.simclr import SimclrEncoder, load_simclr_encoder
 
 log = logging.getLogger("gradcam")
 LAYERS = ("conv5", "conv3")
 SCORE_COLUMNS = ["scan_id", "level", "label", "predicted", "hou_map", "inside_disc", "inside_disc_hou",
                  "disc_share_of_volume"]
 SCORE_KEYS = ("inside_disc", "disc_share_of_volume", "inside_disc_hou", "disc_share_of_volume_hou")
-# What a sample is read as: the columns of disc_masks.npz naming its input volumes' rows, and their names
-INPUTS = {"disc": (("row",), ("disc volume",)), "bodies": (("upper", "lower"), ("upper body", "lower body"))}
+# What a sample is read as: the columns of the masks' file naming its input volumes' rows, and the K inputs' names.
+# The axial slices (a simclr encoder) are one row of axial/slices.npy, whose 3 slices (as axial_stack: the spine axis
+# points down, so the first is cranial) are K = 3 inputs of one slice each.
+INPUTS = {"disc": (("row",), ("disc volume",)), "bodies": (("upper", "lower"), ("upper body", "lower body")),
+          "axial": (("row",), ("axial slice 1 (cranial)", "axial slice 2 (disc centre)", "axial slice 3 (caudal)"))}
+INPUT_NAMES = {"disc": "disc volume", "bodies": "two bodies", "axial": "3 axial slices"}
+# The simclr encoder's layers (MONAI's 2D ResNet), by the name of the option (reports.gradcam_layer): conv5, the
+# deepest convolutional layer, is the ResNet's last stage; conv3 the stage before it (a map twice as fine).
+RESNET_LAYERS = {"conv5": "layer4", "conv3": "layer3"}
 
 
 # --- Grad-CAM, pure functions on tensors -------------------------------------------------------------------------
@@ -188,9 +208,14 @@ def capture(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def layer_module(encoder: VggM3dEncoder | DiscClassifier, layer: str) -> nn.Module:
+def layer_module(encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder, layer: str) -> nn.Module:
     """The ReLU after ``conv5`` (``(C, h, w)`` per volume) or after ``conv3`` (``(C, S, h, w)``) of an encoder or of
-    a disc classifier (the same Conv1-Conv5 modules)."""
+    a disc classifier (the same Conv1-Conv5 modules); of a simclr encoder the output of its ResNet's stage
+    :data:`RESNET_LAYERS` names (``(C, h, w)`` per slice: the residual sum after its ReLU)."""
+    if isinstance(encoder, SimclrEncoder):
+        if layer not in RESNET_LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+        return getattr(encoder.resnet, RESNET_LAYERS[layer])
     if layer == "conv5":
         return encoder.conv5[-2]
     if layer == "conv3":
@@ -245,6 +270,20 @@ class PooledDiscProbe(FrozenProbe):
         return self.head_logits(pooled_features(self.encoder.feature_maps(upper)))
 
 
+class AxialProbe(FrozenProbe):
+    """A simclr encoder and the head fitted on its features of a disc's K axial slices, concatenated in slice order
+    (stages/nets/simclr.py ``disc_features``, the input of Hou et al.'s one FC layer), as one differentiable network.
+    ``forward`` takes the K slices as K inputs ``(n, 1, H, W)`` and passes them as one batch, slice 1 of every disc
+    first: the layer's output is then ``(K n, C, h, w)``, one input after the other, as :func:`explain` reads it."""
+
+    def __init__(self, encoder: SimclrEncoder, head: Head):
+        super().__init__(encoder, head, inputs=1)
+
+    def forward(self, *slices: torch.Tensor) -> torch.Tensor:    # type: ignore[override]
+        emb = self.encoder(torch.cat(slices))                       # (K n, fc_units)
+        return self.head_logits(torch.cat(emb.chunk(len(slices)), dim=1))   # (n, K fc_units), slice k at k fc_units
+
+
 def explained_head(model_file: Path, disc: bool) -> str:
     """The head of the probe job the stage explains: ``network`` for a model trained end to end; for a frozen
     encoder on the disc volume its ``transfer`` head (the paper's classifier) when the job trained one, else
@@ -260,9 +299,10 @@ def load_model(model_file: Path, encoder: nn.Module | None, head: str = "linear"
                trunk: Path | None = None) -> nn.Module | None:
     """The probe job's model (its ``model.npz``): the saved network (end to end: the disc classifier ``cnn``, or the
     two-body network ``net``); for a frozen encoder, its saved ``head``: ``transfer`` (FC6-FC8) on the Conv1-Conv5 of
-    ``trunk`` (disc_trunk.npz), a ``linear`` or ``mlp`` head on the pooled Conv5 maps of ``trunk`` (disc volume), or on
-    the embeddings of ``encoder`` (two bodies). None when the job fitted nothing (its training labels had one class: it
-    predicts that class, there is nothing to explain)."""
+    ``trunk`` (disc_trunk.npz), a ``linear`` or ``mlp`` head on the pooled Conv5 maps of ``trunk`` (disc volume), on
+    the concatenated slice features of a simclr ``encoder`` (axial slices), or on the embeddings of ``encoder`` (two
+    bodies). None when the job fitted nothing (its training labels had one class: it predicts that class, there is
+    nothing to explain)."""
     saved = np.load(model_file)
     if "net/spec" in saved:
         from stages.nets.disc_net import load_net
@@ -283,30 +323,43 @@ def load_model(model_file: Path, encoder: nn.Module | None, head: str = "linear"
         return PooledDiscProbe(load_classifier(np.load(trunk), "trunk"), Head.from_arrays(saved, head)).eval()
     if encoder is None:
         raise ValueError(f"{model_file} holds a frozen head: give its encoder (--encoder or --random)")
+    if isinstance(encoder, SimclrEncoder):
+        return AxialProbe(encoder.eval(), Head.from_arrays(saved, head)).eval()
     return FrozenProbe(encoder.eval(), Head.from_arrays(saved, head), inputs=2).eval()
 
 
-def reads_disc_volume(model: nn.Module) -> bool:
-    """Whether ``model`` is the disc classifier (its own network, or a head on its trunk's pooled maps)."""
-    return isinstance(model, (DiscClassifier, PooledDiscProbe))
+def reads(model: nn.Module) -> str:
+    """What ``model`` reads (a key of :data:`INPUTS`): "disc" for the disc classifier (its own network, or a head on
+    its trunk's pooled maps), "axial" for a head on a simclr encoder's slice features, else "bodies"."""
+    if isinstance(model, (DiscClassifier, PooledDiscProbe)):
+        return "disc"
+    return "axial" if isinstance(model, AxialProbe) else "bodies"
 
 
 def explained_layers(model: nn.Module) -> nn.Module:
-    """The module holding the Conv1-Conv5 a model's maps are taken from (:func:`layer_module`)."""
+    """The module holding the layer a model's maps are taken from (:func:`layer_module`): Conv1-Conv5, or the simclr
+    encoder's ResNet."""
     return model if isinstance(model, DiscClassifier) else model.encoder
 
 
-def explain(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier, upper: torch.Tensor,
+def explain(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder, upper: torch.Tensor,
             lower: torch.Tensor | None = None, layer: str = "conv5", binary: bool = False) -> dict[str, torch.Tensor]:
     """Grad-CAM of a batch of disc samples, read as K = 2 volumes (``upper`` and ``lower``, the bodies: ``model(upper,
-    lower)``) or K = 1 (``upper`` alone, the disc volume: ``model(upper)``, ``lower`` None); ``encoder`` holds the
-    layer (:func:`layer_module`). Returns ``logits`` ``(n, classes)``, ``target`` ``(n,)`` (the predicted class's
-    index, the output standard Grad-CAM explains), ``cam`` and ``hou`` ``(n, K, *spatial)`` (input k as given;
-    ``cam`` divided by its maximum over the sample's K volumes; ``hou`` of the output :func:`hou_target` gives for a
-    ``binary`` task or not, NaN for a sample without a map) and ``hou_made`` ``(n,)`` (which samples have a Hou
-    map)."""
-    n = len(upper)
-    volumes = [upper] if lower is None else [upper, lower]
+    lower)``) or K = 1 (``upper`` alone, the disc volume: ``model(upper)``, ``lower`` None): :func:`explain_inputs`."""
+    return explain_inputs(model, encoder, [upper] if lower is None else [upper, lower], layer, binary)
+
+
+def explain_inputs(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder,
+                   volumes: list[torch.Tensor], layer: str = "conv5", binary: bool = False) -> dict[str, torch.Tensor]:
+    """Grad-CAM of a batch of disc samples read as the K inputs ``volumes`` (each ``(n, ...)``: the disc volume, K = 1;
+    the two bodies, K = 2; a simclr model's axial slices, K = 3): ``model(*volumes)``, which must pass them through
+    the layer as one batch, input 1 of every sample first; ``encoder`` holds the layer (:func:`layer_module`).
+    Returns ``logits`` ``(n, classes)``, ``target`` ``(n,)`` (the predicted class's index, the output standard
+    Grad-CAM explains), ``cam`` and ``hou`` ``(n, K, *spatial)`` (input k as given; ``cam``: each input's map with
+    its own channel weights, divided by the maximum over the sample's K inputs; ``hou`` of the output
+    :func:`hou_target` gives for a ``binary`` task or not, the K inputs Hou's K maps, NaN for a sample without a
+    map) and ``hou_made`` ``(n,)`` (which samples have a Hou map)."""
+    n = len(volumes[0])
     with capture(layer_module(encoder, layer)) as seen:
         logits = model(*volumes)
     if len(seen) != 1:
@@ -318,7 +371,8 @@ def explain(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier, upper: to
     grads, = torch.autograd.grad(score, acts, retain_graph=binary)
     # multi-class: y is the predicted class's logit, the gradient standard Grad-CAM already took
     hou_grads = torch.autograd.grad(y.sum(), acts)[0] if binary else grads
-    # (K n, C, ...) -> (n, K, C, ...): the layer saw the K volumes one after the other (the upper ones, then the lower)
+    # (K n, C, ...) -> (n, K, C, ...): the layer saw the K inputs one after the other (the upper bodies, then the
+    # lower ones; slice 1 of every disc, then slice 2, ...)
     split = lambda t: torch.stack(t.detach().chunk(len(volumes)), dim=1)
     acts, grads, hou_grads = split(acts), split(grads), split(hou_grads)
     cam = grad_cam(acts.flatten(0, 1), grads.flatten(0, 1)).view(n, len(volumes), *acts.shape[3:])
@@ -329,9 +383,9 @@ def explain(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier, upper: to
 
 
 def _hou_sample(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """One sample's Hou maps: ``(V, C, *spatial)`` (V input volumes: 1, the disc, or 2, the bodies) ->
+    """One sample's Hou maps: ``(V, C, *spatial)`` (V inputs: 1, the disc, 2, the bodies, or 3, the axial slices) ->
     ``(V, *spatial)``; with a slice axis every slice of every volume is one of the K maps."""
-    if acts.dim() == 4:                                       # (V, C, h, w): K = V volumes
+    if acts.dim() == 4:                                       # (V, C, h, w): K = V inputs
         return hou_cam(acts, grads)
     k = acts.shape[0] * acts.shape[2]                         # (V, C, s, h, w): K = V x s slices
     a = acts.permute(0, 2, 1, 3, 4).reshape(k, acts.shape[1], *acts.shape[3:])
@@ -387,7 +441,8 @@ def save_npz(path: Path, **arrays: Any) -> None:
 def explained_samples(predictions_file: Path, masks: Path) -> tuple[pd.DataFrame, np.ndarray, str]:
     """The probe job's test samples, in the masks' order (column ``has_mask``; ``label`` the job's, in its classes),
     their masks ``(n, K, S, H, W)``, and what the masks were cut for: "disc" (K = 1, the disc volume; column ``row``
-    of discs.npy) or "bodies" (K = 2; columns ``upper`` and ``lower`` of vertebrae.npy)."""
+    of discs.npy), "bodies" (K = 2; columns ``upper`` and ``lower`` of vertebrae.npy) or "axial" (K = 3 slices of
+    S = 1; column ``row`` of axial.npy, stages/axial_masks.py)."""
     predictions = pd.read_parquet(predictions_file)
     store = np.load(masks)
     table = pd.DataFrame({k.removeprefix("sample_"): store[k] for k in store.files if k.startswith("sample_")})
@@ -395,11 +450,11 @@ def explained_samples(predictions_file: Path, masks: Path) -> tuple[pd.DataFrame
     disc_input = str(store["disc_input"]) if "disc_input" in store else ("disc" if "row" in table else "bodies")
     if disc_input not in INPUTS:
         raise ValueError(f"{masks}: unknown disc_input {disc_input!r} (known: {sorted(INPUTS)})")
-    columns, _ = INPUTS[disc_input]
+    columns, parts = INPUTS[disc_input]
     missing = [f"sample_{c}" for c in columns if c not in table]
-    if missing or store["masks"].ndim != 5 or store["masks"].shape[1] != len(columns):
+    if missing or store["masks"].ndim != 5 or store["masks"].shape[1] != len(parts):
         raise ValueError(f"{masks}: masks cut for the {disc_input} input need the columns "
-                         f"{[f'sample_{c}' for c in columns]} and masks (n, {len(columns)}, S, H, W); missing "
+                         f"{[f'sample_{c}' for c in columns]} and masks (n, {len(parts)}, S, H, W); missing "
                          f"{missing}, masks {store['masks'].shape}")
     tested = set(zip(predictions.scan_id, predictions.level))
     keep = np.array([(s, lv) in tested for s, lv in zip(table.scan_id, table.level)], dtype=bool)
@@ -410,13 +465,30 @@ def explained_samples(predictions_file: Path, masks: Path) -> tuple[pd.DataFrame
     return table, store["masks"][keep], disc_input
 
 
+def sample_inputs(array: np.ndarray, part: pd.DataFrame, read_as: str) -> list[torch.Tensor]:
+    """The K inputs of the samples ``part`` (rows of the masks' table) from ``array``: one ``(n, S, H, W)`` volume per
+    row column (the disc volume; the upper and the lower body), or for the axial slices, each of a row's K slices as
+    an input ``(n, 1, H, W)``."""
+    columns, _ = INPUTS[read_as]
+    views = [torch.from_numpy(np.asarray(array[part[c].to_numpy()], dtype=np.float32)) for c in columns]
+    if read_as == "axial":
+        return [views[0][:, k:k + 1] for k in range(views[0].shape[1])]
+    return views
+
+
+def input_size(array: np.ndarray, read_as: str) -> tuple[int, int, int]:
+    """(slices, rows, columns) of each input: a volume of ``array``, or one axial slice (1, Ha, Wa)."""
+    return (1, *array.shape[2:]) if read_as == "axial" else tuple(array.shape[1:])
+
+
 def run(model_name: str, job: ProbeJob, masks: Path, volumes: Path, out: Outputs, layer: str,
-        encoder: VggM3dEncoder | None, batch_size: int = 16, examples: int = 6, trunk: Path | None = None,
-        disc_input: str | None = None) -> dict[str, Any]:
-    """Explain ``job``'s model on its test samples. ``masks``: disc_masks.npz, which says what a sample is read as
-    (the disc volume or the two bodies); ``volumes``: the array its rows index (extract/discs.npy or vertebrae.npy;
-    ``disc_input``, when given, must agree with the masks). A frozen encoder's model needs ``trunk`` (the disc
-    classifier's Conv1-Conv5, disc_trunk.npz) on the disc volume, ``encoder`` on the bodies."""
+        encoder: VggM3dEncoder | SimclrEncoder | None, batch_size: int = 16, examples: int = 6,
+        trunk: Path | None = None, disc_input: str | None = None) -> dict[str, Any]:
+    """Explain ``job``'s model on its test samples. ``masks``: disc_masks.npz (or axial_masks.npz), which says what a
+    sample is read as (the disc volume, the two bodies, or the axial slices); ``volumes``: the array its rows index
+    (extract/discs.npy, vertebrae.npy or axial.npy; ``disc_input``, when given, must agree with the masks). A frozen
+    encoder's model needs ``trunk`` (the disc classifier's Conv1-Conv5, disc_trunk.npz) on the disc volume,
+    ``encoder`` on the bodies, the simclr encoder on the axial slices."""
     seeds.seed_torch(seeds.GRADCAM)
     task = json.loads(job.metrics.read_text())["task"]
     if task not in TASKS:
@@ -430,27 +502,28 @@ def run(model_name: str, job: ProbeJob, masks: Path, volumes: Path, out: Outputs
                          f"({volumes}): make the masks with stages.disc_masks --disc-input {disc_input}")
     disc = read_as == "disc"
     columns, parts = INPUTS[read_as]
+    if read_as == "axial" and not isinstance(encoder, SimclrEncoder):
+        raise ValueError(f"{masks} was cut for the axial slices: give the simclr encoder their features came from")
     head = explained_head(job.model, disc)
     model = load_model(job.model, encoder, "linear" if head == "network" else head, trunk if disc else None)
-    facts = {"model": model_name, "head": head, "input": "disc volume" if disc else "two bodies",
-             "layer": layer, "task": task}
+    shown_layer = f"resnet.{RESNET_LAYERS[layer]}" if read_as == "axial" else layer
+    facts = {"model": model_name, "head": head, "input": INPUT_NAMES[read_as], "layer": shown_layer, "task": task}
     for path in (out.scores, out.maps, out.summary):
         path.parent.mkdir(parents=True, exist_ok=True)
     if model is None:
         note = "the job's training labels had one class: it predicts that class, no model to explain"
         log.warning("%s: %s", model_name, note)
         pd.DataFrame(columns=SCORE_COLUMNS).to_csv(out.scores, index=False)
-        nothing = np.zeros((0, len(columns), 1, 1, 1))
+        nothing = np.zeros((0, len(parts), 1, 1, 1))
         save_npz(out.maps, cam=np.zeros(0), hou=np.zeros(0), cam_up=nothing, hou_up=nothing, inputs=nothing,
                  parts=np.array(parts), hou_map=np.zeros(0, bool), task=task)
         summary = {**facts, "samples": 0, "samples_hou": 0, "hou_maps_for": hou_for, "note": note,
                    **{k: None for k in SCORE_KEYS}}
         out.summary.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-    if reads_disc_volume(model) != disc:
-        reads = "the disc volume" if reads_disc_volume(model) else "two bodies"
-        raise ValueError(f"{job.model} holds a model of {reads} but {masks} was cut for the {read_as} input: were "
-                         "they made with another probes.disc_input?")
+    if reads(model) != read_as:
+        raise ValueError(f"{job.model} holds a model of the {INPUT_NAMES[reads(model)]} but {masks} was cut for the "
+                         f"{read_as} input: were they made with another probes.disc_input?")
     enc = explained_layers(model)
     if samples.empty:
         raise ValueError(f"none of the test samples of {job.predictions} is in {masks}: were they made for another "
@@ -458,11 +531,11 @@ def run(model_name: str, job: ProbeJob, masks: Path, volumes: Path, out: Outputs
     if not samples.has_mask.any():
         log.warning("no test sample has a label map: the maps are drawn, the attention score is undefined")
     array = np.load(volumes, mmap_mode="r")
-    size = tuple(array.shape[1:])
+    size = input_size(array, read_as)
     if size != tuple(disc_masks.shape[2:]):
-        raise ValueError(f"{volumes} holds volumes of {size} (slices, rows, columns) but the masks of {masks} are "
-                         f"{tuple(disc_masks.shape[2:])}: cut with another crop size (extract.disc_size or "
-                         "vertebra_size)?")
+        raise ValueError(f"{volumes} holds inputs of {size} (slices, rows, columns) but the masks of {masks} are "
+                         f"{tuple(disc_masks.shape[2:])}: cut with another crop size (extract.disc_size, "
+                         "vertebra_size or axial_size)?")
     # the examples drawn: samples with a mask first (the disc's outline is drawn over them)
     samples = pd.concat([samples[samples.has_mask], samples[~samples.has_mask]])
     disc_masks = disc_masks[samples.index.to_numpy()]
@@ -470,8 +543,8 @@ def run(model_name: str, job: ProbeJob, masks: Path, volumes: Path, out: Outputs
     rows, kept = [], {"cam": [], "hou": [], "cam_up": [], "hou_up": [], "inputs": []}
     for start in range(0, len(samples), batch_size):
         part = samples.iloc[start:start + batch_size]
-        views = [torch.from_numpy(np.asarray(array[part[c].to_numpy()], dtype=np.float32)) for c in columns]
-        result = explain(model, enc, *views, layer=layer, binary=binary)
+        views = sample_inputs(array, part, read_as)
+        result = explain_inputs(model, enc, views, layer=layer, binary=binary)
         mask = torch.from_numpy(disc_masks[start:start + batch_size].astype(np.float32))
         n, k = len(part), len(views)
         cam_up = upsample(result["cam"].flatten(0, 1), size).view(n, k, *size)
@@ -595,20 +668,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-file", type=cli.existing_file, required=True,
                    help="The job's model.npz (the fitted heads, or the network trained end to end).")
     p.add_argument("--masks", type=cli.existing_file, required=True,
-                   help="disc_masks.npz of stages.disc_masks (the test samples' disc masks, cut for the input the "
-                        "model reads).")
+                   help="disc_masks.npz of stages.disc_masks, or axial_masks.npz of stages.axial_masks (the test "
+                        "samples' disc masks, cut for the input the model reads).")
     array = p.add_mutually_exclusive_group(required=True)
     array.add_argument("--discs", type=cli.existing_file,
                        help="extract/discs.npy: the model reads the disc volume (probes.disc_input: disc).")
     array.add_argument("--vertebrae", type=cli.existing_file,
                        help="extract/vertebrae.npy: the model reads the two bodies around the disc "
                             "(probes.disc_input: bodies).")
+    array.add_argument("--axial", type=cli.existing_file,
+                       help="axial/slices.npy (or extract/axial.npy): the model reads a disc's 3 axial slices (a simclr encoder, --encoder, "
+                            "and its linear head).")
     p.add_argument("--disc-trunk", type=cli.existing_file,
                    help="--discs, frozen encoder: the disc_features stage's disc_trunk.npz (the disc classifier's "
                         "Conv1-Conv5; its transfer head, FC6-FC8, is in --model-file).")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--encoder", type=cli.existing_file, help="--vertebrae, frozen probe: the encoder.pt its "
-                                                                  "features came from.")
+    which.add_argument("--encoder", type=cli.existing_file, help="--vertebrae or --axial, frozen probe: the "
+                                                                  "encoder.pt its features came from.")
     which.add_argument("--random", action="store_true", help="--vertebrae: frozen probe of the random encoder (the "
                                                               "floor).")
     p.add_argument("--seed", type=int, default=0, help="--random: the initial weights' seed (pretrain.seed).")
@@ -637,8 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "probe" and args.discs is not None and (args.encoder is not None or args.random):
         parser.error("--encoder and --random are for --vertebrae: on the disc volume a frozen encoder's "
                      "convolutions are in --disc-trunk")
-    if args.what == "probe" and args.vertebrae is not None and args.disc_trunk is not None:
-        parser.error("--disc-trunk is for --discs (the disc classifier); on the bodies give --encoder or --random")
+    if args.what == "probe" and args.discs is None and args.disc_trunk is not None:
+        parser.error("--disc-trunk is for --discs (the disc classifier); on the bodies give --encoder or --random, "
+                     "on the axial slices --encoder")
+    if args.what == "probe" and args.axial is not None and args.encoder is None:
+        parser.error("--axial needs --encoder: the simclr encoder.pt whose slice features the probe read")
     cli.setup_logging(args.log, "gradcam")
     torch.set_num_threads(args.threads)
     if args.what == "pairs":
@@ -646,16 +725,19 @@ def main(argv: list[str] | None = None) -> int:
         explain_pairs(encoder, np.load(args.vertebrae, mmap_mode="r"), pd.read_parquet(args.distances), args.layer,
                       args.out, args.pair_examples)
         return 0
-    encoder = None
-    if args.encoder is not None:
+    encoder: VggM3dEncoder | SimclrEncoder | None = None
+    if args.axial is not None:
+        encoder, _ = load_simclr_encoder(args.encoder)
+    elif args.encoder is not None:
         encoder, _ = load_encoder(args.encoder)
     elif args.random:
         shape = tuple(np.load(args.vertebrae, mmap_mode="r").shape[1:])
         encoder = random_encoder(shape, args.seed, args.width, args.embedding_dim)
-    disc_input = "disc" if args.discs is not None else "bodies"
-    run(args.model, ProbeJob(args.metrics, args.predictions, args.model_file), args.masks,
-        args.discs if args.discs is not None else args.vertebrae, Outputs(args.scores, args.maps, args.summary),
-        args.layer, encoder, trunk=args.disc_trunk, disc_input=disc_input)
+    disc_input, volumes = next((name, path) for name, path in (("disc", args.discs), ("bodies", args.vertebrae),
+                                                                 ("axial", args.axial)) if path is not None)
+    run(args.model, ProbeJob(args.metrics, args.predictions, args.model_file), args.masks, volumes,
+        Outputs(args.scores, args.maps, args.summary), args.layer, encoder, trunk=args.disc_trunk,
+        disc_input=disc_input)
     return 0
 
 

@@ -6,7 +6,8 @@ Run (one job; or set SPINE_SSL_PSEUDONYM_KEY instead of --key-file):
         --out-manifest results/ingest/manifest.parquet --out-files results/ingest/files.parquet \\
         --out-series results/ingest/series.csv --out-gradings results/ingest/gradings.parquet \\
         --out-subjects results/ingest/subjects.parquet --out-landmarks results/ingest/landmarks.parquet \\
-        --out-landmark-rows results/ingest/landmark_rows.csv --out-summary results/ingest/summary.json
+        --out-landmark-rows results/ingest/landmark_rows.csv --out-summary results/ingest/summary.json \
+        --out-second-volumes results/ingest/second --out-second-series results/ingest/second_series.parquet
 In shards, as the workflow runs it: a plan (``--out-plan plan.parquet --out-plan-summary plan.json
 --scans-per-shard P``), one job per shard (``--plan plan.parquet --shard I --out SHARD_DIR``), and the merge
 (``--plan plan.parquet --merge SHARD_DIR ...`` with the --out-* files above).
@@ -21,6 +22,11 @@ What happens:
      normal, checked (one orthonormal orientation, matrix and pixel spacing; no missing slices; duplicates dropped;
      at least min_slices positions, so one 2D image with min_slices 1) and written as NIfTI with its full geometry.
      If it fails, the next candidate of the study is tried.
+  4. With ingest.second_series, each study's second series (a plane in second_plane, a weighting in second_weighting;
+     default axial T2, Hou et al. 2023) is kept beside it: one per study (the weighting listed first, then as in 2),
+     in blocks of one orientation without gaps (an axial series angled to each disc has a block per disc), each
+     block written like a volume. Its files are used, skipped (another was preferred; the study has no selected
+     series) or quarantined (a block that cannot become a volume) like any other.
 
 Writes (each Parquet table with a CSV copy beside it):
     --out-volumes              {scan_id}.nii.gz, one volume per study (LPS geometry kept in the NIfTI header)
@@ -37,6 +43,11 @@ Writes (each Parquet table with a CSV copy beside it):
                                depth_mm; stages.anatomy.landmarks), empty when not given
     --out-landmark-rows        every row of the --landmarks table by row number: used, or rejected with the reason
     --out-summary              the counts (JSON)
+    --out-second-volumes       {series}_{block}.nii.gz, the blocks of each study's second series (default: second/
+                               beside --out-manifest)
+    --out-second-series        one row per block: scan_id (the study's volume), subject, study, series, block, plane,
+                               weighting, geometry, volume (Parquet, a CSV copy beside it; default:
+                               second_series.parquet beside --out-manifest)
 
 Identity never leaves this stage: subject, study and scan ids are keyed hashes (HMAC-SHA256); names, IDs, birth dates,
 accession numbers, institutions and dates appear in no output, log or file name; paths and descriptions are scrubbed
@@ -69,10 +80,11 @@ from stages.archive.dicom_index import (
     classify_series,
     fill_missing_uids,
     read_header,
+    second_preference,
     tie_break_key,
     walk,
 )
-from stages.archive.dicom_volume import SeriesError, assemble, write_volume
+from stages.archive.dicom_volume import SeriesError, assemble, split_blocks, write_volume
 from stages.archive.label_scheme import (
     VERSE,
     LabelScheme,
@@ -86,9 +98,12 @@ from stages.archive.manifest import (
     INGEST_OUTPUTS,
     MANIFEST_COLUMNS,
     QUARANTINED,
+    SECOND_COLUMNS,
+    SECOND_OUTPUTS,
     SKIPPED,
     USED,
     IngestOutputs,
+    SecondOutputs,
     write_pseudonymised_tables,
     write_table,
 )
@@ -107,6 +122,7 @@ class Context:
     label_dir: Path | None
     scrubber: re.Pattern | None
     label_scheme: LabelScheme = VERSE
+    second: Path | None = None  # the folder of the second series' volumes (ingest.second_series)
     # Folder and file names already scrubbed: the files of a series share their folders' names, and searching one
     # name for every piece of identity in the archive took more time than the rest of the accounting (issue 20).
     names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -162,10 +178,12 @@ def build_scrubber(records: list[dict[str, Any]]) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)), re.IGNORECASE)
 
 
-def _study_job(job: tuple[Context, list[list[dict[str, Any]]], int]) -> dict[str, Any]:
+def _study_job(job: tuple[Context, list[list[dict[str, Any]]], int, list[tuple[list[dict[str, Any]], dict]]]
+               ) -> dict[str, Any]:
     """Try the candidate series of one study in order; write the first that makes a good volume (of at least
-    ``min_slices`` distinct slice positions, the last item of ``job``)."""
-    ctx, candidates, min_slices = job
+    ``min_slices`` distinct slice positions); then the study's second series (:func:`_second_series`), from the
+    second-series candidates (records and classification), the last item of ``job``."""
+    ctx, candidates, min_slices, seconds = job
     statuses: dict[str, tuple[str, str]] = {}
     row = None
     for rank, records in enumerate(candidates):
@@ -197,6 +215,7 @@ def _study_job(job: tuple[Context, list[list[dict[str, Any]]], int]) -> dict[str
         statuses.update({p: (QUARANTINED, _scrub_reason(reason, ctx)) for p, reason in volume.dropped.items()})
         shape = volume.array.shape
         row = {
+            "_patient_id": first["patient_id"],  # for the second series' identity check; never written
             "scan_id": scan_id, "subject_id": pn.subject_id(ctx.key, first["patient_id"]),
             "study_id": pn.study_id(ctx.key, first["study_uid"]), "study_date": first["study_date"],
             "age_years": _age(first), "sex": first["sex"] or "", "modality": first["modality"],
@@ -208,7 +227,58 @@ def _study_job(job: tuple[Context, list[list[dict[str, Any]]], int]) -> dict[str
             "candidate_rank": rank, "volume": f"volumes/{scan_id}.nii.gz", "label_map": label_map,
             "label_problem": label_problem,
         }
-    return {"row": row, "statuses": statuses}
+    second_rows = _second_series(ctx, row, seconds, statuses)
+    if row is not None:
+        row.pop("_patient_id")
+    return {"row": row, "statuses": statuses, "second_rows": second_rows}
+
+
+def _second_series(ctx: Context, row: dict[str, Any] | None, seconds: list[tuple[list[dict[str, Any]], dict]],
+                   statuses: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """The study's second series (ingest.second_series: e.g. its axial T2), beside the selected one (``row``, None
+    when the study has none: then no second series is kept): the first candidate in ``seconds`` (in order of
+    preference) whose slices all make volumes, one volume per block (one orientation, no gap:
+    stages.archive.dicom_volume.split_blocks) as ``second/{series}_{block}.nii.gz``. Files' statuses go into
+    ``statuses``; returns the rows of second_series.parquet."""
+    rows: list[dict[str, Any]] = []
+    for rank, (records, c) in enumerate(seconds):
+        paths = [r["path"] for r in records]
+        if row is None:
+            statuses.update({p: (SKIPPED, "second series not kept: the study has no selected series") for p in paths})
+            continue
+        if rows:
+            statuses.update({p: (SKIPPED, f"not chosen: another {c['plane']} series of this study was preferred as "
+                                          "its second series (weighting order, more slices, finer pixels, later "
+                                          "series number)") for p in paths})
+            continue
+        if {r["patient_id"] for r in records} != {row["_patient_id"]}:
+            statuses.update({p: (QUARANTINED, "inconsistent identity: the second series' PatientID differs from the "
+                                              "study's selected series") for p in paths})
+            continue
+        try:
+            volumes = [assemble(block, 1) for block in split_blocks(records)]
+        except SeriesError as err:
+            for p in paths:
+                statuses[p] = (QUARANTINED, _scrub_reason(err.files.get(p, f"second series unusable: {err}"), ctx))
+            continue
+        series = pn.series_id(ctx.key, records[0]["series_uid"])
+        first = records[0]
+        for block, volume in enumerate(volumes):
+            name = f"{series}_{block}.nii.gz"
+            write_volume(volume, ctx.second / name)
+            statuses.update({p: (USED, f"in second series {series} of scan {row['scan_id']}" + (
+                f"; {_scrub_reason(volume.notes[p], ctx)}" if p in volume.notes else "")) for p in volume.used})
+            statuses.update({p: (QUARANTINED, _scrub_reason(reason, ctx)) for p, reason in volume.dropped.items()})
+            shape = volume.array.shape
+            rows.append({
+                "scan_id": row["scan_id"], "subject_id": row["subject_id"], "study_id": row["study_id"],
+                "series": series, "block": block, "plane": c["plane"], "weighting": c["weighting"],
+                "echo_time_ms": first["echo_time"], "repetition_time_ms": first["repetition_time"],
+                "spacing_x": volume.spacing[0], "spacing_y": volume.spacing[1], "spacing_z": volume.spacing[2],
+                "size_x": shape[2], "size_y": shape[1], "size_z": shape[0],
+                "series_description": _scrub(first["series_description"], ctx), "n_source_files": len(volume.used),
+                "candidate_rank": rank, "volume": f"second/{name}"})
+    return rows
 
 
 def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[str, str]:
@@ -236,7 +306,8 @@ def _copy_label(ctx: Context, series_uid: str, scan_id: str, volume) -> tuple[st
 def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -> tuple[
         dict[str, tuple[str, str]], dict[str, dict[str, Any]], list[dict[str, Any]], list[tuple[Context, list]]]:
     """Screen the files, group them into series and classify each: the files' statuses so far, each grouped file's
-    series information (for the accounting), the rows of series.csv, and one volume job per study with candidates."""
+    series information (for the accounting), the rows of series.csv, and one volume job per study with candidates
+    (for the selected series or the second series: ingest.second_series)."""
     status = screen(records, ctx)
     info: dict[str, dict[str, Any]] = {}
     by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -245,6 +316,7 @@ def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -
             by_series[r["series_uid"]].append(r)
     series_rows = []
     candidates: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    seconds: dict[str, list[tuple[list[dict[str, Any]], dict[str, Any]]]] = defaultdict(list)
     for uid, members in by_series.items():
         c = classify_series(members, rules)
         sid = pn.series_id(ctx.key, uid)
@@ -253,15 +325,20 @@ def _select(records: list[dict[str, Any]], ctx: Context, rules: ClassifyRules) -
             info[r["path"]] = {"series": sid, "modality": c["modality"], "plane": c["plane"],
                                "weighting": c["weighting"], "description": description}
         series_rows.append({"series": sid, "study_id": pn.study_id(ctx.key, members[0]["study_uid"]),
-                            **{k: v for k, v in c.items() if k not in ("reasons", "description")},
+                            **{k: v for k, v in c.items() if k not in ("reasons", "description", "second_reasons")},
+                            "second_candidate": bool(c["reasons"]) and not c["second_reasons"],
                             "uid_note": members[0]["uid_note"],
                             "description": description, "reasons": "; ".join(c["reasons"])})
-        if c["reasons"]:
+        if not c["reasons"]:
+            candidates[members[0]["study_uid"]].append(members)
+        elif not c["second_reasons"]:
+            seconds[members[0]["study_uid"]].append((members, c))
+        else:
             for r in members:
                 status[r["path"]] = (SKIPPED, "series not selected: " + "; ".join(c["reasons"]))
-        else:
-            candidates[members[0]["study_uid"]].append(members)
-    jobs = [(ctx, sorted(c, key=tie_break_key), rules.min_slices) for _, c in sorted(candidates.items())]
+    jobs = [(ctx, sorted(candidates.get(study, []), key=tie_break_key), rules.min_slices,
+             sorted(seconds.get(study, []), key=lambda s: second_preference(s[0], s[1]["weighting"], rules)))
+            for study in sorted(set(candidates) | set(seconds))]
     return status, info, series_rows, jobs
 
 
@@ -270,14 +347,16 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
                  level_first: str | None = None, files: list[Path] | None = None,
-                 label_scheme: LabelScheme = VERSE) -> dict[str, Any]:
+                 label_scheme: LabelScheme = VERSE, second: SecondOutputs | None = None) -> dict[str, Any]:
     """Run the stage; return the summary. Raises RuntimeError when no volume could be written.
 
     ``landmark_table`` (CSV or Parquet) gives level centres by SeriesInstanceUID (stages.anatomy.landmarks), its columns
     named as in ``landmark_columns`` (ours -> the table's), numeric levels counted from ``level_count_from`` starting
     at ``level_first``. ``files`` (a shard of the archive, see :func:`ingest_shard`) replaces walking the archive:
     then the accounting keeps each file's key and an empty result is no error. Label maps are numbered as
-    ``label_scheme`` says (stages.archive.label_scheme)."""
+    ``label_scheme`` says (stages.archive.label_scheme). Each study's second series (``rules.second_series``) goes to
+    ``second`` (default: laid out beside ``out.manifest``)."""
+    second = second or SecondOutputs.in_folder(out.manifest.parent)
     if not root.is_dir():
         raise FileNotFoundError(f"DICOM folder {root} does not exist")
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
@@ -294,14 +373,16 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
         records = list(tqdm(pool.map(read_header, files, chunksize=64), total=len(files), desc="headers",
                             mininterval=5))
         ctx = Context(root=root, volumes=out.volumes, labels=out.labels, key=key, label_dir=label_dir,
-                      scrubber=build_scrubber(records), label_scheme=label_scheme)
+                      scrubber=build_scrubber(records), label_scheme=label_scheme, second=second.volumes)
         status, info, series_rows, jobs = _select(records, ctx, rules)
         out.volumes.mkdir(parents=True, exist_ok=True)
         out.labels.mkdir(parents=True, exist_ok=True)
+        second.volumes.mkdir(parents=True, exist_ok=True)
         results = list(tqdm(pool.map(_study_job, jobs), total=len(jobs), desc="volumes", mininterval=5))
-    rows = []
+    rows, second_rows = [], []
     for result in results:
         status.update(result["statuses"])
+        second_rows += result["second_rows"]
         if result["row"]:
             rows.append(result["row"])
     # Time: days since the subject's first study in the archive (any series), then drop the absolute date.
@@ -327,13 +408,15 @@ def ingest_dicom(root: Path, out: IngestOutputs, key: bytes, rules: ClassifyRule
         raise AssertionError(f"{len(missing)} files have no status")
     series = pd.DataFrame(series_rows)
     series = series.sort_values("series").reset_index(drop=True) if len(series) else series
+    seconds = pd.DataFrame(second_rows, columns=SECOND_COLUMNS).sort_values(["scan_id", "block"])
     if shard:  # the rest is written once, by merge_shards
         write_table(manifest, out.manifest)
+        write_table(seconds, second.table)
         write_table(accounting, out.files)
         write_table(series, out.series, parquet=False)
         log.info("shard: %d files, %d volumes", len(accounting), len(manifest))
         return {"files": len(accounting), "volumes": len(manifest)}
-    return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
+    return finish(out, key, manifest, accounting, series, gradings, subjects, marks, second, seconds)
 
 
 FILES_COLUMNS = ["file", "status", "reason", "series", "modality", "plane", "weighting", "description"]
@@ -346,9 +429,12 @@ def file_key(key: bytes, root: Path, path: str | Path) -> str:
 
 
 def finish(out: IngestOutputs, key: bytes, manifest: pd.DataFrame, accounting: pd.DataFrame, series: pd.DataFrame,
-           gradings: Path | None, subjects: Path | None, marks: pd.DataFrame | None) -> dict[str, Any]:
-    """Write the manifest, the accounting, series.csv, the pseudonymised tables and landmarks, and the summary."""
+           gradings: Path | None, subjects: Path | None, marks: pd.DataFrame | None, second: SecondOutputs,
+           seconds: pd.DataFrame) -> dict[str, Any]:
+    """Write the manifest, the accounting, series.csv, the second series' table, the pseudonymised tables and
+    landmarks, and the summary."""
     write_table(manifest, out.manifest)
+    write_table(seconds, second.table)
     write_table(accounting, out.files)
     write_table(series, out.series, parquet=False)
     tables = write_pseudonymised_tables(out, key, gradings, subjects, {"patient_id": str, "family_id": str})
@@ -362,6 +448,7 @@ def finish(out: IngestOutputs, key: bytes, manifest: pd.DataFrame, accounting: p
                "quarantined": counts.get(QUARANTINED, 0), "volumes": len(manifest),
                "subjects": int(manifest.subject_id.nunique()), "studies": int(manifest.study_id.nunique()),
                "with_label_map": int((manifest.label_map != "").sum()), "tables": tables,
+               "second_series": int(seconds.series.nunique()), "second_volumes": len(seconds),
                "quarantine_reasons": _reason_counts(accounting[accounting.status == QUARANTINED].reason),
                **problem_counts(manifest.label_problem), "landmarks": landmark_summary}
     assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"]
@@ -464,16 +551,18 @@ def ingest_shard(root: Path, plan: Path, shard: int, out: Path, key: bytes, rule
         raise RuntimeError(f"the archive changed since the plan: {len(mine)} files planned for shard {shard}, "
                            f"{len(files)} found; re-run the ingest plan")
     return ingest_dicom(root, IngestOutputs.in_folder(out), key, rules, workers, label_dir, files=files,
-                        label_scheme=label_scheme)
+                        label_scheme=label_scheme, second=SecondOutputs.in_folder(out))
 
 
 def merge_shards(plan: Path, shards: list[Path], out: IngestOutputs, key: bytes, gradings: Path | None = None,
                  subjects: Path | None = None, landmark_table: Path | None = None,
                  landmark_columns: dict[str, str] | None = None, level_count_from: str = "top",
-                 level_first: str | None = None) -> dict[str, Any]:
+                 level_first: str | None = None, second: SecondOutputs | None = None) -> dict[str, Any]:
     """The shards' outputs (folders of :func:`ingest_shard`) as one ingest over the whole archive: volumes and labels
     linked (or copied) into ``out``'s folders, manifest and series concatenated, every file of ``plan`` (plan.parquet)
-    accounted for in the archive's order."""
+    accounted for in the archive's order; the second series' volumes and table into ``second`` (default: beside
+    ``out.manifest``)."""
+    second = second or SecondOutputs.in_folder(out.manifest.parent)
     marks = read_landmark_table(landmark_table, landmark_columns, level_count_from, level_first)
     plan_table = pd.read_parquet(plan)
     parts = [IngestOutputs.in_folder(s) for s in shards]
@@ -492,6 +581,13 @@ def merge_shards(plan: Path, shards: list[Path], out: IngestOutputs, key: bytes,
         for part in parts:
             for source in sorted(getattr(part, folder).glob("*.nii.gz")):
                 _link(source, getattr(out, folder) / source.name)
+    second.volumes.mkdir(parents=True, exist_ok=True)
+    for shard_dir in shards:
+        for source in sorted(SecondOutputs.in_folder(shard_dir).volumes.glob("*.nii.gz")):
+            _link(source, second.volumes / source.name)
+    second_parts = [pd.read_parquet(SecondOutputs.in_folder(s).table) for s in shards]
+    seconds = pd.concat([t for t in second_parts if len(t)] or second_parts[:1], ignore_index=True).sort_values(
+        ["scan_id", "block"]).reset_index(drop=True)
     manifests = [pd.read_parquet(part.manifest) for part in parts]
     manifest = pd.concat([m for m in manifests if len(m)] or manifests[:1], ignore_index=True).sort_values(
         ["subject_id", "days_since_first_study", "scan_id"])
@@ -499,7 +595,7 @@ def merge_shards(plan: Path, shards: list[Path], out: IngestOutputs, key: bytes,
     series = pd.concat(series_parts, ignore_index=True).sort_values("series").reset_index(drop=True) \
         if series_parts else pd.DataFrame()
     log.info("merged %d shards", len(shards))
-    return finish(out, key, manifest, accounting, series, gradings, subjects, marks)
+    return finish(out, key, manifest, accounting, series, gradings, subjects, marks, second, seconds)
 
 
 def _link(source: Path, target: Path) -> None:
@@ -540,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_landmark_options(parser, "the SeriesInstanceUID")
     cli.add_section_options(parser, "ingest")
     cli.add_output_options(parser, INGEST_OUTPUTS, required=False, title="outputs (but with --out-plan or --shard)")
+    cli.add_output_options(parser, SECOND_OUTPUTS, required=False, title="the second series (ingest.second_series)")
     cli.add_log_option(parser)
     return parser
 
@@ -573,6 +670,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shard {args.shard}: the plan has {plan_shard_count(args.plan)} shards")
     whole = not make_plan and shard is None
     out = IngestOutputs(**cli.outputs_from_args(args, parser, INGEST_OUTPUTS)) if whole else None
+    second = None
+    if whole:
+        second = SecondOutputs.in_folder(out.manifest.parent)
+        second = SecondOutputs(volumes=args.out_second_volumes or second.volumes,
+                               table=args.out_second_series or second.table)
     cli.setup_logging(args.log, "ingest")
     try:
         if make_plan:
@@ -581,10 +683,10 @@ def main(argv: list[str] | None = None) -> int:
             ingest_shard(args.dicom_dir, args.plan, shard[0], args.out, key, rules, args.threads, args.label_dir,
                          scheme)
         elif args.merge:
-            merge_shards(args.plan, args.merge, out, key, args.gradings, args.subjects, **marks)
+            merge_shards(args.plan, args.merge, out, key, args.gradings, args.subjects, **marks, second=second)
         else:
             ingest_dicom(args.dicom_dir, out, key, rules, args.threads, args.label_dir, args.gradings,
-                         args.subjects, **marks, label_scheme=scheme)
+                         args.subjects, **marks, label_scheme=scheme, second=second)
     except RuntimeError as err:
         log.error("%s", err)
         return 1

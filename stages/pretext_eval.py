@@ -63,7 +63,8 @@ def run(checkpoint: Path, pairs: Path, volumes: Path, array: Path, evaluation: P
         raise ValueError(f"{checkpoint} was pretrained on {trained_on} volumes, not on {structure} volumes "
                          f"(--structure {structure}): evaluate it with --structure {trained_on} and the "
                          f"{STRUCTURES[trained_on].array} array")
-    store = VolumeStore(pairs, volumes, array, structure=trained_on, allowed_parts=("test",))
+    uses_pairs = getattr(METHODS[identity["method"]], "uses_pairs", True)
+    store = VolumeStore(pairs if uses_pairs else None, volumes, array, structure=trained_on, allowed_parts=("test",))
     torch.set_num_threads(threads)
     batch = int(identity["config"].get("eval_batch_size", 64))
     table, figures = METHODS[identity["method"]].pretext(ckpt, store, batch)

@@ -45,10 +45,16 @@ import torch.distributed as dist
 
 from stages.training.config import PretrainConfig
 from stages.training.harness import Outputs, World, train
+from stages.training.protocol import configured
 from stages.training.registry import METHODS
 from stages.training.store import VolumeStore, add_array_options, array_from_args
 
 log = logging.getLogger("pretrain")
+
+
+def method_sections() -> list[str]:
+    """The config sections of the methods that have one of their own (``simclr``), as --SECTION-KEY options."""
+    return sorted({s for s in (getattr(m, "section", None) for m in METHODS.values()) if s})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Stop after this many optimiser steps (a smoke test of a config; default: the "
                              "plateau rule or max_epochs).")
     cli.add_section_options(parser, "pretrain")
+    for section in method_sections():
+        cli.add_section_options(parser, section, prefix=section)
     cli.add_log_option(parser)
     return parser
 
@@ -78,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     from stages.core import cli
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser))
+    build = METHODS[args.method]
+    sections = {section: cli.section_from_args(args, section, parser, prefix=section) for section in method_sections()}
+    cfg = configured(build, PretrainConfig.from_config(cli.section_from_args(args, "pretrain", parser)), sections)
     array = array_from_args(args, parser, cfg.structure)
     cli.setup_logging(args.log, "pretrain")
     out = Outputs(encoder=args.encoder, checkpoint=args.checkpoint, metrics=args.metrics, run_config=args.run_config)
     world = World.from_env()
     try:
-        store = VolumeStore(args.pairs, args.volumes, array, structure=cfg.structure)
-        train(METHODS[args.method], cfg, store, out, max_steps=args.max_steps, world=world)
+        pairs = args.pairs if getattr(build, "uses_pairs", True) else None
+        store = VolumeStore(pairs, args.volumes, array, structure=cfg.structure)
+        train(build, cfg, store, out, max_steps=args.max_steps, world=world)
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()

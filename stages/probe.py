@@ -200,7 +200,12 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
              "n_scans": int(train.scan_id.nunique()), "n_train": len(train), "n_val": len(val), "n_test": len(test),
              "n_test_subjects": int(test.subject_id.nunique()), "classes_in_train": sorted(set(train.label.tolist())),
              "samples": counts}
-    frozen_heads = [h for h in cfg.heads if on_disc or h != "transfer"] or ["linear"]
+    # the transfer head trains FC6-FC8 on a 3D trunk's cached maps; an encoder without one (simclr's axial slices,
+    # stages/axial_features.py: pooled features only) has its linear and MLP heads
+    no_trunk = on_disc and inputs.disc_pooled is not None and inputs.disc_maps is None and inputs.disc_trunk is None
+    frozen_heads = [h for h in cfg.heads if (on_disc and not no_trunk) or h != "transfer"] or ["linear"]
+    if no_trunk and "transfer" in cfg.heads:
+        facts["transfer_head"] = "not trained: the encoder's features have no 3D trunk (axial slice features)"
     heads: dict[str, dict[str, Any]] = {}
     predictions = []
     saved: dict[str, np.ndarray] = {"classes": classes}   # the fitted model(s), for Grad-CAM (stages/gradcam.py)
@@ -407,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     frozen.add_argument("--features", type=cli.existing_file, help="Bodies: features.npy of the features stage.")
     frozen.add_argument("--disc-maps", type=cli.existing_file, help="Disc: disc_maps.npy of the disc_features stage.")
     frozen.add_argument("--disc-pooled", type=cli.existing_file,
-                        help="Disc: disc_pooled.npy of the disc_features stage.")
+                        help="Disc: disc_pooled.npy of the disc_features stage, or of the axial_features stage (a "
+                             "simclr encoder: pooled features only, no transfer head).")
     frozen.add_argument("--disc-trunk", type=cli.existing_file, help="Disc: disc_trunk.npz of the disc_features stage.")
     trained = parser.add_argument_group("end to end (the whole network trained on the label subset)")
     trained.add_argument("--end-to-end", action="store_true", help="Train the whole network, not a head on features.")

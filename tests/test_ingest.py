@@ -461,7 +461,8 @@ def test_every_file_is_accounted_for_exactly_once(tiny_cohort, tiny_ingest):
     assert set(files.status) <= {"used", "skipped", "quarantined"}
     assert summary["used"] + summary["skipped"] + summary["quarantined"] == summary["files"] == len(on_disk)
     manifest = pd.read_parquet(out / "manifest.parquet")
-    assert manifest.n_source_files.sum() == summary["used"]
+    second = pd.read_parquet(out / "second_series.parquet")  # each study's axial T2 (ingest.second_series)
+    assert manifest.n_source_files.sum() + second.n_source_files.sum() == summary["used"]
     planted = pd.read_csv(tiny_cohort / "truth" / "planted_files.csv")
     by_file = files.set_index("file")
     for row in planted.itertuples():
@@ -524,9 +525,10 @@ def test_ingest_in_shards_equals_one_job(tiny_cohort, tiny_ingest, tmp_path):
     merged = tmp_path / "merged"
     merge_shards(plan_file, shards, IngestOutputs.in_folder(merged), key, truth / "gradings.csv",
                  truth / "subjects.csv")
-    for name in ("manifest.csv", "files.csv", "series.csv", "gradings.csv", "subjects.csv", "summary.json"):
+    for name in ("manifest.csv", "files.csv", "series.csv", "gradings.csv", "subjects.csv", "summary.json",
+                 "second_series.csv"):
         assert (merged / name).read_text() == (out / name).read_text(), name
-    for folder in ("volumes", "labels"):
+    for folder in ("volumes", "labels", "second"):
         ours = sorted(p.name for p in (merged / folder).iterdir())
         assert ours == sorted(p.name for p in (out / folder).iterdir()) and ours
         assert all((merged / folder / n).read_bytes() == (out / folder / n).read_bytes() for n in ours)

@@ -490,6 +490,9 @@ class ClassifyRules:
     hint_t2: str
     hint_t1: str
     hint_pd: str
+    second_series: bool = False
+    second_plane: tuple[str, ...] = ("axial",)
+    second_weighting: tuple[str, ...] = ("T2",)
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> ClassifyRules:
@@ -544,7 +547,10 @@ def weighting_of(te: float | None, tr: float | None, ti: float | None, descripti
 
 
 def classify_series(records: list[dict[str, Any]], rules: ClassifyRules) -> dict[str, Any]:
-    """Classification of one series from its files' headers, and the reasons it does not meet the selection."""
+    """Classification of one series from its files' headers, the reasons it does not meet the selection
+    (``reasons``), and those it cannot be a study's second series (``second_reasons``: ingest.second_series,
+    second_plane and second_weighting; modality, localizer and frame geometry as for the selection; any number of
+    slices)."""
     first = records[0]
     images = slices_of(records)
     modalities = sorted({r["modality"] for r in records})
@@ -570,10 +576,25 @@ def classify_series(records: list[dict[str, Any]], rules: ClassifyRules) -> dict
         reasons.append("localizer")
     if any(r["frames"] > 1 and not r.get("frame_geometry") for r in records):
         reasons.append("multi-frame object without per-frame geometry (no functional groups)")
+    common = [r for r in reasons if not r.startswith(("plane ", "weighting ", f"{n_images} image(s)"))]
+    second = common + ([] if plane in rules.second_plane else [f"plane {plane} not in {list(rules.second_plane)}"]) \
+        + ([] if modality != "MR" or weighting in rules.second_weighting
+           else [f"weighting {weighting} ({source}) not in {list(rules.second_weighting)}"])
     if n_images < rules.min_slices:
         reasons.append(f"{n_images} image(s), fewer than min_slices {rules.min_slices}")
+    if not rules.second_series:
+        second = ["no second series kept (ingest.second_series false)"]
     return {"modality": modality, "plane": plane, "weighting": weighting, "weighting_source": source,
-            "localizer": localizer, "n_files": len(records), "description": description, "reasons": reasons}
+            "localizer": localizer, "n_files": len(records), "description": description, "reasons": reasons,
+            "second_reasons": second}
+
+
+def second_preference(records: list[dict[str, Any]], weighting: str, rules: ClassifyRules) -> tuple:
+    """Order of preference among the second-series candidates of one study (smallest first): the weighting listed
+    first in ``second_weighting``, then as :func:`tie_break_key`."""
+    rank = rules.second_weighting.index(weighting) if weighting in rules.second_weighting else len(
+        rules.second_weighting)
+    return (rank, *tie_break_key(records))
 
 
 def tie_break_key(records: list[dict[str, Any]]) -> tuple:

@@ -257,6 +257,47 @@ def assemble(records: list[dict[str, Any]], min_slices: int = 2) -> Volume:
                   notes={path: "; ".join(text) for path, text in notes.items()})
 
 
+def split_blocks(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The slices of a series (its files' header records; frames of an enhanced file each on their own) in blocks
+    that can each become a volume: one orientation (within ORIENTATION_TOL) and, along its normal, no gap larger than
+    1.5 times the smallest spacing of the block's orientation. An axial series angled to each disc holds one block
+    per disc (a block per orientation), and parallel blocks at several levels are split at the gaps between them.
+    Blocks are ordered from the patient's head down (the block centre's LPS z, descending). Raises
+    :class:`SeriesError` for slices without geometry or with a non-orthonormal orientation."""
+    images = slices_of(records)
+    for key in ("iop", "ipp", "pixel_spacing"):
+        missing = {r["path"]: f"no {key.upper()}" for r in images if r[key] is None}
+        if missing:
+            raise SeriesError(f"{len(missing)} image(s) without {key.upper()}", missing)
+    bad = {r["path"]: problem for r in images if (problem := orientation_problem(r["iop"]))}
+    if bad:
+        raise SeriesError(next(iter(bad.values())), bad)
+    groups: list[list[dict[str, Any]]] = []
+    for image in images:
+        home = next((g for g in groups if np.abs(np.array(g[0]["iop"]) - image["iop"]).max() <= ORIENTATION_TOL),
+                    None)
+        if home is None:
+            groups.append([image])
+        else:
+            home.append(image)
+    blocks = []
+    for group in groups:
+        normal = orthonormal_axes(group[0]["iop"])[2]
+        position = np.array([np.dot(r["ipp"], normal) for r in group])
+        order = np.argsort(position, kind="stable")
+        gaps = np.diff(position[order])
+        step = gaps[gaps > 1e-3].min() if (gaps > 1e-3).any() else 0.0
+        start = 0
+        for k, gap in enumerate(gaps, start=1):
+            if step and gap > 1.5 * step:
+                blocks.append([group[i] for i in order[start:k]])
+                start = k
+        blocks.append([group[i] for i in order[start:]])
+    # Frames of an enhanced file travel as single-slice entries (their geometry and rescale already in the entry).
+    blocks = [[{**r, "frame_geometry": None} for r in block] for block in blocks]
+    return sorted(blocks, key=lambda b: -float(np.mean([r["ipp"][2] for r in b])))
+
+
 def write_volume(volume: Volume, path: Path) -> None:
     """Write as NIfTI (or any format SimpleITK knows from the extension), atomically.
 

@@ -65,6 +65,35 @@ class IngestOutputs:
                    summary=folder / "summary.json")
 
 
+SECOND_COLUMNS = ["scan_id", "subject_id", "study_id", "series", "block", "plane", "weighting", "echo_time_ms",
+                  "repetition_time_ms", "spacing_x", "spacing_y", "spacing_z", "size_x", "size_y", "size_z",
+                  "series_description", "n_source_files", "candidate_rank", "volume"]
+
+
+@dataclass(frozen=True)
+class SecondOutputs:
+    """Where the DICOM ingest writes each study's second series (ingest.second_series: its axial T2, Hou et al.
+    2023): the folder of their volumes, ``{series}_{block}.nii.gz``, one per block of one orientation, and the table
+    second_series.parquet (SECOND_COLUMNS, a CSV copy beside it), one row per volume, ``volume`` naming it as
+    ``second/{series}_{block}.nii.gz`` (:func:`scan_file` finds it in the folder)."""
+
+    volumes: Path
+    table: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> SecondOutputs:
+        """Laid out in one folder as the workflow lays out results/ingest (and a shard its folder)."""
+        return cls(volumes=folder / "second", table=folder / "second_series.parquet")
+
+
+SECOND_OUTPUTS = {
+    "second_volumes": "Folder of the studies' second series (e.g. axial T2), {series}_{block}.nii.gz "
+                      "(default: 'second' beside --out-manifest).",
+    "second_series": "One row per second-series volume: its scan, study, block, geometry (Parquet; CSV beside it; "
+                     "default: second_series.parquet beside --out-manifest).",
+}
+
+
 INGEST_OUTPUTS = {
     "volumes": "Folder of the volumes, {scan_id}.nii.gz.",
     "labels": "Folder of the label maps, {scan_id}.nii.gz.",

@@ -53,13 +53,15 @@ def existing_file(text: str) -> Path:
     return Path(text)
 
 
-def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
-    """Add ``--key`` for every key of config section ``section`` (help, type and default from the schema)."""
+def add_section_options(parser: argparse.ArgumentParser, section: str, prefix: str = "") -> None:
+    """Add ``--key`` (``--prefix-key`` with a ``prefix``: a second section beside one without, as a method's own
+    section beside ``pretrain``) for every key of config section ``section`` (help, type and default from the
+    schema)."""
     props = load_schema()["properties"][section]["properties"]
     group = parser.add_argument_group(f"config section '{section}' (see workflow/schemas/config.schema.yaml)")
     for key, spec in props.items():
         text = f"{spec['description']} (default: {spec.get('default')})".replace("%", "%%")   # argparse formats help
-        kwargs: dict[str, Any] = {"dest": key, "default": spec.get("default"), "help": text}
+        kwargs: dict[str, Any] = {"dest": _dest(key, prefix), "default": spec.get("default"), "help": text}
         kind = spec["type"]
         if kind == "boolean":
             kwargs.update(type=_boolean, metavar="{true,false}")
@@ -74,13 +76,19 @@ def add_section_options(parser: argparse.ArgumentParser, section: str) -> None:
             kwargs.update(type=_TYPES[kind], metavar={"integer": "N", "number": "X", "string": "TEXT"}[kind])
             if "enum" in spec:
                 kwargs.update(choices=spec["enum"], metavar=None)
-        group.add_argument("--" + key.replace("_", "-"), **kwargs)
+        group.add_argument("--" + (f"{prefix}-" if prefix else "") + key.replace("_", "-"), **kwargs)
 
 
-def section_from_args(args: argparse.Namespace, section: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The section's values from parsed arguments, validated against the schema (a bad value exits with code 2)."""
+def _dest(key: str, prefix: str) -> str:
+    return f"{prefix}__{key}" if prefix else key
+
+
+def section_from_args(args: argparse.Namespace, section: str, parser: argparse.ArgumentParser,
+                      prefix: str = "") -> dict[str, Any]:
+    """The section's values from parsed arguments (options added with ``prefix``), validated against the schema (a
+    bad value exits with code 2)."""
     props = load_schema()["properties"][section]["properties"]
-    values = {key: getattr(args, key) for key in props}
+    values = {key: getattr(args, _dest(key, prefix)) for key in props}
     try:
         validate_config({section: values})
     except ConfigError as err:
@@ -88,13 +96,13 @@ def section_from_args(args: argparse.Namespace, section: str, parser: argparse.A
     return values
 
 
-def section_options(values: dict[str, Any]) -> str:
-    """Render a config section back into shell-quoted command-line options (used by the workflow's rules), keys in
-    sorted order: the same settings give the same string however the user's config orders them (Snakemake re-runs a
-    job whose params string changes)."""
+def section_options(values: dict[str, Any], prefix: str = "") -> str:
+    """Render a config section back into shell-quoted command-line options (used by the workflow's rules; ``prefix``
+    as in :func:`add_section_options`), keys in sorted order: the same settings give the same string however the
+    user's config orders them (Snakemake re-runs a job whose params string changes)."""
     parts = []
     for key, value in sorted(values.items()):
-        flag = "--" + key.replace("_", "-")
+        flag = "--" + (f"{prefix}-" if prefix else "") + key.replace("_", "-")
         if isinstance(value, bool):
             parts.append(f"{flag} {str(value).lower()}")
         elif isinstance(value, (list, tuple)):

@@ -47,6 +47,13 @@ def augmentation(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
+def evaluation_views(first_sample: int) -> int:
+    """The fixed views of an evaluation batch of a view-based method (simclr's validation and pretext test top-1):
+    a function of the batch's first sample alone, so every epoch, and the trained and untrained networks, see the
+    same views."""
+    return 2_000_003 + first_sample
+
+
 def random_encoder(seed: int) -> int:
     """The frozen random encoder of the probes (``pretrain.seed``): pretraining's network at its initial weights."""
     return initial_weights(seed)

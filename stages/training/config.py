@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stages.training.augment import AugmentRanges
@@ -43,6 +43,11 @@ class PretrainConfig:
     flip: bool = True
     prefetch: int = 4
     eval_batch_size: int = 64
+    # set by a method with a config section of its own (Method.configure; not keys of the `pretrain` section): the
+    # optimiser (sgd: SGD with momentum and weight decay, the paper's; adam: Adam with L2 weight decay) and the
+    # method's own section, recorded so that a checkpoint resumes only under the same settings
+    optimiser: str = "sgd"
+    method_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None = None) -> PretrainConfig:
@@ -56,4 +61,11 @@ class PretrainConfig:
                              flip=self.flip)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, inside mappings too (YAML and checkpoint comparisons)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value

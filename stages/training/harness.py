@@ -112,7 +112,8 @@ class TrainState:
     step: int = 0                  # optimiser steps so far
     drops: int = 0
     done: bool = False
-    best_loss: float = float("inf")   # the watched (validation) loss of the best epoch so far
+    best_loss: float = float("inf")   # the watched (validation) figure of the best epoch so far, negated when higher
+                                      # is better (a method's ``watch`` mode "max")
     best_epoch: int = 0
     sums: dict[str, float] = field(default_factory=dict)   # this epoch's training sums so far
     seconds: float = 0.0
@@ -198,6 +199,20 @@ def evaluate(method: Method, part: str, cfg: PretrainConfig, world: World, devic
     return world.all_sum(sums)
 
 
+WATCH = ("loss", "min")   # what the plateau rule watches unless a method says otherwise (its ``watch``)
+
+
+def build_optimiser(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (the Siamese paper's), or Adam with L2 weight decay (``optimiser: adam``,
+    set by a method such as simclr)."""
+    if cfg.optimiser == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimiser == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimiser must be sgd or adam, got {cfg.optimiser!r}")
+
+
 def autocast(device: torch.device, cfg: PretrainConfig) -> torch.autocast:
     """bf16 autocast on CUDA when ``bf16`` is set; a no-op on the CPU."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
@@ -234,17 +249,21 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
         torch.set_num_threads(cfg.threads)
     seeds.seed_torch(seeds.initial_weights(cfg.seed))     # the same on every process
     method = build(cfg, store)
-    if "loss" not in method.columns:
-        raise ValueError(f"method {method.name} logs no 'loss' column (its columns: {list(method.columns)}): the "
-                         "plateau rule watches it")
+    watched_column = getattr(method, "watch", WATCH)[0]
+    if watched_column not in method.columns:
+        raise ValueError(f"method {method.name} logs no {watched_column!r} column (its columns: "
+                         f"{list(method.columns)}): the plateau rule watches it")
     method.model.to(device)
-    model: nn.Module = method.model
     if world.size > 1:
+        if device.type == "cuda":   # batch statistics over the global batch (a no-op without batch normalisation)
+            method.model = nn.SyncBatchNorm.convert_sync_batchnorm(method.model)
         model = nn.parallel.DistributedDataParallel(
             method.model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimiser = torch.optim.SGD(method.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="min", factor=cfg.lr_factor,
+    else:
+        model = method.model
+    optimiser = build_optimiser(method.model, cfg)
+    watched_column, mode = getattr(method, "watch", WATCH)
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode=mode, factor=cfg.lr_factor,
                                                           patience=cfg.plateau_patience)
     identity = run_identity(method.name, cfg, world.size,
                             {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS},
@@ -340,18 +359,19 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
             val_sums = evaluate(method, "val", cfg, world, device)
             state.rows.append(metrics_row(method, val_sums, "val", state.epoch + 1, state.step, lr,
                                           time.perf_counter() - start, 0.0))
-        watched = state.rows[-1]["loss"]
+        watched = state.rows[-1][watched_column]
+        score = watched if mode == "min" else -watched   # lower is better
         log.info("epoch %d: train %s%s; %.1f %s/s, data wait %.1f%%", state.epoch + 1, method.describe(train_row),
                  f"; val {method.describe(state.rows[-1])}" if has_val else "", train_row["samples_per_s"],
                  method.unit, 100 * train_row["data_wait_share"])
-        if watched < state.best_loss:
-            state.best_loss, state.best_epoch = watched, state.epoch + 1
+        if score < state.best_loss:
+            state.best_loss, state.best_epoch = score, state.epoch + 1
             best = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
         schedule.step(watched)
         if optimiser.param_groups[0]["lr"] < lr:
             state.drops += 1
-            log.info("%s loss plateaued: learning rate %.2g -> %.2g", "validation" if has_val else "training", lr,
-                     optimiser.param_groups[0]["lr"])
+            log.info("%s %s plateaued: learning rate %.2g -> %.2g", "validation" if has_val else "training",
+                     watched_column, lr, optimiser.param_groups[0]["lr"])
         state.epoch += 1
         state.batch, state.sums, state.seconds, state.wait_seconds = 0, {}, 0.0, 0.0
         state.done = (state.drops > cfg.lr_drops or state.epoch >= cfg.max_epochs
@@ -361,8 +381,8 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
     final = checkpoint()   # every process takes part (it gathers their RNG states)
     if best:
         method.model.load_state_dict(best)
-        log.info("handing on the weights of epoch %d (lowest %s loss %.4f)", state.best_epoch,
-                 "validation" if has_val else "training", state.best_loss)
+        log.info("handing on the weights of epoch %d (best %s %s %.4f)", state.best_epoch,
+                 "validation" if has_val else "training", watched_column, abs(state.best_loss))
     if world.main:
         write_outputs(out, method, final, metrics, identity, device, world, state.best_epoch)
         shutil.rmtree(out.resume.parent, ignore_errors=True)   # its content is in the final checkpoint now

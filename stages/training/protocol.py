@@ -36,6 +36,11 @@ class Method(Protocol):
 
     Statistics: :meth:`loss` returns, besides the loss, a dict of sums over its batch (summed again over steps and
     processes by the harness); :meth:`summarise` turns such sums into one metrics row.
+
+    Optional members (the defaults in brackets): ``watch``, the column the plateau rule and the choice of the
+    handed-on epoch watch and whether lower or higher is better [("loss", "min")]; ``section``, the name of the
+    method's own config section [None], with the classmethod ``configure(cfg, section_values)`` returning the
+    harness's settings under it (see :func:`configured`); ``uses_pairs``, whether it reads the splits' pairs [True].
     """
 
     name: str                     # its name in the registry, the workflow's {method}
@@ -82,3 +87,12 @@ def handed_on(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The weights of the whole model a pretraining checkpoint hands on: the best epoch's (the last ones if the
     run never finished an epoch)."""
     return checkpoint.get("best_model") or checkpoint["model"]
+
+
+def configured(build: type[Method], cfg: PretrainConfig, sections: dict[str, dict[str, Any]]) -> PretrainConfig:
+    """``cfg`` as method ``build`` runs it: unchanged for a method without a section of its own, else what its
+    ``configure`` makes of it with its section's values from ``sections`` (by section name)."""
+    section = getattr(build, "section", None)
+    if section is None:
+        return cfg
+    return build.configure(cfg, sections.get(section, {}))  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ harness does not change."""
 from __future__ import annotations
 
 from stages.training.methods.siamese import SiameseMethod
+from stages.training.methods.simclr import SimclrMethod
 from stages.training.protocol import Method
 
-METHODS: dict[str, type[Method]] = {"siamese": SiameseMethod}
+METHODS: dict[str, type[Method]] = {"siamese": SiameseMethod, "simclr": SimclrMethod}

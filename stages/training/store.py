@@ -39,6 +39,9 @@ class Structure:
 STRUCTURES: dict[str, Structure] = {
     "vertebra": Structure("vertebra", VERTEBRAE, "vertebrae.npy", "vertebral bodies"),
     "disc": Structure("disc", DISCS, "discs.npy", "discs"),
+    # the axial slices through each disc (n_discs, 3, Ha, Wa), rows aligned with the discs': simclr's images (the
+    # axial_slices stage's slices.npy; the extract stage's resliced axial.npy is read too)
+    "axial": Structure("disc", DISCS, "slices.npy", "axial disc slices"),
 }
 
 
@@ -74,26 +77,29 @@ class VolumeStore:
     """One volume array store of the extract stage, opened read-only, with the rows this run may read.
 
     ``pairs`` and ``volumes``: the splits stage's pairs.parquet and volumes.parquet; ``array``: the extract stage's
-    array of ``structure`` (vertebrae.npy for ``vertebra``, discs.npy for ``disc``), whose rows are the ``row`` of
-    the volumes of that ``kind`` in volumes.parquet, and the ``a`` and ``b`` of every pair. ``allowed_parts``: the
+    array of ``structure`` (vertebrae.npy for ``vertebra``, discs.npy for ``disc``, the axial slices for ``axial``),
+    whose rows are the ``row`` of the volumes of that structure's ``kind`` in volumes.parquet, and the ``a`` and ``b``
+    of every pair (``pairs`` None: a method of single volumes, no pairs). ``allowed_parts``: the
     self-supervision parts whose volumes may be read. Only volumes.parquet's rows of this structure are readable, and
     rows of downstream validation or test subjects never, whatever their self-supervision part.
     """
 
-    def __init__(self, pairs: Path, volumes: Path, array: Path, structure: str = "vertebra",
+    def __init__(self, pairs: Path | None, volumes: Path, array: Path, structure: str = "vertebra",
                  allowed_parts: tuple[str, ...] = TRAIN_PARTS):
         info = lookup_structure(structure)
         self.structure = structure
         self.levels = info.levels     # level index i of a volume (``level``) is the name levels[i]
         self.noun = info.plural
         self.volumes = pd.read_parquet(volumes)
-        pair_table = pd.read_parquet(pairs)
+        pair_table = pd.read_parquet(pairs) if pairs is not None else pd.DataFrame(
+            {"a": [], "b": [], "level": [], "positive": [], "part": []}).astype(
+            {"a": np.int64, "b": np.int64, "positive": bool})
         self.path = Path(array)
-        if self.path.name != info.array:
+        if self.path.name != info.array and not (structure == "axial" and self.path.name == "axial.npy"):
             log.warning("reading %s as the %s array (the extract stage writes it as %s)", self.path, structure,
                         info.array)
         self.array = np.load(self.path, mmap_mode="r")
-        table = self.volumes[self.volumes.kind == structure].set_index("row").sort_index()
+        table = self.volumes[self.volumes.kind == info.kind].set_index("row").sort_index()
         if not table.index.is_unique:
             raise ValueError(f"{volumes} lists a {structure} row twice: re-run the splits stage")
         if len(table) and (table.index.max() >= len(self.array) or table.index.min() < 0):

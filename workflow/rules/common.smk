@@ -45,15 +45,16 @@ def code(stage):
     return [os.path.join(BASEDIR, path) for path in local_imports(BASEDIR, stage)]
 
 
-def stage_options(section, keys=None, skip=()):
+def stage_options(section, keys=None, skip=(), prefix=""):
     """A rule's params: the keys of config ``section`` its stage reads that change results, as command-line options
-    (``keys``, or every key but ``skip``). Keys marked ``x-runtime`` in the schema never get here (runtime_flags)."""
+    (``keys``, or every key but ``skip``; ``--prefix-key`` with a ``prefix``). Keys marked ``x-runtime`` in the schema
+    never get here (runtime_flags)."""
     runtime = runtime_keys(section)
     chosen = [k for k in config[section] if k not in skip] if keys is None else list(keys)
     asked = sorted(runtime.intersection(chosen)) if keys is not None else []
     if asked:
         raise ValueError(f"{section}.{asked[0]} does not change results: pass it with runtime_flags, not as a param")
-    return section_options({k: config[section][k] for k in chosen if k not in runtime})
+    return section_options({k: config[section][k] for k in chosen if k not in runtime}, prefix)
 
 
 def runtime_flags(section, *keys):
@@ -213,9 +214,31 @@ def ingest_stage():
 METHODS_PATTERN = "|".join(config["pretrain"]["methods"])
 
 
-def pretrain_array():
-    """The array pretraining reads (pretrain.structure): the extract stage's vertebrae.npy or discs.npy."""
+# Methods that read the axial slices through each disc (their own structure, whatever pretrain.structure says), and
+# give 2D slice features: no vertebral-body features (level task, t-SNE maps), no 3D trunk (transfer head, pairs).
+AXIAL_METHODS = ["simclr"]
+
+
+def axial_array():
+    """The axial slices through each disc that the axial methods and their probes read: the axial_slices stage's
+    (the study's own axial series, the resliced slices where there is none); a crop-table cohort has only the
+    extract stage's (blank: it is not resliced)."""
+    return rules.extract.output.axial if CROPS else rules.axial_slices.output.slices
+
+
+def pretrain_array(wildcards=None):
+    """The array a pretraining method reads: the axial slices for an axial method; else (pretrain.structure) the
+    extract stage's vertebrae.npy or discs.npy."""
+    if wildcards is not None and wildcards.method in AXIAL_METHODS:
+        return axial_array()
     return rules.extract.output.discs if config["pretrain"]["structure"] == "disc" else rules.extract.output.vertebrae
+
+
+def method_options(wildcards):
+    """The config section of a method that has one (simclr), as --SECTION-KEY options of the pretrain stage."""
+    if wildcards.method in AXIAL_METHODS:
+        return stage_options(wildcards.method, prefix=wildcards.method)
+    return ""
 
 
 def ddp_launcher():
@@ -240,7 +263,7 @@ def reads_bodies(model):
         return True
     if model == "supervised":
         return PROBES["disc_input"] == "bodies"
-    return model in FROZEN and config["pretrain"]["structure"] == "vertebra"
+    return model in FROZEN and model not in AXIAL_METHODS and config["pretrain"]["structure"] == "vertebra"
 
 
 # The frozen encoders whose vertebral-body features exist (the features rule): the level task and the t-SNE maps.
@@ -269,6 +292,7 @@ def all_targets():
     ]
     if not CROPS:  # a crop-table cohort is not localised
         targets += [out("localise", "evaluation.json"), out("extract", "qc", "localisation.png")]
+        targets.append(out("axial", "index.parquet"))
     targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
     targets.append(out("probes", "label_efficiency.csv"))
     targets += report_targets()
@@ -342,6 +366,10 @@ def disc_features_file(encoder, name):
     return out("probes", "features", encoder, f"disc_{name}")
 
 
+def axial_features_inputs(wildcards):
+    return {"code": code("axial_features"), "axial": axial_array(), "encoder": encoder_file(wildcards.encoder)}
+
+
 def disc_features_inputs(wildcards):
     inputs = {"code": code("disc_features"), "discs": rules.extract.output.discs}
     if wildcards.encoder != "random":
@@ -360,7 +388,9 @@ def probe_inputs(wildcards):
     inputs = {"code": code("probe"), "subjects": rules.splits.output.subjects, "volumes": rules.splits.output.volumes}
     model = wildcards.model
     disc = on_disc(wildcards.task)
-    if model in END_TO_END:
+    if model in AXIAL_METHODS:  # a disc task on the axial slices' features, whatever probes.disc_input says
+        inputs["pooled"] = disc_features_file(model, "pooled.npy")
+    elif model in END_TO_END:
         inputs["array"] = rules.extract.output.discs if disc else rules.extract.output.vertebrae
         if model.endswith("-finetune"):
             inputs["encoder"] = encoder_file(model.removesuffix("-finetune"))
@@ -400,7 +430,7 @@ def supervised_options():
 
 
 def probe_options(wildcards):
-    disc = on_disc(wildcards.task)
+    disc = on_disc(wildcards.task) or wildcards.model in AXIAL_METHODS
     if wildcards.model in END_TO_END:
         keys = NETWORK_KEYS + (CLASSIFIER_KEYS + AUGMENT_KEYS if disc else ())
     else:
@@ -409,6 +439,9 @@ def probe_options(wildcards):
 
 
 def probe_flags(wildcards, input):
+    if wildcards.model in AXIAL_METHODS:
+        grades = f" {grade_classes_flag()}" if wildcards.task == "grade" else ""
+        return f"--disc-input disc{grades} --disc-pooled {input.pooled}"
     flags = f"--disc-input {PROBES['disc_input']}"
     if wildcards.task == "grade":
         flags += f" {grade_classes_flag()}"
@@ -440,3 +473,29 @@ def localiser_weights(wildcards=None):
     if choice == "cohort":
         return rules.localiser_train.output.model
     return choice
+
+
+# ---- axial slices (workflow/rules/axial.smk)
+
+
+def axial_slices_inputs(wildcards):
+    """The study's second series (ingest's, from a DICOM archive or the demo's); none for a volumes cohort."""
+    if ingest_stage() != "ingest":
+        return {}
+    return {
+        "second_series": rules.ingest.output.second_series,
+        "second_volumes": rules.ingest.output.second_volumes,
+    }
+
+
+def axial_second_flags(wildcards, input):
+    """--second-series and --second-volumes when the rule has them as inputs."""
+    if "second_series" not in input.keys():
+        return ""
+    return f"--second-series {input.second_series} --second-volumes {input.second_volumes}"
+
+
+def axial_options():
+    """The axial section, and extract.width_fraction (the pixel size of the resliced slices the native match) and
+    axial_spacing_mm (the label map is resliced as extraction resliced the image)."""
+    return f"{stage_options('axial')} {stage_options('extract', keys=('width_fraction', 'axial_spacing_mm'))}"

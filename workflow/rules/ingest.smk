@@ -2,7 +2,8 @@
 # manifest, and the accounting. The same outputs whatever the source, so later stages never ask. A checkpoint: the
 # number of scans in its manifest decides how many shard jobs localise and extract run (scale.scans_per_shard).
 # A DICOM archive (and the demo's) is ingested in shards: a plan (a checkpoint: it splits the archive by subject),
-# one job per shard (a folder each), and the merge (`ingest`). A volumes table is one job.
+# one job per shard (a folder each), and the merge (`ingest`). A volumes table is one job. The DICOM ingest also keeps
+# each study's second series (ingest.second_series: its axial T2) in second/ and second_series.parquet.
 
 
 if ingest_stage() == "ingest":
@@ -80,6 +81,9 @@ if ingest_stage() == "ingest":
             landmarks_csv=out("ingest", "landmarks.csv"),
             landmark_rows=out("ingest", "landmark_rows.csv"),
             summary=out("ingest", "summary.json"),
+            second_volumes=directory(out("ingest", "second")),
+            second_series=out("ingest", "second_series.parquet"),
+            second_series_csv=out("ingest", "second_series.csv"),
         log:
             logs("ingest", "ingest"),
         benchmark:
@@ -97,7 +101,8 @@ if ingest_stage() == "ingest":
             "--out-volumes {output.volumes} --out-labels {output.labels} --out-manifest {output.manifest} "
             "--out-files {output.files} --out-series {output.series} --out-gradings {output.gradings} "
             "--out-subjects {output.subjects} --out-landmarks {output.landmarks} "
-            "--out-landmark-rows {output.landmark_rows} --out-summary {output.summary} > {log} 2>&1"
+            "--out-landmark-rows {output.landmark_rows} --out-summary {output.summary} "
+            "--out-second-volumes {output.second_volumes} --out-second-series {output.second_series} > {log} 2>&1"
 
 else:
 

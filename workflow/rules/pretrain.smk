@@ -11,7 +11,7 @@ rule pretrain:
         code=code("pretrain"),
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
-        array=pretrain_array(),
+        array=pretrain_array,
     output:
         encoder=out("pretrain", "{method}", "encoder.pt"),
         checkpoint=out("pretrain", "{method}", "checkpoint.pt"),
@@ -34,11 +34,12 @@ rule pretrain:
     params:
         ddp=ddp_launcher(),
         options=stage_options("pretrain", skip=("methods",)),
+        method=method_options,
     shell:
         "python {params.ddp} -m stages.pretrain --method {wildcards.method} --pairs {input.pairs} "
         "--volumes {input.volumes} --array {input.array} --encoder {output.encoder} "
         "--checkpoint {output.checkpoint} --metrics {output.metrics} --run-config {output.run_config} "
-        "{params.options} {resources.flags} --threads {threads} > {log} 2>&1"
+        "{params.options} {params.method} {resources.flags} --threads {threads} > {log} 2>&1"
 
 
 rule pretext_eval:
@@ -47,7 +48,7 @@ rule pretext_eval:
         checkpoint=rules.pretrain.output.checkpoint,
         pairs=rules.splits.output.pairs,
         volumes=rules.splits.output.volumes,
-        array=pretrain_array(),
+        array=pretrain_array,
     output:
         evaluation=out("pretrain", "{method}", "pretext", "evaluation.json"),
         distances=out("pretrain", "{method}", "pretext", "distances.parquet"),

@@ -61,6 +61,32 @@ rule features:
         "--meta {output.meta} --threads {threads} > {log} 2>&1"
 
 
+rule axial_features:
+    input:
+        unpack(axial_features_inputs),
+    output:
+        pooled=disc_features_file("{encoder}", "pooled.npy"),
+        meta=disc_features_file("{encoder}", "features.json"),
+    log:
+        logs("probes", "axial_features_{encoder}"),
+    benchmark:
+        bench("probes", "axial_features_{encoder}")
+    wildcard_constraints:
+        encoder="|".join([m for m in FROZEN if m in AXIAL_METHODS]) or "^$",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        flags=runtime_flags("probe_training", "threads"),
+    params:
+        options=stage_options("probe_training", keys=("device",)),
+    shell:
+        "python -m stages.axial_features --encoder {input.encoder} --axial {input.axial} "
+        "--out-pooled {output.pooled} --out-meta {output.meta} {params.options} {resources.flags} > {log} 2>&1"
+
+
 rule disc_features:
     input:
         unpack(disc_features_inputs),
@@ -74,7 +100,7 @@ rule disc_features:
     benchmark:
         bench("probes", "disc_features_{encoder}")
     wildcard_constraints:
-        encoder="|".join(FROZEN),
+        encoder="|".join([m for m in FROZEN if m not in AXIAL_METHODS]),
     conda:
         ENV
     threads: 2

@@ -15,8 +15,9 @@ rule figure_pretext:
     input:
         code=code("figures"),
         distances=expand(rules.pretext_eval.output.distances, method=config["pretrain"]["methods"]),
+        evaluations=expand(rules.pretext_eval.output.evaluation, method=config["pretrain"]["methods"]),
     output:
-        png=in_report(fig("pretext"), "pretext", "3. Pretext task", "pretext task: pair distances and ROC"),
+        png=in_report(fig("pretext"), "pretext", "3. Pretext task", "pretext task, trained vs untrained"),
         pdf=fig("pretext", "pdf"),
     log:
         logs("report", "figure_pretext"),
@@ -225,6 +226,34 @@ rule disc_masks:
     shell:
         "python -m stages.disc_masks --manifest {input.manifest} --structures {input.structures} "
         "--volumes {input.volumes} {params.task} {params.crop} --out {output.masks} > {log} 2>&1"
+
+
+# An axial method reads the axial_slices stage's slices (native or resliced): that stage cuts the disc's label map on
+# exactly their pixels; the test discs' rows of those masks (stages/axial_masks.py) are the attention score's masks.
+rule axial_masks:
+    input:
+        code=code("axial_masks"),
+        index=out("axial", "index.parquet"),  # paths: no axial_slices rule for a crop-table cohort
+        masks=out("axial", "masks.npy"),
+        volumes=rules.splits.output.volumes,
+    output:
+        masks=out("report", "gradcam", "axial_masks.npz"),
+    log:
+        logs("report", "axial_masks"),
+    benchmark:
+        bench("report", "axial_masks")
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        task=stage_options("reports", keys=("gradcam_task",)),
+        spacing=stage_options("extract", keys=("axial_spacing_mm",)),
+    shell:
+        "python -m stages.axial_masks --axial-index {input.index} --axial-masks {input.masks} "
+        "--volumes {input.volumes} {params.task} {params.spacing} --out {output.masks} > {log} 2>&1"
 
 
 rule gradcam:

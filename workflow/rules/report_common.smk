@@ -7,8 +7,15 @@ REPORT_TASK = (
     if REPORTS["gradcam_task"] in PROBES["tasks"]
     else next((t for t in PROBES["tasks"] if t != "level"), None)
 )
-# Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none.
-GRADCAM_MODELS = FROZEN + END_TO_END if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS else []
+# Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none. The axial
+# methods (simclr) are explained on their axial slices (their frozen linear probe); not fine-tuned.
+GRADCAM_MODELS = (
+    [m for m in FROZEN + END_TO_END if m.removesuffix("-finetune") not in AXIAL_METHODS or m in AXIAL_METHODS]
+    if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS
+    else []
+)
+# The methods trained on pairs of volumes: their pretext test pairs are explained (gradcam_pairs, figure_pairs).
+PAIR_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
 # The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
 END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
 
@@ -62,7 +69,7 @@ def gradcam_inputs(wildcards):
     """The probe job explained (its task, test samples and model), the disc masks and the volumes the model reads:
     on the disc volume discs.npy and, for a frozen encoder, its disc classifier's Conv1-Conv5 (disc_trunk.npz: the
     transfer head in model.npz is FC6-FC8 alone); on the two bodies vertebrae.npy and, for a frozen probe of a
-    trained encoder, the encoder."""
+    trained encoder, the encoder; an axial method's probe its axial slices, their masks and its encoder."""
     model = wildcards.model
     inputs = {
         "code": code("gradcam"),
@@ -71,6 +78,12 @@ def gradcam_inputs(wildcards):
         "model": report_job(model, "model.npz"),
         "masks": rules.disc_masks.output.masks,
     }
+    if model in AXIAL_METHODS:
+        return inputs | {
+            "masks": rules.axial_masks.output.masks,
+            "axial": axial_array(),
+            "encoder": encoder_file(model),
+        }
     if gradcam_on_disc():
         inputs["discs"] = rules.extract.output.discs
         if model in FROZEN:
@@ -84,10 +97,12 @@ def gradcam_inputs(wildcards):
 
 def gradcam_encoder_flags(wildcards, input):
     """What the explained model is rebuilt from besides its model.npz: on the disc volume the frozen encoder's
-    disc_trunk.npz; on the two bodies the frozen encoder (the random one is rebuilt from its seed and size). Nothing
-    for a model trained end to end."""
+    disc_trunk.npz; on the two bodies the frozen encoder (the random one is rebuilt from its seed and size); on the
+    axial slices the simclr encoder. Nothing for a model trained end to end."""
     if "disc_trunk" in input.keys():
         return f"--disc-trunk {input.disc_trunk}"
+    if wildcards.model in AXIAL_METHODS:
+        return f"--encoder {input.encoder}"
     if gradcam_on_disc():
         return ""
     if wildcards.model == "random":
@@ -96,8 +111,12 @@ def gradcam_encoder_flags(wildcards, input):
 
 
 def gradcam_volumes_flag(wildcards, input):
-    """The volumes the explained model reads: --discs (the disc volume) or --vertebrae (the two bodies)."""
-    return f"--discs {input.discs}" if "discs" in input.keys() else f"--vertebrae {input.vertebrae}"
+    """The volumes the explained model reads: --discs (the disc volume), --vertebrae (the two bodies) or --axial
+    (an axial method's slices)."""
+    for name in ("discs", "vertebrae", "axial"):
+        if name in input.keys():
+            return f"--{name} {input[name]}"
+    raise ValueError(f"gradcam {wildcards.model}: no volumes among the inputs {list(input.keys())}")
 
 
 def disc_masks_options():
@@ -128,7 +147,7 @@ def report_targets():
     figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
     figures += ["embeddings"] if REPORTS["embeddings"] and BODY_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
-    figures += [f"pairs_{m}" for m in config["pretrain"]["methods"]]
+    figures += [f"pairs_{m}" for m in PAIR_METHODS]
     tables = ["figure_of_merit", "configuration"]
     tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
     tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
