@@ -251,8 +251,9 @@ def ddp_launcher():
 PROBES = config["probes"]
 # Frozen encoders (features extracted once each) and models trained end to end, as named in results/probes/.
 FROZEN = list(config["pretrain"]["methods"]) + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
+# (probes.finetune fine-tunes the 3D encoders end to end; an axial method's fine-tuning is not implemented)
 END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
-    [f"{m}-finetune" for m in config["pretrain"]["methods"]] if PROBES["finetune"] else []
+    [f"{m}-finetune" for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS] if PROBES["finetune"] else []
 )
 
 
