@@ -8,10 +8,8 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
+from kill_run import kill_at_step
 from ssl_data import DISC_SHAPE, store_files, write_ssl_data
 
 from stages import pretext_eval, pretrain
@@ -137,25 +136,8 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_exactly_as_an_uninterrupted_
                            env=_env(), cwd=ROOT)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_stage(data, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), cwd=ROOT)
-    resume = out / "resume" / "last.pt"
-    killed_at = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if resume.exists():
-            try:
-                step = torch.load(resume, weights_only=False)["state"]["step"]
-            except (EOFError, RuntimeError):   # replaced while being read
-                continue
-            if step >= 4:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                killed_at = step
-                break
-        time.sleep(0.02)
-    assert killed_at is not None, "the run finished (or timed out) before it could be killed"
-    assert proc.returncode == -signal.SIGKILL and not (out / "encoder.pt").exists()
+    kill_at_step(_stage(data, out, *extra), out / "resume" / "last.pt", 4, cwd=ROOT, env=_env())
+    assert not (out / "encoder.pt").exists()
     again = subprocess.run(_stage(data, out, *extra), check=False, capture_output=True, text=True, env=_env(), cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr
