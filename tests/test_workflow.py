@@ -143,8 +143,9 @@ def _job_counts(text: str) -> dict[str, int]:
     return counts
 
 
-FROZEN, END_TO_END = ("siamese", "random", "supervised"), ("scratch",)
+FROZEN, END_TO_END = ("siamese", "simclr", "random", "supervised"), ("scratch",)
 BODY_ENCODERS = ("siamese", "random")   # read vertebral bodies: the level task (the supervised one reads discs)
+AXIAL = ("simclr",)   # read the axial slices' features (axial_features): linear and MLP heads, no transfer head
 
 
 @pytest.mark.slow
@@ -156,16 +157,19 @@ def test_probes_run_once_per_job_and_features_once_per_encoder(tiny_run):
     jobs = (len(FROZEN) * 2 + len(BODY_ENCODERS) + len(END_TO_END) * 2) * 2 * 2
     counts = _job_counts(run.stdout + run.stderr)
     assert counts["probe"] == jobs and counts["supervised"] == 1
-    assert counts["features"] == len(BODY_ENCODERS) and counts["disc_features"] == len(FROZEN)
+    assert counts["features"] == len(BODY_ENCODERS) and counts["disc_features"] == len(FROZEN) - len(AXIAL)
+    assert counts["axial_features"] == len(AXIAL)
     results = pd.read_parquet(probes / "results.parquet")
-    # heads: 3 frozen on a disc task (transfer, linear, mlp), 2 on the level (linear, mlp), 1 end to end
-    assert len(results) == (len(FROZEN) * 2 * 3 + len(BODY_ENCODERS) * 2 + len(END_TO_END) * 2) * 2 * 2
+    # heads: 3 frozen on a disc task (transfer, linear, mlp; an axial encoder 2: no transfer head), 2 on the level
+    # (linear, mlp), 1 end to end
+    disc_heads = (len(FROZEN) - len(AXIAL)) * 3 + len(AXIAL) * 2
+    assert len(results) == (disc_heads * 2 + len(BODY_ENCODERS) * 2 + len(END_TO_END) * 2) * 2 * 2
     assert set(results.model) == set(FROZEN + END_TO_END) and set(results.fraction) == {0.5, 1.0}
     assert results[["accuracy"]].notna().all().all()
     summary = pd.read_parquet(probes / "summary.parquet")
     assert {"mean", "std", "ci_low", "ci_high"} <= set(summary.columns)
     efficiency = pd.read_csv(probes / "label_efficiency.csv")
-    assert set(efficiency.model) == {"siamese", "random", "supervised"} and efficiency.verdict.notna().all()
+    assert set(efficiency.model) == set(FROZEN) and efficiency.verdict.notna().all()
     subsets = pd.read_parquet(probes / "subsets.parquet")
     splits = pd.read_parquet(workdir / "results" / "splits" / "subjects.parquet")
     test = set(splits.subject_id[splits.downstream_part.isin(["val", "test"])])
