@@ -7,7 +7,8 @@ extract stage's slices resliced from the sagittal scan, rows aligned with discs.
 
 - ``disc_pooled.npy`` ``(n_discs, K x fc_units)`` float32: the input of the linear and MLP probes (the linear probe,
   a logistic regression, is their one FC layer with a sigmoid; stages/probe.py);
-- ``disc_features.json``: the encoder, its spec, the sizes, the discs whose slices are blank (a crop-table cohort's).
+- ``disc_features.json``: the encoder (its trained weights, or with ``--initial-weights`` those pretraining started
+  from: the random-frozen baseline), its spec, the sizes, the discs whose slices are blank (a crop-table cohort's).
 
 Every disc is processed, whatever its part: a frozen encoder only reads; the probe stage decides who may be trained on.
 
@@ -32,7 +33,7 @@ import torch
 
 from stages.core import cli
 from stages.core.runtime import select_device
-from stages.nets.simclr import SimclrEncoder, disc_features, load_simclr_encoder
+from stages.nets.simclr import SimclrEncoder, disc_features, initial_encoder, load_simclr_encoder
 
 log = logging.getLogger("axial_features")
 
@@ -58,14 +59,17 @@ def compute(encoder: SimclrEncoder, axial: np.ndarray, pooled_file: Path, batch_
     return np.load(pooled_file, mmap_mode="r")
 
 
-def run(axial_file: Path, encoder_path: Path, out: dict[str, Path], threads: int = 1,
-        device: str = "auto") -> dict[str, Any]:
-    """Compute and write the axial features of one simclr encoder (see the module's doc)."""
+def run(axial_file: Path, encoder_path: Path, out: dict[str, Path], threads: int = 1, device: str = "auto",
+        initial_seed: int | None = None) -> dict[str, Any]:
+    """Compute and write the axial features of one simclr encoder (see the module's doc); with ``initial_seed``, of
+    its architecture at pretraining's initial weights for that seed (the random-frozen baseline)."""
     torch.set_num_threads(threads)
     axial = np.load(axial_file, mmap_mode="r")
     if axial.ndim != 4 or len(axial) == 0:
         raise ValueError(f"{axial_file} holds no axial slices (shape {axial.shape}): nothing to embed")
     encoder, saved = load_simclr_encoder(encoder_path)
+    if initial_seed is not None:
+        encoder = initial_encoder(encoder.spec, initial_seed).eval()
     if tuple(axial.shape[2:]) != (encoder.spec.height, encoder.spec.width_px):
         raise ValueError(f"{axial_file} holds {axial.shape[2]} x {axial.shape[3]} slices, but the encoder was "
                          f"trained on {encoder.spec.height} x {encoder.spec.width_px}: extract.axial_size changed "
@@ -75,7 +79,9 @@ def run(axial_file: Path, encoder_path: Path, out: dict[str, Path], threads: int
     started = time.perf_counter()
     pooled = compute(encoder, axial, out["pooled"], device=select_device(device, "probe_training.device"))
     blank = np.flatnonzero(np.asarray(axial).reshape(len(axial), -1).std(1) <= 1e-6)
-    meta = {"encoder": saved["method"], "path": str(encoder_path), "spec": encoder.spec.to_dict(),
+    meta = {"encoder": saved["method"], "path": str(encoder_path),
+            "weights": "trained" if initial_seed is None else f"initial (seed {initial_seed})",
+            "spec": encoder.spec.to_dict(),
             "rows": len(pooled), "slices": int(axial.shape[1]), "pooled_dim": int(pooled.shape[1]),
             "blank_rows": len(blank), "seconds": round(time.perf_counter() - started, 2)}
     out["meta"].write_text(json.dumps(meta, indent=2) + "\n")
@@ -96,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="encoder.pt of a simclr pretraining run.")
     parser.add_argument("--axial", type=cli.existing_file, required=True,
                         help="The axial slices through each disc (the extract stage's axial.npy).")
+    parser.add_argument("--initial-weights", action="store_true",
+                        help="The encoder's architecture at pretraining's initial weights (--encoder-seed), not its "
+                             "trained weights: the random-frozen baseline METHOD-random.")
+    parser.add_argument("--encoder-seed", type=int, default=0, help="--initial-weights: pretrain.seed (default: 0).")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="CPU threads (default: 1).")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when there is a GPU (default).")
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = cli.outputs_from_args(args, parser, OUTPUTS)
     cli.setup_logging(args.log, "axial_features")
-    run(args.axial, args.encoder, out, args.threads, args.device)
+    run(args.axial, args.encoder, out, args.threads, args.device,
+        args.encoder_seed if args.initial_weights else None)
     return 0
 
 

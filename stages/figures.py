@@ -55,7 +55,7 @@ METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": 
 TASK_NAMES = {"grade": "Pfirrmann grade", "herniation": "herniation", "level": "vertebral level"}
 # Fixed colours per model, so that a model has one colour in every figure.
 KNOWN = {"siamese": "#1b6ca8", "simclr": "#7b3294", "random": "#8c8c8c", "scratch": "#d9822b",
-         "supervised": "#2e8b57"}
+         "supervised": "#2e8b57", "simclr-random": "#b8a4c9", "simclr-scratch": "#f2b880"}   # light: simclr's own
 CYCLE = ["#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                      "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.bbox": "tight",
@@ -73,9 +73,12 @@ def colour(model: str, models: list[str]) -> str:
 
 
 def style(model: str, head: str) -> dict[str, Any]:
-    """Line style: solid for a linear head (or end to end), dashed for an MLP, dotted for fine-tuning."""
+    """Line style: solid for a linear head (or end to end), dashed for an MLP, dash-dotted for Hou et al.'s slices
+    head (and each of its grid's settings), dotted for fine-tuning."""
     if model.endswith("-finetune"):
         return {"linestyle": ":"}
+    if head.startswith("slices"):
+        return {"linestyle": "-."}
     return {"linestyle": "--" if head == "mlp" else "-"}
 
 

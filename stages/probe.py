@@ -9,6 +9,12 @@ Models (Jamaludin et al. 2017, section 4.2; Hou et al. 2023):
 - end to end (``--end-to-end``): the same network (stages/nets/disc_net.py) trained on the label subset, from random
   weights (``scratch``) or from a pretrained encoder (``--encoder``: fine-tuning), with early stopping on the
   downstream validation part.
+- the axial slices (``--axial`` with a simclr ``--encoder``; Hou et al. 2023): frozen, their ``slices`` head, one FC
+  layer on the three slices' extractor features trained with Adam on crops shared by the slices, once per
+  (dropout, weight decay) of the ``slice_head`` section (stages/training/slice_head.py), beside the linear and MLP
+  heads on ``--disc-pooled``; end to end, the extractor and that layer trained together (their supervised baseline).
+  ``--initial-weights``: the encoder's architecture at pretraining's initial weights (the ``METHOD-random`` and
+  ``METHOD-scratch`` baselines).
 
 Training samples are the labelled samples of the subset's subjects (all their scans); the test samples are those of
 the downstream test subjects. Before anything is trained the stage checks that every training subject is a downstream
@@ -47,6 +53,7 @@ from stages.evaluation.probe_data import (
     TASKS,
     LeakageError,
     ProbeConfig,
+    SliceHeadConfig,
     Task,
     check_training_subjects,
     grade_mapping,
@@ -145,14 +152,17 @@ class JobInputs:
     disc_trunk: Path | None = None    # frozen, disc: disc_trunk.npz (the classifier's spec and Conv1-Conv5)
     vertebrae: Path | None = None     # end to end, bodies: vertebrae.npy
     discs: Path | None = None         # end to end, disc: discs.npy
-    encoder: Path | None = None       # end to end: start from this encoder.pt (fine-tuning)
+    encoder: Path | None = None       # end to end: start from this encoder.pt (fine-tuning); slices: the extractor
+    axial: Path | None = None         # axial methods: the three axial slices of each disc (slices head, end to end)
+    initial_weights: bool = False     # the encoder's architecture at pretraining's initial weights (``encoder_seed``)
+    encoder_seed: int = 0
 
 
 def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_file: Path, volumes_file: Path,
         out: JobFiles, cfg: ProbeConfig, features: Path | None = None, vertebrae: Path | None = None,
         encoder: Path | None = None, end_to_end: bool = False, width: float = 1.0, embedding_dim: int = 1024,
         disc_input: str = "bodies", inputs: JobInputs | None = None,
-        grade_classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> dict[str, Any]:
+        grade_classes: tuple[int, ...] = (1, 2, 3, 4, 5), slice_cfg: SliceHeadConfig | None = None) -> dict[str, Any]:
     """One probe job on the splits' ``subjects_file`` and ``volumes_file``; writes ``out``.
 
     A disc task reads the disc volume (``disc_input`` "disc": ``inputs`` names the disc features of a frozen encoder,
@@ -203,7 +213,12 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
     # the transfer head trains FC6-FC8 on a 3D trunk's cached maps; an encoder without one (simclr's axial slices,
     # stages/axial_features.py: pooled features only) has its linear and MLP heads
     no_trunk = on_disc and inputs.disc_pooled is not None and inputs.disc_maps is None and inputs.disc_trunk is None
-    frozen_heads = [h for h in cfg.heads if (on_disc and not no_trunk) or h != "transfer"] or ["linear"]
+    slice_cfg = slice_cfg or SliceHeadConfig.from_config()
+    on_slices = "slices" in cfg.heads and inputs.axial is not None and task.kind == "disc"
+    slice_heads = slice_cfg.settings() if on_slices else []
+    frozen_heads = [h for h in cfg.heads if h != "slices" and ((on_disc and not no_trunk) or h != "transfer")]
+    if not frozen_heads and not slice_heads:
+        frozen_heads = ["linear"]
     if no_trunk and "transfer" in cfg.heads:
         facts["transfer_head"] = "not trained: the encoder's features have no 3D trunk (axial slice features)"
     heads: dict[str, dict[str, Any]] = {}
@@ -216,10 +231,15 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
         proba[:, int(np.flatnonzero(classes == only)[0])] = 1.0
         log.warning("%s / subset %s seed %d: every training label is %s; the job predicts it for every test sample",
                     task.name, fraction, subset_seed, only)
-        for head in ([END_TO_END_HEAD] if end_to_end else frozen_heads):
+        for head in ([END_TO_END_HEAD] if end_to_end else frozen_heads + [name for name, _, _ in slice_heads]):
             heads[head] = {**score(task, truth, proba, classes),
                            "note": f"one class ({only}) in the training subset: predicts it"}
             predictions.append(_predictions(test, proba, classes, head))
+    elif end_to_end and inputs.axial is not None:
+        proba, info, history, arrays = _slice_network(train, val, test, classes, inputs, cfg, slice_cfg, seed)
+        saved.update(arrays)
+        heads[END_TO_END_HEAD] = {**score(task, truth, proba, classes), **info}
+        predictions.append(_predictions(test, proba, classes, END_TO_END_HEAD))
     elif end_to_end and on_disc:
         if inputs.discs is None:
             raise ValueError("end-to-end training on the disc volume needs --discs")
@@ -244,7 +264,9 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
     else:
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(1)   # one BLAS thread: faster on these small matrices, and the same bits always
-        if on_disc:
+        if not frozen_heads:
+            x_train = x_test = np.zeros((0, 0), dtype=np.float32)
+        elif on_disc:
             if inputs.disc_pooled is None or ("transfer" in frozen_heads
                                               and (inputs.disc_maps is None or inputs.disc_trunk is None)):
                 raise ValueError("a frozen probe on the disc volume needs --disc-pooled (and --disc-maps and "
@@ -274,6 +296,13 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
                 saved.update(fitted.to_arrays(head))
             heads[head] = {**score(task, truth, proba, classes), **info}
             predictions.append(_predictions(test, proba, classes, head))
+        if slice_heads:
+            fitted = _slice_heads(train, val, test, classes, inputs, cfg, slice_cfg, slice_heads, seed)
+            for head, (proba, info, hist, arrays) in fitted.items():
+                heads[head] = {**score(task, truth, proba, classes), **info}
+                predictions.append(_predictions(test, proba, classes, head))
+                history = pd.concat([h for h in (history, hist.assign(head=head)) if len(h)], ignore_index=True)
+                saved.update(arrays)
         limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
     for path in (out.metrics, out.predictions, out.model, out.history):
@@ -333,6 +362,85 @@ def _transfer_head(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, c
             "views": int(maps.shape[1]), "init": "frozen encoder convolutions, new FC6-FC8",
             "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
     return proba, info, history, save_head(net, "transfer")
+
+
+def _slice_reader(inputs: JobInputs, rows: np.ndarray) -> Any:
+    """A reader of ``inputs.axial``'s discs at ``rows`` by position (it reads no other row)."""
+    from stages.nets.disc_net import BodyReader
+
+    rows = np.asarray(rows, dtype=np.int64)
+    read = BodyReader(inputs.axial, rows)
+    return lambda positions: read(rows[positions])
+
+
+def _slice_encoder(inputs: JobInputs, axial_shape: tuple[int, ...]) -> Any:
+    """The extractor of ``inputs.encoder`` (a simclr encoder.pt), or its architecture at pretraining's initial
+    weights (``inputs.initial_weights``); checked against the axial slices' size."""
+    from stages.nets.simclr import initial_encoder, load_simclr_encoder
+
+    encoder, _ = load_simclr_encoder(inputs.encoder)
+    if tuple(axial_shape[-2:]) != (encoder.spec.height, encoder.spec.width_px):
+        raise ValueError(f"{inputs.axial} holds {axial_shape[-2]} x {axial_shape[-1]} slices, but {inputs.encoder} "
+                         f"was trained on {encoder.spec.height} x {encoder.spec.width_px}")
+    return initial_encoder(encoder.spec, inputs.encoder_seed) if inputs.initial_weights else encoder
+
+
+def _slice_fit_data(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
+                    inputs: JobInputs) -> tuple[Any, Any, np.ndarray]:
+    if inputs.axial is None or inputs.encoder is None:
+        raise ValueError("Hou et al.'s three-slice classifier needs --axial and --encoder (a simclr encoder.pt)")
+    fit_rows = np.concatenate([train.row.to_numpy(), val.row.to_numpy()]).astype(np.int64)
+    targets = np.searchsorted(classes, np.concatenate([train.label.to_numpy(), val.label.to_numpy()]))
+    return _slice_reader(inputs, fit_rows), _slice_reader(inputs, test.row.to_numpy()), targets
+
+
+def _slice_heads(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray, inputs: JobInputs,
+                 cfg: ProbeConfig, slice_cfg: SliceHeadConfig, settings: list[tuple[str, float, float]],
+                 seed: int) -> dict[str, tuple[np.ndarray, dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]]:
+    """Hou et al.'s head (one FC layer on the three slices' frozen features, shared crops, Adam) for every
+    (dropout, weight decay) setting of ``slice_head`` (stages/training/slice_head.py)."""
+    from stages.core.runtime import select_device
+    from stages.training.slice_head import fit_slices, slice_fit
+
+    device = select_device(cfg.device, "probe_training.device")
+    read_fit, read_test, targets = _slice_fit_data(train, val, test, classes, inputs)
+    encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
+    fitted = {}
+    for head, dropout, weight_decay in settings:
+        proba, history, net = fit_slices(encoder, True, dropout, read_fit, read_test, targets, len(train), len(val),
+                                         len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
+                                         slice_cfg.crop_margin, device)
+        info = {"dropout": dropout, "weight_decay": weight_decay, "epochs_run": len(history),
+                "kept_epoch": int(history.epoch[history.kept].iloc[0]),
+                "extractor": "initial weights" if inputs.initial_weights else "pretrained",
+                "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
+        arrays = {f"{head}/fc_weight": net.fc.weight.detach().cpu().numpy(),
+                  f"{head}/fc_bias": net.fc.bias.detach().cpu().numpy()}
+        fitted[head] = (proba, info, history, arrays)
+    return fitted
+
+
+def _slice_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
+                   inputs: JobInputs, cfg: ProbeConfig, slice_cfg: SliceHeadConfig,
+                   seed: int) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]:
+    """Hou et al.'s fully supervised baseline: the extractor and the FC layer trained end to end on the three slices
+    (from ``inputs.encoder``'s weights, or its initial weights), the first (dropout, weight decay) of ``slice_head``."""
+    from stages.core.runtime import select_device
+    from stages.training.slice_head import fit_slices, slice_fit
+
+    device = select_device(cfg.device, "probe_training.device")
+    read_fit, read_test, targets = _slice_fit_data(train, val, test, classes, inputs)
+    encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
+    _, dropout, weight_decay = slice_cfg.settings()[0]
+    proba, history, net = fit_slices(encoder, False, dropout, read_fit, read_test, targets, len(train), len(val),
+                                     len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
+                                     slice_cfg.crop_margin, device)
+    info = {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
+            "init": "initial weights" if inputs.initial_weights else "pretrained", "device": str(device),
+            "dropout": dropout, "weight_decay": weight_decay,
+            "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
+    arrays = {f"{END_TO_END_HEAD}/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    return proba, info, history, arrays
 
 
 def _disc_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
@@ -423,6 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     trained.add_argument("--encoder", type=cli.existing_file, help="Start from this encoder.pt's convolutions "
                                                                    "(fine-tuning; default: random weights).")
     cli.add_encoder_size_options(parser, "End to end from random weights: ")
+    axial = parser.add_argument_group("axial slices (Hou et al. 2023: a simclr encoder's three-slice classifier)")
+    axial.add_argument("--axial", type=cli.existing_file,
+                       help="The three axial slices of every disc (the axial_slices stage's slices.npy): frozen, the "
+                            "slices head (probe_training.heads) on --encoder's extractor; end to end, the extractor "
+                            "and that head trained together.")
+    axial.add_argument("--initial-weights", action="store_true",
+                       help="Use --encoder's architecture at pretraining's initial weights (--encoder-seed), not its "
+                            "trained weights: the random-frozen and from-scratch baselines.")
+    axial.add_argument("--encoder-seed", type=int, default=0, help="--initial-weights: pretrain.seed (default: 0).")
+    cli.add_section_options(parser, "slice_head", prefix="slice")
     files = parser.add_argument_group("outputs")
     files.add_argument("--metrics", type=Path, required=True, help="metrics.json of this job.")
     files.add_argument("--predictions", type=Path, required=True, help="predictions.parquet of this job.")
@@ -439,24 +557,31 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ProbeConfig.from_config(cli.section_from_args(args, "probe_training", parser))
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    slice_cfg = SliceHeadConfig.from_config(cli.section_from_args(args, "slice_head", parser, prefix="slice"))
     frozen_inputs = [args.features, args.disc_maps, args.disc_pooled, args.disc_trunk]
-    if args.end_to_end == any(f is not None for f in frozen_inputs):
-        parser.error("give either a frozen encoder's features (--features, --disc-*) or --end-to-end")
-    if args.end_to_end and args.vertebrae is None and args.discs is None:
-        parser.error("--end-to-end needs --discs or --vertebrae (the array store it trains on)")
-    if not args.end_to_end and args.encoder is not None:
-        parser.error("--encoder is for --end-to-end (fine-tuning); a frozen probe reads its encoder's features")
+    frozen = any(f is not None for f in frozen_inputs) or (args.axial is not None and not args.end_to_end)
+    if args.end_to_end == frozen:
+        parser.error("give either a frozen encoder's features (--features, --disc-*, or --axial with --encoder) or "
+                     "--end-to-end")
+    if args.end_to_end and args.vertebrae is None and args.discs is None and args.axial is None:
+        parser.error("--end-to-end needs --discs, --vertebrae or --axial (the array store it trains on)")
+    if not args.end_to_end and args.encoder is not None and args.axial is None:
+        parser.error("--encoder is for --end-to-end (fine-tuning) or --axial (the slices head's extractor); a frozen "
+                     "probe reads its encoder's features")
+    if (args.axial is not None or args.initial_weights) and args.encoder is None:
+        parser.error("--axial and --initial-weights need --encoder (a simclr encoder.pt)")
     cli.setup_logging(args.log, "probe")
     out = JobFiles(args.metrics, args.predictions, args.model_file, args.history)
     inputs = JobInputs(features=args.features, disc_maps=args.disc_maps, disc_pooled=args.disc_pooled,
-                       disc_trunk=args.disc_trunk, vertebrae=args.vertebrae, discs=args.discs, encoder=args.encoder)
+                       disc_trunk=args.disc_trunk, vertebrae=args.vertebrae, discs=args.discs, encoder=args.encoder,
+                       axial=args.axial, initial_weights=args.initial_weights, encoder_seed=args.encoder_seed)
     try:
         grade_mapping(tuple(args.grade_classes))
     except ValueError as err:
         parser.error(str(err))
     run(args.model, args.task, args.fraction, args.subset_seed, args.subjects, args.volumes, out, cfg,
         end_to_end=args.end_to_end, width=args.width, embedding_dim=args.embedding_dim, disc_input=args.disc_input,
-        inputs=inputs, grade_classes=tuple(args.grade_classes))
+        inputs=inputs, grade_classes=tuple(args.grade_classes), slice_cfg=slice_cfg)
     return 0
 
 

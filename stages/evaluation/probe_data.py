@@ -77,6 +77,37 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class SliceHeadConfig:
+    """The ``slice_head`` section of the config (see its schema). Every (dropout, weight decay) pair of the two lists
+    is one frozen head (their Table 3 grid); the end-to-end baseline uses the first pair."""
+
+    epochs: int
+    patience: int
+    batch_size: int
+    learning_rate: float
+    dropout: tuple[float, ...]
+    weight_decay: tuple[float, ...]
+    crop_margin: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.crop_margin < 0.5:
+            raise ValueError(f"slice_head.crop_margin must be in [0, 0.5), got {self.crop_margin}")
+        if not self.dropout or not self.weight_decay:
+            raise ValueError("slice_head.dropout and slice_head.weight_decay need at least one value each")
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None = None) -> SliceHeadConfig:
+        return section_config(cls, "slice_head", section)
+
+    def settings(self) -> list[tuple[str, float, float]]:
+        """(head name, dropout, weight decay) of every frozen head: ``slices`` alone, or ``slices dr D wd W`` each."""
+        grid = [(d, w) for d in self.dropout for w in self.weight_decay]
+        if len(grid) == 1:
+            return [("slices", *grid[0])]
+        return [(f"slices dr{d:g} wd{w:g}", d, w) for d, w in grid]
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     kind: str           # "disc" (two body volumes per sample) or "vertebra" (one)

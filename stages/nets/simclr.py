@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.core import seeds
+
 # MONAI's ResNet layouts by depth: (block, layers); the channels per stage are 64-128-256-512 x widen_factor
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
@@ -140,6 +142,13 @@ def disc_features(encoder: SimclrEncoder, slices: torch.Tensor) -> torch.Tensor:
     in slice order."""
     n, k = slices.shape[:2]
     return encoder(slices.reshape(n * k, *slices.shape[2:])).reshape(n, k * encoder.spec.fc_units)
+
+
+def initial_encoder(spec: SimclrSpec, seed: int) -> SimclrEncoder:
+    """The encoder at the initial weights pretraining starts from with ``seed`` (``pretrain.seed``): the untrained
+    network of the pretext evaluation and the random-frozen and from-scratch baselines of the probes."""
+    seeds.seed_torch(seeds.random_encoder(seed))
+    return SimclrNet(spec).encoder
 
 
 def load_simclr_encoder(path: Path) -> tuple[SimclrEncoder, dict[str, Any]]:

@@ -9,7 +9,8 @@ The models differ only in what is trained and what a batch holds (stages/probe.p
   Conv1-Conv5 features; a training sample reads one of its cached views per epoch (view 0 as is, the others the
   encoder's fixed augmented copies), validation and test read view 0.
 
-Both: SGD with momentum 0.9 on the class-balanced cross-entropy (Jamaludin et al. 2017, eq. 2), the configured
+Both: SGD with momentum 0.9 (or Adam: Hou et al. 2023's three-slice head, stages/training/slice_head.py) on the
+class-balanced cross-entropy (Jamaludin et al. 2017, eq. 2), the configured
 learning rate, batch size, weight decay and gradient clipping, the weights of the epoch with the lowest loss on the
 downstream validation part kept, stopped after ``patience`` epochs without improvement (after ``epochs`` when there is
 no validation part). Seeded: the same seed gives the same weights on the CPU.
@@ -55,8 +56,11 @@ class ClassifierFit:
     grad_clip: float
     seed: int
     threads: int = 2
+    optimiser: str = "sgd"      # SGD with momentum 0.9, or Adam (Hou et al. 2023's head: stages/training/slice_head.py)
 
     def __post_init__(self) -> None:
+        if self.optimiser not in ("sgd", "adam"):
+            raise ValueError(f"optimiser must be sgd or adam, got {self.optimiser!r}")
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ValueError(f"epochs, patience and batch_size must be >= 1, got {self}")
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -91,7 +95,9 @@ def fit_classifier(model: nn.Module, batches: Batches, targets: np.ndarray, n_tr
     targets_t = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=device)
     criterion = BalancedCrossEntropy(class_balanced_weights(targets_t[:n_train].cpu(), n_classes)).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(trainable, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+    optimiser = (torch.optim.SGD(trainable, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+                 if cfg.optimiser == "sgd" else
+                 torch.optim.Adam(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
     generator = seeds.generator(seeds.end_to_end(cfg.seed))
     best, best_loss, best_epoch, history = copy.deepcopy(model.state_dict()), float("inf"), 0, []
     for epoch in range(1, cfg.epochs + 1):

@@ -250,11 +250,33 @@ def ddp_launcher():
 
 PROBES = config["probes"]
 # Frozen encoders (features extracted once each) and models trained end to end, as named in results/probes/.
-FROZEN = list(config["pretrain"]["methods"]) + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
-# (probes.finetune fine-tunes the 3D encoders end to end; an axial method's fine-tuning is not implemented)
-END_TO_END = (["scratch"] if "scratch" in PROBES["baselines"] else []) + (
-    [f"{m}-finetune" for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS] if PROBES["finetune"] else []
+# An axial method's own baselines (Hou et al. 2023) come with the random and scratch baselines: its network at
+# pretraining's initial weights, frozen (METHOD-random), and trained end to end on the three slices (METHOD-scratch).
+AXIAL_IN_USE = [m for m in config["pretrain"]["methods"] if m in AXIAL_METHODS]
+FROZEN = (
+    list(config["pretrain"]["methods"])
+    + [f"{m}-random" for m in AXIAL_IN_USE if "random" in PROBES["baselines"]]
+    + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
 )
+# (probes.finetune fine-tunes the 3D encoders end to end; an axial method's fine-tuning is not implemented)
+END_TO_END = (
+    (["scratch"] if "scratch" in PROBES["baselines"] else [])
+    + [f"{m}-scratch" for m in AXIAL_IN_USE if "scratch" in PROBES["baselines"]]
+    + ([f"{m}-finetune" for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS] if PROBES["finetune"] else [])
+)
+
+
+def axial_method(model):
+    """The axial method whose network ``model`` is (simclr for simclr, simclr-random and simclr-scratch), or None."""
+    method = model.removesuffix("-random").removesuffix("-scratch")
+    return method if method in AXIAL_IN_USE and model in FROZEN + END_TO_END else None
+
+
+def initial_weights_flags(model):
+    """An axial baseline's extractor: its method's architecture at pretraining's initial weights (pretrain.seed)."""
+    if axial_method(model) and model != axial_method(model):
+        return f"--initial-weights --encoder-seed {config['pretrain']['seed']}"
+    return ""
 
 
 def reads_bodies(model):
@@ -264,7 +286,7 @@ def reads_bodies(model):
         return True
     if model == "supervised":
         return PROBES["disc_input"] == "bodies"
-    return model in FROZEN and model not in AXIAL_METHODS and config["pretrain"]["structure"] == "vertebra"
+    return model in FROZEN and not axial_method(model) and config["pretrain"]["structure"] == "vertebra"
 
 
 # The frozen encoders whose vertebral-body features exist (the features rule): the level task and the t-SNE maps.
@@ -368,7 +390,8 @@ def disc_features_file(encoder, name):
 
 
 def axial_features_inputs(wildcards):
-    return {"code": code("axial_features"), "axial": axial_array(), "encoder": encoder_file(wildcards.encoder)}
+    encoder = encoder_file(axial_method(wildcards.encoder))
+    return {"code": code("axial_features"), "axial": axial_array(), "encoder": encoder}
 
 
 def disc_features_inputs(wildcards):
@@ -385,12 +408,25 @@ def disc_features_flags(wildcards, input):
     return f"--encoder {input.encoder}"
 
 
+def trains_network(model):
+    """Whether a probe job of ``model`` trains a network (end to end, or Hou et al.'s classifier through a frozen
+    axial extractor) rather than heads on cached features."""
+    return model in END_TO_END or bool(axial_method(model))
+
+
+def probe_threads(wildcards):
+    """A probe job's threads: probe_training.threads where it trains a network, else 1."""
+    return config["probe_training"]["threads"] if trains_network(wildcards.model) else 1
+
+
 def probe_inputs(wildcards):
     inputs = {"code": code("probe"), "subjects": rules.splits.output.subjects, "volumes": rules.splits.output.volumes}
     model = wildcards.model
     disc = on_disc(wildcards.task)
-    if model in AXIAL_METHODS:  # a disc task on the axial slices' features, whatever probes.disc_input says
-        inputs["pooled"] = disc_features_file(model, "pooled.npy")
+    if axial_method(model):  # a disc task on the axial slices, whatever probes.disc_input says
+        inputs.update(axial=axial_array(), encoder=encoder_file(axial_method(model)))
+        if model in FROZEN:
+            inputs["pooled"] = disc_features_file(model, "pooled.npy")
     elif model in END_TO_END:
         inputs["array"] = rules.extract.output.discs if disc else rules.extract.output.vertebrae
         if model.endswith("-finetune"):
@@ -431,7 +467,10 @@ def supervised_options():
 
 
 def probe_options(wildcards):
-    disc = on_disc(wildcards.task) or wildcards.model in AXIAL_METHODS
+    if axial_method(wildcards.model):  # the linear and MLP heads, and Hou et al.'s classifier (slice_head)
+        keys = ("seed", "device") + (HEAD_KEYS[1:] if wildcards.model in FROZEN else ())
+        return f"{stage_options('probe_training', keys=keys)} {stage_options('slice_head', prefix='slice')}"
+    disc = on_disc(wildcards.task)
     if wildcards.model in END_TO_END:
         keys = NETWORK_KEYS + (CLASSIFIER_KEYS + AUGMENT_KEYS if disc else ())
     else:
@@ -440,9 +479,12 @@ def probe_options(wildcards):
 
 
 def probe_flags(wildcards, input):
-    if wildcards.model in AXIAL_METHODS:
+    if axial_method(wildcards.model):
         grades = f" {grade_classes_flag()}" if wildcards.task == "grade" else ""
-        return f"--disc-input disc{grades} --disc-pooled {input.pooled}"
+        arrays = f"--axial {input.axial} --encoder {input.encoder} {initial_weights_flags(wildcards.model)}"
+        if wildcards.model in END_TO_END:
+            return f"--disc-input disc{grades} --end-to-end {arrays}"
+        return f"--disc-input disc{grades} --disc-pooled {input.pooled} {arrays}"
     flags = f"--disc-input {PROBES['disc_input']}"
     if wildcards.task == "grade":
         flags += f" {grade_classes_flag()}"

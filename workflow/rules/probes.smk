@@ -72,7 +72,7 @@ rule axial_features:
     benchmark:
         bench("probes", "axial_features_{encoder}")
     wildcard_constraints:
-        encoder="|".join([m for m in FROZEN if m in AXIAL_METHODS]) or "^$",
+        encoder="|".join([m for m in FROZEN if axial_method(m)]) or "^$",
     conda:
         ENV
     threads: 1
@@ -82,8 +82,9 @@ rule axial_features:
         flags=runtime_flags("probe_training", "threads"),
     params:
         options=stage_options("probe_training", keys=("device",)),
+        initial=lambda wildcards: initial_weights_flags(wildcards.encoder),
     shell:
-        "python -m stages.axial_features --encoder {input.encoder} --axial {input.axial} "
+        "python -m stages.axial_features --encoder {input.encoder} --axial {input.axial} {params.initial} "
         "--out-pooled {output.pooled} --out-meta {output.meta} {params.options} {resources.flags} > {log} 2>&1"
 
 
@@ -100,7 +101,7 @@ rule disc_features:
     benchmark:
         bench("probes", "disc_features_{encoder}")
     wildcard_constraints:
-        encoder="|".join([m for m in FROZEN if m not in AXIAL_METHODS]),
+        encoder="|".join([m for m in FROZEN if not axial_method(m)]),
     conda:
         ENV
     threads: 2
@@ -136,10 +137,10 @@ rule probe:
         seed=r"\d+",
     conda:
         ENV
-    threads: lambda wildcards: config["probe_training"]["threads"] if wildcards.model in END_TO_END else 1
+    threads: probe_threads
     resources:
         mem_mb=4000,
-        runtime=lambda wildcards: 6 * 60 if wildcards.model in END_TO_END else 30,
+        runtime=lambda wildcards: 6 * 60 if trains_network(wildcards.model) else 30,
     params:
         flags=probe_flags,
         options=probe_options,

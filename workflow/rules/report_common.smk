@@ -8,9 +8,9 @@ REPORT_TASK = (
     else next((t for t in PROBES["tasks"] if t != "level"), None)
 )
 # Grad-CAM needs the discs' label maps (their share of the attention); a crop-table cohort has none. The axial
-# methods (simclr) are explained on their axial slices (their frozen linear probe); not fine-tuned.
+# methods (simclr) are explained on their axial slices (their frozen linear probe); their baselines are not.
 GRADCAM_MODELS = (
-    [m for m in FROZEN + END_TO_END if m.removesuffix("-finetune") not in AXIAL_METHODS or m in AXIAL_METHODS]
+    [m for m in FROZEN + END_TO_END if not axial_method(m) or m in AXIAL_METHODS]
     if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS
     else []
 )
