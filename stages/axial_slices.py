@@ -12,7 +12,7 @@ Run:
 What happens, scan by scan: every slice of the study's second series (ingest.second_series; its volumes, one per
 block) is assigned to a disc level of the sagittal localisation, or to none (stages/anatomy/axial.py: distance to the
 disc centre, angle to the disc plane, inside the field of view). A disc with at least 3 slices gets its three central
-ones (of 5: 2-4; of 4: 1-3), cut around the disc centre at the resliced stack's pixel size and orientation and
+ones (of 5: 2-4; of 4: 1-3, and 2-4 as its second sample), cut around the disc centre at the resliced stack's pixel size and orientation and
 ``--axial``'s size, their intensities scaled so that their median over the pixels the resliced stack covers equals
 the resliced stack's (which extraction normalised to the neighbouring vertebral bodies): source ``native``. Any other
 disc keeps the resliced stack of ``--axial`` (source ``resliced``), or zeros where extraction flagged the disc
@@ -30,10 +30,12 @@ Writes:
                       ``row`` of the index's disc rows, and of kind "disc" in the splits stage's volumes.parquet)
     --out-masks       uint8 (n_discs, 3, Ha, Wa): the disc's mask on each of those slices (zeros where has_mask is
                       False)
+    --out-second-sample  float16 (n_discs, 3, Ha, Wa): slices 2-4 of a disc with 4 native slices (Hou et al.'s
+                      second sample of it, scaled as the first; second_sample in the index), zeros for any other disc
     --out-index       one row per disc row: row, scan_id, level, source (native | resliced | none), n_slices (the
                       slices assigned to the disc), series and slices (block:slice of the three used), scale,
-                      has_mask (the scan has a label map and the disc has slices: source not none) (Parquet; a CSV
-                      copy beside it)
+                      has_mask (the scan has a label map and the disc has slices: source not none), second_sample
+                      (Parquet; a CSV copy beside it)
     --out-assignment  one row per axial slice: scan_id, study_id, series, block, slice (in its block), level ("" for
                       none), distance_mm and angle_deg (to that disc, or to the nearest), disc_row (-1 when none),
                       central (one of the three used) (Parquet; a CSV copy beside it)
@@ -70,6 +72,8 @@ log = logging.getLogger("axial_slices")
 OUTPUTS = {
     "slices": "Three axial slices per disc row, float16 (n_discs, 3, Ha, Wa).",
     "masks": "The disc's label on those slices, uint8 (n_discs, 3, Ha, Wa) (zeros without a label map).",
+    "second_sample": "Slices 2-4 of each disc with 4 native slices (its second sample), float16 (n_discs, 3, Ha, Wa); "
+                     "zeros for every other disc.",
     "index": "One row per disc row: its source (native | resliced | none) (Parquet; a CSV copy beside it).",
     "assignment": "One row per axial slice: its disc level or none (Parquet; a CSV copy beside it).",
 }
@@ -132,6 +136,13 @@ def scan_slices(scan_id: str, volumes: pd.DataFrame, folder: Path, discs: pd.Dat
             a["central"] = True
         native[level] = {"slices": scaled, "scale": scale, "n_slices": len(mine), "series": used[0]["series"],
                          "used": ";".join(f"{a['block']}:{a['slice']}" for a in used)}
+        if len(mine) == 4:   # Hou et al.: 4 slices give two samples, slices 1-3 (the central three) and 2-4
+            other = np.stack([cut_slice(blocks[a["_block"]][2], blocks[a["_block"]][1], a["slice"], centre, axis, ap,
+                                        size, step) for a in mine[1:]])
+            with np.errstate(over="ignore"):
+                second = (other * scale).astype(np.float16)   # the first sample's scale: one disc, one series
+            if np.isfinite(second).all():
+                native[level]["second"] = second
         if label is not None:
             indicator = disc_indicator(label[0], level)
             native[level]["masks"] = np.stack([cut_mask(indicator, label[1], blocks[a["_block"]][1], a["slice"],
@@ -173,12 +184,15 @@ def axial_slices(index_file: Path, axial_file: Path, structures_file: Path, seco
     size = (int(axial.shape[2]), int(axial.shape[3])) if axial.ndim == 4 else (0, 0)
     slices = np.lib.format.open_memmap(out["slices"], "w+", np.float16, axial.shape)
     masks = np.lib.format.open_memmap(out["masks"], "w+", np.uint8, axial.shape)
+    second = np.lib.format.open_memmap(out["second_sample"], "w+", np.float16, axial.shape)
     flags = discs["flag"].fillna("") if "flag" in discs else pd.Series("", index=discs.index)
     rows_out = [{"row": int(d.row), "scan_id": d.scan_id, "level": d.level,
                  "source": "resliced" if flags.iloc[i] == "" else "none", "n_slices": 0, "series": "", "slices": "",
-                 "scale": float("nan"), "has_mask": False} for i, d in enumerate(discs.itertuples())]
+                 "scale": float("nan"), "has_mask": False, "second_sample": False}
+                for i, d in enumerate(discs.itertuples())]
     slices[:] = axial
     masks[:] = 0
+    second[:] = 0
     assignment: list[dict] = []
     scans = sorted(set(discs.scan_id) & set(seconds.scan_id))
     for scan_id in tqdm(sorted(set(discs.scan_id)), desc="scans", mininterval=5):
@@ -203,7 +217,9 @@ def axial_slices(index_file: Path, axial_file: Path, structures_file: Path, seco
             if level in native:
                 slices[row] = native[level]["slices"]
                 rows_out[row].update(source="native", series=native[level]["series"], slices=native[level]["used"],
-                                     scale=native[level]["scale"])
+                                     scale=native[level]["scale"], second_sample="second" in native[level])
+                if "second" in native[level]:
+                    second[row] = native[level]["second"]
             if label is None or rows_out[row]["source"] == "none":
                 continue
             if level in native:
@@ -217,13 +233,15 @@ def axial_slices(index_file: Path, axial_file: Path, structures_file: Path, seco
             rows_out[row]["has_mask"] = True
     slices.flush()
     masks.flush()
+    second.flush()
     table = pd.DataFrame(rows_out, columns=INDEX_COLUMNS)
     write_table(table, out["index"])
     write_table(pd.DataFrame(assignment, columns=ASSIGNMENT_COLUMNS), out["assignment"])
     counts = table.source.value_counts().to_dict()
-    log.info("%d disc rows: %d native, %d resliced, %d none; %d axial slices of %d scans, %d assigned to a disc",
-             len(table), counts.get("native", 0), counts.get("resliced", 0), counts.get("none", 0), len(assignment),
-             len(scans), sum(1 for a in assignment if a["level"]))
+    log.info("%d disc rows: %d native (%d with a second sample), %d resliced, %d none; %d axial slices of %d scans, "
+             "%d assigned to a disc", len(table), counts.get("native", 0), int(table.second_sample.sum()),
+             counts.get("resliced", 0), counts.get("none", 0), len(assignment), len(scans),
+             sum(1 for a in assignment if a["level"]))
     log.info("disc masks of %d disc rows (%d scans with a label map); the disc covers %.3f of their slices",
              int(table.has_mask.sum()), len(set(discs.scan_id) & set(labels)),
              float(masks[table.has_mask.to_numpy(bool)].mean()) if table.has_mask.any() else float("nan"))

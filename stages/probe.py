@@ -154,6 +154,7 @@ class JobInputs:
     discs: Path | None = None         # end to end, disc: discs.npy
     encoder: Path | None = None       # end to end: start from this encoder.pt (fine-tuning); slices: the extractor
     axial: Path | None = None         # axial methods: the three axial slices of each disc (slices head, end to end)
+    axial_second: Path | None = None  # their second sample (slices 2-4 of a 4-slice disc; zeros for other discs)
     initial_weights: bool = False     # the encoder's architecture at pretraining's initial weights (``encoder_seed``)
     encoder_seed: int = 0
 
@@ -364,13 +365,27 @@ def _transfer_head(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, c
     return proba, info, history, save_head(net, "transfer")
 
 
-def _slice_reader(inputs: JobInputs, rows: np.ndarray) -> Any:
-    """A reader of ``inputs.axial``'s discs at ``rows`` by position (it reads no other row)."""
+def _slice_reader(inputs: JobInputs, rows: np.ndarray, second: np.ndarray | None = None) -> Any:
+    """A reader of the discs at ``rows`` by position: ``inputs.axial``'s slices, or where ``second`` is set
+    ``inputs.axial_second``'s (a disc's second sample); it reads no other row."""
+    import torch
+
     from stages.nets.disc_net import BodyReader
 
     rows = np.asarray(rows, dtype=np.int64)
-    read = BodyReader(inputs.axial, rows)
-    return lambda positions: read(rows[positions])
+    second = np.zeros(len(rows), dtype=bool) if second is None else np.asarray(second, dtype=bool)
+    first_read = BodyReader(inputs.axial, rows[~second])
+    second_read = BodyReader(inputs.axial_second, rows[second]) if second.any() else None
+
+    def read(positions: np.ndarray) -> torch.Tensor:
+        r, s = rows[positions], second[positions]
+        if second_read is None or not s.any():
+            return first_read(r)
+        out = torch.empty((len(r), *first_read.array.shape[1:]), dtype=torch.float32)
+        out[torch.from_numpy(~s)] = first_read(r[~s])
+        out[torch.from_numpy(s)] = second_read(r[s])
+        return out
+    return read
 
 
 def _slice_encoder(inputs: JobInputs, axial_shape: tuple[int, ...]) -> Any:
@@ -386,12 +401,25 @@ def _slice_encoder(inputs: JobInputs, axial_shape: tuple[int, ...]) -> Any:
 
 
 def _slice_fit_data(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
-                    inputs: JobInputs) -> tuple[Any, Any, np.ndarray]:
+                    inputs: JobInputs) -> tuple[Any, Any, np.ndarray, int]:
+    """Readers of the training samples (then the validation discs) and of the test discs, the training and
+    validation targets, and the number of training samples: every training disc, and again through its second
+    sample where it has one (Hou et al.: slices 2-4 of a 4-slice disc; ``inputs.axial_second``). Validation and
+    test discs are seen through their central three slices."""
     if inputs.axial is None or inputs.encoder is None:
         raise ValueError("Hou et al.'s three-slice classifier needs --axial and --encoder (a simclr encoder.pt)")
-    fit_rows = np.concatenate([train.row.to_numpy(), val.row.to_numpy()]).astype(np.int64)
-    targets = np.searchsorted(classes, np.concatenate([train.label.to_numpy(), val.label.to_numpy()]))
-    return _slice_reader(inputs, fit_rows), _slice_reader(inputs, test.row.to_numpy()), targets
+    train_rows = train.row.to_numpy(dtype=np.int64)
+    extra = train_rows[:0]
+    if inputs.axial_second is not None:
+        second = np.load(inputs.axial_second, mmap_mode="r")
+        extra = train_rows[[bool(np.any(second[r])) for r in train_rows]]
+    labels = dict(zip(train_rows, train.label.to_numpy()))
+    fit_rows = np.concatenate([train_rows, extra, val.row.to_numpy(dtype=np.int64)])
+    is_second = np.concatenate([np.zeros(len(train_rows), bool), np.ones(len(extra), bool), np.zeros(len(val), bool)])
+    targets = np.searchsorted(classes, np.concatenate([train.label.to_numpy(), [labels[r] for r in extra],
+                                                       val.label.to_numpy()]).astype(train.label.dtype))
+    return (_slice_reader(inputs, fit_rows, is_second), _slice_reader(inputs, test.row.to_numpy()), targets,
+            len(train_rows) + len(extra))
 
 
 def _slice_heads(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray, inputs: JobInputs,
@@ -403,14 +431,15 @@ def _slice_heads(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, cla
     from stages.training.slice_head import fit_slices, slice_fit
 
     device = select_device(cfg.device, "probe_training.device")
-    read_fit, read_test, targets = _slice_fit_data(train, val, test, classes, inputs)
+    read_fit, read_test, targets, n_fit = _slice_fit_data(train, val, test, classes, inputs)
     encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
     fitted = {}
     for head, dropout, weight_decay in settings:
-        proba, history, net = fit_slices(encoder, True, dropout, read_fit, read_test, targets, len(train), len(val),
+        proba, history, net = fit_slices(encoder, True, dropout, read_fit, read_test, targets, n_fit, len(val),
                                          len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
                                          slice_cfg.crop_margin, device)
-        info = {"dropout": dropout, "weight_decay": weight_decay, "epochs_run": len(history),
+        info = {"dropout": dropout, "weight_decay": weight_decay, "second_samples": n_fit - len(train),
+                "epochs_run": len(history),
                 "kept_epoch": int(history.epoch[history.kept].iloc[0]),
                 "extractor": "initial weights" if inputs.initial_weights else "pretrained",
                 "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
@@ -429,15 +458,15 @@ def _slice_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, c
     from stages.training.slice_head import fit_slices, slice_fit
 
     device = select_device(cfg.device, "probe_training.device")
-    read_fit, read_test, targets = _slice_fit_data(train, val, test, classes, inputs)
+    read_fit, read_test, targets, n_fit = _slice_fit_data(train, val, test, classes, inputs)
     encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
     _, dropout, weight_decay = slice_cfg.settings()[0]
-    proba, history, net = fit_slices(encoder, False, dropout, read_fit, read_test, targets, len(train), len(val),
+    proba, history, net = fit_slices(encoder, False, dropout, read_fit, read_test, targets, n_fit, len(val),
                                      len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
                                      slice_cfg.crop_margin, device)
     info = {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
             "init": "initial weights" if inputs.initial_weights else "pretrained", "device": str(device),
-            "dropout": dropout, "weight_decay": weight_decay,
+            "dropout": dropout, "weight_decay": weight_decay, "second_samples": n_fit - len(train),
             "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
     arrays = {f"{END_TO_END_HEAD}/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     return proba, info, history, arrays
@@ -536,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="The three axial slices of every disc (the axial_slices stage's slices.npy): frozen, the "
                             "slices head (probe_training.heads) on --encoder's extractor; end to end, the extractor "
                             "and that head trained together.")
+    axial.add_argument("--axial-second", type=cli.existing_file,
+                       help="The second sample of every disc with 4 axial slices (the axial_slices stage's "
+                            "second_sample.npy, zeros for other discs): a training disc that has one is trained on "
+                            "both samples (Hou et al.).")
     axial.add_argument("--initial-weights", action="store_true",
                        help="Use --encoder's architecture at pretraining's initial weights (--encoder-seed), not its "
                             "trained weights: the random-frozen and from-scratch baselines.")
@@ -568,13 +601,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.end_to_end and args.encoder is not None and args.axial is None:
         parser.error("--encoder is for --end-to-end (fine-tuning) or --axial (the slices head's extractor); a frozen "
                      "probe reads its encoder's features")
+    if args.axial_second is not None and args.axial is None:
+        parser.error("--axial-second goes with --axial")
     if (args.axial is not None or args.initial_weights) and args.encoder is None:
         parser.error("--axial and --initial-weights need --encoder (a simclr encoder.pt)")
     cli.setup_logging(args.log, "probe")
     out = JobFiles(args.metrics, args.predictions, args.model_file, args.history)
     inputs = JobInputs(features=args.features, disc_maps=args.disc_maps, disc_pooled=args.disc_pooled,
                        disc_trunk=args.disc_trunk, vertebrae=args.vertebrae, discs=args.discs, encoder=args.encoder,
-                       axial=args.axial, initial_weights=args.initial_weights, encoder_seed=args.encoder_seed)
+                       axial=args.axial, axial_second=args.axial_second, initial_weights=args.initial_weights,
+                       encoder_seed=args.encoder_seed)
     try:
         grade_mapping(tuple(args.grade_classes))
     except ValueError as err:

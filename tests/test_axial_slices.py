@@ -170,9 +170,12 @@ def test_without_second_series_the_axial_files_are_skipped_with_the_reason(tiny_
 
 def _block(path: Path, zs: list[float], value: float) -> None:
     """An axial block of 32 x 32 pixels of 2 mm centred on x = y = 0 at heights ``zs`` (equally spaced), a bright
-    square in the middle."""
+    square in the middle, and in it a brighter 8 mm marker at a place of each slice's own (slice k: columns
+    10 + 2k to 13 + 2k), which tells the slices apart."""
     array = np.zeros((len(zs), 32, 32), np.float32)
     array[:, 8:24, 8:24] = value
+    for k in range(len(zs)):
+        array[k, 10:14, 10 + 2 * k:14 + 2 * k] = 2 * value
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((2.0, 2.0, abs(zs[1] - zs[0])))
     image.SetOrigin((-31.0, -31.0, zs[0]))
@@ -228,7 +231,7 @@ def _stage(tmp_path: Path, label_maps: dict[str, str | None]) -> tuple[pd.DataFr
     pd.DataFrame({"scan_id": list(label_maps), "label_map": list(label_maps.values())}).to_parquet(
         tmp_path / "manifest.parquet")
     out = {name: tmp_path / "out" / f"{name}.{'parquet' if name in ('index', 'assignment') else 'npy'}"
-           for name in ("slices", "masks", "index", "assignment")}
+           for name in ("slices", "masks", "second_sample", "index", "assignment")}
     table = axial_slices(tmp_path / "index.parquet", tmp_path / "axial.npy", tmp_path / "structures.parquet",
                          tmp_path / "second_series.parquet", tmp_path / "second", tmp_path / "manifest.parquet", out,
                          CFG, 0.5, 2.0)
@@ -249,6 +252,8 @@ def test_native_slices_where_covered_resliced_elsewhere_and_none_for_flagged_dis
     assert list(table.source) == ["native", "resliced", "none", "resliced"]
     assert list(table.n_slices) == [4, 0, 0, 0]
     assert table.slices.iloc[0] == "0:3;0:2;0:1"  # of 4 slices ordered down the spine (z falling), slices 1-3
+    # ... and its second sample, slices 2-4 (block slices 2, 1, 0): one slice further down, scaled alike
+    assert list(table.second_sample) == [True, False, False, False]
     slices = np.load(tmp_path / "out" / "slices.npy")
     assert slices.shape == axial.shape and slices.dtype == np.float16
     np.testing.assert_array_equal(slices[[1, 3]], axial[[1, 3]])
@@ -258,6 +263,10 @@ def test_native_slices_where_covered_resliced_elsewhere_and_none_for_flagged_dis
     assert not np.array_equal(native, axial[0])
     np.testing.assert_allclose(np.median(native[native > 0]), 0.25, rtol=1e-2)
     assert (native[:, 8, 8] > 0).all() and native[:, 0, 0].max() == 0  # 32 mm square inside a 64 mm field
+    second = np.load(tmp_path / "out" / "second_sample.npy")
+    assert second.shape == axial.shape and second.dtype == np.float16 and not second[1:].any()
+    np.testing.assert_array_equal(second[0, :2], slices[0, 1:])
+    assert second[0, 2].any() and not any(np.array_equal(second[0, 2], s) for s in slices[0])
     assignment = pd.read_parquet(tmp_path / "out" / "assignment.parquet")
     assert len(assignment) == 6
     assert list(assignment.level) == ["L3-L4"] * 4 + ["", ""]
@@ -317,7 +326,8 @@ def test_the_stage_runs_from_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stages.axial_slices", "--index", str(ROOT / "README.md"),
                           "--axial", str(ROOT / "README.md"), "--structures", str(ROOT / "README.md"),
                           "--second-series", str(ROOT / "README.md"), "--manifest", str(ROOT / "README.md"),
-                          "--out-slices", "a", "--out-masks", "m", "--out-index", "b", "--out-assignment", "c"],
+                          "--out-slices", "a", "--out-masks", "m", "--out-second-sample", "s", "--out-index", "b",
+                          "--out-assignment", "c"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "go together" in bad.stderr
 

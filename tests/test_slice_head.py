@@ -227,3 +227,35 @@ def test_the_cli_names_what_the_slices_head_needs(axial, tmp_path):
                                   "--threads", "1", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert set(json.loads((tmp_path / "m.json").read_text())["heads"]) == {"slices"}
+
+
+def test_a_training_disc_with_a_second_sample_is_trained_on_both_and_no_other_disc_is(axial, tmp_path, monkeypatch):
+    """Hou et al.: a disc with 4 axial slices gives two samples (slices 1-3 and 2-4). Its second sample joins the
+    training set when the disc is a training disc; validation and test discs are seen through their first."""
+    from stages.nets import disc_net
+    volumes = pd.read_parquet(axial / "splits" / "volumes.parquet")
+    discs = volumes[volumes.kind == "disc"]
+    slices = np.load(axial / "extract" / "slices.npy")
+    second = np.zeros_like(slices)
+    with_second = discs.row.to_numpy()[::3]
+    second[with_second] = slices[with_second] + np.float16(0.5)
+    np.save(axial / "second.npy", second)
+    opened: list[tuple[str, set]] = []
+    original = disc_net.BodyReader.__init__
+
+    def spy(self, path, rows):
+        opened.append((Path(path).name, set(np.asarray(rows).tolist())))
+        original(self, path, rows)
+    monkeypatch.setattr(disc_net.BodyReader, "__init__", spy)
+    inputs = JobInputs(disc_pooled=axial / "pretrained" / "disc_pooled.npy", axial=axial / "extract" / "slices.npy",
+                       axial_second=axial / "second.npy", encoder=axial / "encoder.pt")
+    result = run("simclr", "herniation", 1.0, 0, axial / "splits" / "subjects.parquet",
+                 axial / "splits" / "volumes.parquet", JobFiles.in_folder(tmp_path), CFG, disc_input="disc",
+                 inputs=inputs, slice_cfg=FAST)
+    (first_name, fit_rows), (second_name, second_rows) = opened[0], opened[1]
+    assert first_name == "slices.npy" and second_name == "second.npy"
+    held_out = set(discs.row[discs.downstream_part.isin(["val", "test"])])
+    train_rows = fit_rows - held_out
+    expected = train_rows & set(with_second.tolist())
+    assert second_rows == expected and expected and not second_rows & held_out
+    assert result["heads"]["slices"]["second_samples"] == len(expected)

@@ -38,7 +38,8 @@ from stages.core.config import section_config
 
 ASSIGNMENT_COLUMNS = ["scan_id", "study_id", "series", "block", "slice", "level", "distance_mm", "angle_deg",
                       "disc_row", "central"]
-INDEX_COLUMNS = ["row", "scan_id", "level", "source", "n_slices", "series", "slices", "scale", "has_mask"]
+INDEX_COLUMNS = ["row", "scan_id", "level", "source", "n_slices", "series", "slices", "scale", "has_mask",
+                 "second_sample"]
 SOURCES = ("native", "resliced", "none")
 
 

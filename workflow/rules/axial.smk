@@ -16,6 +16,7 @@ rule axial_slices:
     output:
         slices=out("axial", "slices.npy"),
         masks=out("axial", "masks.npy"),
+        second_sample=out("axial", "second_sample.npy"),
         index=out("axial", "index.parquet"),
         index_csv=out("axial", "index.csv"),
         assignment=out("axial", "assignment.parquet"),
@@ -36,5 +37,6 @@ rule axial_slices:
     shell:
         "python -m stages.axial_slices --index {input.index} --axial {input.axial} "
         "--structures {input.structures} {params.second} --manifest {input.manifest} {params.options} "
-        "--out-slices {output.slices} --out-masks {output.masks} --out-index {output.index} "
+        "--out-slices {output.slices} --out-masks {output.masks} --out-second-sample {output.second_sample} "
+        "--out-index {output.index} "
         "--out-assignment {output.assignment} > {log} 2>&1"

@@ -425,6 +425,8 @@ def probe_inputs(wildcards):
     disc = on_disc(wildcards.task)
     if axial_method(model):  # a disc task on the axial slices, whatever probes.disc_input says
         inputs.update(axial=axial_array(), encoder=encoder_file(axial_method(model)))
+        if not CROPS:  # the second samples of 4-slice discs (the axial series; a crop-table cohort has none)
+            inputs["second"] = rules.axial_slices.output.second_sample
         if model in FROZEN:
             inputs["pooled"] = disc_features_file(model, "pooled.npy")
     elif model in END_TO_END:
@@ -482,6 +484,8 @@ def probe_flags(wildcards, input):
     if axial_method(wildcards.model):
         grades = f" {grade_classes_flag()}" if wildcards.task == "grade" else ""
         arrays = f"--axial {input.axial} --encoder {input.encoder} {initial_weights_flags(wildcards.model)}"
+        if "second" in input.keys():
+            arrays += f" --axial-second {input.second}"
         if wildcards.model in END_TO_END:
             return f"--disc-input disc{grades} --end-to-end {arrays}"
         return f"--disc-input disc{grades} --disc-pooled {input.pooled} {arrays}"
