@@ -237,8 +237,11 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
                            "note": f"one class ({only}) in the training subset: predicts it"}
             predictions.append(_predictions(test, proba, classes, head))
     elif end_to_end and inputs.axial is not None:
-        proba, info, history, arrays = _slice_network(train, val, test, classes, inputs, cfg, slice_cfg, seed)
-        saved.update(arrays)
+        _, dropout, weight_decay = slice_cfg.settings()[0]   # the end-to-end baseline: the grid's first pair
+        fitted = _slice_fits(train, val, test, classes, inputs, cfg, slice_cfg,
+                             [(END_TO_END_HEAD, dropout, weight_decay)], seed, frozen=False)
+        proba, info, history, net = fitted[END_TO_END_HEAD]
+        saved.update({f"{END_TO_END_HEAD}/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         heads[END_TO_END_HEAD] = {**score(task, truth, proba, classes), **info}
         predictions.append(_predictions(test, proba, classes, END_TO_END_HEAD))
     elif end_to_end and on_disc:
@@ -298,12 +301,13 @@ def run(model: str, task_name: str, fraction: float, subset_seed: int, subjects_
             heads[head] = {**score(task, truth, proba, classes), **info}
             predictions.append(_predictions(test, proba, classes, head))
         if slice_heads:
-            fitted = _slice_heads(train, val, test, classes, inputs, cfg, slice_cfg, slice_heads, seed)
-            for head, (proba, info, hist, arrays) in fitted.items():
+            fitted = _slice_fits(train, val, test, classes, inputs, cfg, slice_cfg, slice_heads, seed, frozen=True)
+            for head, (proba, info, hist, net) in fitted.items():
                 heads[head] = {**score(task, truth, proba, classes), **info}
                 predictions.append(_predictions(test, proba, classes, head))
                 history = pd.concat([h for h in (history, hist.assign(head=head)) if len(h)], ignore_index=True)
-                saved.update(arrays)
+                saved.update({f"{head}/fc_weight": net.fc.weight.detach().cpu().numpy(),
+                              f"{head}/fc_bias": net.fc.bias.detach().cpu().numpy()})
         limits.restore_original_limits()
     result = {**facts, "heads": heads, "seconds": round(time.perf_counter() - started, 2)}
     for path in (out.metrics, out.predictions, out.model, out.history):
@@ -422,54 +426,30 @@ def _slice_fit_data(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, 
             len(train_rows) + len(extra))
 
 
-def _slice_heads(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray, inputs: JobInputs,
-                 cfg: ProbeConfig, slice_cfg: SliceHeadConfig, settings: list[tuple[str, float, float]],
-                 seed: int) -> dict[str, tuple[np.ndarray, dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]]:
-    """Hou et al.'s head (one FC layer on the three slices' frozen features, shared crops, Adam) for every
-    (dropout, weight decay) setting of ``slice_head`` (stages/training/slice_head.py)."""
+def _slice_fits(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray, inputs: JobInputs,
+                cfg: ProbeConfig, slice_cfg: SliceHeadConfig, settings: list[tuple[str, float, float]], seed: int,
+                frozen: bool) -> dict[str, tuple[np.ndarray, dict[str, Any], pd.DataFrame, Any]]:
+    """Hou et al.'s three-slice classifier (stages/training/slice_head.py: shared crops, Adam) once per (name,
+    dropout, weight decay) of ``settings``: their head on the frozen extractor (``frozen``), or the extractor and the
+    FC layer trained end to end (their supervised baseline). Per name: test probabilities, facts, history, network."""
     from stages.core.runtime import select_device
     from stages.training.slice_head import fit_slices, slice_fit
 
     device = select_device(cfg.device, "probe_training.device")
     read_fit, read_test, targets, n_fit = _slice_fit_data(train, val, test, classes, inputs)
     encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
+    weights = "initial weights" if inputs.initial_weights else "pretrained"
     fitted = {}
-    for head, dropout, weight_decay in settings:
-        proba, history, net = fit_slices(encoder, True, dropout, read_fit, read_test, targets, n_fit, len(val),
+    for name, dropout, weight_decay in settings:
+        proba, history, net = fit_slices(encoder, frozen, dropout, read_fit, read_test, targets, n_fit, len(val),
                                          len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
                                          slice_cfg.crop_margin, device)
         info = {"dropout": dropout, "weight_decay": weight_decay, "second_samples": n_fit - len(train),
-                "epochs_run": len(history),
-                "kept_epoch": int(history.epoch[history.kept].iloc[0]),
-                "extractor": "initial weights" if inputs.initial_weights else "pretrained",
+                "epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
+                **({"extractor": weights} if frozen else {"init": weights, "device": str(device)}),
                 "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
-        arrays = {f"{head}/fc_weight": net.fc.weight.detach().cpu().numpy(),
-                  f"{head}/fc_bias": net.fc.bias.detach().cpu().numpy()}
-        fitted[head] = (proba, info, history, arrays)
+        fitted[name] = (proba, info, history, net)
     return fitted
-
-
-def _slice_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
-                   inputs: JobInputs, cfg: ProbeConfig, slice_cfg: SliceHeadConfig,
-                   seed: int) -> tuple[np.ndarray, dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]:
-    """Hou et al.'s fully supervised baseline: the extractor and the FC layer trained end to end on the three slices
-    (from ``inputs.encoder``'s weights, or its initial weights), the first (dropout, weight decay) of ``slice_head``."""
-    from stages.core.runtime import select_device
-    from stages.training.slice_head import fit_slices, slice_fit
-
-    device = select_device(cfg.device, "probe_training.device")
-    read_fit, read_test, targets, n_fit = _slice_fit_data(train, val, test, classes, inputs)
-    encoder = _slice_encoder(inputs, np.load(inputs.axial, mmap_mode="r").shape)
-    _, dropout, weight_decay = slice_cfg.settings()[0]
-    proba, history, net = fit_slices(encoder, False, dropout, read_fit, read_test, targets, n_fit, len(val),
-                                     len(test), len(classes), slice_fit(slice_cfg, seed, weight_decay, cfg.threads),
-                                     slice_cfg.crop_margin, device)
-    info = {"epochs_run": len(history), "kept_epoch": int(history.epoch[history.kept].iloc[0]),
-            "init": "initial weights" if inputs.initial_weights else "pretrained", "device": str(device),
-            "dropout": dropout, "weight_decay": weight_decay, "second_samples": n_fit - len(train),
-            "train_accuracy_kept": float(history.train_accuracy[history.kept].iloc[0])}
-    arrays = {f"{END_TO_END_HEAD}/{k}": v.detach().cpu().numpy() for k, v in net.state_dict().items()}
-    return proba, info, history, arrays
 
 
 def _disc_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: np.ndarray,
