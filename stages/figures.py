@@ -54,8 +54,9 @@ METRIC_NAMES = {"average_class_accuracy": "average class accuracy", "accuracy": 
                 "sensitivity": "sensitivity", "specificity": "specificity"}
 TASK_NAMES = {"grade": "Pfirrmann grade", "herniation": "herniation", "level": "vertebral level"}
 # Fixed colours per model, so that a model has one colour in every figure.
-KNOWN = {"siamese": "#1b6ca8", "simclr": "#7b3294", "random": "#8c8c8c", "scratch": "#d9822b",
-         "supervised": "#2e8b57", "simclr-random": "#b8a4c9", "simclr-scratch": "#f2b880"}   # light: simclr's own
+KNOWN = {"siamese": "#1b6ca8", "simclr": "#7b3294", "moco": "#b2182b", "byol": "#66a61e",
+         "longitudinal_nce": "#d01c8b", "random": "#8c8c8c", "scratch": "#d9822b", "supervised": "#2e8b57",
+         "simclr-random": "#b8a4c9", "simclr-scratch": "#f2b880"}   # light: simclr's own
 CYCLE = ["#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                      "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.bbox": "tight",
@@ -567,15 +568,22 @@ def embeddings_figure(coords: dict[str, pd.DataFrame], out: FigureFiles) -> list
 # --- Training curves ----------------------------------------------------------------------------------------------
 
 # What a pretraining method's metrics.csv holds besides its loss (each method logs its own statistics): the column of
-# its accuracy panel and the panels' titles. Siamese: the level loss's FC8 accuracy; simclr: NT-Xent's top-1.
-PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss (contrastive + level)"),
-                   ("top1", "top-1 (other view ranked first in batch)", "NT-Xent loss"))
+# its accuracy panel and the panels' titles, by method; a method not named here gets the first of PRETRAIN_CURVES
+# whose column its table has.
+PRETRAIN_TITLES = {
+    "siamese": ("level_accuracy", "FC8 level accuracy", "loss (contrastive + level)"),
+    "simclr": ("top1", "top-1 (other view ranked first in batch)", "NT-Xent loss"),
+    "moco": ("top1", "top-1 (own key ranked first against the queue)", "InfoNCE loss against the queue"),
+    "byol": ("top1", "top-1 (other view's target ranked first in batch)", "loss (2 - 2 cos)"),
+    "longitudinal_nce": ("level_accuracy", "FC8 level accuracy", "loss (supervised InfoNCE + level)"),
+}
+PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss"), ("top1", "top-1", "loss"))
 
 
 def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame | None,
                     end_to_end: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
     """One row per pretraining method, its loss and its accuracy per epoch (train and val: the columns its
-    metrics.csv has, :data:`PRETRAIN_CURVES`); beside them the downstream networks' losses."""
+    metrics.csv has, :data:`PRETRAIN_TITLES`); beside them the downstream networks' losses."""
     methods = list(pretrain) or ["none"]
     rows = len(methods)
     fig = plt.figure(figsize=(14, 3.6 * rows + 0.2))
@@ -589,8 +597,8 @@ def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame 
             _empty(loss_ax, "no pretraining method")
             _empty(acc_ax, "no pretraining method")
             continue
-        column, acc_title, loss_title = next((c for c in PRETRAIN_CURVES if c[0] in table),
-                                             (None, "accuracy", "loss"))
+        column, acc_title, loss_title = PRETRAIN_TITLES.get(method) or next(
+            (c for c in PRETRAIN_CURVES if c[0] in table), (None, "accuracy", "loss"))
         c = colour(method, models)
         for split, line in (("train", "-"), ("val", "--")):
             part = table[table.split == split].sort_values("epoch")

@@ -4,7 +4,10 @@ The harness (stages/training/harness.py: device, data, optimiser, plateau schedu
 no method; a method (a module in stages/training/methods/, by name in stages/training/registry.py) brings its model,
 how it loads and augments a batch of its samples, its loss and the statistics it logs. Methods: ``siamese`` (Jamaludin
 et al. 2017: longitudinal pairs of vertebral bodies, or of discs, contrastive + class-balanced level loss;
-stages/training/methods/siamese.py).
+stages/training/methods/siamese.py), ``simclr`` (Hou et al. 2023, on the axial slices through each disc;
+stages/training/methods/simclr.py), ``moco`` and ``byol`` (MoCo v2 and BYOL on the volumes of ``--structure``;
+stages/training/methods/momentum.py). A method with a config section of its own takes its keys as
+``--SECTION-KEY`` options (``--moco-queue-size``).
 
 Data: the self-supervision train and validation parts of ``--pairs`` (the splits stage's pairs.parquet) over
 ``--array``, the extract stage's array of the structure ``--structure`` (``pretrain.structure``): vertebrae.npy for

@@ -201,6 +201,31 @@ def test_adding_a_label_subset_runs_only_its_jobs(tiny_run, tmp_path):
     assert "/f0.75/" in plan.stdout + plan.stderr and "/f0.5/" not in _planned_outputs(plan.stdout + plan.stderr)
 
 
+@pytest.mark.slow
+def test_the_momentum_methods_join_as_3d_encoders_with_their_own_sections(tiny_run, tmp_path):
+    """moco, byol and longitudinal_nce added to a finished run: their pretraining (with their sections' options) and
+    everything a frozen 3D encoder gets, the level task and the pair figures included; nothing of the finished models
+    re-runs."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    config = yaml.safe_load(TINY.read_text())
+    config["pretrain"]["methods"] += ["moco", "byol", "longitudinal_nce"]
+    config["moco"] = {"queue_size": 64, "batch_size": 8, "hidden_dim": 16, "projection_dim": 8}
+    more = tmp_path / "momentum.yaml"
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    counts = _job_counts(text)
+    for rule in ("pretrain", "pretext_eval", "features", "disc_features", "embeddings", "gradcam_pairs",
+                 "figure_pairs"):
+        assert counts.get(rule) == 3, (rule, counts)
+    assert counts["probe"] == (2 + 1) * 2 * 2 * 3          # 2 disc tasks + level, 2 subsets, 2 seeds, 3 methods
+    assert "--method moco" in text and "--moco-queue-size 64" in text and "--byol-momentum 0.996" in text
+    assert "--longitudinal-nce-temperature 0.2" in text
+    assert "--method siamese" not in text and "--method simclr" not in text
+
+
 def _planned_outputs(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.strip().startswith("output:"))
 

@@ -76,7 +76,7 @@ def add_section_options(parser: argparse.ArgumentParser, section: str, prefix: s
             kwargs.update(type=_TYPES[kind], metavar={"integer": "N", "number": "X", "string": "TEXT"}[kind])
             if "enum" in spec:
                 kwargs.update(choices=spec["enum"], metavar=None)
-        group.add_argument("--" + (f"{prefix}-" if prefix else "") + key.replace("_", "-"), **kwargs)
+        group.add_argument("--" + (f"{prefix}-" if prefix else "").replace("_", "-") + key.replace("_", "-"), **kwargs)
 
 
 def _dest(key: str, prefix: str) -> str:
@@ -102,7 +102,7 @@ def section_options(values: dict[str, Any], prefix: str = "") -> str:
     user's config orders them (Snakemake re-runs a job whose params string changes)."""
     parts = []
     for key, value in sorted(values.items()):
-        flag = "--" + (f"{prefix}-" if prefix else "") + key.replace("_", "-")
+        flag = "--" + (f"{prefix}-" if prefix else "").replace("_", "-") + key.replace("_", "-")
         if isinstance(value, bool):
             parts.append(f"{flag} {str(value).lower()}")
         elif isinstance(value, (list, tuple)):

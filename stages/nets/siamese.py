@@ -149,7 +149,12 @@ class SiameseNet(nn.Module):
     def levels(self, emb: torch.Tensor) -> torch.Tensor:
         """FC8's level logits from FC7 embeddings. The embedding is standardised per sample first (no parameters):
         FC7 is kept small for the contrastive loss, and FC8 would otherwise learn from near-zero inputs."""
-        return self.fc8(F.relu(F.layer_norm(emb, emb.shape[-1:])))
+        return level_logits(self.fc8, emb)
+
+
+def level_logits(fc8: nn.Linear, emb: torch.Tensor) -> torch.Tensor:
+    """FC8's level logits from FC7 embeddings standardised per sample (no parameters), through a ReLU."""
+    return fc8(F.relu(F.layer_norm(emb, emb.shape[-1:])))
 
 
 class ContrastiveLoss(nn.Module):

@@ -235,8 +235,9 @@ def pretrain_array(wildcards=None):
 
 
 def method_options(wildcards):
-    """The config section of a method that has one (simclr), as --SECTION-KEY options of the pretrain stage."""
-    if wildcards.method in AXIAL_METHODS:
+    """The config section named after a method that has one (simclr, moco, byol), as --SECTION-KEY options of the
+    pretrain stage."""
+    if wildcards.method in config:
         return stage_options(wildcards.method, prefix=wildcards.method)
     return ""
 

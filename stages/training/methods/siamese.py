@@ -36,6 +36,7 @@ from stages.nets.siamese import (
 )
 from stages.training.augment import augment_pairs, sample_pair_params
 from stages.training.config import PretrainConfig
+from stages.training.pair_scores import pair_distances
 from stages.training.protocol import AugmentDraw, handed_on
 from stages.training.store import VolumeStore
 
@@ -184,27 +185,19 @@ def embed(model: SiameseNet, store: VolumeStore, rows: np.ndarray,
 def pretext_scores(model: SiameseNet, store: VolumeStore,
                    batch_size: int = 64) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Distances of the test pairs and the two headline figures, for one network."""
-    # imported here: the GPU benchmark imports this module on machines without scikit-learn
-    from sklearn.metrics import roc_auc_score
-    pairs = store.pairs["test"]
     rows = np.flatnonzero(store.allowed)
     emb, pred = embed(model, store, rows, batch_size)
-    where = {int(r): i for i, r in enumerate(rows)}
-    ia = np.array([where[int(r)] for r in pairs.a], dtype=np.int64)
-    ib = np.array([where[int(r)] for r in pairs.b], dtype=np.int64)
-    distance = np.linalg.norm(emb[ia] - emb[ib], axis=1) if len(pairs) else np.zeros(0)
+    distances, pair_figures = pair_distances(emb, rows, store.pairs["test"])
     truth = store.level[rows]
-    positive = pairs.positive.to_numpy(dtype=bool)
-    both = positive.any() and (~positive).any()
     figures = {
-        "auc": float(roc_auc_score(positive, -distance)) if both else None,
+        "auc": pair_figures["auc"],
         "level_accuracy": float((pred == truth).mean()) if len(rows) else None,
         "level_accuracy_per_level": {lv: float((pred[truth == k] == k).mean())
                                      for k, lv in enumerate(store.levels) if (truth == k).any()},
-        "mean_distance_positive": float(distance[positive].mean()) if positive.any() else None,
-        "mean_distance_negative": float(distance[~positive].mean()) if (~positive).any() else None,
+        "mean_distance_positive": pair_figures["mean_distance_positive"],
+        "mean_distance_negative": pair_figures["mean_distance_negative"],
     }
-    return pairs.assign(distance=distance), figures
+    return distances, figures
 
 
 def _fmt(value: float | None) -> str:
