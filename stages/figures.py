@@ -821,6 +821,60 @@ def pairs_figure(pairs: dict[str, np.ndarray], bodies: np.ndarray, out: FigureFi
     return save(fig, out)
 
 
+# --- Normative model ----------------------------------------------------------------------------------------------
+
+def normative_figure(deviations: dict[str, pd.DataFrame], summaries: dict[str, dict[str, Any]],
+                     out: FigureFiles) -> list[Path]:
+    """One row per frozen encoder: the test discs' deviation from the healthy-disc model by grade (points, and the
+    mean per grade with its bootstrap interval; the reference discs' own deviations in grey) and against age (with
+    the least-squares line); Spearman's rho and the slope per decade, with their intervals, in the titles."""
+    encoders = list(deviations)
+    fig, axes = plt.subplots(len(encoders), 2, figsize=(10, 3.4 * len(encoders)), squeeze=False)
+    rng = np.random.default_rng(0)   # the jitter only
+    for (grade_ax, age_ax), encoder in zip(axes, encoders):
+        if "test" not in summaries[encoder]:
+            _empty(grade_ax, f"{encoder}: no normative model: {summaries[encoder].get('skipped', 'no summary')}")
+            age_ax.axis("off")
+            continue
+        table, test = deviations[encoder], summaries[encoder]["test"]
+        reference, held_out = table[table.part == "reference"], table[table.part == "test"]
+        grade_ax.scatter(rng.uniform(-0.25, 0.25, len(reference)), reference.deviation, s=6, facecolors="none",
+                         edgecolors="#999999", linewidths=0.5, label=f"reference (grade <= {summaries[encoder]['healthy_max_grade']}, training)")
+        grades = held_out.grade.to_numpy(dtype=float)
+        grade_ax.scatter(grades + rng.uniform(-0.2, 0.2, len(grades)), held_out.deviation, s=8, alpha=0.6,
+                         color=colour(encoder, encoders), label="test discs")
+        for g, cell in test["by_grade"].items():
+            low, high = cell["ci"]
+            if low is not None:
+                grade_ax.errorbar(int(g) + 0.32, cell["mean"], yerr=[[cell["mean"] - low], [high - cell["mean"]]],
+                                  fmt="o", color="black", capsize=3, markersize=4)
+        rho = test["spearman_grade"]
+        grade_ax.set_title(f"{encoder}: deviation by grade, rho {_with_ci(rho)}")
+        grade_ax.set_xticks(range(0, 6), ["ref", "1", "2", "3", "4", "5"])
+        grade_ax.set_xlabel("Pfirrmann grade (test discs; mean and 95% interval in black)")
+        grade_ax.set_ylabel("Mahalanobis deviation")
+        grade_ax.legend(frameon=False, fontsize=7)
+        ages = held_out.age_years.to_numpy(dtype=float)
+        age_ax.scatter(ages, held_out.deviation, s=8, alpha=0.6, color=colour(encoder, encoders))
+        ok = ~np.isnan(ages)
+        if ok.sum() >= 3 and np.ptp(ages[ok]) > 0:
+            slope, intercept = np.polyfit(ages[ok], held_out.deviation.to_numpy()[ok], 1)
+            xs = np.array([ages[ok].min(), ages[ok].max()])
+            age_ax.plot(xs, intercept + slope * xs, color="black", lw=1)
+        age_ax.set_title(f"{encoder}: deviation by age, slope {_with_ci(test['slope_per_decade'])} per decade")
+        age_ax.set_xlabel("age at the scan (years)")
+        age_ax.set_ylabel("Mahalanobis deviation")
+    fig.tight_layout()
+    return save(fig, out)
+
+
+def _with_ci(figure: dict[str, Any]) -> str:
+    value, (low, high) = figure["value"], figure["ci"]
+    if value is None or np.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -878,6 +932,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("attention", "The attention-inside-the-disc table.", "table")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="report/gradcam/{model}/summary.json.")
+    p = add("normative", "Deviation from the healthy-disc model by grade and age, per encoder.")
+    p.add_argument("--deviations", type=cli.existing_file, nargs="+", required=True,
+                   help="report/normative/{encoder}.parquet, one per encoder (named by the file).")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="report/normative/{encoder}.json, one per encoder in the same order.")
     p = add("pairs", "Siamese pair explanations.")
     p.add_argument("--pairs", type=cli.existing_file, required=True, help="report/gradcam/{method}/pairs.npz.")
     p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
@@ -936,6 +995,12 @@ def main(argv: list[str] | None = None) -> int:
         gradcam_figure(maps, bodies, figure, args.variant)
     elif args.figure == "attention":
         attention_table([json.loads(p.read_text()) for p in args.summaries], table)
+    elif args.figure == "normative":
+        if len(args.deviations) != len(args.summaries):
+            parser.error(f"give one --summaries file per --deviations file ({len(args.deviations)} and "
+                         f"{len(args.summaries)})")
+        normative_figure({p.stem: pd.read_parquet(p) for p in args.deviations},
+                         {p.stem: json.loads(q.read_text()) for p, q in zip(args.deviations, args.summaries)}, figure)
     elif args.figure == "pairs":
         pairs_figure(dict(np.load(args.pairs)), np.load(args.vertebrae, mmap_mode="r"), figure)
     return 0

@@ -182,6 +182,54 @@ use rule figure_pretext as figure_embeddings with:
         options="",
 
 
+rule normative:
+    input:
+        code=code("normative"),
+        pooled=rules.disc_features.output.pooled,
+        volumes=rules.splits.output.volumes,
+        manifest=rules.ingest.output.manifest,
+    output:
+        deviations=out("report", "normative", "{encoder}.parquet"),
+        deviations_csv=out("report", "normative", "{encoder}.csv"),
+        summary=out("report", "normative", "{encoder}.json"),
+    log:
+        logs("report", "normative_{encoder}"),
+    benchmark:
+        bench("report", "normative_{encoder}")
+    wildcard_constraints:
+        encoder="|".join(DISC_ENCODERS),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        options=stage_options("normative"),
+    shell:
+        "python -m stages.normative --pooled {input.pooled} --volumes {input.volumes} --manifest {input.manifest} "
+        "{params.options} --out-deviations {output.deviations} --out-summary {output.summary} > {log} 2>&1"
+
+
+use rule figure_pretext as figure_normative with:
+    input:
+        code=code("figures"),
+        deviations=expand(rules.normative.output.deviations, encoder=DISC_ENCODERS),
+        summaries=expand(rules.normative.output.summary, encoder=DISC_ENCODERS),
+    output:
+        png=in_report(
+            fig("normative"), "normative", "6. Representations", "deviation from healthy discs by grade and age"
+        ),
+        pdf=fig("normative", "pdf"),
+    log:
+        logs("report", "figure_normative"),
+    benchmark:
+        bench("report", "figure_normative")
+    params:
+        figure="normative",
+        options="",
+
+
 use rule figure_pretext as figure_training with:
     input:
         code=code("figures"),

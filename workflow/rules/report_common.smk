@@ -15,6 +15,8 @@ GRADCAM_MODELS = (
     else []
 )
 # The methods trained on pairs of volumes: their pretext test pairs are explained (gradcam_pairs, figure_pairs).
+# The frozen encoders with disc features (disc_features; every frozen 3D encoder): the normative model of healthy discs.
+DISC_ENCODERS = [m for m in FROZEN if not axial_method(m)]
 PAIR_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
 # The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
 END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
@@ -146,6 +148,7 @@ def report_targets():
     figures += ["label_curves_herniation", "roc_herniation"] if "herniation" in PROBES["tasks"] else []
     figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
     figures += ["embeddings"] if REPORTS["embeddings"] and BODY_ENCODERS else []
+    figures += ["normative"] if "grade" in PROBES["tasks"] and DISC_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
     figures += [f"pairs_{m}" for m in PAIR_METHODS]
     tables = ["figure_of_merit", "configuration"]

@@ -21,7 +21,8 @@ own transform; the draw is made for the global batch and each process keeps its 
   subject (its other studies, years apart), among the keys of the global batch and of the queue; the keys of the
   subject's other levels are neither; every other subject's keys are negatives. Plus ``pretrain.level_loss_weight`` x
   the Siamese network's class-balanced level loss on the online FC7 embedding (FC8). It asks whether InfoNCE with many
-  negatives uses the free longitudinal labels better than the Siamese margin loss.
+  negatives uses the free longitudinal labels better than the Siamese margin loss. In evaluation a query's candidates
+  are its own key and the queue (not the rest of its batch), so validation figures do not depend on the batching.
 
 Settings: the config's ``moco``, ``byol`` and ``longitudinal_nce`` sections (:class:`MocoConfig` for moco and
 longitudinal_nce, :class:`ByolConfig`): the momentum coefficient, the MLP sizes, the batch, SGD's learning rate and
@@ -381,6 +382,10 @@ class LongitudinalNceMethod(MomentumMethod):
         candidate_rows = torch.cat([batch_rows, queue.ids.clone()])
         subject, level = (self.lookup[name].to(rows.device) for name in ("subject", "level"))
         positive, exclude = longitudinal_masks(rows, candidate_rows, subject, level)
+        if not train:   # evaluation: the query's own key and the queue, whatever else its batch (or process) holds
+            others = ~torch.eye(len(rows), dtype=torch.bool, device=rows.device)
+            positive[:, :len(rows)] &= ~others
+            exclude[:, :len(rows)] |= others
         contrastive, top1 = supervised_info_nce(q, candidates, positive, self.mc.temperature, exclude)
         target = level[rows]
         level_loss = self.level_loss.to(logits.device)(logits, target)
