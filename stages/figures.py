@@ -838,8 +838,9 @@ def normative_figure(deviations: dict[str, pd.DataFrame], summaries: dict[str, d
             continue
         table, test = deviations[encoder], summaries[encoder]["test"]
         reference, held_out = table[table.part == "reference"], table[table.part == "test"]
+        healthy = summaries[encoder]["healthy_max_grade"]
         grade_ax.scatter(rng.uniform(-0.25, 0.25, len(reference)), reference.deviation, s=6, facecolors="none",
-                         edgecolors="#999999", linewidths=0.5, label=f"reference (grade <= {summaries[encoder]['healthy_max_grade']}, training)")
+                         edgecolors="#999999", linewidths=0.5, label=f"reference (grade <= {healthy}, training)")
         grades = held_out.grade.to_numpy(dtype=float)
         grade_ax.scatter(grades + rng.uniform(-0.2, 0.2, len(grades)), held_out.deviation, s=8, alpha=0.6,
                          color=colour(encoder, encoders), label="test discs")

@@ -162,7 +162,8 @@ def unwrap(model: nn.Module) -> MomentumNet:
 
 
 class MomentumMethod(abc.ABC):
-    """What moco and byol share: samples, views, statistics, the target update, the pretext evaluation."""
+    """What moco, byol and longitudinal_nce share: samples, views, statistics, the target update, the pretext
+    evaluation."""
 
     name: ClassVar[str]
     section: ClassVar[str]
