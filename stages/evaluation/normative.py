@@ -14,11 +14,14 @@ interval over subjects (a subject's discs are drawn together).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from stages.evaluation.metrics import bootstrap_interval
 
 POOLED = "all levels"
 
@@ -99,29 +102,35 @@ def trend_figures(table: pd.DataFrame) -> dict[str, Any]:
 
 
 def bootstrap_trends(table: pd.DataFrame, n_boot: int, level: float, seed: int) -> dict[str, Any]:
-    """:func:`trend_figures` of ``table`` (with ``subject_id``) and percentile intervals over ``n_boot`` resamplings
-    of its subjects."""
+    """:func:`trend_figures` of ``table`` (with ``subject_id``) and their percentile intervals over ``n_boot``
+    resamplings of its subjects (:func:`stages.evaluation.metrics.bootstrap_interval`, the same draws for every
+    figure)."""
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got {level} and {n_boot}")
+    table = table.reset_index(drop=True)
+    deviation = table.deviation.to_numpy(dtype=float)
+    grade = table.grade.to_numpy(dtype=float)
+    age = table.age_years.to_numpy(dtype=float)
+    groups = [np.asarray(rows) for rows in table.groupby("subject_id").indices.values()]
     point = trend_figures(table)
-    by_subject = [g for _, g in table.groupby("subject_id")]
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"spearman_grade": [], "slope_per_decade": []}
-    grade_draws: dict[int, list[float]] = {g: [] for g in point["by_grade"]}
-    for _ in range(n_boot):
-        sample = pd.concat([by_subject[i] for i in rng.integers(0, len(by_subject), len(by_subject))])
-        figures = trend_figures(sample)
-        for key in draws:
-            draws[key].append(figures[key])
-        for g in grade_draws:
-            grade_draws[g].append(figures["by_grade"].get(g, np.nan))
 
-    def interval(values: list[float]) -> list[float | None]:
-        v = np.asarray(values, dtype=float)
-        v = v[~np.isnan(v)]
-        return [float(q) for q in np.quantile(v, [(1 - level) / 2, (1 + level) / 2])] if len(v) else [None, None]
+    def interval(statistic: Callable[[np.ndarray], float]) -> list[float | None]:
+        _, low, high = bootstrap_interval(groups, statistic, n_boot, level, seed)
+        return [low, high] if np.isfinite(low) else [None, None]
 
-    return {"ci_level": level, "replicates": n_boot, "subjects": len(by_subject), "discs": len(table),
-            "by_grade": {g: {"mean": point["by_grade"][g], "ci": interval(grade_draws[g]),
+    def grade_mean(g: int) -> Callable[[np.ndarray], float]:
+        def mean(rows: np.ndarray) -> float:
+            chosen = deviation[rows][grade[rows] == g]
+            return float(chosen.mean()) if len(chosen) else float("nan")
+        return mean
+
+    def rho(rows: np.ndarray) -> float:
+        graded = ~np.isnan(grade[rows])
+        return _spearman(deviation[rows][graded], grade[rows][graded])
+
+    return {"ci_level": level, "replicates": n_boot, "subjects": len(groups), "discs": len(table),
+            "by_grade": {g: {"mean": point["by_grade"][g], "ci": interval(grade_mean(g)),
                              "discs": int((table.grade == g).sum())} for g in sorted(point["by_grade"])},
-            **{key: {"value": point[key], "ci": interval(draws[key])} for key in draws}}
+            "spearman_grade": {"value": point["spearman_grade"], "ci": interval(rho)},
+            "slope_per_decade": {"value": point["slope_per_decade"],
+                                 "ci": interval(lambda rows: 10 * _slope(age[rows], deviation[rows]))}}

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from stages.evaluation.metrics import bootstrap_interval
+
 TALLY_COLUMNS = ("intersection", "predicted", "truth", "true_structures", "detected", "predicted_structures",
                  "false_structures")
 METRICS = ("dice", "ppv", "ltpr", "lfpr")
@@ -85,25 +87,17 @@ def summarise(counts: pd.DataFrame) -> dict[str, float]:
 
 def bootstrap(counts: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.DataFrame:
     """Per structure class: each metric over every scan of ``counts`` (columns ``subject_id``, ``structure`` and
-    :data:`TALLY_COLUMNS`) and its percentile interval over ``n_boot`` resamplings of the subjects."""
+    :data:`TALLY_COLUMNS`) and its percentile interval over ``n_boot`` resamplings of the subjects
+    (:func:`stages.evaluation.metrics.bootstrap_interval`)."""
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got {level} and {n_boot}")
     rows = []
-    rng = np.random.default_rng(seed)
     for structure, group in scan_metrics(counts).groupby("structure", sort=False):
-        subjects = group.subject_id.unique()
-        by_subject = {s: g for s, g in group.groupby("subject_id")}
-        point = summarise(group)
-        draws = {m: [] for m in METRICS}
-        for _ in range(n_boot):
-            sample = pd.concat([by_subject[s] for s in rng.choice(subjects, len(subjects), replace=True)])
-            for metric, value in summarise(sample).items():
-                draws[metric].append(value)
+        group = group.reset_index(drop=True)
+        groups = [np.asarray(r) for r in group.groupby("subject_id").indices.values()]
         for metric in METRICS:
-            values = np.array(draws[metric], dtype=float)
-            values = values[~np.isnan(values)]
-            low, high = (np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if len(values)
-                         else (np.nan, np.nan))
-            rows.append({"structure": structure, "metric": metric, "value": point[metric], "ci_low": float(low),
-                         "ci_high": float(high), "scans": len(group), "subjects": len(subjects)})
+            value, low, high = bootstrap_interval(groups, lambda r, m=metric: summarise(group.iloc[r])[m], n_boot,
+                                                  level, seed)
+            rows.append({"structure": structure, "metric": metric, "value": value, "ci_low": low, "ci_high": high,
+                         "scans": len(group), "subjects": len(groups)})
     return pd.DataFrame(rows, columns=["structure", "metric", "value", "ci_low", "ci_high", "scans", "subjects"])

@@ -21,17 +21,14 @@ equals one process on the global batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from stages.training.ntxent import gather
 
 
 def gather_keys(x: torch.Tensor) -> torch.Tensor:
     """Every process's ``x`` (no gradient) concatenated in rank order; ``x`` itself with one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return gather(x.detach())[0]
 
 
 def own_keys(query_ids: torch.Tensor, queue_ids: torch.Tensor) -> torch.Tensor:
