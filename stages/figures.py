@@ -11,6 +11,8 @@
 - ``confusion``: the grade's confusion matrices per model, every label, summed over the seeds.
 - ``metrics-table``: ACC, SEN, SPE and AUC of herniation as mean +- std over seeds per model and head (Cao et al. 2022,
   Table 1 layout).
+- ``ablation-table``: MLSSCL with both losses, the multiview loss alone and the long-short loss alone: pretext top-1
+  and the disc tasks (Cao et al. 2022, Table 3 layout).
 - ``embeddings``: 2D t-SNE of the test bodies' frozen features, per encoder, coloured by level, grade, subject and
   field strength (from stages/embeddings.py).
 - ``training``: training curves: pretraining loss and level accuracy per method and epoch, the supervised encoder's
@@ -56,7 +58,8 @@ TASK_NAMES = {"grade": "Pfirrmann grade", "herniation": "herniation", "level": "
 # Fixed colours per model, so that a model has one colour in every figure.
 KNOWN = {"siamese": "#1b6ca8", "simclr": "#7b3294", "moco": "#b2182b", "byol": "#66a61e",
          "longitudinal_nce": "#d01c8b", "random": "#8c8c8c", "scratch": "#d9822b", "supervised": "#2e8b57",
-         "simclr-random": "#b8a4c9", "simclr-scratch": "#f2b880"}   # light: simclr's own
+         "simclr-random": "#b8a4c9", "simclr-scratch": "#f2b880",   # light: simclr's own
+         "mlsscl": "#e6ab02", "mlsscl_multiview": "#a6761d", "mlsscl_long_short": "#1f9e89"}
 CYCLE = ["#c2185b", "#00897b", "#6d4c41", "#3949ab", "#afb42b"]
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                      "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.dpi": 100, "savefig.bbox": "tight",
@@ -252,18 +255,29 @@ def _top1_panels(all_ax: plt.Axes, level_ax: plt.Axes, method: str, table: pd.Da
         all_ax.text(i, high + 0.02, f"{mean:.3f}\n[{low:.3f}, {high:.3f}]", ha="center", va="bottom", fontsize=7.5)
     all_ax.set_xticks(range(len(top1)), [f"{n}" + (" (same seed)" if n == "untrained" else "") for n in top1])
     batch = int(evaluation.get("batch_images") or 0)
+    views = evaluation.get("views")   # a retrieval among all test items (mlsscl): what its two columns are
     if batch > 1:
         chance = 1 / (2 * batch - 1)
         all_ax.axhline(chance, color="#c0392b", linestyle="--", linewidth=0.9,
                        label=f"chance: 1 of {2 * batch - 1} other views ({batch} images a batch)")
+    elif evaluation.get("chance_top1"):
+        all_ax.axhline(evaluation["chance_top1"], color="#c0392b", linestyle="--", linewidth=0.9,
+                       label=f"chance: 1 of {len(table)} test {'regions' if views else 'items'}")
+    if batch > 1 or evaluation.get("chance_top1"):
         all_ax.legend(frameon=False, loc="upper right", fontsize=7)
     all_ax.set_ylim(0, 1.18)
     all_ax.set_ylabel("top-1 (share of test views)")
-    title = f"{method}: pretext test top-1 ({len(table)} slices; 95% bootstrap intervals)"
+    items = "regions" if views else "slices"
+    title = f"{method}: pretext test top-1 ({len(table)} {items}; 95% bootstrap intervals)"
+    if views:
+        title += f"\nmean of: {views['view1']}; {views['view2']}"
     if len(top1) == 2:
         diff, low, high = bootstrap_mean(top1["trained"], paired=top1["untrained"])
         title += f"\ntrained - untrained {diff:+.3f} [{low:+.3f}, {high:+.3f}]"
     all_ax.set_title(title)
+    if views:
+        _view_panel(level_ax, method, table, views, evaluation["chance_top1"])
+        return
     levels_here = [lv for lv in DISCS if "level" in table and lv in set(table.level)]
     if not levels_here:
         _empty(level_ax, "no disc levels in the pretext table")
@@ -284,6 +298,23 @@ def _top1_panels(all_ax: plt.Axes, level_ax: plt.Axes, method: str, table: pd.Da
     level_ax.set_title(f"{method}: top-1 per level (95% bootstrap intervals)")
     level_ax.legend(frameon=False, fontsize=7)
     level_ax.grid(alpha=0.25, axis="y")
+
+
+def _view_panel(ax: plt.Axes, method: str, table: pd.DataFrame, views: dict[str, str], chance: float) -> None:
+    """A retrieval method's two pretext tasks apart (mlsscl: cross-view and long-short), trained and untrained, with
+    95% bootstrap intervals over the test items and the chance level."""
+    for j, (name, c) in enumerate((("trained", "#7b3294"), ("untrained", "#8c8c8c"))):
+        stats = [bootstrap_mean(table[f"{name}_{view}_top1"].astype(float).to_numpy()) for view in views]
+        mean, low, high = (np.array(v) for v in zip(*stats))
+        ax.errorbar(np.arange(len(views)) + (j - 0.5) * 0.2, mean, yerr=[mean - low, high - mean], fmt="o", color=c,
+                    markersize=4, capsize=2.5, linewidth=1, label=name)
+    ax.axhline(chance, color="#c0392b", linestyle="--", linewidth=0.9)
+    ax.set_xticks(range(len(views)), [text.replace(", ", ",\n") for text in views.values()])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("top-1")
+    ax.set_title(f"{method}: top-1 per pretext task (95% bootstrap intervals)")
+    ax.legend(frameon=False, fontsize=7)
+    ax.grid(alpha=0.25, axis="y")
 
 
 # --- Label efficiency ---------------------------------------------------------------------------------------------
@@ -517,6 +548,45 @@ def metrics_table(results: pd.DataFrame, out: TableFiles, end_to_end: list[str])
                        "training subjects). Layout of Cao et al. 2022, Table 1.")
 
 
+ABLATION = {"mlsscl": "both (L = alpha L_multiview + beta L_long-short)", "mlsscl_multiview": "multiview only",
+            "mlsscl_long_short": "long-short only"}
+
+
+def ablation_table(results: pd.DataFrame, evaluations: dict[str, dict[str, Any]], out: TableFiles) -> list[Path]:
+    """Cao et al. 2022 Table 3: MLSSCL with both losses, the multiview loss alone and the long-short loss alone (the
+    mlsscl methods that ran): their pretext test top-1 (``evaluations``: each method's evaluation.json) and each disc
+    task's headline metric on the test subjects with every training label, per head, mean +- std over seeds."""
+    rows = []
+    for method in (m for m in ABLATION if m in evaluations):
+        evaluation = evaluations[method]
+        here = results[(results.model == method) & results.task.isin(["grade", "herniation"])]
+        here = here[here.fraction == here.fraction.max()] if len(here) else here
+        base = {"loss": ABLATION[method], "method": method,
+                **{f"pretext {name} top-1 (untrained)": _pair(evaluation, key)
+                   for name, key in (("axial-sagittal", "multiview_top1"), ("short-long", "long_short_top1"))}}
+        for head, group in here.groupby("head", sort=False) if len(here) else [("n/a", here)]:
+            row = {**base, "head": head}
+            for task in ("grade", "herniation"):
+                metric = TASKS[task].headline
+                v = group.loc[group.task == task, metric].astype(float)
+                row[f"{TASK_NAMES[task]}: {METRIC_NAMES[metric]}"] = "n/a" if v.isna().all() else (
+                    f"{v.mean():.3f} \u00b1 {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
+            rows.append(row)
+    frame = pd.DataFrame(rows) if rows else pd.DataFrame({"note": ["no mlsscl method among pretrain.methods"]})
+    return write_table(frame, out, "MLSSCL ablation: which loss does the work (Cao et al. 2022, Table 3 layout)",
+                       "Pretext top-1: the share of the self-supervision test regions whose axial query finds its own "
+                       "sagittal key (short axial query: its own long axial key) first among every test region's; "
+                       "chance is one over their number. The disc tasks with every training label (grade: average "
+                       "class accuracy; herniation: ROC AUC), mean \u00b1 std over seeds.")
+
+
+def _pair(evaluation: dict[str, Any], key: str) -> str:
+    trained, untrained = (evaluation.get(n, {}).get(key) for n in ("trained", "untrained"))
+    if trained is None:
+        return "n/a"
+    return f"{trained:.3f} ({untrained:.3f})" if untrained is not None else f"{trained:.3f}"
+
+
 # --- Embeddings ---------------------------------------------------------------------------------------------------
 
 def embeddings_figure(coords: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
@@ -576,6 +646,9 @@ PRETRAIN_TITLES = {
     "moco": ("top1", "top-1 (own key ranked first against the queue)", "InfoNCE loss against the queue"),
     "byol": ("top1", "top-1 (other view's target ranked first in batch)", "loss (2 - 2 cos)"),
     "longitudinal_nce": ("level_accuracy", "FC8 level accuracy", "loss (supervised InfoNCE + level)"),
+    **{m: ("top1", "multiview top-1 (own key of another view first against the queue)",
+           "loss (alpha multiview + beta long-short InfoNCE)")
+       for m in ("mlsscl", "mlsscl_multiview", "mlsscl_long_short")},
 }
 PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss"), ("top1", "top-1", "loss"))
 
@@ -915,6 +988,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("metrics-table", "ACC, SEN, SPE, AUC mean +- std over seeds (Cao Table 1).", "table")
     p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
     models(p)
+    p = add("ablation-table", "MLSSCL's ablation: both losses, multiview only, long-short only (Cao Table 3).",
+            "table")
+    p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
+    p.add_argument("--evaluations", type=cli.existing_file, nargs="+", required=True,
+                   help="pretrain/{method}/pretext/evaluation.json of the mlsscl methods (the method is read from it).")
     p = add("embeddings", "t-SNE maps of the test bodies' features.")
     p.add_argument("--coords", type=cli.existing_file, nargs="+", required=True,
                    help="report/embeddings/{encoder}.parquet, one per encoder (named by the file).")
@@ -984,6 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
         confusion_figure(pd.read_parquet(args.predictions), figure, args.end_to_end)
     elif args.figure == "metrics-table":
         metrics_table(pd.read_parquet(args.results), table, args.end_to_end)
+    elif args.figure == "ablation-table":
+        evaluations = [json.loads(p.read_text()) for p in args.evaluations]
+        ablation_table(pd.read_parquet(args.results), {e["method"]: e for e in evaluations}, table)
     elif args.figure == "embeddings":
         embeddings_figure({p.stem: pd.read_parquet(p) for p in args.coords}, figure)
     elif args.figure == "training":

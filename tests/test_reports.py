@@ -526,6 +526,42 @@ def test_cao_table_gives_mean_and_std_over_seeds(tmp_path):
     assert "<table" in page and "AUC (%)" in page
 
 
+def test_mlsscl_ablation_table_gives_each_loss_its_pretext_top1_and_disc_tasks(tmp_path):
+    results, _, _ = synthetic_results()
+    siamese = results[results.model == "siamese"]
+    results = pd.concat([results, siamese.assign(model="mlsscl"), siamese.assign(model="mlsscl_long_short")])
+    evaluations = {m: {"trained": {"multiview_top1": 0.25, "long_short_top1": t},
+                       "untrained": {"multiview_top1": 0.1, "long_short_top1": 0.1}}
+                   for m, t in (("mlsscl", 0.5), ("mlsscl_long_short", 0.75))}
+    figures.ablation_table(results, evaluations, _table(tmp_path, "ablation"))
+    table = pd.read_csv(tmp_path / "ablation.csv")
+    assert table["loss"].unique().tolist() == ["both (L = alpha L_multiview + beta L_long-short)", "long-short only"]
+    assert table["pretext short-long top-1 (untrained)"].unique().tolist() == ["0.500 (0.100)", "0.750 (0.100)"]
+    full = siamese[(siamese.task == "herniation") & (siamese.fraction == 1.0) & (siamese["head"] == "linear")]
+    row = table[(table.method == "mlsscl") & (table["head"] == "linear")].iloc[0]
+    assert row["herniation: ROC AUC"] == f"{full.auc.mean():.3f} \u00b1 {full.auc.std():.3f}"
+    figures.ablation_table(results, {}, _table(tmp_path, "none"))
+    assert "no mlsscl method" in pd.read_csv(tmp_path / "none.csv").note[0]
+
+
+def test_a_retrieval_method_s_pretext_panels_show_its_two_tasks_against_chance(tmp_path):
+    table = pd.DataFrame({"scan_id": [f"scan-{i}" for i in range(8)], "level": "T12-S1",
+                          "trained_view1_top1": [1.0, 0, 1, 1, 0, 1, 1, 1], "trained_view2_top1": [1.0] * 8,
+                          "untrained_view1_top1": [0.0] * 7 + [1.0], "untrained_view2_top1": [0.0] * 8})
+    evaluation = {"chance_top1": 1 / 8, "views": {"view1": "axial query, sagittal keys",
+                                                  "view2": "short axial query, long axial keys"}}
+    written = figures.pretext_figure({"mlsscl": table}, _figure(tmp_path, "pretext"), {"mlsscl": evaluation})
+    assert all(p.exists() and p.stat().st_size > 1000 for p in written)
+    fig, ax = figures.plt.subplots()
+    figures._view_panel(ax, "mlsscl", table, evaluation["views"], evaluation["chance_top1"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["axial query,\nsagittal keys",
+                                                           "short axial query,\nlong axial keys"]
+    trained, untrained = (c.lines[0].get_ydata() for c in ax.containers)
+    assert np.allclose(trained, [0.75, 1.0]) and np.allclose(untrained, [0.125, 0.0])
+    assert any(np.allclose(line.get_ydata(), 1 / 8) for line in ax.lines)      # the chance line
+    figures.plt.close(fig)
+
+
 def test_figure_of_merit_table_says_not_reached(tmp_path):
     efficiency = pd.DataFrame([{"task": "grade", "metric": "average_class_accuracy", "model": "siamese",
                                 "head": "linear", "reference_value": 0.7, "reference_scans": 30.0,

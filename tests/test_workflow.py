@@ -226,6 +226,61 @@ def test_the_momentum_methods_join_as_3d_encoders_with_their_own_sections(tiny_r
     assert "--method siamese" not in text and "--method simclr" not in text
 
 
+@pytest.mark.slow
+def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny_run, tmp_path):
+    """mlsscl and its two ablations added to a finished run: one lumbar_regions job, their pretraining on the regions
+    (the mlsscl section's options, the ablations' own alpha or beta fixed by the method), every downstream job of a
+    frozen 3D encoder but the pair explanations (no test pairs), and the ablation table."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    config = yaml.safe_load(TINY.read_text())
+    methods = ["mlsscl", "mlsscl_multiview", "mlsscl_long_short"]
+    config["pretrain"]["methods"] += methods
+    config["mlsscl"] = {"clip_slices": 5, "clip_size": [48, 48], "batch_size": 4}
+    more = tmp_path / "mlsscl.yaml"
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    counts = _job_counts(text)
+    assert counts["lumbar_regions"] == 1 and counts["table_ablation"] == 1
+    for rule in ("pretrain", "pretext_eval", "features", "disc_features", "embeddings", "normative"):
+        assert counts.get(rule) == 3, (rule, counts)
+    assert "gradcam_pairs" not in counts and "figure_pairs" not in counts
+    assert "--mlsscl-clip-size 48 48" in text and "--volumes results/regions/regions.parquet" in text
+    assert "--array results/regions/regions.npy" in text
+    # a clip shape that is not the vertebral bodies' fails at start, naming the keys
+    config["mlsscl"]["clip_size"] = [64, 64]
+    more.write_text(yaml.safe_dump(config))
+    wrong = snakemake(workdir, "-n", "--configfile", str(more))
+    assert wrong.returncode != 0 and "mlsscl.clip_size" in wrong.stdout + wrong.stderr
+
+
+@pytest.mark.slow
+def test_lumbar_regions_account_for_every_scan_of_the_splits(tiny_run):
+    """On the tiny workflow's own scans: each placed scan has a region (T12 to S1 where both were found) or a flag."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    results = workdir / "results"
+    out = workdir / "regions_check"
+    from stages.anatomy.regions import RegionConfig
+    from stages.lumbar_regions import lumbar_regions
+
+    cfg = RegionConfig(spacing_mm=4.0, size_mm=(200.0, 96.0, 48.0))
+    table = lumbar_regions(results / "ingest" / "manifest.parquet", results / "ingest" / "volumes",
+                           results / "localise" / "structures.parquet", results / "splits" / "volumes.parquet",
+                           out / "regions.npy", out / "regions.parquet", out / "flags.csv", cfg)
+    flags = pd.read_csv(out / "flags.csv")
+    placed = set(pd.read_parquet(results / "splits" / "volumes.parquet").scan_id)
+    assert set(table.scan_id) | set(flags.scan_id) == placed and not set(table.scan_id) & set(flags.scan_id)
+    array = np.load(out / "regions.npy")
+    assert array.shape == (len(table), 50, 24, 12) and np.isfinite(array.astype(float)).all()
+    assert (table.row == np.arange(len(table))).all() and (table.level == "T12-S1").all()
+    # scaled as the crops are (the bodies' median intensity 0.5): the central sagittal slices, through the bodies,
+    # hold that much signal
+    assert 0.2 < float(np.median(array[:, 10:40, :, 4:8].astype(float).mean((1, 2, 3)))) < 2
+
+
 def _planned_outputs(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.strip().startswith("output:"))
 

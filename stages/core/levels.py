@@ -15,6 +15,7 @@ VERTEBRA_LABELS: dict[str, int] = {"T12": 19, "L1": 20, "L2": 21, "L3": 22, "L4"
 DISC_LABELS: dict[str, int] = {d: 100 + VERTEBRA_LABELS[d.split("-")[0]] for d in DISCS}
 LABEL_NAMES: dict[int, str] = {**{v: k for k, v in VERTEBRA_LABELS.items()}, **{v: k for k, v in DISC_LABELS.items()}}
 TRANSITIONAL_L6 = 25  # VerSe's label of a sixth lumbar vertebra
+REGION_LEVEL = "T12-S1"  # the one level of a lumbar region (stages/anatomy/regions.py), T12 to S1
 
 
 def disc_between(upper: str) -> str:

@@ -4,10 +4,13 @@ harness does not change."""
 
 from __future__ import annotations
 
+from stages.training.methods.mlsscl import MlssclLongShortMethod, MlssclMethod, MlssclMultiviewMethod
 from stages.training.methods.momentum import ByolMethod, LongitudinalNceMethod, MocoMethod
 from stages.training.methods.siamese import SiameseMethod
 from stages.training.methods.simclr import SimclrMethod
 from stages.training.protocol import Method
 
 METHODS: dict[str, type[Method]] = {"siamese": SiameseMethod, "simclr": SimclrMethod, "moco": MocoMethod,
-                                     "byol": ByolMethod, "longitudinal_nce": LongitudinalNceMethod}
+                                     "byol": ByolMethod, "longitudinal_nce": LongitudinalNceMethod,
+                                     "mlsscl": MlssclMethod, "mlsscl_multiview": MlssclMultiviewMethod,
+                                     "mlsscl_long_short": MlssclLongShortMethod}

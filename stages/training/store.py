@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.errors import LeakageError
-from stages.core.levels import DISCS, VERTEBRAE
+from stages.core.levels import DISCS, REGION_LEVEL, VERTEBRAE
 
 log = logging.getLogger("pretrain.store")
 TRAIN_PARTS = ("train", "val")
@@ -42,6 +42,9 @@ STRUCTURES: dict[str, Structure] = {
     # the axial slices through each disc (n_discs, 3, Ha, Wa), rows aligned with the discs': simclr's images (the
     # axial_slices stage's slices.npy; the extract stage's resliced axial.npy is read too)
     "axial": Structure("disc", DISCS, "slices.npy", "axial disc slices"),
+    # each scan's lumbar region on an isotropic grid (n_scans, SI, AP, LR): mlsscl's clips (the lumbar_regions
+    # stage's regions.npy, listed in its regions.parquet)
+    "region": Structure("region", (REGION_LEVEL,), "regions.npy", "lumbar regions"),
 }
 
 

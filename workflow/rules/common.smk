@@ -226,20 +226,57 @@ def axial_array():
     return rules.extract.output.axial if CROPS else rules.axial_slices.output.slices
 
 
+# Methods that read each scan's lumbar region (the lumbar_regions stage), set in the mlsscl section; their trunk reads
+# clips of the downstream volumes' shape, so downstream they are 3D encoders like the Siamese one.
+REGION_METHODS = ["mlsscl", "mlsscl_multiview", "mlsscl_long_short"]
+REGIONS_IN_USE = [m for m in config["pretrain"]["methods"] if m in REGION_METHODS]
+# The config section of a method whose section is not named after it.
+METHOD_SECTIONS = {m: "mlsscl" for m in REGION_METHODS}
+
+
 def pretrain_array(wildcards=None):
-    """The array a pretraining method reads: the axial slices for an axial method; else (pretrain.structure) the
-    extract stage's vertebrae.npy or discs.npy."""
+    """The array a pretraining method reads: the axial slices for an axial method, the lumbar regions for a region
+    method; else (pretrain.structure) the extract stage's vertebrae.npy or discs.npy."""
     if wildcards is not None and wildcards.method in AXIAL_METHODS:
         return axial_array()
+    if wildcards is not None and wildcards.method in REGION_METHODS:
+        return rules.lumbar_regions.output.array
     return rules.extract.output.discs if config["pretrain"]["structure"] == "disc" else rules.extract.output.vertebrae
 
 
+def pretrain_volumes(wildcards):
+    """The table of the volumes a pretraining method reads (their subjects and parts): the lumbar_regions stage's for
+    a region method, else the splits stage's."""
+    if wildcards.method in REGION_METHODS:
+        return rules.lumbar_regions.output.table
+    return rules.splits.output.volumes
+
+
 def method_options(wildcards):
-    """The config section named after a method that has one (simclr, moco, byol), as --SECTION-KEY options of the
-    pretrain stage."""
-    if wildcards.method in config:
-        return stage_options(wildcards.method, prefix=wildcards.method)
+    """The config section of a method that has one (simclr, moco, byol, longitudinal_nce, mlsscl and its
+    ablations), as --SECTION-KEY options of the pretrain stage."""
+    section = METHOD_SECTIONS.get(wildcards.method, wildcards.method)
+    if section in config:
+        return stage_options(section, prefix=section)
     return ""
+
+
+def check_clip_shape():
+    """A region method's trunk reads, downstream, the volumes of pretrain.structure: its clips must have their shape."""
+    if not REGIONS_IN_USE:
+        return
+    structure = config["pretrain"]["structure"]
+    height, width, slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"]
+    clips = config["mlsscl"]
+    if [clips["clip_slices"], *clips["clip_size"]] != [slices, height, width]:
+        raise ValueError(
+            f"mlsscl.clip_slices and mlsscl.clip_size ({clips['clip_slices']}, {clips['clip_size']}) must be the "
+            f"shape of the {structure} volumes the encoder reads downstream (extract.{structure}_size "
+            f"{[height, width, slices]}: clip_slices {slices}, clip_size [{height}, {width}])"
+        )
+
+
+check_clip_shape()
 
 
 def ddp_launcher():

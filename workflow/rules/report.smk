@@ -139,6 +139,23 @@ use rule figure_pretext as table_metrics with:
         options=END_TO_END_OPTION,
 
 
+use rule figure_pretext as table_ablation with:
+    input:
+        code=code("figures"),
+        results=rules.probe_summary.output.results,
+        evaluations=expand(rules.pretext_eval.output.evaluation, method=REGIONS_IN_USE),
+    output:
+        html=in_report(table("mlsscl_ablation"), "ablation_table", "5. Downstream results", "MLSSCL ablation (table)"),
+        csv=table("mlsscl_ablation", "csv"),
+    log:
+        logs("report", "table_ablation"),
+    benchmark:
+        bench("report", "table_ablation")
+    params:
+        figure="ablation-table",
+        options="",
+
+
 rule embeddings:
     input:
         code=code("embeddings"),

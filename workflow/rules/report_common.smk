@@ -14,10 +14,11 @@ GRADCAM_MODELS = (
     if REPORTS["gradcam_task"] in PROBES["tasks"] and not CROPS
     else []
 )
-# The methods trained on pairs of volumes: their pretext test pairs are explained (gradcam_pairs, figure_pairs).
 # The frozen encoders with disc features (disc_features; every frozen 3D encoder): the normative model of healthy discs.
 DISC_ENCODERS = [m for m in FROZEN if not axial_method(m)]
-PAIR_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
+# The methods whose pretext evaluation scores the test pairs of vertebral bodies (not the axial ones, not the region
+# ones): their pretext test pairs are explained (gradcam_pairs, figure_pairs).
+PAIR_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS + REGION_METHODS]
 # The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
 END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
 
@@ -153,5 +154,6 @@ def report_targets():
     figures += [f"pairs_{m}" for m in PAIR_METHODS]
     tables = ["figure_of_merit", "configuration"]
     tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
+    tables += ["mlsscl_ablation"] if REGIONS_IN_USE else []
     tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
     return [fig(f, ext) for f in figures for ext in ("png", "pdf")] + [table(t) for t in tables]

@@ -193,7 +193,7 @@ class MomentumMethod(abc.ABC):
     def __init__(self, cfg: PretrainConfig, store: VolumeStore):
         self.cfg = cfg
         self.mc = self.settings.from_values(cfg.method_config)
-        slices, height, width_px = store.shape
+        slices, height, width_px = self.input_shape(store)
         self.spec = EncoderSpec(slices=slices, height=height, width_px=width_px, width=cfg.width,
                                 embedding_dim=cfg.embedding_dim, dropout=self.mc.dropout, n_levels=len(store.levels))
         self.model = self.network(self.spec, self.mc)     # first: the initial weights are the seed's
@@ -204,6 +204,10 @@ class MomentumMethod(abc.ABC):
                              f"{len(store.table)} listed (see results/splits/summary.json and "
                              "results/localise/flags.csv)")
         self.ranges = cfg.augment_ranges()
+
+    def input_shape(self, store: VolumeStore) -> tuple[int, int, int]:
+        """(slices, rows, columns) of what the backbone reads: the store's volumes."""
+        return store.shape
 
     def n_samples(self, part: str) -> int:
         return len(self.samples[part])
