@@ -41,6 +41,11 @@ include: "workflow/rules/probes.smk"
 include: "workflow/rules/report.smk"
 
 
+if not CROPS:  # the lumbar regions and the segmentation downstream need the scans
+
+    include: "workflow/rules/regions.smk"
+
+
 rule all:
     default_target: True
     input:

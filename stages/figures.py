@@ -11,6 +11,8 @@
 - ``confusion``: the grade's confusion matrices per model, every label, summed over the seeds.
 - ``metrics-table``: ACC, SEN, SPE and AUC of herniation as mean +- std over seeds per model and head (Cao et al. 2022,
   Table 1 layout).
+- ``segmentation-table`` and ``segmentation``: the segmentation downstream per encoder and label subset (Cao et al.
+  2022, Table 2 layout), DSC against labelled subjects and example predictions.
 - ``ablation-table``: MLSSCL with both losses, the multiview loss alone and the long-short loss alone: pretext top-1
   and the disc tasks (Cao et al. 2022, Table 3 layout).
 - ``embeddings``: 2D t-SNE of the test bodies' frozen features, per encoder, coloured by level, grade, subject and
@@ -312,7 +314,7 @@ def _view_panel(ax: plt.Axes, method: str, table: pd.DataFrame, views: dict[str,
     ax.set_xticks(range(len(views)), [text.replace(", ", ",\n") for text in views.values()])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("top-1")
-    ax.set_title(f"{method}: top-1 per pretext task (95% bootstrap intervals)")
+    ax.set_title(f"{method}: top-1 per pretext task\n(95% bootstrap intervals)")
     ax.legend(frameon=False, fontsize=7)
     ax.grid(alpha=0.25, axis="y")
 
@@ -585,6 +587,86 @@ def _pair(evaluation: dict[str, Any], key: str) -> str:
     if trained is None:
         return "n/a"
     return f"{trained:.3f} ({untrained:.3f})" if untrained is not None else f"{trained:.3f}"
+
+
+SEGMENTATION_METRICS = {"dice": "DSC", "ppv": "PPV", "ltpr": "LTPR", "lfpr": "LFPR"}
+
+
+def segmentation_table(summaries: pd.DataFrame, out: TableFiles) -> list[Path]:
+    """Cao et al. 2022 Table 2 on spine anatomy: per encoder, label subset and structure, DSC, PPV, LTPR and LFPR on
+    the downstream test subjects with their intervals (the segment stage's summary.parquet of every model)."""
+    if summaries.empty:
+        frame = pd.DataFrame({"note": ["no segmentation: no label maps among the downstream subjects"]})
+    else:
+        rows = []
+        for (model, fraction, structure), group in summaries.groupby(["model", "fraction", "structure"], sort=False):
+            by_metric = group.set_index("metric")
+            row = {"model": model, "labelled share": f"{fraction:.0%}",
+                   "training subjects": int(group.n_subjects.iloc[0]), "structure": structure,
+                   "test scans": int(group.scans.iloc[0])}
+            for metric, name in SEGMENTATION_METRICS.items():
+                v = by_metric.loc[metric]
+                row[name] = "n/a" if not np.isfinite(v.value) else (
+                    f"{v.value:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}]")
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+    return write_table(frame, out, "Segmentation of the vertebrae and discs (Cao et al. 2022, Table 2 layout)",
+                       "Mid-sagittal slice of each test scan's lumbar region; DSC Dice, PPV positive predictive "
+                       "value (means over the test scans and seeds), LTPR and LFPR the detection true- and "
+                       "false-positive rates of the structures (connected components), with 95% bootstrap intervals "
+                       "over the test subjects. Every encoder trained end to end under the same U-Net decoder; "
+                       "scratch: the same network from pretraining's initial weights.")
+
+
+def segmentation_figure(summaries: pd.DataFrame, examples: dict[str, dict[str, np.ndarray]],
+                        out: FigureFiles) -> list[Path]:
+    """Top: DSC against the training subjects per encoder, one panel per structure, with intervals. Below: each
+    encoder's predictions on the first test scan at every label subset (seed 0), beside the truth."""
+    models = list(dict.fromkeys(summaries.model)) if len(summaries) else []
+    structures = list(dict.fromkeys(summaries.structure)) if len(summaries) else []
+    fractions = sorted(set(summaries.fraction)) if len(summaries) else []
+    rows = 1 + len(models)
+    cols = max(len(structures), len(fractions) + 2, 2)
+    fig = plt.figure(figsize=(2.4 * cols, 2.6 * rows + 0.6))
+    grid = fig.add_gridspec(rows, cols)
+    if summaries.empty:
+        _empty(fig.add_subplot(grid[0, :]), "no segmentation: no label maps among the downstream subjects")
+        return save(fig, out)
+    span = cols // max(len(structures), 1)
+    for j, structure in enumerate(structures):
+        ax = fig.add_subplot(grid[0, j * span:(j + 1) * span])
+        for model in models:
+            here = summaries[(summaries.model == model) & (summaries.structure == structure)
+                             & (summaries.metric == "dice")].sort_values("n_subjects")
+            c = colour(model, models)
+            ax.plot(here.n_subjects, here.value, "o-", color=c, label=model, markersize=3.5,
+                    linewidth=2 if model == "scratch" else 1.3)
+            ax.fill_between(here.n_subjects, here.ci_low, here.ci_high, color=c, alpha=0.12)
+        ax.set_xlabel("labelled training subjects")
+        ax.set_ylabel("DSC (test scans)")
+        ax.set_title(f"{structure}: DSC (95% intervals)")
+        ax.grid(alpha=0.25)
+        ax.legend(frameon=False, fontsize=7)
+    palette = matplotlib.colors.ListedColormap(["black", "#1b9e77", "#d95f02"])
+    for i, model in enumerate(models, start=1):
+        shown = examples.get(model, {})
+        if "image" not in shown or not len(shown["image"]):
+            _empty(fig.add_subplot(grid[i, :]), f"{model}: no example")
+            continue
+        panels = [("input", shown["image"][0], None), ("truth", shown["truth"][0], palette)]
+        panels += [(f"{f:.0%} labels", shown[f"predicted_{f:g}"][0], palette) for f in fractions
+                   if f"predicted_{f:g}" in shown]
+        for j, (title, image, cmap) in enumerate(panels[:cols]):
+            ax = fig.add_subplot(grid[i, j])
+            if cmap is None:
+                ax.imshow(image, cmap="gray")
+            else:
+                ax.imshow(image, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+            ax.set_title(f"{model}: {title}" if j == 0 else title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle("Segmentation downstream: vertebrae (green) and discs (orange) on the mid-sagittal slice")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))   # room for the title above the panels
+    return save(fig, out)
 
 
 # --- Embeddings ---------------------------------------------------------------------------------------------------
@@ -993,6 +1075,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
     p.add_argument("--evaluations", type=cli.existing_file, nargs="+", required=True,
                    help="pretrain/{method}/pretext/evaluation.json of the mlsscl methods (the method is read from it).")
+    p = add("segmentation-table", "Segmentation DSC, PPV, LTPR, LFPR per encoder and subset (Cao Table 2).", "table")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="segmentation/{model}/summary.parquet, one per model.")
+    p = add("segmentation", "Segmentation DSC against labelled subjects, and example predictions.")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="segmentation/{model}/summary.parquet, one per model.")
+    p.add_argument("--examples", type=cli.existing_file, nargs="+", required=True,
+                   help="segmentation/{model}/examples.npz, one per model in the same order.")
     p = add("embeddings", "t-SNE maps of the test bodies' features.")
     p.add_argument("--coords", type=cli.existing_file, nargs="+", required=True,
                    help="report/embeddings/{encoder}.parquet, one per encoder (named by the file).")
@@ -1065,6 +1155,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.figure == "ablation-table":
         evaluations = [json.loads(p.read_text()) for p in args.evaluations]
         ablation_table(pd.read_parquet(args.results), {e["method"]: e for e in evaluations}, table)
+    elif args.figure == "segmentation-table":
+        segmentation_table(pd.concat([pd.read_parquet(p) for p in args.summaries], ignore_index=True), table)
+    elif args.figure == "segmentation":
+        if len(args.examples) != len(args.summaries):
+            parser.error("give one --examples file per --summaries file, in the same order")
+        summaries = [pd.read_parquet(p) for p in args.summaries]
+        examples = {p.parent.name: dict(np.load(p)) for p in args.examples}
+        segmentation_figure(pd.concat(summaries, ignore_index=True), examples, figure)
     elif args.figure == "embeddings":
         embeddings_figure({p.stem: pd.read_parquet(p) for p in args.coords}, figure)
     elif args.figure == "training":

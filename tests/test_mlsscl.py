@@ -37,7 +37,7 @@ from stages.training.clips import AXES, ClipSpec, cut_clips, draw_centres, mlssc
 from stages.training.config import PretrainConfig
 from stages.training.harness import TIMING_COLUMNS, Outputs
 from stages.training.infonce import own_keys
-from stages.training.methods.mlsscl import MlssclMethod
+from stages.training.methods.mlsscl import MlssclConfig, MlssclMethod
 from stages.training.protocol import configured
 from stages.training.store import VolumeStore
 
@@ -157,7 +157,7 @@ def test_centres_leave_room_for_every_clip_and_reach_every_place_that_does():
     with pytest.raises(ValueError, match="spans 10 voxels"):
         spec.check_fits((20, 9, 11))
     with pytest.raises(ValueError, match="short stride"):
-        ClipSpec(slices=4, long_stride=2, short_stride=2, size=(8, 8))
+        MlssclConfig(long_stride=2, short_stride=2)
 
 
 # ---- the method: loss and queue

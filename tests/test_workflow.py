@@ -67,13 +67,20 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
     assert not (results / "pretrain" / "siamese" / "resume").exists()
     metrics = pd.read_csv(results / "pretrain" / "siamese" / "metrics.csv")
     assert "train" in set(metrics.split) and metrics.epoch.max() == 2
+    # the segmentation downstream: the Siamese encoder and scratch, scored on the downstream test subjects only
+    test_subjects = set(splits.subject_id[splits.downstream_part == "test"])
+    for model in ("siamese", "scratch"):
+        scores = pd.read_parquet(results / "segmentation" / model / "scores.parquet")
+        assert set(scores.model) == {model} and set(scores.fraction) == {0.5, 1.0}
+        assert set(scores.subject_id) <= test_subjects and len(scores)
+    assert not (results / "segmentation" / "simclr").exists()            # an axial method has no 3D trunk
     files = pd.read_csv(results / "ingest" / "files.csv")
     assert files.status.value_counts().sum() == sum(1 for p in (results / "demo_cohort" / "dicom").rglob("*") if p.is_file())
 
 
 REPORT_FIGURES = ["pretext", "label_efficiency", "label_curves_herniation", "roc_herniation", "confusion_grade",
-                  "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese"]
-REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "configuration"]
+                  "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese", "segmentation"]
+REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "segmentation", "configuration"]
 CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine MRI",
                    "pretext.rst": "Jamaludin et al. 2017, Fig. 6", "label_efficiency.rst": "50 replicates",
                    "label_curves.rst": "Herniation against the number of labels",
@@ -83,7 +90,9 @@ CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine 
                    "embeddings.rst": "every vertebral body of the held-out subjects",
                    "training.rst": "report's task (&quot;grade&quot;", "gradcam.rst": "Layer: conv3 (the deepest layer",
                    "attention.rst": "Attention inside the disc", "pairs.rst": "Grad-CAM of minus the L2 distance",
-                   "configuration.rst": "The configuration of this run as validated"}
+                   "configuration.rst": "The configuration of this run as validated",
+                   "segmentation.rst": "DSC of the vertebrae and of the discs",
+                   "segmentation_table.rst": "in the layout of Cao et al. 2022, Table 2"}
 
 
 @pytest.mark.slow
@@ -228,9 +237,9 @@ def test_the_momentum_methods_join_as_3d_encoders_with_their_own_sections(tiny_r
 
 @pytest.mark.slow
 def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny_run, tmp_path):
-    """mlsscl and its two ablations added to a finished run: one lumbar_regions job, their pretraining on the regions
+    """mlsscl and its two ablations added to a finished run: their pretraining on the finished run's lumbar regions
     (the mlsscl section's options, the ablations' own alpha or beta fixed by the method), every downstream job of a
-    frozen 3D encoder but the pair explanations (no test pairs), and the ablation table."""
+    frozen 3D encoder (segmentation included) but the pair explanations (no test pairs), and the ablation table."""
     workdir, run = tiny_run
     assert run.returncode == 0
     config = yaml.safe_load(TINY.read_text())
@@ -243,8 +252,8 @@ def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny
     assert plan.returncode == 0, plan.stderr[-3000:]
     text = plan.stdout + plan.stderr
     counts = _job_counts(text)
-    assert counts["lumbar_regions"] == 1 and counts["table_ablation"] == 1
-    for rule in ("pretrain", "pretext_eval", "features", "disc_features", "embeddings", "normative"):
+    assert counts["table_ablation"] == 1 and "lumbar_regions" not in counts   # the regions are the finished run's
+    for rule in ("pretrain", "pretext_eval", "features", "disc_features", "embeddings", "normative", "segment"):
         assert counts.get(rule) == 3, (rule, counts)
     assert "gradcam_pairs" not in counts and "figure_pairs" not in counts
     assert "--mlsscl-clip-size 48 48" in text and "--volumes results/regions/regions.parquet" in text

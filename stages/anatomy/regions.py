@@ -95,13 +95,23 @@ def region_points(frame: RegionFrame, shape: tuple[int, int, int], spacing_mm: f
             + s[..., None] * frame.lateral)
 
 
-def resample_region(volume: np.ndarray, image: sitk.Image, frame: RegionFrame, cfg: RegionConfig) -> np.ndarray:
+def resample_region(volume: np.ndarray, image: sitk.Image, frame: RegionFrame, cfg: RegionConfig,
+                    order: int = 1) -> np.ndarray:
     """The scan's values (``volume``, the (k, j, i) array of ``image``) on the region's isotropic grid
-    ``(SI, AP, LR)``: trilinear, zero outside the scan."""
+    ``(SI, AP, LR)``: trilinear (``order`` 1; 0: the nearest voxel's, for a label map), zero outside the scan."""
     points = region_points(frame, cfg.shape, cfg.spacing_mm)
     ijk = world_to_index(image, points.reshape(-1, 3))
-    values = map_coordinates(volume, [ijk[:, 2], ijk[:, 1], ijk[:, 0]], order=1, cval=0.0, mode="constant")
+    values = map_coordinates(volume, [ijk[:, 2], ijk[:, 1], ijk[:, 0]], order=order, cval=0.0, mode="constant")
     return values.reshape(cfg.shape).astype(np.float32)
+
+
+def region_labels(label_map: sitk.Image, frame: RegionFrame, cfg: RegionConfig) -> np.ndarray:
+    """A label map (the scan's, VerSe numbering) on the region's grid, uint8 ``cfg.shape``: each voxel the label of
+    the nearest voxel of the map (0 outside it)."""
+    array = sitk.GetArrayFromImage(label_map)
+    if array.max(initial=0) > 255 or array.min(initial=0) < 0:
+        raise ValueError(f"label values outside 0-255 ({array.min()} to {array.max()}): not a VerSe-numbered map")
+    return resample_region(array.astype(np.float32), label_map, frame, cfg, order=0).astype(np.uint8)
 
 
 def lumbar_region(volume: np.ndarray, image: sitk.Image, structures: pd.DataFrame,

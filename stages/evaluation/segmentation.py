@@ -95,9 +95,20 @@ def bootstrap(counts: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.
     for structure, group in scan_metrics(counts).groupby("structure", sort=False):
         group = group.reset_index(drop=True)
         groups = [np.asarray(r) for r in group.groupby("subject_id").indices.values()]
+        column = {c: group[c].to_numpy(dtype=float) for c in ("dice", "ppv", *TALLY_COLUMNS)}
+        statistics = {   # summarise's metrics on the rows r, on arrays (a bootstrap evaluates them many times)
+            "dice": lambda r: float(column["dice"][r].mean()) if len(r) else float("nan"),
+            "ppv": lambda r: float(np.nanmean(column["ppv"][r])) if np.isfinite(column["ppv"][r]).any()
+            else float("nan"),
+            "ltpr": lambda r: _ratio(column["detected"][r], column["true_structures"][r]),
+            "lfpr": lambda r: _ratio(column["false_structures"][r], column["predicted_structures"][r])}
         for metric in METRICS:
-            value, low, high = bootstrap_interval(groups, lambda r, m=metric: summarise(group.iloc[r])[m], n_boot,
-                                                  level, seed)
+            value, low, high = bootstrap_interval(groups, statistics[metric], n_boot, level, seed)
             rows.append({"structure": structure, "metric": metric, "value": value, "ci_low": low, "ci_high": high,
                          "scans": len(group), "subjects": len(groups)})
     return pd.DataFrame(rows, columns=["structure", "metric", "value", "ci_low", "ci_high", "scans", "subjects"])
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> float:
+    total = denominator.sum()
+    return float(numerator.sum() / total) if total > 0 else float("nan")

@@ -33,9 +33,6 @@ class ClipSpec:
     def __post_init__(self) -> None:
         if self.slices < 1 or self.short_stride < 1 or self.long_stride < 1:
             raise ValueError(f"clips need slices and strides >= 1, got {self}")
-        if self.short_stride >= self.long_stride:
-            raise ValueError(f"the short stride must be smaller than the long one (delta_S < delta_L), got "
-                             f"{self.short_stride} and {self.long_stride}")
 
     def offsets(self, stride: int) -> torch.Tensor:
         """The slices' offsets (voxels) from the centre along the clip's axis."""
@@ -59,9 +56,11 @@ def draw_centres(n: int, shape: tuple[int, int, int], spec: ClipSpec, generator:
     return (low + (u * (high - low + 1)).floor().clamp(max=high - low)).long()
 
 
-def cut_clips(regions: torch.Tensor, centres: torch.Tensor, view: str, stride: int, spec: ClipSpec) -> torch.Tensor:
+def cut_clips(regions: torch.Tensor, centres: torch.Tensor, view: str, stride: int, spec: ClipSpec,
+              mode: str = "bilinear") -> torch.Tensor:
     """``(n, C, H, W)`` clips of ``view`` (axial, coronal, sagittal) from ``regions`` ``(n, SI, AP, LR)``, slices
-    ``stride`` voxels apart around ``centres`` ``(n, 3)``, each resized to ``spec.size``."""
+    ``stride`` voxels apart around ``centres`` ``(n, 3)``, each resized to ``spec.size`` (``mode``: bilinear; nearest
+    for label maps)."""
     if view not in AXES:
         raise ValueError(f"view must be one of {sorted(AXES)}, got {view!r}")
     axis = AXES[view]
@@ -71,8 +70,8 @@ def cut_clips(regions: torch.Tensor, centres: torch.Tensor, view: str, stride: i
     rows = torch.arange(n, device=regions.device).view(-1, 1)
     planes = moved[rows, index]                                   # (n, C, h, w)
     h, w = planes.shape[-2:]
-    resized = F.interpolate(planes.reshape(n * spec.slices, 1, h, w).float(), size=spec.size, mode="bilinear",
-                            align_corners=False)
+    resized = F.interpolate(planes.reshape(n * spec.slices, 1, h, w).float(), size=spec.size, mode=mode,
+                            **({"align_corners": False} if mode == "bilinear" else {}))
     return resized.view(n, spec.slices, *spec.size)
 
 

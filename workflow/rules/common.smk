@@ -262,9 +262,14 @@ def method_options(wildcards):
 
 
 def check_clip_shape():
-    """A region method's trunk reads, downstream, the volumes of pretrain.structure: its clips must have their shape."""
+    """A region method's trunk reads, downstream, the volumes of pretrain.structure: its clips must have their shape.
+    And region methods need the scans (not a crop table)."""
     if not REGIONS_IN_USE:
         return
+    if config["cohort"]["source"] == "crops":
+        raise ValueError(
+            f"pretrain.methods {REGIONS_IN_USE} read each scan's lumbar region: a crop-table cohort has no scans"
+        )
     structure = config["pretrain"]["structure"]
     height, width, slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"]
     clips = config["mlsscl"]
@@ -277,6 +282,28 @@ def check_clip_shape():
 
 
 check_clip_shape()
+
+# The segmentation downstream: every pretrained 3D encoder (not an axial method's) and the same network from scratch.
+THREE_D_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
+SEGMENT_MODELS = (
+    THREE_D_METHODS + ["scratch"]
+    if config["segmentation"]["run"] and THREE_D_METHODS and config["cohort"]["source"] != "crops"
+    else []
+)
+
+
+def segment_source(wildcards, input):
+    """--encoder of a pretrained model, or the scratch network's --scratch and its shape and seed (the pretraining
+    trunk's: pretrain.structure's slices, pretrain.width, embedding_dim and seed)."""
+    if wildcards.model != "scratch":
+        return f"--encoder {input.encoder}"
+    structure = config["pretrain"]["structure"]
+    slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"][2]
+    pretrain = config["pretrain"]
+    return (
+        f"--scratch --slices {slices} --width {pretrain['width']} --embedding-dim {pretrain['embedding_dim']} "
+        f"--encoder-seed {pretrain['seed']}"
+    )
 
 
 def ddp_launcher():

@@ -6,40 +6,6 @@
 # job resumes from it; the stage deletes it once the run completes (its content is then in checkpoint.pt).
 
 
-# The lumbar region of every scan the splits placed (T12 to S1, isotropic): what the region methods (mlsscl) cut
-# their clips from. Only when such a method runs.
-
-
-rule lumbar_regions:
-    input:
-        code=code("lumbar_regions"),
-        manifest=rules.ingest.output.manifest,
-        volumes=rules.ingest.output.volumes,
-        structures=rules.localise.output.structures,
-        splits_volumes=rules.splits.output.volumes,
-    output:
-        array=out("regions", "regions.npy"),
-        table=out("regions", "regions.parquet"),
-        table_csv=out("regions", "regions.csv"),
-        flags=out("regions", "flags.csv"),
-    log:
-        logs("lumbar_regions", "lumbar_regions"),
-    benchmark:
-        bench("lumbar_regions", "lumbar_regions")
-    conda:
-        ENV
-    threads: 4
-    resources:
-        mem_mb=4000,
-        runtime=120,
-    params:
-        options=stage_options("regions"),
-    shell:
-        "python -m stages.lumbar_regions --manifest {input.manifest} --volumes {input.volumes} "
-        "--structures {input.structures} --splits-volumes {input.splits_volumes} --out-array {output.array} "
-        "--out-table {output.table} --out-flags {output.flags} --threads {threads} {params.options} > {log} 2>&1"
-
-
 rule pretrain:
     input:
         code=code("pretrain"),

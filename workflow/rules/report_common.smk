@@ -155,5 +155,7 @@ def report_targets():
     tables = ["figure_of_merit", "configuration"]
     tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
     tables += ["mlsscl_ablation"] if REGIONS_IN_USE else []
+    tables += ["segmentation"] if SEGMENT_MODELS else []
+    figures += ["segmentation"] if SEGMENT_MODELS else []
     tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
     return [fig(f, ext) for f in figures for ext in ("png", "pdf")] + [table(t) for t in tables]

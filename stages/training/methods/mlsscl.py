@@ -72,6 +72,9 @@ class MlssclConfig(MocoConfig):
         super().__post_init__()
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise ValueError(f"alpha and beta must be >= 0 and not both 0, got {self.alpha} and {self.beta}")
+        if self.short_stride >= self.long_stride:
+            raise ValueError(f"the short stride must be smaller than the long one (delta_S < delta_L), got "
+                             f"{self.short_stride} and {self.long_stride}")
         self.clips()
 
     @classmethod
