@@ -564,7 +564,7 @@ def ablation_table(results: pd.DataFrame, evaluations: dict[str, dict[str, Any]]
         here = results[(results.model == method) & results.task.isin(["grade", "herniation"])]
         here = here[here.fraction == here.fraction.max()] if len(here) else here
         base = {"loss": ABLATION[method], "method": method,
-                **{f"pretext {name} top-1 (untrained)": _pair(evaluation, key)
+                **{f"pretext {name} top-1, trained (untrained)": _pair(evaluation, key)
                    for name, key in (("axial-sagittal", "multiview_top1"), ("short-long", "long_short_top1"))}}
         for head, group in here.groupby("head", sort=False) if len(here) else [("n/a", here)]:
             row = {**base, "head": head}

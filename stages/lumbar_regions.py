@@ -114,7 +114,7 @@ def lumbar_regions(manifest_file: Path, volumes: Path, structures_file: Path, sp
                 out[labels_array][len(rows)] = label if label is not None else 0
             rows.append({"array": "regions", "row": len(rows), **scan._asdict(), "kind": "region",
                          "level": REGION_LEVEL, **span, "spacing_mm": cfg.spacing_mm,
-                         "has_labels": label is not None})
+                         "has_labels": label is not None and bool(label.any())})
     for path, memmap in out.items():
         memmap.flush()
     del out, memmap

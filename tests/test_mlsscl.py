@@ -173,7 +173,7 @@ def write_region_data(root: Path) -> dict[str, Path]:
     regions = np.stack([0.6 * textures[s] + 0.4 * rng.normal(size=REGION) for s in scans.subject_id])
     np.save(root / "regions.npy", regions.astype(np.float16))
     table = scans.assign(array="regions", row=np.arange(len(scans)), kind="region", level="T12-S1", top="T12",
-                         bottom="S1", spacing_mm=3.0)[TABLE_COLUMNS]
+                         bottom="S1", spacing_mm=3.0, has_labels=False)[TABLE_COLUMNS]
     table.to_parquet(root / "regions.parquet", index=False)
     return {"pairs": root / "splits" / "pairs.parquet", "volumes": root / "regions.parquet",
             "array": root / "regions.npy"}
@@ -322,3 +322,47 @@ def test_a_run_killed_with_sigkill_resumes_exactly_and_hands_on_the_trunk(method
     test = pd.read_parquet(data["volumes"]).query("ssl_part == 'test'")
     assert set(scores.scan_id) == set(test.scan_id[~test.downstream_part.isin(["val", "test"])])
 
+
+
+def test_the_stage_flags_a_scan_without_a_spine_and_keeps_every_array_row_aligned(tmp_path):
+    """Two placed scans, one with seven bodies and a label map, one with a single body: one region with its label map
+    (has_labels), one flag with the reason; both arrays hold the one region."""
+    from stages.lumbar_regions import lumbar_regions
+
+    for folder in ("volumes", "labels"):
+        (tmp_path / folder).mkdir()
+    rng = np.random.default_rng(0)
+    for scan in ("scan-a", "scan-b"):
+        image = sitk.GetImageFromArray((100 + rng.normal(size=(8, 32, 32))).astype(np.float32))
+        image.SetSpacing((2.0, 2.0, 4.0))
+        sitk.WriteImage(image, str(tmp_path / "volumes" / f"{scan}.nii.gz"))
+    labels = np.zeros((8, 32, 32), np.uint8)
+    labels[2:6, 8:14, 10:22] = 21
+    labels[2:6, 14:16, 10:22] = 121
+    label_map = sitk.GetImageFromArray(labels)
+    label_map.SetSpacing((2.0, 2.0, 4.0))
+    sitk.WriteImage(label_map, str(tmp_path / "labels" / "scan-a.nii.gz"))
+    pd.DataFrame({"scan_id": ["scan-a", "scan-b"], "volume": ["volumes/scan-a.nii.gz", "volumes/scan-b.nii.gz"],
+                  "label_map": ["labels/scan-a.nii.gz", ""]}).to_parquet(tmp_path / "manifest.parquet")
+    names = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
+    centres = np.array([[32.0, 6.0 + 8 * i, 16.0] for i in range(7)])
+    bodies = _structures(centres, np.array([0.0, 0.0, 1.0]), names).assign(
+        scan_id="scan-a", axis_x=0.0, axis_y=1.0, axis_z=0.0, depth_mm=10.0, k=4.0)
+    single = bodies.iloc[[3]].assign(scan_id="scan-b")
+    pd.concat([bodies, single]).to_parquet(tmp_path / "structures.parquet")
+    pd.DataFrame({"scan_id": ["scan-a", "scan-a", "scan-b"], "subject_id": ["sub-a", "sub-a", "sub-b"],
+                  "study_id": "ses-0", "days_since_first_study": 0.0, "family_id": ["fam-a", "fam-a", "fam-b"],
+                  "ssl_part": "train", "downstream_part": "train"}).to_parquet(tmp_path / "volumes.parquet")
+    cfg = RegionConfig(spacing_mm=4.0, size_mm=(60.0, 24.0, 16.0))
+    out = tmp_path / "out"
+    table = lumbar_regions(tmp_path / "manifest.parquet", tmp_path / "volumes", tmp_path / "structures.parquet",
+                           tmp_path / "volumes.parquet", out / "regions.npy", out / "regions.parquet",
+                           out / "flags.csv", cfg, labels=tmp_path / "labels", labels_array=out / "labels.npy")
+    flags = pd.read_csv(out / "flags.csv")
+    assert table.scan_id.tolist() == ["scan-a"] and table.row.tolist() == [0] and table.has_labels.tolist() == [True]
+    assert flags.scan_id.tolist() == ["scan-b"] and flags.reason.tolist() == [TOO_FEW_BODIES]
+    regions, region_labels = np.load(out / "regions.npy"), np.load(out / "labels.npy")
+    assert regions.shape == region_labels.shape == (1, 15, 6, 4)
+    assert np.median(regions[0].astype(float)) == pytest.approx(0.5, abs=0.05)   # the bodies' median scaled to 0.5
+    assert set(np.unique(region_labels)) <= {0, 21, 121} and {21, 121} <= set(np.unique(region_labels))
+    assert (table.columns.tolist() == TABLE_COLUMNS) and (table.level == "T12-S1").all()

@@ -536,7 +536,7 @@ def test_mlsscl_ablation_table_gives_each_loss_its_pretext_top1_and_disc_tasks(t
     figures.ablation_table(results, evaluations, _table(tmp_path, "ablation"))
     table = pd.read_csv(tmp_path / "ablation.csv")
     assert table["loss"].unique().tolist() == ["both (L = alpha L_multiview + beta L_long-short)", "long-short only"]
-    assert table["pretext short-long top-1 (untrained)"].unique().tolist() == ["0.500 (0.100)", "0.750 (0.100)"]
+    assert table["pretext short-long top-1, trained (untrained)"].unique().tolist() == ["0.500 (0.100)", "0.750 (0.100)"]
     full = siamese[(siamese.task == "herniation") & (siamese.fraction == 1.0) & (siamese["head"] == "linear")]
     row = table[(table.method == "mlsscl") & (table["head"] == "linear")].iloc[0]
     assert row["herniation: ROC AUC"] == f"{full.auc.mean():.3f} \u00b1 {full.auc.std():.3f}"

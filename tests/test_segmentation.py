@@ -18,8 +18,9 @@ from stages.core.errors import LeakageError
 from stages.lumbar_regions import TABLE_COLUMNS
 from stages.nets.segmenter import TrunkUNet, trunk_channels, trunk_features
 from stages.nets.siamese import EncoderSpec, VggM3dEncoder, load_encoder
+from stages import segment as segment_stage
 from stages.segment import parts, segment
-from stages.training.segmenter import SegmentationConfig, classes_of, mid_sagittal, nested_subsets
+from stages.training.segmenter import SegmentationConfig, classes_of, fit, mid_sagittal, nested_subsets
 
 SPEC = EncoderSpec(slices=5, height=64, width_px=64, width=0.125, embedding_dim=16)
 
@@ -37,6 +38,9 @@ def test_the_unet_reads_the_trunk_s_maps_and_labels_the_middle_slice_at_full_siz
     net = TrunkUNet(encoder, 3, (32, 16, 16, 8, 8))
     assert net(x).shape == (2, 3, 64, 96)
     assert net.encoder is encoder
+    even = VggM3dEncoder(EncoderSpec(slices=4, height=64, width_px=64, width=0.125, embedding_dim=16))
+    x4 = torch.rand(1, 4, 64, 64)
+    assert torch.equal(trunk_features(even, x4)[0][:, 0], x4[:, 1])     # (S - 1) // 2, as the truth is cut
     with pytest.raises(ValueError, match="multiples of 32"):
         trunk_features(encoder, torch.rand(1, 5, 48, 64))
     with pytest.raises(ValueError, match="at least 64"):
@@ -93,11 +97,27 @@ FAST = SegmentationConfig(label_fractions=(0.3, 1.0), epochs=12, batch_size=4, l
                           decoder_channels=(32, 16, 16, 8, 8), size=(64, 64), bootstrap=50)
 
 
-def test_test_and_validation_subjects_never_train_and_every_subset_is_scored():
+def test_test_and_validation_subjects_never_train_and_every_subset_is_scored(monkeypatch):
     regions, labels, table = synthetic_regions()
     torch.manual_seed(0)
     encoder = VggM3dEncoder(EncoderSpec(slices=5, height=64, width_px=64, width=0.125, embedding_dim=16))
+    seen = []
+
+    def recording_fit(net, x, y, cfg, seed):   # what each network is trained on, and the weights it starts from
+        seen.append((x.clone(), {k: v.clone() for k, v in net.encoder.state_dict().items()}, net.encoder))
+        return fit(net, x, y, cfg, seed)
+
+    monkeypatch.setattr(segment_stage, "fit", recording_fit)
     scores, summary, history, examples = segment(encoder, regions, labels, table, FAST, "siamese")
+    stacks, _ = mid_sagittal(regions, labels, 5, FAST)
+    train_rows = set(table.row[table.downstream_part == "train"])
+    assert len(seen) == 2 and [len(x) for x, _, _ in seen] == [3, 10]
+    for x, weights, copy in seen:
+        for stack in x:     # every training stack is a training subject's, none a validation or test subject's
+            matches = {int(r) for r in np.flatnonzero([torch.equal(stack, other) for other in stacks])}
+            assert matches and matches <= train_rows
+        # each network starts from the given encoder's weights, in a copy of its own
+        assert copy is not encoder and all(torch.equal(weights[k], v) for k, v in encoder.state_dict().items())
     test_subjects = set(table.subject_id[table.downstream_part == "test"])
     assert set(scores.subject_id) == test_subjects
     assert set(summary.fraction) == {0.3, 1.0} and set(summary.structure) == {"vertebra", "disc"}

@@ -238,8 +238,9 @@ def test_the_momentum_methods_join_as_3d_encoders_with_their_own_sections(tiny_r
 @pytest.mark.slow
 def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny_run, tmp_path):
     """mlsscl and its two ablations added to a finished run: their pretraining on the finished run's lumbar regions
-    (the mlsscl section's options, the ablations' own alpha or beta fixed by the method), every downstream job of a
-    frozen 3D encoder (segmentation included) but the pair explanations (no test pairs), and the ablation table."""
+    (every one with the mlsscl section's options; tests/test_mlsscl.py checks the ablations' fixed weights), every
+    downstream job of a frozen 3D encoder (segmentation included) but the pair explanations (no test pairs), and the
+    ablation table."""
     workdir, run = tiny_run
     assert run.returncode == 0
     config = yaml.safe_load(TINY.read_text())

@@ -105,7 +105,8 @@ def bootstrap(counts: pd.DataFrame, n_boot: int, level: float, seed: int) -> pd.
         for metric in METRICS:
             value, low, high = bootstrap_interval(groups, statistics[metric], n_boot, level, seed)
             rows.append({"structure": structure, "metric": metric, "value": value, "ci_low": low, "ci_high": high,
-                         "scans": len(group), "subjects": len(groups)})
+                         "scans": group.scan_id.nunique() if "scan_id" in group else len(group),
+                         "subjects": len(groups)})
     return pd.DataFrame(rows, columns=["structure", "metric", "value", "ci_low", "ci_high", "scans", "subjects"])
 
 

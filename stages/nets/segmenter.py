@@ -5,8 +5,8 @@ UNetDecoder``, FlexibleUNet's: upsample, concatenate the skip, two convolutions,
 The trunk reads ``(N, S, H, W)`` stacks of S sagittal slices; the network labels the middle slice, ``(N, classes, H,
 W)``. The skips are the trunk's own maps at 1/2, 1/4, 1/8 and 1/16 of the input (after Conv1, the first pooling,
 Conv2 and Conv3), each taken at the middle slice (Conv1 to Conv3 are 3D, so the middle slice's maps have seen its
-neighbours); the bottom is Conv5 (before its pooling: Conv4 spans all slices), resized to 1/32 (Conv4 is unpadded:
-its maps are not exactly half of Conv3's). H and W must be multiples of 32, at least 64.
+neighbours); the bottom is Conv5 (before its pooling: Conv4 spans all slices), padded back to Conv3's extent (Conv4
+is unpadded) and resized to 1/32. H and W must be multiples of 32, at least 64.
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ def trunk_features(encoder: VggM3dEncoder, x: torch.Tensor) -> list[torch.Tensor
     if x.shape[2] % 32 or x.shape[3] % 32 or min(x.shape[2:]) < 64:
         raise ValueError(f"the segmentation network needs rows and columns that are multiples of 32 and at least 64 "
                          f"(the trunk's Conv4 needs 43), got {tuple(x.shape[2:])}")
-    mid = x.shape[1] // 2
+    mid = (x.shape[1] - 1) // 2     # the middle slice, as the clips count it
     h = x.unsqueeze(1)
     features = [x[:, mid:mid + 1]]
     for i, layer in enumerate(encoder.conv):
         h = layer(h)
         if i in (2, 3, 6, 10):      # Conv1 (after its ReLU), the first pooling, Conv2, Conv3
             features.append(h[:, :, mid])
-    bottom = encoder.conv5[:-1](h.squeeze(2))
+    # Conv4 is unpadded: its maps cover the interior of Conv3's grid, one pixel in from each edge; padded back by
+    # one (edge values) they span Conv3's extent, and are then resized to half of it
+    bottom = F.pad(encoder.conv5[:-1](h.squeeze(2)), (1, 1, 1, 1), mode="replicate")
     size = [(n + 1) // 2 for n in features[-1].shape[-2:]]
     features.append(F.interpolate(bottom, size=size, mode="bilinear", align_corners=False))
     return features

@@ -74,10 +74,10 @@ def mid_sagittal(regions: np.ndarray, labels: np.ndarray | None, slices: int, cf
 
 
 def nested_subsets(subjects: list[str], fractions: tuple[float, ...], seed: int) -> dict[float, list[str]]:
-    """For each fraction, the first ceil(fraction x n) (at least one) of the ``subjects`` in an order drawn with
-    ``seed``: each subset holds every smaller one."""
+    """For each fraction, the first ceil(fraction x n) (at least two: batch normalisation needs a pair) of the
+    ``subjects`` in an order drawn with ``seed``: each subset holds every smaller one."""
     order = list(np.random.default_rng(seed).permutation(sorted(subjects)))
-    return {f: sorted(order[:max(1, math.ceil(f * len(order)))]) for f in fractions}
+    return {f: sorted(order[:max(2, math.ceil(f * len(order)))]) for f in fractions}
 
 
 def fit(net: TrunkUNet, x: torch.Tensor, y: torch.Tensor, cfg: SegmentationConfig, seed: int) -> list[float]:
@@ -85,6 +85,9 @@ def fit(net: TrunkUNet, x: torch.Tensor, y: torch.Tensor, cfg: SegmentationConfi
     each epoch."""
     from monai.losses import DiceCELoss
 
+    if len(x) < 2:
+        raise ValueError(f"{len(x)} training stack(s): the network's batch normalisation needs at least 2 (a label "
+                         "subset of at least two scans)")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     generator = seeds.generator(seed)

@@ -273,6 +273,9 @@ def check_clip_shape():
     structure = config["pretrain"]["structure"]
     height, width, slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"]
     clips = config["mlsscl"]
+    for method, weight in (("mlsscl_multiview", "alpha"), ("mlsscl_long_short", "beta")):
+        if method in REGIONS_IN_USE and clips[weight] == 0:
+            raise ValueError(f"{method} keeps only mlsscl.{weight}'s loss, but mlsscl.{weight} is 0: nothing to learn")
     if [clips["clip_slices"], *clips["clip_size"]] != [slices, height, width]:
         raise ValueError(
             f"mlsscl.clip_slices and mlsscl.clip_size ({clips['clip_slices']}, {clips['clip_size']}) must be the "

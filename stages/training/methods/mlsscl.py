@@ -104,6 +104,7 @@ class MlssclMethod(MomentumMethod):
     predictor = True
     uses_pairs = False
     columns = ("loss", "top1", "multiview", "long_short", "long_short_top1")
+    volumes_per_sample = 4      # four clips a region: an evaluation batch holds eval_batch_size clips
     unit = "regions"
     weights: ClassVar[dict[str, float]] = {}   # an ablation's fixed alpha or beta
 
