@@ -56,7 +56,7 @@ def measure(method: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_sub
     section = {**DEMO_SECTION, **(QUEUE if method in ("moco", "longitudinal_nce", "mlsscl") else {})}
     if method == "mlsscl":
         section.update(clip_slices=shape[0], clip_size=list(shape[1:]))
-    run_cfg = configured(build, cfg, {build.section: section})
+    run_cfg = configured(build, cfg, {getattr(build, "section", None) or method: section})
     store = region_store(root) if method == "mlsscl" else open_store(root)
     started = time.perf_counter()
     metrics = train(build, run_cfg, store, Outputs.under(OUT / f"momentum_run_{label}_{method}"))
