@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from kill_run import kill_at_step
 from ssl_data import write_ssl_data
-from test_momentum import _env, naive_info_nce
+from test_momentum import _env, _run, naive_info_nce
 
 from stages.anatomy.regions import (
     TOO_FEW_BODIES,
@@ -259,14 +258,6 @@ def _stage(method: str, data: dict[str, Path], out: Path, *extra: str) -> list[s
     for key, value in SECTION.items():
         args += [f"--mlsscl-{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return args + list(extra)
-
-
-def _run(args: list[str], torchrun: bool = False) -> subprocess.CompletedProcess:
-    if torchrun:
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args[1:]]
-    run = subprocess.run(args, check=False, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
 
 
 def test_keys_of_every_process_enter_the_queue_two_gloo_processes_equal_one(data, tmp_path):

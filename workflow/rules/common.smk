@@ -261,6 +261,12 @@ def method_options(wildcards):
     return ""
 
 
+def trunk_volume_size():
+    """[height, width, slices] of the volumes the pretrained trunks read downstream (pretrain.structure's crops)."""
+    structure = config["pretrain"]["structure"]
+    return config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"]
+
+
 def check_clip_shape():
     """A region method's trunk reads, downstream, the volumes of pretrain.structure: its clips must have their shape.
     And region methods need the scans (not a crop table)."""
@@ -271,7 +277,7 @@ def check_clip_shape():
             f"pretrain.methods {REGIONS_IN_USE} read each scan's lumbar region: a crop-table cohort has no scans"
         )
     structure = config["pretrain"]["structure"]
-    height, width, slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"]
+    height, width, slices = trunk_volume_size()
     clips = config["mlsscl"]
     for method, weight in (("mlsscl_multiview", "alpha"), ("mlsscl_long_short", "beta")):
         if method in REGIONS_IN_USE and clips[weight] == 0:
@@ -300,8 +306,7 @@ def segment_source(wildcards, input):
     trunk's: pretrain.structure's slices, pretrain.width, embedding_dim and seed)."""
     if wildcards.model != "scratch":
         return f"--encoder {input.encoder}"
-    structure = config["pretrain"]["structure"]
-    slices = config["extract"]["vertebra_size" if structure == "vertebra" else "disc_size"][2]
+    slices = trunk_volume_size()[2]
     pretrain = config["pretrain"]
     return (
         f"--scratch --slices {slices} --width {pretrain['width']} --embedding-dim {pretrain['embedding_dim']} "

@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.core import seeds
-from stages.nets.siamese import EncoderSpec
 from stages.training.clips import ClipSpec, draw_centres, mlsscl_clips
 from stages.training.config import PretrainConfig
 from stages.training.infonce import gather_keys, info_nce, own_keys
 from stages.training.methods.momentum import MocoConfig, MomentumMethod, unwrap
-from stages.training.protocol import AugmentDraw, handed_on
+from stages.training.protocol import AugmentDraw
 from stages.training.store import VolumeStore
 
 log = logging.getLogger("pretrain.mlsscl")
@@ -126,14 +125,10 @@ class MlssclMethod(MomentumMethod):
         return torch.cat([draw_centres(1, self.store.shape, self.clip_spec, seeds.generator(
             seeds.evaluation_views(int(i)))) for i in idx]) if len(idx) else torch.zeros((0, 3), dtype=torch.long)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
-             draw: AugmentDraw | None) -> tuple[torch.Tensor, dict[str, float]]:
-        if draw is not None:
-            unwrap(model).update_target(self.mc.momentum)
-        clips = mlsscl_clips(batch["x"], self.centres(batch["idx"], draw), self.clip_spec)
-        loss, figures = self.step(model, clips, batch["row"], train=draw is not None)
-        n = len(batch["x"])
-        return loss, {"volumes": n, "loss": float(loss.detach()) * n, **{k: float(v) * n for k, v in figures.items()}}
+    def inputs(self, batch: dict[str, torch.Tensor],  # type: ignore[override]
+               draw: AugmentDraw | None) -> tuple[dict[str, torch.Tensor]]:
+        """The four clips of each region, through its centre."""
+        return (mlsscl_clips(batch["x"], self.centres(batch["idx"], draw), self.clip_spec),)
 
     def step(self, model: nn.Module, clips: dict[str, torch.Tensor], rows: torch.Tensor,  # type: ignore[override]
              train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -164,13 +159,8 @@ class MlssclMethod(MomentumMethod):
                 batch_size: int) -> tuple[pd.DataFrame, dict[str, Any]]:
         """One row per test region: whether its axial query found its own sagittal key first (view 1) and its short
         axial query its own long axial key (view 2) among all test regions', trained and untrained; the figures."""
-        config = checkpoint["identity"]["config"]
-        mc = cls.settings.from_values(config["method_config"])
-        spec = EncoderSpec(**checkpoint["encoder_spec"])
-        trained = cls.network(spec, mc)
-        trained.load_state_dict(handed_on(checkpoint))
-        seeds.seed_torch(seeds.initial_weights(config["seed"]))   # as pretraining built it
-        untrained = cls.network(spec, mc)
+        mc, trained, untrained = cls.networks(checkpoint)
+        assert isinstance(mc, MlssclConfig)
         rows = np.flatnonzero(store.allowed)
         table = store.table.loc[rows, ["scan_id", "subject_id", "level"]].reset_index()
         figures: dict[str, Any] = {}

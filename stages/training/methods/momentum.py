@@ -221,10 +221,13 @@ class MomentumMethod(abc.ABC):
              draw: AugmentDraw | None) -> tuple[torch.Tensor, dict[str, float]]:
         if draw is not None:      # the momentum update, from the weights the last step left
             unwrap(model).update_target(self.mc.momentum)
-        a, b = two_views(batch["x"], batch["idx"], self.ranges, draw)
-        loss, figures = self.step(model, a, b, batch["row"], train=draw is not None)
-        n = len(a)
+        loss, figures = self.step(model, *self.inputs(batch, draw), batch["row"], train=draw is not None)
+        n = len(batch["x"])
         return loss, {"volumes": n, "loss": float(loss.detach()) * n, **{k: float(v) * n for k, v in figures.items()}}
+
+    def inputs(self, batch: dict[str, torch.Tensor], draw: AugmentDraw | None) -> tuple[torch.Tensor, ...]:
+        """What :meth:`step` takes before the rows: the two views of each volume (a method of other views says)."""
+        return two_views(batch["x"], batch["idx"], self.ranges, draw)
 
     @abc.abstractmethod
     def step(self, model: nn.Module, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
@@ -251,17 +254,23 @@ class MomentumMethod(abc.ABC):
         return self.spec.to_dict()
 
     @classmethod
-    def pretext(cls, checkpoint: dict[str, Any], store: VolumeStore,
-                batch_size: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """The test pairs with the distance of their FC7 embeddings (trained and untrained), and the figures:
-        same-subject AUC and instance-retrieval top-1 of both networks."""
+    def networks(cls, checkpoint: dict[str, Any]) -> tuple[MomentumConfig, MomentumNet, MomentumNet]:
+        """A checkpoint's settings, its network with the handed-on weights, and the same seed's untrained network."""
         config = checkpoint["identity"]["config"]
         mc = cls.settings.from_values(config["method_config"])
         spec = EncoderSpec(**checkpoint["encoder_spec"])
         trained = cls.network(spec, mc)
         trained.load_state_dict(handed_on(checkpoint))
         seeds.seed_torch(seeds.initial_weights(config["seed"]))   # as pretraining built it
-        untrained = cls.network(spec, mc)
+        return mc, trained, cls.network(spec, mc)
+
+    @classmethod
+    def pretext(cls, checkpoint: dict[str, Any], store: VolumeStore,
+                batch_size: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The test pairs with the distance of their FC7 embeddings (trained and untrained), and the figures:
+        same-subject AUC and instance-retrieval top-1 of both networks."""
+        config = checkpoint["identity"]["config"]
+        mc, trained, untrained = cls.networks(checkpoint)
         ranges = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in config.items()}).augment_ranges()
         rows = np.flatnonzero(store.allowed)
