@@ -46,7 +46,7 @@ from stages.nets.disc_cnn import (
     pooled_features,
     save_classifier,
 )
-from stages.nets.siamese import load_encoder, random_encoder
+from stages.nets.encoders import load_encoder, random_encoder
 from stages.training.augment import augment_volumes
 from stages.training.classify import classification_ranges, volume_params
 
@@ -87,7 +87,7 @@ def compute(net: DiscClassifier, discs: np.ndarray, views: int, ranges: Any, see
         x = torch.from_numpy(np.asarray(discs[start:start + batch_size], dtype=np.float32)).to(device)
         fmaps = net.feature_maps(x)
         pooled[start:start + len(x)] = pooled_features(fmaps).float().cpu().numpy()
-        maps[start:start + len(x), 0] = net.conv5[-1](fmaps).flatten(1).float().cpu().numpy()
+        maps[start:start + len(x), 0] = net.encoder.pool(fmaps).float().cpu().numpy()
         for view in range(1, views):
             augmented = augment_volumes(x, volume_params(len(x), ranges, generator, x.device))
             maps[start:start + len(x), view] = net.conv_features(augmented).float().cpu().numpy()

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from stages.core import cli
-from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
+from stages.nets.encoders import Encoder, load_encoder, random_encoder
 
 log = logging.getLogger("features")
 
 
 @torch.no_grad()
-def embed_all(encoder: VggM3dEncoder, array: np.ndarray, out: Path, batch_size: int = 64) -> np.ndarray:
+def embed_all(encoder: Encoder, array: np.ndarray, out: Path, batch_size: int = 64) -> np.ndarray:
     """Embed every volume of ``array`` ``(n, S, H, W)`` into the float32 memory map ``out`` ``(n, D)``."""
     encoder.eval()
     tmp = out.with_name(out.name + ".tmp.npy")

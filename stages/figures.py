@@ -615,7 +615,8 @@ def segmentation_table(summaries: pd.DataFrame, out: TableFiles) -> list[Path]:
                        "value (means over the test scans and seeds), LTPR and LFPR the detection true- and "
                        "false-positive rates of the structures (connected components), with 95% bootstrap intervals "
                        "over the test subjects. Every encoder trained end to end under the same U-Net decoder; "
-                       "scratch: the same network from pretraining's initial weights.")
+                       "scratch: the same network from pretraining's initial weights (scratch_resnet18: the "
+                       "ResNet-18).")
 
 
 def segmentation_figure(summaries: pd.DataFrame, examples: dict[str, dict[str, np.ndarray]],
@@ -640,7 +641,7 @@ def segmentation_figure(summaries: pd.DataFrame, examples: dict[str, dict[str, n
                              & (summaries.metric == "dice")].sort_values("n_subjects")
             c = colour(model, models)
             ax.plot(here.n_subjects, here.value, "o-", color=c, label=model, markersize=3.5,
-                    linewidth=2 if model == "scratch" else 1.3)
+                    linewidth=2 if model.startswith("scratch") else 1.3)
             ax.fill_between(here.n_subjects, here.ci_low, here.ci_high, color=c, alpha=0.12)
         ax.set_xlabel("labelled training subjects")
         ax.set_ylabel("DSC (test scans)")

@@ -93,8 +93,8 @@ from stages.nets.disc_cnn import (
     load_transfer,
     pooled_features,
 )
+from stages.nets.encoders import Encoder, load_encoder, random_encoder
 from stages.nets.heads import Head
-from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
 from stages.nets.simclr import SimclrEncoder, load_simclr_encoder
 
 log = logging.getLogger("gradcam")
@@ -208,19 +208,18 @@ def capture(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def layer_module(encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder, layer: str) -> nn.Module:
-    """The ReLU after ``conv5`` (``(C, h, w)`` per volume) or after ``conv3`` (``(C, S, h, w)``) of an encoder or of
-    a disc classifier (the same Conv1-Conv5 modules); of a simclr encoder the output of its ResNet's stage
+def layer_module(encoder: Encoder | DiscClassifier | SimclrEncoder, layer: str) -> nn.Module:
+    """The ReLU after ``conv5`` (``(C, h, w)`` per volume) or after ``conv3`` (``(C, S, h, w)``) of a trunk encoder or
+    of a disc classifier on one (the same Conv1-Conv5 modules); of a ResNet-18 encoder (or a classifier on one) its
+    layer4 or layer3 (``(C, s, h, w)``: their slice axes); of a simclr encoder the output of its ResNet's stage
     :data:`RESNET_LAYERS` names (``(C, h, w)`` per slice: the residual sum after its ReLU)."""
     if isinstance(encoder, SimclrEncoder):
         if layer not in RESNET_LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
         return getattr(encoder.resnet, RESNET_LAYERS[layer])
-    if layer == "conv5":
-        return encoder.conv5[-2]
-    if layer == "conv3":
-        return encoder.conv[10]
-    raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    return (encoder.encoder if isinstance(encoder, DiscClassifier) else encoder).layer(layer)
 
 
 # --- The models explained -----------------------------------------------------------------------------------------
@@ -342,14 +341,14 @@ def explained_layers(model: nn.Module) -> nn.Module:
     return model if isinstance(model, DiscClassifier) else model.encoder
 
 
-def explain(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder, upper: torch.Tensor,
+def explain(model: nn.Module, encoder: Encoder | DiscClassifier | SimclrEncoder, upper: torch.Tensor,
             lower: torch.Tensor | None = None, layer: str = "conv5", binary: bool = False) -> dict[str, torch.Tensor]:
     """Grad-CAM of a batch of disc samples, read as K = 2 volumes (``upper`` and ``lower``, the bodies: ``model(upper,
     lower)``) or K = 1 (``upper`` alone, the disc volume: ``model(upper)``, ``lower`` None): :func:`explain_inputs`."""
     return explain_inputs(model, encoder, [upper] if lower is None else [upper, lower], layer, binary)
 
 
-def explain_inputs(model: nn.Module, encoder: VggM3dEncoder | DiscClassifier | SimclrEncoder,
+def explain_inputs(model: nn.Module, encoder: Encoder | DiscClassifier | SimclrEncoder,
                    volumes: list[torch.Tensor], layer: str = "conv5", binary: bool = False) -> dict[str, torch.Tensor]:
     """Grad-CAM of a batch of disc samples read as the K inputs ``volumes`` (each ``(n, ...)``: the disc volume, K = 1;
     the two bodies, K = 2; a simclr model's axial slices, K = 3): ``model(*volumes)``, which must pass them through
@@ -393,7 +392,7 @@ def _hou_sample(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return hou_cam(a, g).view(acts.shape[0], acts.shape[2], *acts.shape[3:])
 
 
-def siamese_pair_cam(encoder: VggM3dEncoder, a: torch.Tensor, b: torch.Tensor,
+def siamese_pair_cam(encoder: Encoder, a: torch.Tensor, b: torch.Tensor,
                      layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of the similarity of pairs (the negative L2 distance of the embeddings, Jamaludin et al. eq. 1):
     where in each volume the features make the two look alike. ``a``, ``b``: ``(n, S, H, W)`` -> the distances
@@ -482,7 +481,7 @@ def input_size(array: np.ndarray, read_as: str) -> tuple[int, int, int]:
 
 
 def run(model_name: str, job: ProbeJob, masks: Path, volumes: Path, out: Outputs, layer: str,
-        encoder: VggM3dEncoder | SimclrEncoder | None, batch_size: int = 16, examples: int = 6,
+        encoder: Encoder | SimclrEncoder | None, batch_size: int = 16, examples: int = 6,
         trunk: Path | None = None, disc_input: str | None = None) -> dict[str, Any]:
     """Explain ``job``'s model on its test samples. ``masks``: disc_masks.npz (or axial_masks.npz), which says what a
     sample is read as (the disc volume, the two bodies, or the axial slices); ``volumes``: the array its rows index
@@ -629,7 +628,7 @@ def pick_pairs(distances: pd.DataFrame, per_kind: int = 3) -> pd.DataFrame:
     return pd.concat(picked, ignore_index=True) if picked else distances.iloc[:0]
 
 
-def explain_pairs(encoder: VggM3dEncoder, bodies: np.ndarray, distances: pd.DataFrame, layer: str,
+def explain_pairs(encoder: Encoder, bodies: np.ndarray, distances: pd.DataFrame, layer: str,
                   out: Path, per_kind: int = 3) -> pd.DataFrame:
     """Similarity maps of a few test pairs of the pretext evaluation, written to ``out`` (NPZ)."""
     pairs = pick_pairs(distances, per_kind)
@@ -725,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         explain_pairs(encoder, np.load(args.vertebrae, mmap_mode="r"), pd.read_parquet(args.distances), args.layer,
                       args.out, args.pair_examples)
         return 0
-    encoder: VggM3dEncoder | SimclrEncoder | None = None
+    encoder: Encoder | SimclrEncoder | None = None
     if args.axial is not None:
         encoder, _ = load_simclr_encoder(args.encoder)
     elif args.encoder is not None:

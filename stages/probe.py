@@ -462,7 +462,8 @@ def _disc_network(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, cl
     from stages.core.runtime import select_device
     from stages.nets.disc_cnn import DiscClassifier, disc_spec, save_classifier
     from stages.nets.disc_net import BodyReader
-    from stages.nets.siamese import EncoderSpec, load_encoder
+    from stages.nets.encoders import load_encoder
+    from stages.nets.siamese import EncoderSpec
     from stages.training.classify import (
         ClassifierFit,
         classification_ranges,

@@ -36,10 +36,23 @@ import torch
 from stages.archive.manifest import write_table
 from stages.core import cli
 from stages.core.errors import LeakageError
-from stages.evaluation.segmentation import TALLY_COLUMNS, bootstrap, scan_metrics, tally_scan
+from stages.evaluation.segmentation import (
+    TALLY_COLUMNS,
+    bootstrap,
+    scan_metrics,
+    tally_scan,
+)
+from stages.nets.encoders import Encoder, load_encoder, random_encoder
+from stages.nets.siamese import BACKBONES
 from stages.nets.segmenter import TrunkUNet
-from stages.nets.siamese import VggM3dEncoder, load_encoder, random_encoder
-from stages.training.segmenter import CLASSES, SegmentationConfig, fit, mid_sagittal, nested_subsets, predict
+from stages.training.segmenter import (
+    CLASSES,
+    SegmentationConfig,
+    fit,
+    mid_sagittal,
+    nested_subsets,
+    predict,
+)
 
 log = logging.getLogger("segment")
 OUTPUTS = {
@@ -62,7 +75,7 @@ def parts(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, test
 
 
-def segment(encoder: VggM3dEncoder, regions: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
+def segment(encoder: Encoder, regions: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
             cfg: SegmentationConfig, model: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Train and score ``encoder`` (copied afresh for every network) on every label subset and seed: the scores,
     the summary, the histories and the examples."""
@@ -134,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding-dim", type=cli.positive_int, default=None,
                         help="--scratch: pretrain.embedding_dim.")
     parser.add_argument("--encoder-seed", type=int, default=None, help="--scratch: pretrain.seed.")
+    parser.add_argument("--backbone", choices=BACKBONES, default="trunk",
+                        help="--scratch: the network (default: %(default)s; resnet18: the 3D ResNet-18).")
     cli.add_section_options(parser, "segmentation")
     cli.add_output_options(parser, OUTPUTS)
     cli.add_log_option(parser)
@@ -152,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.log, "segment")
     torch.set_num_threads(cfg.threads)
     if args.scratch:
-        encoder = random_encoder((args.slices, *cfg.size), args.encoder_seed, args.width, args.embedding_dim)
-        model = args.model or "scratch"
+        encoder = random_encoder((args.slices, *cfg.size), args.encoder_seed, args.width, args.embedding_dim,
+                                 args.backbone)
+        model = args.model or ("scratch" if args.backbone == "trunk" else f"scratch_{args.backbone}")
     else:
         encoder, saved = load_encoder(args.encoder)
         model = args.model or saved["method"]

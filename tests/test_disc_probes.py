@@ -15,8 +15,15 @@ import torch
 from stages import disc_features
 from stages.core import levels
 from stages.evaluation.probe_data import TASKS, ProbeConfig, task_samples
-from stages.nets.disc_cnn import DiscClassifier, disc_spec, load_classifier, load_transfer, pooled_features
-from stages.nets.siamese import EncoderSpec, VggM3dEncoder, random_encoder
+from stages.nets.disc_cnn import (
+    DiscClassifier,
+    disc_spec,
+    load_classifier,
+    load_transfer,
+    pooled_features,
+)
+from stages.nets.encoders import random_encoder
+from stages.nets.siamese import EncoderSpec, VggM3dEncoder
 from stages.probe import JobFiles, JobInputs, grade_mapping, run
 from stages.splits import SplitConfig, assign_parts, volume_labels
 from stages.training.augment import AugmentRanges, augment_volumes, sample_volume_params
@@ -85,9 +92,10 @@ def test_disc_classifier_takes_the_encoders_convolutions_and_sizes_fc6_for_the_d
     spec = disc_spec(encoder.spec, DISC)
     net = DiscClassifier(spec, n_classes=5)
     net.load_trunk(encoder.state_dict())
-    for name, value in net.state_dict().items():
-        if name.startswith(("conv.", "conv5.")):
-            assert torch.equal(value, encoder.state_dict()[name])
+    copied = [name for name in net.state_dict() if name.startswith(("encoder.conv.", "encoder.conv5."))]
+    assert len(copied) == 20                                   # Conv1-Conv5 and their group norms, weight and bias
+    for name in copied:
+        assert torch.equal(net.state_dict()[name], encoder.state_dict()[name.removeprefix("encoder.")])
     rows, cols = spec.conv5_size()
     assert net.head.layers[0].in_features == encoder.conv5[0].out_channels * rows * cols
     assert net(torch.zeros(3, *DISC)).shape == (3, 5)
@@ -186,7 +194,7 @@ def test_scratch_and_finetune_on_the_disc_volume_never_read_test_discs(cohort: P
     assert finetune["heads"]["network"]["init"] == "pretrained"
     net = load_classifier(np.load(tmp_path / "ft" / "model.npz"), "cnn")
     start = torch.load(cohort / "encoder.pt", weights_only=False)["state_dict"]
-    assert not torch.equal(net.state_dict()["conv.0.weight"], start["conv.0.weight"])   # fine-tuned: moved
+    assert not torch.equal(net.state_dict()["encoder.conv.0.weight"], start["conv.0.weight"])  # moved
 
 
 def test_grade_mapping_merges_classes(cohort: Path, tmp_path: Path):

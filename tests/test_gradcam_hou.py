@@ -17,8 +17,9 @@ from torch import nn
 
 from stages import gradcam
 from stages.nets.disc_cnn import DiscClassifier
+from stages.nets.encoders import random_encoder
 from stages.nets.heads import fit_head
-from stages.nets.siamese import EncoderSpec, random_encoder
+from stages.nets.siamese import EncoderSpec
 
 SHAPE = (5, 48, 48)          # slices, rows, columns of a body volume: conv3 is 3 x 3 per slice (conv5 1 x 1)
 SHAPE_OF = {"conv3": SHAPE, "conv5": (5, 64, 64)}    # conv5 2 x 2: a map with more than one position

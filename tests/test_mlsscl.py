@@ -31,7 +31,8 @@ from stages.anatomy.regions import (
     resample_region,
 )
 from stages.lumbar_regions import TABLE_COLUMNS, placed_scans
-from stages.nets.siamese import load_encoder
+from stages.nets.encoders import Resnet3dEncoder, load_encoder
+from stages.nets.siamese import VggM3dEncoder
 from stages.training.clips import AXES, ClipSpec, cut_clips, draw_centres, mlsscl_clips
 from stages.training.config import PretrainConfig
 from stages.training.harness import TIMING_COLUMNS, Outputs
@@ -260,9 +261,11 @@ def _stage(method: str, data: dict[str, Path], out: Path, *extra: str) -> list[s
     return args + list(extra)
 
 
-def test_keys_of_every_process_enter_the_queue_two_gloo_processes_equal_one(data, tmp_path):
-    _run(_stage("mlsscl", data, tmp_path / "one", "--max-steps", "2"))
-    _run(_stage("mlsscl", data, tmp_path / "two", "--max-steps", "2"), torchrun=True)
+@pytest.mark.parametrize("backbone", ["trunk", "resnet18"])
+def test_keys_of_every_process_enter_the_queue_two_gloo_processes_equal_one(backbone, data, tmp_path):
+    extra = ("--max-steps", "2", "--mlsscl-backbone", backbone)
+    _run(_stage("mlsscl", data, tmp_path / "one", *extra))
+    _run(_stage("mlsscl", data, tmp_path / "two", *extra), torchrun=True)
     one, two = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("one", "two"))
     assert one["identity"]["world_size"] == 1 and two["identity"]["world_size"] == 2
     m1, m2 = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
@@ -277,9 +280,10 @@ def test_keys_of_every_process_enter_the_queue_two_gloo_processes_equal_one(data
         assert torch.allclose(weight.float(), two["model"][name].float(), rtol=1e-3, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["mlsscl", "mlsscl_long_short"])
-def test_a_run_killed_with_sigkill_resumes_exactly_and_hands_on_the_trunk(method, data, tmp_path):
-    extra = ("--mlsscl-max-epochs", "3")
+@pytest.mark.parametrize("method, backbone", [("mlsscl", "trunk"), ("mlsscl_long_short", "trunk"),
+                                              ("mlsscl", "resnet18")])
+def test_a_run_killed_with_sigkill_resumes_exactly_and_hands_on_the_backbone(method, backbone, data, tmp_path):
+    extra = ("--mlsscl-max-epochs", "3", "--mlsscl-backbone", backbone)
     _run(_stage(method, data, tmp_path / "whole", *extra))
     out = tmp_path / "killed"
     kill_at_step(_stage(method, data, out, *extra), out / "resume" / "last.pt", 3, cwd=ROOT, env=_env())
@@ -295,7 +299,8 @@ def test_a_run_killed_with_sigkill_resumes_exactly_and_hands_on_the_trunk(method
     assert any(k.startswith("predictor.") for k in whole) and any(k.startswith("target_") for k in whole)
     assert all(torch.equal(whole[k], killed[k]) for k in whole)   # online, predictor, target and queue
     encoder, saved = load_encoder(out / "encoder.pt")
-    assert saved["method"] == method and saved["structure"] == "region"
+    assert saved["method"] == method and saved["structure"] == "region" and encoder.spec.backbone == backbone
+    assert isinstance(encoder, Resnet3dEncoder if backbone == "resnet18" else VggM3dEncoder)
     assert (encoder.spec.slices, encoder.spec.height, encoder.spec.width_px) == (5, 44, 44)
     assert encoder(torch.rand(2, 5, 44, 44)).shape == (2, 16)      # reads volumes of the clips' shape
     evaluation = tmp_path / "evaluation.json"

@@ -23,12 +23,23 @@ from conftest import ROOT
 from kill_run import kill_at_step
 from ssl_data import store_files, write_ssl_data
 
+from stages.nets.encoders import load_encoder
 from stages.nets.momentum import KeyQueue, MomentumNet
-from stages.nets.siamese import EncoderSpec, load_encoder
+from stages.nets.siamese import EncoderSpec
 from stages.training.config import PretrainConfig
 from stages.training.harness import TIMING_COLUMNS, Outputs
-from stages.training.infonce import batch_top1, byol_loss, info_nce, own_keys, supervised_info_nce
-from stages.training.methods.momentum import MocoMethod, longitudinal_masks, volume_samples
+from stages.training.infonce import (
+    batch_top1,
+    byol_loss,
+    info_nce,
+    own_keys,
+    supervised_info_nce,
+)
+from stages.training.methods.momentum import (
+    MocoMethod,
+    longitudinal_masks,
+    volume_samples,
+)
 from stages.training.protocol import configured
 from stages.training.store import VolumeStore
 

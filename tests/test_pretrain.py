@@ -24,7 +24,8 @@ from ssl_data import DISC_SHAPE, store_files, write_ssl_data
 from stages import pretext_eval, pretrain
 from stages.core.errors import LeakageError
 from stages.core.levels import DISCS
-from stages.nets.siamese import EncoderSpec, SiameseNet, load_encoder
+from stages.nets.encoders import load_encoder
+from stages.nets.siamese import EncoderSpec, SiameseNet
 from stages.pretext_eval import run as pretext_run
 from stages.training.config import PretrainConfig
 from stages.training.harness import (

@@ -32,8 +32,9 @@ from stages.nets.disc_cnn import (
     save_head,
 )
 from stages.nets.disc_net import DiscNet, load_net, save_net
+from stages.nets.encoders import random_encoder
 from stages.nets.heads import Head, fit_head
-from stages.nets.siamese import EncoderSpec, VggM3dEncoder, random_encoder
+from stages.nets.siamese import EncoderSpec, VggM3dEncoder
 from stages.probe import JobFiles
 from stages.probe import run as run_probe
 from stages.report_config import render
@@ -332,7 +333,7 @@ def test_gradcam_stage_explains_the_disc_classifier_on_the_disc_volume(tmp_path,
         net, i = job["net"], 0
         x = torch.tensor(job["discs"][maps["row"][i:i + 1]], dtype=torch.float32)
         fm = net.feature_maps(x).detach().requires_grad_(True)
-        logits = net.head(net.conv5[-1](fm).flatten(1))
+        logits = net.head(net.encoder.pool(fm))
         grad, = torch.autograd.grad(logits[0, logits[0].argmax()], fm)
         manual = naive_grad_cam(fm[0].detach().numpy(), grad[0].numpy())
         np.testing.assert_allclose(maps["cam"][i, 0], manual / max(manual.max(), 1e-12), atol=1e-5)

@@ -14,13 +14,20 @@ import pytest
 import torch
 from conftest import ROOT
 
+from stages import segment as segment_stage
 from stages.core.errors import LeakageError
 from stages.lumbar_regions import TABLE_COLUMNS
-from stages.nets.segmenter import TrunkUNet, trunk_channels, trunk_features
-from stages.nets.siamese import EncoderSpec, VggM3dEncoder, load_encoder
-from stages import segment as segment_stage
+from stages.nets.encoders import load_encoder
+from stages.nets.segmenter import TrunkUNet, trunk_features
+from stages.nets.siamese import EncoderSpec, VggM3dEncoder
 from stages.segment import parts, segment
-from stages.training.segmenter import SegmentationConfig, classes_of, fit, mid_sagittal, nested_subsets
+from stages.training.segmenter import (
+    SegmentationConfig,
+    classes_of,
+    fit,
+    mid_sagittal,
+    nested_subsets,
+)
 
 SPEC = EncoderSpec(slices=5, height=64, width_px=64, width=0.125, embedding_dim=16)
 
@@ -30,7 +37,7 @@ def test_the_unet_reads_the_trunk_s_maps_and_labels_the_middle_slice_at_full_siz
     x = torch.rand(2, 5, 64, 96)
     features = trunk_features(encoder, x)
     assert [tuple(f.shape[-2:]) for f in features] == [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
-    assert [f.shape[1] for f in features] == trunk_channels(encoder)
+    assert [f.shape[1] for f in features] == encoder.skip_channels() == [1, 16, 16, 32, 64, 64]
     assert torch.equal(features[0][:, 0], x[:, 2])                      # the middle slice
     with torch.no_grad():                                                # Conv1's maps, at the middle slice
         conv1 = encoder.conv[:3](x.unsqueeze(1))[:, :, 2]
@@ -163,5 +170,9 @@ def test_the_stage_starts_from_the_pretrained_encoder_or_from_scratch(tmp_path):
                   "--encoder-seed", "0")
     assert scratch.returncode == 0, scratch.stderr[-2000:]
     assert set(pd.read_csv(tmp_path / "scratch" / "summary.csv").model) == {"scratch"}
+    resnet = run("resnet", "--scratch", "--slices", "5", "--width", "0.125", "--embedding-dim", "16",
+                 "--encoder-seed", "0", "--backbone", "resnet18")
+    assert resnet.returncode == 0, resnet.stderr[-2000:]
+    assert set(pd.read_csv(tmp_path / "resnet" / "summary.csv").model) == {"scratch_resnet18"}
     missing = run("bad", "--scratch", "--slices", "5")
     assert missing.returncode == 2 and "--scratch needs --width" in missing.stderr

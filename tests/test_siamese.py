@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stages.core.levels import DISCS, VERTEBRAE
+from stages.nets.encoders import load_encoder
 from stages.nets.siamese import (
     MIN_SIZE,
     BalancedCrossEntropy,
@@ -18,7 +19,6 @@ from stages.nets.siamese import (
     SiameseNet,
     VggM3dEncoder,
     class_balanced_weights,
-    load_encoder,
 )
 from stages.training.augment import (
     AugmentRanges,

@@ -259,6 +259,14 @@ def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny
     assert "gradcam_pairs" not in counts and "figure_pairs" not in counts
     assert "--mlsscl-clip-size 48 48" in text and "--volumes results/regions/regions.parquet" in text
     assert "--array results/regions/regions.npy" in text
+    # the paper's backbone: the three hand on a ResNet-18, segmented against a ResNet-18 from scratch as well
+    config["mlsscl"]["backbone"] = "resnet18"
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    assert _job_counts(text)["segment"] == 4 and text.count("--mlsscl-backbone resnet18") == 3
+    assert "--scratch" in text and "--backbone resnet18" in text and "results/segmentation/scratch_resnet18" in text
     # a clip shape that is not the vertebral bodies' fails at start, naming the keys
     config["mlsscl"]["clip_size"] = [64, 64]
     more.write_text(yaml.safe_dump(config))

@@ -3,9 +3,10 @@ volume, with the pretraining network's convolutional layers and new fully connec
 
 "We transfer and freeze convolutional weights of the Siamese network and only train the randomly-initialized
 fully-connected layers." :class:`DiscClassifier` is Conv1-Conv5 of the pretraining encoder (stages/nets/siamese.py,
-the same layers and channel widths) followed by FC6 (sized for the disc volume's Conv5 output, not the body's), FC7
-and FC8 (one output per class). The downstream models differ only in where Conv1-Conv5 come from and whether they
-train:
+the same layers and channel widths; or, for an encoder with the ResNet-18 backbone, its convolutional stages and
+global average pooling: stages/nets/encoders.py) followed by FC6 (sized for the disc volume's Conv5 output, not the
+body's), FC7 and FC8 (one output per class). The downstream models differ only in where Conv1-Conv5 come from and
+whether they train:
 
 - ``transfer``: a pretrained encoder's convolutions, frozen; FC6-FC8 trained (the paper's protocol);
 - ``finetune``: the same start, everything trained;
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.nets.encoders import HEAD, build_encoder
 from stages.nets.siamese import EncoderSpec, VggM3dEncoder
 
-TRUNK_PREFIXES = ("conv.", "conv5.")
+TRUNK = "encoder."   # the classifier's convolutional part in its state_dict: its encoder's, less the encoder's HEAD
 
 
 class FcHead(nn.Module):
@@ -58,18 +60,21 @@ class FcHead(nn.Module):
         return self.layers(self.norm(features))
 
 
+def is_trunk(key: str) -> bool:
+    """Whether a classifier's ``state_dict`` key is of its convolutional part (its encoder's, less FC6-FC7)."""
+    return key.startswith(TRUNK) and not key.startswith(TRUNK + HEAD)
+
+
 class DiscClassifier(nn.Module):
-    """Conv1-Conv5 (as the pretraining encoder) + :class:`FcHead` on a disc volume."""
+    """The convolutional part of the pretraining encoder of ``spec`` (``encoder``; its own FC layers unused) +
+    :class:`FcHead` on a disc volume."""
 
     def __init__(self, spec: EncoderSpec, n_classes: int, dropout: float = 0.5):
         super().__init__()
-        trunk = VggM3dEncoder(spec)   # Conv1-Conv5 at the pretraining network's initialisation; its FC6-FC7 unused
+        self.encoder = build_encoder(spec)   # at the pretraining network's initialisation
         self.spec = spec
-        self.conv, self.conv5 = trunk.conv, trunk.conv5
-        rows, cols = spec.conv5_size()
-        channels = trunk.conv5[0].out_channels
-        fc6 = trunk.fc[1].out_features
-        self.head = FcHead(channels * rows * cols, fc6, spec.embedding_dim, n_classes, dropout)
+        self.head = FcHead(self.encoder.pooled_dim(), self.encoder.fc6_units(), spec.embedding_dim, n_classes,
+                           dropout)
 
     @property
     def n_classes(self) -> int:
@@ -79,22 +84,24 @@ class DiscClassifier(nn.Module):
         """Conv5's maps before pooling, ``(N, C, h, w)`` (for Grad-CAM and the pooled features)."""
         if x.dim() != 4 or x.shape[1] != self.spec.slices:
             raise ValueError(f"expected disc volumes (N, {self.spec.slices}, H, W), got {tuple(x.shape)}")
-        return self.conv5[:-1](self.conv(x.unsqueeze(1)).squeeze(2))
+        return self.encoder.feature_maps(x)
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
-        """FC6's input: Conv5's pooled maps, flattened, ``(N, C h' w')``."""
-        return self.conv5[-1](self.feature_maps(x)).flatten(1)
+        """FC6's input: Conv5's maps pooled, flattened (the ResNet's: globally averaged), ``(N, C h' w')``."""
+        return self.encoder.pool(self.feature_maps(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv_features(x))
 
     def as_encoder(self) -> VggM3dEncoder:
         """This classifier's Conv1-Conv5 and FC6-FC7 as a pretraining encoder of its spec (what ``encoder.pt``
-        holds): FcHead's first two layers are the encoder's FC6 and FC7, of the same sizes."""
+        holds): FcHead's first two layers are the encoder's FC6 and FC7, of the same sizes (the trunk's only)."""
+        if self.spec.backbone != "trunk":
+            raise ValueError(f"only a trunk classifier is an encoder with its FC layers, not a {self.spec.backbone}")
         encoder = VggM3dEncoder(self.spec)
         state = encoder.state_dict()
         own = self.state_dict()
-        state.update({k: v for k, v in own.items() if k.startswith(TRUNK_PREFIXES)})
+        state.update({k.removeprefix(TRUNK): v for k, v in own.items() if is_trunk(k)})
         for fc, layer in (("fc.1", "head.layers.0"), ("fc.4", "head.layers.3")):
             for part in ("weight", "bias"):
                 state[f"{fc}.{part}"] = own[f"{layer}.{part}"]
@@ -102,12 +109,15 @@ class DiscClassifier(nn.Module):
         return encoder
 
     def load_trunk(self, encoder_state: dict[str, torch.Tensor], source: str = "the encoder") -> None:
-        """Copy Conv1-Conv5 from an encoder's state dict (a :class:`VggM3dEncoder`'s); FC layers are not copied."""
+        """Copy the convolutional part from an encoder's state dict (an encoder's of this backbone, a
+        :class:`VggM3dEncoder`'s or a ResNet-18's); its FC layers are not copied."""
         own = self.state_dict()
-        trunk = {k: v for k, v in encoder_state.items() if k.startswith(TRUNK_PREFIXES)}
-        missing = sorted(k for k in own if k.startswith(TRUNK_PREFIXES) and k not in trunk)
-        if missing:
-            raise ValueError(f"{source} has no convolutional weights {missing[:3]}: not a pretraining encoder")
+        trunk = {TRUNK + k: v for k, v in encoder_state.items() if not k.startswith(HEAD)}
+        missing = sorted(k for k in own if is_trunk(k) and k not in trunk)
+        unknown = sorted(k for k in trunk if k not in own)
+        if missing or unknown:
+            raise ValueError(f"{source} is not a pretraining encoder of the {self.spec.backbone} backbone: it lacks "
+                             f"{missing[:3]} and has {unknown[:3]}")
         for k, v in trunk.items():
             if own[k].shape != v.shape:
                 raise ValueError(
@@ -127,7 +137,7 @@ def disc_spec(encoder_spec: EncoderSpec, disc_shape: tuple[int, int, int]) -> En
                          "Conv4 spans every slice, so extract.disc_size must have the pretraining volumes' slices")
     try:
         return EncoderSpec(slices=slices, height=height, width_px=width_px, width=encoder_spec.width,
-                           embedding_dim=encoder_spec.embedding_dim, dropout=0.0)
+                           embedding_dim=encoder_spec.embedding_dim, dropout=0.0, backbone=encoder_spec.backbone)
     except ValueError as err:
         raise ValueError(f"disc volumes of {height} x {width_px} pixels: {err} (extract.disc_size)") from err
 
@@ -164,7 +174,7 @@ def load_classifier(arrays: Any, prefix: str = "cnn") -> DiscClassifier:
 def save_head(net: DiscClassifier, prefix: str) -> dict[str, np.ndarray]:
     """FC6-FC8 of ``net`` and its spec as named arrays: the trained part of a transfer head (its Conv1-Conv5 are the
     encoder's, in the disc_features stage's disc_trunk.npz; :func:`load_transfer` joins the two)."""
-    return {k: v for k, v in save_classifier(net, prefix).items() if not k.startswith(TRUNK_PREFIXES, len(prefix) + 1)}
+    return {k: v for k, v in save_classifier(net, prefix).items() if not is_trunk(k.removeprefix(f"{prefix}/"))}
 
 
 def load_transfer(trunk: Any, model: Any, prefix: str = "transfer") -> DiscClassifier:
@@ -173,7 +183,7 @@ def load_transfer(trunk: Any, model: Any, prefix: str = "transfer") -> DiscClass
     if f"{prefix}/spec" not in model:
         raise KeyError(f"the saved model holds no {prefix!r} head (keys: {sorted(model.keys())[:6]} ...)")
     arrays = {f"{prefix}/{k.removeprefix('trunk/')}": trunk[k] for k in trunk
-              if k.startswith(("trunk/conv.", "trunk/conv5."))}
+              if is_trunk(k.removeprefix("trunk/"))}
     arrays.update({k: model[k] for k in model if k.startswith(f"{prefix}/")})
     if str(arrays[f"{prefix}/spec"]) != str(trunk["trunk/spec"]):
         raise ValueError("the transfer head was trained on another encoder's features than this trunk's")

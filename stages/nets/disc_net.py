@@ -28,13 +28,12 @@ from torch import nn
 
 from stages.core import seeds
 from stages.core.runtime import select_device
+from stages.nets.encoders import build_encoder, load_encoder
 from stages.nets.siamese import (
     N_LEVELS,
     BalancedCrossEntropy,
     EncoderSpec,
-    VggM3dEncoder,
     class_balanced_weights,
-    load_encoder,
 )
 
 log = logging.getLogger("disc_net")
@@ -45,7 +44,7 @@ class DiscNet(nn.Module):
 
     def __init__(self, spec: EncoderSpec, n_classes: int, inputs: int, level_head: bool = False):
         super().__init__()
-        self.encoder = VggM3dEncoder(spec)
+        self.encoder = build_encoder(spec)
         self.inputs = inputs
         self.head = nn.Linear(inputs * spec.embedding_dim, n_classes)
         self.level_head = nn.Linear(spec.embedding_dim, N_LEVELS) if level_head else None

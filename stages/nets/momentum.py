@@ -12,8 +12,9 @@ Pieces shared by every method of the family:
 - :class:`KeyQueue`: the queue of past keys with the identity of the sample each key came from, so that a loss can
   leave a sample's own stale keys (and, for a longitudinal loss, its subject's) out of its negatives.
 
-The backbone is the Siamese network's 3D trunk (stages/nets/siamese.py, Conv1 to FC7): its FC7 embedding is what
-downstream stages read, as they read the Siamese encoder's. Everything here is part of the model's ``state_dict``
+The backbone is the encoder ``spec.backbone`` names (stages/nets/encoders.py): the Siamese network's 3D trunk
+(stages/nets/siamese.py, Conv1 to FC7) or MONAI's 3D ResNet-18; its embedding is what downstream stages read, as they
+read the Siamese encoder's. Everything here is part of the model's ``state_dict``
 (the target's weights are parameters without gradients, the queue's keys and pointer are buffers), so a checkpoint
 resumes a run exactly.
 """
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.nets.siamese import EncoderSpec, VggM3dEncoder, level_logits
+from stages.nets.encoders import build_encoder
+from stages.nets.siamese import EncoderSpec, level_logits
 
 
 class ProjectionMLP(nn.Module):
@@ -54,7 +56,7 @@ class MomentumNet(nn.Module):
 
     def __init__(self, spec: EncoderSpec, hidden_dim: int, out_dim: int, predictor: bool, batch_norm: bool):
         super().__init__()
-        self.encoder = VggM3dEncoder(spec)
+        self.encoder = build_encoder(spec)
         self.projector = ProjectionMLP(spec.embedding_dim, hidden_dim, out_dim, batch_norm)
         self.predictor = ProjectionMLP(out_dim, hidden_dim, out_dim, batch_norm) if predictor else None
         self.target_encoder = copy.deepcopy(self.encoder)

@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.core import seeds
 from stages.core.levels import VERTEBRAE
 
+BACKBONES = ("trunk", "resnet18")   # EncoderSpec.backbone: this module's VGG-M trunk, MONAI's 3D ResNet-18
 N_LEVELS = len(VERTEBRAE)   # FC8 of the paper's network: T12, L1 ... L5, S1 (EncoderSpec.n_levels by default)
 MIN_SIZE = 43               # fewest rows and columns a volume may have (EncoderSpec.conv5_size)
 VGG_M_CHANNELS = (96, 256, 512, 512, 512)
 VGG_M_FC6 = 4096
 
 
-def _channels(base: int, width: float) -> int:
+def scaled_channels(base: int, width: float) -> int:
     """VGG-M's channel count scaled by ``width``, rounded to a multiple of 8 (at least 8) for group normalisation."""
     return max(8, round(base * width / 8) * 8)
 
@@ -53,8 +52,11 @@ class EncoderSpec:
     embedding_dim: int = 1024
     dropout: float = 0.5
     n_levels: int = N_LEVELS
+    backbone: str = "trunk"
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.width <= 0:
             raise ValueError(f"width must be > 0, got {self.width}")
         if self.embedding_dim < 1:
@@ -63,6 +65,12 @@ class EncoderSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
+        if self.backbone == "resnet18":
+            if self.slices < 1 or self.height < 1 or self.width_px < 1 or round(64 * self.width) % 8:
+                raise ValueError(f"the ResNet-18 needs volumes of at least one voxel and 64 x width first-stage "
+                                 f"channels that are a multiple of 8 (group normalisation), got "
+                                 f"{(self.slices, self.height, self.width_px)} and width {self.width}")
+            return
         rows, cols = self.conv5_size()
         if rows < 1 or cols < 1:
             raise ValueError(
@@ -93,7 +101,7 @@ class VggM3dEncoder(nn.Module):
     def __init__(self, spec: EncoderSpec):
         super().__init__()
         self.spec = spec
-        c1, c2, c3, c4, c5 = (_channels(c, spec.width) for c in VGG_M_CHANNELS)
+        c1, c2, c3, c4, c5 = (scaled_channels(c, spec.width) for c in VGG_M_CHANNELS)
         self.conv = nn.Sequential(
             nn.Conv3d(1, c1, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3)), _norm(c1, 3), nn.ReLU(inplace=True),
             nn.MaxPool3d((1, 2, 2)),
@@ -105,7 +113,7 @@ class VggM3dEncoder(nn.Module):
         self.conv5 = nn.Sequential(nn.Conv2d(c4, c5, 3, padding=1), _norm(c5, 2), nn.ReLU(inplace=True),
                                    nn.MaxPool2d(2, ceil_mode=True))
         rows, cols = spec.conv5_size()
-        fc6 = _channels(VGG_M_FC6, spec.width)
+        fc6 = scaled_channels(VGG_M_FC6, spec.width)
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c5 * rows * cols, fc6), nn.ReLU(inplace=True),
                                 nn.Dropout(spec.dropout), nn.Linear(fc6, spec.embedding_dim))   # FC6, FC7
         for module in self.modules():
@@ -125,8 +133,50 @@ class VggM3dEncoder(nn.Module):
         h = self.conv(x.unsqueeze(1)).squeeze(2)
         return self.conv5[:-1](h)
 
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """FC6's input: Conv5's maps (:meth:`feature_maps`) pooled, flattened, ``(N, C h' w')``."""
+        return self.conv5[-1](maps).flatten(1)
+
+    def pooled_dim(self) -> int:
+        rows, cols = self.spec.conv5_size()
+        return self.conv5[0].out_channels * rows * cols
+
+    def fc6_units(self) -> int:
+        return self.fc[1].out_features
+
+    def layer(self, name: str) -> nn.Module:
+        """The module whose output Grad-CAM reads: ``conv5``, Conv5's ReLU ``(N, C, h, w)``; ``conv3``, Conv3's ReLU
+        ``(N, C, S, h, w)``."""
+        return {"conv5": self.conv5[-2], "conv3": self.conv[10]}[name]
+
+    def skip_channels(self) -> list[int]:
+        """The channels of :meth:`skips`' maps: the input's (1), Conv1's, the first pooling's, Conv2's, Conv3's and
+        Conv5's."""
+        convs = [m for m in self.conv if isinstance(m, nn.Conv3d)]
+        c1, c2, c3 = (c.out_channels for c in convs[:3])
+        return [1, c1, c1, c2, c3, self.conv5[0].out_channels]
+
+    def skips(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input's middle slice (``(S - 1) // 2``) and the maps at 1/2, 1/4, 1/8, 1/16 and 1/32 of ``x``
+        ``(N, S, H, W)`` (H, W multiples of 32): after Conv1, the first pooling, Conv2 and Conv3, each at the middle
+        slice (Conv1 to Conv3 are 3D, so the middle slice's maps have seen its neighbours), and Conv5 (before its
+        pooling: Conv4 spans all slices), padded back to Conv3's extent (Conv4 is unpadded) and resized to 1/32."""
+        mid = (x.shape[1] - 1) // 2
+        h = x.unsqueeze(1)
+        features = [x[:, mid:mid + 1]]
+        for i, layer in enumerate(self.conv):
+            h = layer(h)
+            if i in (2, 3, 6, 10):      # Conv1 (after its ReLU), the first pooling, Conv2, Conv3
+                features.append(h[:, :, mid])
+        # Conv4 is unpadded: its maps cover the interior of Conv3's grid, one pixel in from each edge; padded back by
+        # one (edge values) they span Conv3's extent, and are then resized to half of it
+        bottom = F.pad(self.conv5[:-1](h.squeeze(2)), (1, 1, 1, 1), mode="replicate")
+        size = [(n + 1) // 2 for n in features[-1].shape[-2:]]
+        features.append(F.interpolate(bottom, size=size, mode="bilinear", align_corners=False))
+        return features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv5[-1](self.feature_maps(x)))
+        return self.fc(self.pool(self.feature_maps(x)))
 
 
 class SiameseNet(nn.Module):
@@ -206,23 +256,3 @@ class BalancedCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         per_sample = F.cross_entropy(logits.float(), target, reduction="none")
         return (self.alpha[target] * per_sample).mean()
-
-
-def load_encoder(path: Path) -> tuple[VggM3dEncoder, dict]:
-    """An encoder saved as ``encoder.pt`` (by pretraining or the supervised stage) and what was saved with it:
-    ``method``, ``spec``, ``state_dict`` and, from pretraining, ``structure``, the volumes it was trained on
-    (``vertebra`` or ``disc``; files written before pretraining could read discs have none: ``vertebra``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved.get("method") != "supervised":
-        saved.setdefault("structure", "vertebra")
-    encoder = VggM3dEncoder(EncoderSpec(**saved["spec"]))
-    encoder.load_state_dict(saved["state_dict"])
-    return encoder, saved
-
-
-def random_encoder(shape: tuple[int, int, int], seed: int, width: float, embedding_dim: int) -> VggM3dEncoder:
-    """The pretraining network's encoder at the initial weights of ``seed`` (as pretraining builds it)."""
-    slices, height, width_px = shape
-    seeds.seed_torch(seeds.random_encoder(seed))
-    return SiameseNet(EncoderSpec(slices=slices, height=height, width_px=width_px, width=width,
-                                  embedding_dim=embedding_dim)).encoder

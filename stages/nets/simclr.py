@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from stages.core import seeds
+from stages.nets.norms import with_norm
 
 # MONAI's ResNet layouts by depth: (block, layers); the channels per stage are 64-128-256-512 x widen_factor
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -70,6 +71,8 @@ def _norm(spec: SimclrSpec) -> str | tuple[str, dict[str, Any]]:
     instance), which keeps a multi-process CPU step equal to a single-process step on the same global batch."""
     if spec.norm == "group":
         return ("group", {"num_groups": 8})
+    if spec.norm == "instance":   # with a scale and shift, as batch normalisation has (MONAI's init sets them)
+        return ("instance", {"affine": True})
     return spec.norm
 
 
@@ -77,8 +80,9 @@ def resnet(spec: SimclrSpec) -> nn.Module:
     """MONAI's 2D ResNet of ``spec`` without its classifier: ``(N, 1, H, W)`` -> ``(N, C)`` pooled features."""
     from monai.networks.nets import ResNet   # imported here: monai's import is slow and only networks need it
     block, layers = DEPTHS[spec.depth]
-    return ResNet(block, list(layers), stage_channels(spec), spatial_dims=2, n_input_channels=1, conv1_t_size=7,
-                  conv1_t_stride=2, feed_forward=False, norm=_norm(spec))
+    net = ResNet(block, list(layers), stage_channels(spec), spatial_dims=2, n_input_channels=1, conv1_t_size=7,
+                 conv1_t_stride=2, feed_forward=False, norm=_norm(spec))
+    return with_norm(net, _norm(spec), spatial_dims=2)   # MONAI normalises only the stem as ``norm`` says
 
 
 def stage_channels(spec: SimclrSpec) -> list[int]:

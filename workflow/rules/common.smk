@@ -292,25 +292,52 @@ def check_clip_shape():
 
 check_clip_shape()
 
-# The segmentation downstream: every pretrained 3D encoder (not an axial method's) and the same network from scratch.
+
+def backbone_of(method):
+    """The 3D backbone a method hands on: its section's backbone (the momentum family's), else the Siamese trunk."""
+    return config.get(METHOD_SECTIONS.get(method, method), {}).get("backbone", "trunk")
+
+
+def scratch_model(backbone):
+    """The segmentation downstream's from-scratch model of a backbone: scratch (the trunk), scratch_resnet18."""
+    return "scratch" if backbone == "trunk" else f"scratch_{backbone}"
+
+
+# The segmentation downstream: every pretrained 3D encoder (not an axial method's) and the same network from scratch,
+# one for each backbone the encoders have.
 THREE_D_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
 SEGMENT_MODELS = (
-    THREE_D_METHODS + ["scratch"]
+    THREE_D_METHODS + [scratch_model(b) for b in sorted({backbone_of(m) for m in THREE_D_METHODS})]
     if config["segmentation"]["run"] and THREE_D_METHODS and config["cohort"]["source"] != "crops"
     else []
 )
+SCRATCH_MODELS = {scratch_model(b): b for b in ("trunk", "resnet18")}
+
+
+def check_resnet_width():
+    """A ResNet-18 backbone's first stage has 64 x pretrain.width channels in groups of 8: fail at start-up."""
+    users = [m for m in THREE_D_METHODS if backbone_of(m) == "resnet18"]
+    width = config["pretrain"]["width"]
+    if users and round(64 * width) % 8:
+        raise ValueError(
+            f"{', '.join(users)} use the ResNet-18 backbone, whose first stage has 64 x pretrain.width channels in "
+            f"groups of 8: pretrain.width {width} gives {64 * width:g}; use a multiple of 0.125"
+        )
+
+
+check_resnet_width()
 
 
 def segment_source(wildcards, input):
-    """--encoder of a pretrained model, or the scratch network's --scratch and its shape and seed (the pretraining
-    trunk's: pretrain.structure's slices, pretrain.width, embedding_dim and seed)."""
-    if wildcards.model != "scratch":
+    """--encoder of a pretrained model, or a scratch network's --scratch and its backbone, shape and seed (the
+    pretraining encoder's: pretrain.structure's slices, pretrain.width, embedding_dim and seed)."""
+    if wildcards.model not in SCRATCH_MODELS:
         return f"--encoder {input.encoder}"
     slices = trunk_volume_size()[2]
     pretrain = config["pretrain"]
     return (
         f"--scratch --slices {slices} --width {pretrain['width']} --embedding-dim {pretrain['embedding_dim']} "
-        f"--encoder-seed {pretrain['seed']}"
+        f"--encoder-seed {pretrain['seed']} --backbone {SCRATCH_MODELS[wildcards.model]}"
     )
 
 

@@ -43,7 +43,7 @@ rule segment:
         labels=rules.lumbar_regions.output.labels,
         table=rules.lumbar_regions.output.table,
         encoder=lambda wildcards: (
-            [] if wildcards.model == "scratch" else rules.pretrain.output.encoder.format(method=wildcards.model)
+            [] if wildcards.model in SCRATCH_MODELS else rules.pretrain.output.encoder.format(method=wildcards.model)
         ),
     output:
         scores=out("segmentation", "{model}", "scores.parquet"),

@@ -7,8 +7,9 @@ batch, each process keeping its share; in evaluation, a centre seeded by the sam
 (stages/training/clips.py): axial (v_a), coronal (v_c) and sagittal (v_s) clips of C slices ``long_stride`` voxels
 apart, and a short axial clip (v_S) of C slices ``short_stride`` apart; the long axial clip is v_L.
 
-Networks (stages/nets/momentum.py): the online encoder (the Siamese network's trunk, a 2-layer MLP projector and a
-2-layer MLP predictor) and one target encoder (trunk and projector) for all views, a momentum average of the online
+Networks (stages/nets/momentum.py): the online encoder (a 3D backbone, ``mlsscl.backbone``: the Siamese network's
+trunk or, the paper's, MONAI's 3D ResNet-18 (stages/nets/encoders.py); a 2-layer MLP projector and a 2-layer MLP
+predictor) and one target encoder (trunk and projector) for all views, a momentum average of the online
 one (m = ``mlsscl.momentum``), updated before each training step's forward pass; a queue of past target keys.
 
 Loss, from the paper: L_N(v1, v2) = -E[log e^{h(v1^i, v2^i)} / sum_{j=1}^{K+1} e^{h(v1^i, v2^j)}], v1 through the
@@ -22,7 +23,7 @@ Pretext evaluation on the self-supervision test regions, trained and untrained (
 cross-view retrieval (each region's axial query finds its own sagittal key first among the sagittal keys of all test
 regions: top-1) and long-short retrieval (its short axial query finds its own long axial key first).
 
-The handed-on encoder is the trunk, which reads clips of (C, H, W): ``clip_slices`` and ``clip_size`` must be the
+The handed-on encoder is the backbone, which reads clips of (C, H, W): ``clip_slices`` and ``clip_size`` must be the
 shape of the volumes the downstream stages feed it (extract.vertebra_size, or disc_size with pretrain.structure disc;
 the workflow checks this at start-up).
 """

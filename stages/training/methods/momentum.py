@@ -1,6 +1,7 @@
 """Pretraining methods ``moco`` (MoCo v2: Chen et al. 2020, on He et al. 2020) and ``byol`` (Grill et al. 2020), the
 momentum-encoder baselines Cao et al. 2022 compare MLSSCL against, and ``longitudinal_nce`` (ours): on the 3D volumes
-of ``pretrain.structure`` (vertebral bodies or discs), with the Siamese network's trunk as the backbone.
+of ``pretrain.structure`` (vertebral bodies or discs), with the backbone of the section's ``backbone``: the Siamese
+network's trunk (the default), or MONAI's 3D ResNet-18 (stages/nets/encoders.py).
 
 A sample is one volume of the self-supervision part (no pairs; only longitudinal_nce uses the longitudinal labels).
 Two views of it are drawn on the device with the pretraining augmentation of the ``pretrain`` section (rotation in the
@@ -56,7 +57,7 @@ from torch import nn
 
 from stages.core import seeds
 from stages.nets.momentum import KeyQueue, LevelMomentumNet, MomentumNet
-from stages.nets.siamese import BalancedCrossEntropy, EncoderSpec, class_balanced_weights
+from stages.nets.siamese import BACKBONES, BalancedCrossEntropy, EncoderSpec, class_balanced_weights
 from stages.training.augment import PairParams, augment_volumes, sample_volume_params
 from stages.training.config import PretrainConfig
 from stages.training.infonce import (
@@ -87,8 +88,11 @@ class MomentumConfig:
     learning_rate: float = 0.03
     weight_decay: float = 0.0001
     max_epochs: int = 200
+    backbone: str = "trunk"
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
         if min(self.hidden_dim, self.projection_dim, self.batch_size, self.max_epochs) < 1:
@@ -195,7 +199,8 @@ class MomentumMethod(abc.ABC):
         self.mc = self.settings.from_values(cfg.method_config)
         slices, height, width_px = self.input_shape(store)
         self.spec = EncoderSpec(slices=slices, height=height, width_px=width_px, width=cfg.width,
-                                embedding_dim=cfg.embedding_dim, dropout=self.mc.dropout, n_levels=len(store.levels))
+                                embedding_dim=cfg.embedding_dim, dropout=self.mc.dropout, n_levels=len(store.levels),
+                                backbone=self.mc.backbone)
         self.model = self.network(self.spec, self.mc)     # first: the initial weights are the seed's
         self.store = store
         self.samples = {part: volume_samples(store, part) for part in ("train", "val")}
