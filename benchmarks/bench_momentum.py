@@ -1,4 +1,5 @@
-"""Pretraining throughput of the momentum-encoder family (issue 22): moco, byol, longitudinal_nce and mlsscl beside
+"""Pretraining throughput of the momentum-encoder family (issue 22): moco, byol, longitudinal_nce and mlsscl (and moco
+and mlsscl on the 3D ResNet-18 backbone) beside
 the Siamese network, the reference, with the workflow's own harness on the synthetic store of bench_pretrain (mlsscl:
 one lumbar region per study of that store, 80 x 40 x 20 voxels as the demo's at 3 mm, four clips of 9 x 64 x 64 each
 sample).
@@ -49,29 +50,35 @@ def region_store(root: Path) -> VolumeStore:
     return VolumeStore(None, root / "regions.parquet", root / "regions.npy", structure="region")
 
 
-def measure(method: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_subjects: int, label: str) -> float:
-    """Volumes per second of ``method``'s second epoch."""
+def measure(method: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_subjects: int, label: str,
+            backbone: str = "trunk") -> float:
+    """Volumes per second of ``method``'s second epoch (on ``backbone``: the Siamese trunk or the ResNet-18)."""
     root = write_store(OUT / f"pretrain_{'x'.join(map(str, shape))}_{n_subjects}", shape, n_subjects)
     build = METHODS[method]
     section = {**DEMO_SECTION, **(QUEUE if method in ("moco", "longitudinal_nce", "mlsscl") else {})}
+    if method != "siamese":
+        section["backbone"] = backbone
     if method == "mlsscl":
         section.update(clip_slices=shape[0], clip_size=list(shape[1:]))
     run_cfg = configured(build, cfg, {getattr(build, "section", None) or method: section})
     store = region_store(root) if method == "mlsscl" else open_store(root)
     started = time.perf_counter()
-    metrics = train(build, run_cfg, store, Outputs.under(OUT / f"momentum_run_{label}_{method}"))
+    metrics = train(build, run_cfg, store, Outputs.under(OUT / f"momentum_run_{label}_{method}_{backbone}"))
     last = metrics[metrics.split == "train"].iloc[-1]
     volumes = last.samples_per_s * {"siamese": 2, "mlsscl": 4}.get(method, 1)
-    print(f"{label}, {method}: {volumes:.1f} volumes/s ({last.samples_per_s:.1f} {build.unit}/s), data wait "
+    name = method if backbone == "trunk" else f"{method} ({backbone})"
+    print(f"{label}, {name}: {volumes:.1f} volumes/s ({last.samples_per_s:.1f} {build.unit}/s), data wait "
           f"{100 * last.data_wait_share:.2f}% of step time; total {time.perf_counter() - started:.0f} s", flush=True)
     return float(volumes)
 
 
 def compare(label: str, cfg: PretrainConfig, shape: tuple[int, int, int], n_subjects: int) -> None:
     reference = measure("siamese", cfg, shape, n_subjects, label)
-    for method in ("moco", "byol", "longitudinal_nce", "mlsscl"):
-        volumes = measure(method, cfg, shape, n_subjects, label)
-        print(f"{label}, {method}: {volumes / reference:.2f} x the Siamese network's volumes/s (the reference)",
+    for method, backbone in (("moco", "trunk"), ("byol", "trunk"), ("longitudinal_nce", "trunk"), ("mlsscl", "trunk"),
+                             ("moco", "resnet18"), ("mlsscl", "resnet18")):
+        volumes = measure(method, cfg, shape, n_subjects, label, backbone)
+        name = method if backbone == "trunk" else f"{method} ({backbone})"
+        print(f"{label}, {name}: {volumes / reference:.2f} x the Siamese network's volumes/s (the reference)",
               flush=True)
 
 

@@ -264,12 +264,13 @@ def _top1_panels(all_ax: plt.Axes, level_ax: plt.Axes, method: str, table: pd.Da
                        label=f"chance: 1 of {2 * batch - 1} other views ({batch} images a batch)")
     elif evaluation.get("chance_top1"):
         all_ax.axhline(evaluation["chance_top1"], color="#c0392b", linestyle="--", linewidth=0.9,
-                       label=f"chance: 1 of {len(table)} test {'regions' if views else 'items'}")
+                       label=evaluation.get("chance_label") or f"chance: 1 of {len(table)} test "
+                                                               f"{'regions' if views else 'items'}")
     if batch > 1 or evaluation.get("chance_top1"):
         all_ax.legend(frameon=False, loc="upper right", fontsize=7)
     all_ax.set_ylim(0, 1.18)
-    all_ax.set_ylabel("top-1 (share of test views)")
-    items = "regions" if views else "slices"
+    all_ax.set_ylabel("share right (test volumes)" if evaluation.get("chance_label") else "top-1 (share of test views)")
+    items = "volumes" if evaluation.get("chance_label") else "regions" if views else "slices"
     title = f"{method}: pretext test top-1 ({len(table)} {items}; 95% bootstrap intervals)"
     if views:
         title += f"\nmean of: {views['view1']}; {views['view2']}"
@@ -732,8 +733,12 @@ PRETRAIN_TITLES = {
     **{m: ("top1", "multiview top-1 (own key of another view first against the queue)",
            "loss (alpha multiview + beta long-short InfoNCE)")
        for m in ("mlsscl", "mlsscl_multiview", "mlsscl_long_short")},
+    "rotation": ("accuracy", "rotation accuracy (4 ways)", "cross-entropy"),
+    "relative_location": ("accuracy", "relative-location accuracy (8 ways)", "cross-entropy"),
+    "swav": ("accuracy", "both views on one prototype", "swapped-prediction loss"),
 }
-PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss"), ("top1", "top-1", "loss"))
+PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss"), ("top1", "top-1", "loss"),
+                   ("accuracy", "task accuracy", "loss"))
 
 
 def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame | None,

@@ -1,6 +1,6 @@
 """Stage segment: the segmentation downstream (Cao et al. 2022, Table 2, on spine anatomy). One 3D encoder, pretrained
-(``--encoder``, the handed-on Siamese trunk of any 3D method) or from scratch (``--scratch``: the same network at
-pretraining's initial weights), under MONAI's U-Net decoder (stages/nets/segmenter.py), trained end to end to label the
+(``--encoder``, the handed-on backbone of any 3D method: the Siamese trunk or a ResNet-18) or from scratch
+(``--scratch``: the same network at pretraining's initial weights, ``--backbone`` naming it), under MONAI's U-Net decoder (stages/nets/segmenter.py), trained end to end to label the
 vertebrae and discs on the mid-sagittal slice of each lumbar region (stages/training/segmenter.py), on nested
 label subsets of the downstream training subjects with a label map (``segmentation.label_fractions``), and scored on
 every downstream test subject's scans: DSC, PPV, LTPR and LFPR per structure class with intervals over subjects

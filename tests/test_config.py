@@ -43,6 +43,13 @@ def test_paper_configs_are_valid_on_top_of_config_yaml(paper):
         pytest.fail(f"{paper}: reports.gradcam_task is not among probes.tasks")
 
 
+@pytest.mark.parametrize("extra", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
+def test_the_demo_s_other_configs_are_valid_on_top_of_config_yaml(extra):
+    over = _load(ROOT / "config" / extra)
+    validate_config(_merged(_load(ROOT / "config.yaml"), over))
+    assert "cohort" not in over and "results" not in over
+
+
 def test_empty_config_gets_every_default():
     filled = validate_config({})
     schema = load_schema()

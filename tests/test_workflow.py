@@ -275,6 +275,60 @@ def test_mlsscl_and_its_ablations_join_on_the_lumbar_regions_as_3d_encoders(tiny
 
 
 @pytest.mark.slow
+def test_a_curriculum_runs_its_steps_in_order_and_joins_downstream_under_its_name(tiny_run, tmp_path):
+    """A method and a two-step curriculum added to a finished run: the method's pretraining; the curriculum's steps as
+    two jobs, the second started from the first's encoder, each after its learning-rate search; the curriculum's
+    encoder downstream like a method's. A curriculum that mixes backbones, or takes a method's name, fails at start."""
+    workdir, run = tiny_run
+    assert run.returncode == 0
+    config = yaml.safe_load(TINY.read_text())
+    config["pretrain"]["methods"] += ["rotation"]
+    config["curricula"] = {"runs": {"rot_swav": ["rotation", "swav"]}, "lr_candidates": [0.01, 0.03],
+                           "search_epochs": 1}
+    config["swav"] = {"prototypes": 8}
+    more = tmp_path / "curricula.yaml"
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    counts = _job_counts(text)
+    assert counts["curriculum_step"] == 2 and counts["curriculum"] == 1 and counts["pretrain"] == 1
+    for rule in ("pretext_eval", "features", "disc_features", "segment"):
+        assert counts.get(rule) == 2, (rule, counts)                # rotation and rot_swav
+    assert "--method rotation --pairs results/splits/pairs.parquet --volumes results/splits/volumes.parquet" in text
+    assert "--encoder results/pretrain/rot_swav/steps/1/encoder.pt" in text
+    assert "--init-encoder results/pretrain/rot_swav/steps/1/encoder.pt" in text and "--method swav" in text
+    assert text.count("--lr-candidates 0.01 0.03 --search-epochs 1") == 2 and "--swav-prototypes 8" in text
+    assert "results/pretrain/rot_swav/encoder.pt" in text
+    # the orderings C and AC of two tasks that also run alone: ordered by their own grade results, each step reading
+    # its method from the orderings when it runs
+    config["pretrain"]["methods"] += ["swav"]
+    config["curricula"]["orderings"] = {"tasks": ["rotation", "swav"]}
+    more.write_text(yaml.safe_dump(config))
+    plan = snakemake(workdir, "-n", "-p", "--configfile", str(more))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    counts = _job_counts(text)
+    assert counts["curriculum_order"] == 1 and counts["curriculum_step"] == 2 + 2 * 2 and counts["curriculum"] == 3
+    assert "MC" not in counts and "results/pretrain/MC" not in text                # two tasks: no mixed ordering
+    assert "--tasks rotation swav --probe-task grade --head linear" in text
+    assert "results/probes/runs/swav/grade/f1/seed0/metrics.json" in text
+    assert "--ordering results/pretrain/orderings.json --ordering-name AC --step 2" in text
+    assert "results/pretrain/C/encoder.pt" in text
+    for change, message in ((lambda c: c["swav"].update(backbone="resnet18"), "mixes backbones"),
+                            (lambda c: c["curricula"].update(runs={"siamese": ["rotation"]}), "a pretraining method"),
+                            (lambda c: c["pretrain"].update(methods=["siamese", "simclr", "rotation"]),
+                             "each in pretrain.methods")):
+        wrong = yaml.safe_load(more.read_text())
+        if message == "mixes backbones":
+            wrong["curricula"]["orderings"] = {"tasks": []}
+        change(wrong)
+        (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+        failed = snakemake(workdir, "-n", "--configfile", str(tmp_path / "wrong.yaml"))
+        assert failed.returncode != 0 and message in failed.stdout + failed.stderr
+
+
+@pytest.mark.slow
 def test_lumbar_regions_account_for_every_scan_of_the_splits(tiny_run):
     """On the tiny workflow's own scans: each placed scan has a region (T12 to S1 where both were found) or a flag."""
     workdir, run = tiny_run

@@ -75,6 +75,7 @@ class DiscClassifier(nn.Module):
         self.spec = spec
         self.head = FcHead(self.encoder.pooled_dim(), self.encoder.fc6_units(), spec.embedding_dim, n_classes,
                            dropout)
+        del self.encoder.fc   # the encoder's own FC layers are not the classifier's (its weights are drawn: same start)
 
     @property
     def n_classes(self) -> int:

@@ -3,16 +3,17 @@
 ``EncoderSpec.backbone`` names the architecture:
 
 - ``trunk``: the Siamese network's VGG-M-like trunk (stages/nets/siamese.py, Jamaludin et al. 2017), Conv1 to FC7;
-- ``resnet18``: MONAI's 3D ResNet-18 (``monai.networks.nets.ResNet`` as its ``resnet18`` builds it: basic blocks,
-  two a stage; one input channel; a 7 x 7 x 7 stem convolution of stride 1 across slices and 2 in-plane, as in the
-  3D ResNets of Hara et al. 2018 that MONAI's follow; a max pooling), the paper's backbone in Cao et al. 2022, with
-  ``width`` x its channels (64-128-256-512 at 1.0) and a linear layer from its global average pooling to the
-  ``embedding_dim`` embedding (the counterpart of the trunk's FC7).
+- ``resnet18``: MONAI's 3D ResNet-18 (``monai.networks.nets.ResNet`` with ``resnet18``'s blocks: basic blocks, two a
+  stage; one input channel; a 7 x 7 x 7 stem convolution and a max pooling), the paper's backbone in Cao et al.
+  2022, with ``width`` x its channels (64-128-256-512 at 1.0) and a linear layer from its global average pooling to
+  the ``embedding_dim`` embedding (the counterpart of the trunk's FC7).
 
-Deviation from the library's network, stated: group normalisation (the first stage's channels / 8 groups, in every
-stage: stages/nets/norms.py) replaces batch normalisation, for the trunk's reason (stages/nets/siamese.py): it
-normalises each sample on its own, so a multi-process step equals a single-process step on the same global batch,
-and small batches train reliably.
+Deviations from the library's network, stated: the stem's stride is 1 across slices and 2 in-plane (MONAI's default
+is 1 in all three), so that the maps halve in-plane at every stage (the U-Net's skips at 1/2 ... 1/32) while the few
+slices are kept at the stem, as in the 3D ResNets of Hara et al. 2018; and group normalisation (the first stage's
+channels / 8 groups, in every stage: stages/nets/norms.py) replaces batch normalisation, for the trunk's reason
+(stages/nets/siamese.py): it normalises each sample on its own, so a multi-process step equals a single-process step
+on the same global batch, and small batches train reliably.
 
 What every encoder offers the downstream stages (volumes ``(N, S, H, W)``):
 

@@ -15,7 +15,7 @@ from torch import nn
 def with_norm(net: nn.Module, norm: str | tuple[str, dict[str, Any]], spatial_dims: int) -> nn.Module:
     """``net`` with each batch normalisation replaced by MONAI's ``norm`` layer of the same channels (at its initial
     weights: no random draw); unchanged for ``norm`` batch."""
-    from monai.networks.layers.utils import get_norm_layer   # imported here: monai's import is slow
+    from monai.networks.layers.utils import get_norm_layer  # imported here: monai's import is slow
     if (norm if isinstance(norm, str) else norm[0]) == "batch":
         return net
     for module in list(net.modules()):

@@ -66,7 +66,8 @@ class EncoderSpec:
         if self.n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
         if self.backbone == "resnet18":
-            if self.slices < 1 or self.height < 1 or self.width_px < 1 or round(64 * self.width) % 8:
+            first = round(64 * self.width)
+            if self.slices < 1 or self.height < 1 or self.width_px < 1 or first < 8 or first % 8:
                 raise ValueError(f"the ResNet-18 needs volumes of at least one voxel and 64 x width first-stage "
                                  f"channels that are a multiple of 8 (group normalisation), got "
                                  f"{(self.slices, self.height, self.width_px)} and width {self.width}")

@@ -78,7 +78,7 @@ def _norm(spec: SimclrSpec) -> str | tuple[str, dict[str, Any]]:
 
 def resnet(spec: SimclrSpec) -> nn.Module:
     """MONAI's 2D ResNet of ``spec`` without its classifier: ``(N, 1, H, W)`` -> ``(N, C)`` pooled features."""
-    from monai.networks.nets import ResNet   # imported here: monai's import is slow and only networks need it
+    from monai.networks.nets import ResNet  # imported here: monai's import is slow and only networks need it
     block, layers = DEPTHS[spec.depth]
     net = ResNet(block, list(layers), stage_channels(spec), spatial_dims=2, n_input_channels=1, conv1_t_size=7,
                  conv1_t_stride=2, feed_forward=False, norm=_norm(spec))

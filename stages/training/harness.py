@@ -14,6 +14,8 @@ CPU with the same number of threads). It is removed when the run completes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -236,10 +238,31 @@ def resumable(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return all(saved.get(k) == wanted[k] for k in ("method", "world_size", "data", "maths"))
 
 
+def start_from(method: Method, path: Path) -> str:
+    """Put the encoder saved in ``path`` (a previous curriculum step's encoder.pt) into the method's network: its
+    encoder and, for a momentum method, its target encoder. Returns the file's digest (part of the run's identity:
+    a checkpoint resumes only from the same start)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    mine, theirs = method.encoder_spec(), {"backbone": "trunk", **saved["spec"]}
+    differ = [k for k in ("backbone", "slices", "height", "width_px", "width", "embedding_dim")
+              if theirs.get(k) != mine.get(k)]
+    if differ:
+        raise ValueError(f"{path} holds a {theirs.get('backbone')} encoder of {[theirs.get(k) for k in differ]} for "
+                         f"{differ}, but {method.name} builds {[mine.get(k) for k in differ]}: a curriculum's steps "
+                         "must share one backbone and its size")
+    method.model.encoder.load_state_dict(saved["state_dict"])
+    target = getattr(method.model, "target_encoder", None)
+    if target is not None:
+        target.load_state_dict(saved["state_dict"])
+    log.info("starting from the %s encoder of %s", saved.get("method", "?"), path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Outputs, max_steps: int | None = None,
-          world: World | None = None) -> pd.DataFrame:
-    """Build the method ``build(cfg, store)``, train it to the stopping rule (or ``max_steps`` optimiser steps) and
-    write ``out``; returns the metrics. ``store`` holds the volumes of ``cfg.structure``."""
+          world: World | None = None, init: Path | None = None) -> pd.DataFrame:
+    """Build the method ``build(cfg, store)``, start its encoder from ``init`` (an encoder.pt) if given, train it to
+    the stopping rule (or ``max_steps`` optimiser steps) and write ``out``; returns the metrics. ``store`` holds the
+    volumes of ``cfg.structure``."""
     if store.structure != cfg.structure:
         raise ValueError(f"pretrain.structure is {cfg.structure!r}, but the array store holds {store.structure} "
                          "volumes")
@@ -249,6 +272,7 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
         torch.set_num_threads(cfg.threads)
     seeds.seed_torch(seeds.initial_weights(cfg.seed))     # the same on every process
     method = build(cfg, store)
+    init_digest = start_from(method, init) if init is not None else None
     watched_column = getattr(method, "watch", WATCH)[0]
     if watched_column not in method.columns:
         raise ValueError(f"method {method.name} logs no {watched_column!r} column (its columns: "
@@ -267,7 +291,7 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
                                                           patience=cfg.plateau_patience)
     identity = run_identity(method.name, cfg, world.size,
                             {"shape": list(store.shape), **{p: method.n_samples(p) for p in TRAIN_PARTS},
-                             "digest": store.digest()})
+                             "digest": store.digest(), **({"init": init_digest} if init_digest else {})})
     state = TrainState()
     best: dict[str, torch.Tensor] = {}   # weights of the epoch with the lowest watched loss: what the run hands on
     resumed = False
@@ -389,6 +413,65 @@ def train(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Out
     if world.size > 1:
         dist.barrier()
     return metrics
+
+
+SEARCH_COLUMNS = ("learning_rate", "split", "score", "epochs", "chosen")
+
+
+def search_learning_rate(build: type[Method], cfg: PretrainConfig, store: VolumeStore, out: Outputs,
+                         candidates: list[float], epochs: int, world: World | None = None,
+                         init: Path | None = None) -> tuple[float, pd.DataFrame]:
+    """The learning-rate search of a curriculum step (the curricular multi-task study, section 1.2.1: "each training
+    step is repeated, using different LR values taken from a pre-defined range, for a limited number of epochs. The LR
+    that leads to the highest performance (or lowest loss value) on the training task is used"): a run of ``epochs``
+    epochs from the same start (``init``, the same seed) for each candidate, in ``lr_search/`` beside ``out``; its
+    score is the method's watched column (its loss) on the self-supervision validation part after the last epoch
+    (the training part where there is none). The lowest loss wins (the highest for a method that watches a score to
+    maximise); a tie goes to the candidate listed first. Each candidate run resumes as a run does; a search made
+    under other settings is discarded. Returns the chosen rate and the table (:data:`SEARCH_COLUMNS`)."""
+    if not candidates or epochs < 1:
+        raise ValueError(f"need learning-rate candidates and >= 1 epoch, got {candidates} and {epochs}")
+    folder = out.checkpoint.parent / "lr_search"
+    maths = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}   # a restart on other cores reuses it
+    settings = json.dumps({"config": maths, "world_size": world.size if world else 1,
+                           "candidates": list(candidates), "epochs": epochs,
+                           "init": hashlib.sha256(init.read_bytes()).hexdigest() if init else None,
+                           "method": build.name, "digest": store.digest()}, sort_keys=True, default=str)
+    marker = folder / "search.json"
+    if (world is None or world.main) and marker.exists() and marker.read_text() != settings:
+        log.warning("discarding %s: it was made under other settings", folder)
+        shutil.rmtree(folder)
+    if world is None or world.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(settings)
+    if world is not None and world.size > 1:
+        dist.barrier()
+    _, mode = getattr(build, "watch", WATCH)
+    rows = []
+    for lr in candidates:
+        sub = Outputs.under(folder / f"lr{lr:g}")
+        if sub.metrics.exists() and sub.encoder.exists():
+            metrics = pd.read_csv(sub.metrics)
+            log.info("learning rate %g: searched already (%s)", lr, sub.metrics)
+        else:
+            log.info("learning rate %g: %d epoch(s)", lr, epochs)
+            metrics = train(build, dataclasses.replace(cfg, learning_rate=lr, max_epochs=epochs), store, sub,
+                            world=world, init=init)
+        watched_column = getattr(build, "watch", WATCH)[0]
+        last = metrics[metrics.epoch == metrics.epoch.max()]
+        row = last[last.split == "val"] if (last.split == "val").any() else last[last.split == "train"]
+        rows.append({"learning_rate": lr, "split": row.split.iloc[0], "score": float(row[watched_column].iloc[0]),
+                     "epochs": int(metrics.epoch.max())})
+    table = pd.DataFrame(rows)
+    scores = table.score.to_numpy() if mode == "min" else -table.score.to_numpy()
+    if not np.isfinite(scores).any():
+        raise FloatingPointError(f"no learning rate of {list(candidates)} gave a finite {mode} score: see {folder}")
+    best = int(np.nanargmin(np.where(np.isfinite(scores), scores, np.nan)))
+    table["chosen"] = np.arange(len(table)) == best
+    chosen = float(table.learning_rate.iloc[best])
+    log.info("learning-rate search: %s; chose %g", ", ".join(f"{r.learning_rate:g} -> {r.score:.4f} ({r.split})"
+                                                             for r in table.itertuples()), chosen)
+    return chosen, table[list(SEARCH_COLUMNS)]
 
 
 def write_outputs(out: Outputs, method: Method, ckpt: dict[str, Any], metrics: pd.DataFrame, identity: dict[str, Any],

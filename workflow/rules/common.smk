@@ -7,7 +7,7 @@ import sys
 
 from stages.archive.label_scheme import scheme_options
 from stages.core.cli import section_options
-from stages.core.config import runtime_keys
+from stages.core.config import load_schema, runtime_keys
 from stages.core.imports import local_imports
 from stages.evaluation.probe_data import RUN_FOLDER, run_folder
 
@@ -211,7 +211,20 @@ def ingest_stage():
     return "ingest_volumes" if config["cohort"]["source"] == "volumes" else "ingest"
 
 
-METHODS_PATTERN = "|".join(config["pretrain"]["methods"])
+# Curricula (the curricular multi-task study): named sequences of pretext tasks on one backbone, each step a
+# pretraining job that starts from the previous step's encoder (rule curriculum_step); the last step's encoder is the
+# curriculum's (rule curriculum), a model downstream under the curriculum's name, like a method.
+CURRICULA = config["curricula"]["runs"]
+# The ordered curricula (curricula.orderings): C, AC and MC of the orderings' tasks, their order known once the single
+# tasks' probes have run (rule curriculum_order); each step reads its method from the orderings' file.
+ORDERING = config["curricula"]["orderings"]
+ORDERED = (["C", "AC"] + (["MC"] if len(ORDERING["tasks"]) >= 3 else [])) if ORDERING["tasks"] else []
+CURRICULUM_STEPS = {**{n: len(s) for n, s in CURRICULA.items()}, **{n: len(ORDERING["tasks"]) for n in ORDERED}}
+TASK_METHODS = ["rotation", "relative_location", "swav"]  # the study's single pretext tasks: no test pairs scored
+PRETRAINED = list(config["pretrain"]["methods"]) + list(CURRICULA) + ORDERED
+METHODS_PATTERN = "|".join(PRETRAINED)
+PRETRAIN_PATTERN = "|".join(config["pretrain"]["methods"])  # what the pretrain rule trains (not the curricula)
+CURRICULA_PATTERN = "|".join(CURRICULUM_STEPS) or "no-curriculum"
 
 
 # Methods that read the axial slices through each disc (their own structure, whatever pretrain.structure says), and
@@ -294,7 +307,12 @@ check_clip_shape()
 
 
 def backbone_of(method):
-    """The 3D backbone a method hands on: its section's backbone (the momentum family's), else the Siamese trunk."""
+    """The 3D backbone a method (or a curriculum: its steps') hands on: its section's backbone (the momentum family's,
+    the pretext tasks'), else the Siamese trunk."""
+    if method in CURRICULA:
+        return backbone_of(CURRICULA[method][-1])
+    if method in ORDERED:
+        return backbone_of(ORDERING["tasks"][0])
     return config.get(METHOD_SECTIONS.get(method, method), {}).get("backbone", "trunk")
 
 
@@ -305,7 +323,7 @@ def scratch_model(backbone):
 
 # The segmentation downstream: every pretrained 3D encoder (not an axial method's) and the same network from scratch,
 # one for each backbone the encoders have.
-THREE_D_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS]
+THREE_D_METHODS = [m for m in PRETRAINED if m not in AXIAL_METHODS]
 SEGMENT_MODELS = (
     THREE_D_METHODS + [scratch_model(b) for b in sorted({backbone_of(m) for m in THREE_D_METHODS})]
     if config["segmentation"]["run"] and THREE_D_METHODS and config["cohort"]["source"] != "crops"
@@ -314,11 +332,109 @@ SEGMENT_MODELS = (
 SCRATCH_MODELS = {scratch_model(b): b for b in ("trunk", "resnet18")}
 
 
+def schema_methods():
+    """Every pretraining method the schema knows (pretrain.methods' enum)."""
+    return load_schema()["properties"]["pretrain"]["properties"]["methods"]["items"]["enum"]
+
+
+def check_curricula():
+    """A curriculum's name is no method's, and its steps share one backbone (each starts from the last's weights)."""
+    taken = set(schema_methods()) | {"random", "supervised", "scratch", "scratch_resnet18"}
+    clash = sorted(n for n in CURRICULA if n in taken or n.endswith(("-finetune", "-random", "-scratch")))
+    if clash:
+        raise ValueError(
+            f"curricula.runs names {clash[0]!r}, a pretraining method's or a baseline's name: give the curriculum "
+            "another name"
+        )
+    if set(ORDERED) & set(CURRICULA):
+        raise ValueError(
+            f"curricula.runs names {sorted(set(ORDERED) & set(CURRICULA))}: C, AC and MC are the orderings'"
+        )
+    tasks = ORDERING["tasks"]
+    if tasks:
+        missing = [t for t in tasks if t not in config["pretrain"]["methods"]]
+        if len(tasks) < 2 or missing:
+            raise ValueError(
+                f"curricula.orderings.tasks {tasks}: needs two or more tasks, each in pretrain.methods (its own "
+                f"downstream results order them; missing {missing})"
+            )
+        if (
+            ORDERING["task"] not in config["probes"]["tasks"]
+            or ORDERING["head"] not in config["probe_training"]["heads"]
+        ):
+            raise ValueError(
+                f"curricula.orderings scores the tasks by the {ORDERING['head']} head on {ORDERING['task']}: add them "
+                "to probe_training.heads and probes.tasks"
+            )
+    for name, steps in {**CURRICULA, **({"the orderings": tasks} if tasks else {})}.items():
+        backbones = {backbone_of(task) for task in steps}
+        if len(backbones) > 1:
+            raise ValueError(
+                f"curriculum {name!r} mixes backbones {sorted(backbones)} ({', '.join(f'{t}: {backbone_of(t)}' for t in steps)}): "
+                "each step starts from the last step's encoder, so set one backbone in the steps' sections"
+            )
+
+
+check_curricula()
+
+
+def last_task(model):
+    """The method whose network a model is: a curriculum's last step (an ordered curriculum's is known only when it
+    runs: "ordered"), else the model itself."""
+    return CURRICULA[model][-1] if model in CURRICULA else "ordered" if model in ORDERED else model
+
+
+def step_method(wildcards, input):
+    """The method a curriculum step trains: --method, or an ordered curriculum's --ordering and step."""
+    if wildcards.curriculum in ORDERED:
+        return f"--ordering {input.order} --ordering-name {wildcards.curriculum} --step {wildcards.step}"
+    return f"--method {CURRICULA[wildcards.curriculum][int(wildcards.step) - 1]}"
+
+
+def step_order(wildcards):
+    """The orderings' file an ordered curriculum's step reads (none for a named curriculum)."""
+    return [rules.curriculum_order.output.json] if wildcards.curriculum in ORDERED else []
+
+
+def ordering_metrics(wildcards=None):
+    """The single tasks' probe results that order them: every seed at the largest label fraction."""
+    fraction = max(PROBES["label_fractions"])
+    return [
+        probe_job(task, ORDERING["task"], fraction, seed, "metrics.json")
+        for task in ORDERING["tasks"]
+        for seed in range(PROBES["seeds"])
+    ]
+
+
+def step_output(curriculum, step, name):
+    return out("pretrain", curriculum, "steps", str(step), name)
+
+
+def curriculum_init(wildcards):
+    """The encoder a curriculum step starts from: the previous step's (none for the first)."""
+    step = int(wildcards.step)
+    return [step_output(wildcards.curriculum, step - 1, "encoder.pt")] if step > 1 else []
+
+
+def step_options(wildcards, input, output):
+    """A step's --init-encoder, its section's options and its learning-rate search (curricula section)."""
+    if wildcards.curriculum in ORDERED:
+        tasks = ORDERING["tasks"]
+    else:
+        tasks = [CURRICULA[wildcards.curriculum][int(wildcards.step) - 1]]
+    options = [f"--init-encoder {input.init}" if input.init else ""]
+    for section in dict.fromkeys(METHOD_SECTIONS.get(task, task) for task in tasks):
+        options.append(stage_options(section, prefix=section) if section in config else "")
+    if config["curricula"]["lr_candidates"]:
+        options.append(stage_options("curricula", keys=("lr_candidates", "search_epochs")))
+    return " ".join(o for o in options if o)
+
+
 def check_resnet_width():
     """A ResNet-18 backbone's first stage has 64 x pretrain.width channels in groups of 8: fail at start-up."""
     users = [m for m in THREE_D_METHODS if backbone_of(m) == "resnet18"]
     width = config["pretrain"]["width"]
-    if users and round(64 * width) % 8:
+    if users and (round(64 * width) < 8 or round(64 * width) % 8):
         raise ValueError(
             f"{', '.join(users)} use the ResNet-18 backbone, whose first stage has 64 x pretrain.width channels in "
             f"groups of 8: pretrain.width {width} gives {64 * width:g}; use a multiple of 0.125"
@@ -354,7 +470,7 @@ PROBES = config["probes"]
 # pretraining's initial weights, frozen (METHOD-random), and trained end to end on the three slices (METHOD-scratch).
 AXIAL_IN_USE = [m for m in config["pretrain"]["methods"] if m in AXIAL_METHODS]
 FROZEN = (
-    list(config["pretrain"]["methods"])
+    list(PRETRAINED)
     + [f"{m}-random" for m in AXIAL_IN_USE if "random" in PROBES["baselines"]]
     + [b for b in PROBES["baselines"] if b in ("random", "supervised")]
 )
@@ -362,7 +478,7 @@ FROZEN = (
 END_TO_END = (
     (["scratch"] if "scratch" in PROBES["baselines"] else [])
     + [f"{m}-scratch" for m in AXIAL_IN_USE if "scratch" in PROBES["baselines"]]
-    + ([f"{m}-finetune" for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS] if PROBES["finetune"] else [])
+    + ([f"{m}-finetune" for m in PRETRAINED if m not in AXIAL_METHODS] if PROBES["finetune"] else [])
 )
 
 
@@ -416,7 +532,7 @@ def all_targets():
     if not CROPS:  # a crop-table cohort is not localised
         targets += [out("localise", "evaluation.json"), out("extract", "qc", "localisation.png")]
         targets.append(out("axial", "index.parquet"))
-    targets += [out("pretrain", method, "pretext", "evaluation.json") for method in config["pretrain"]["methods"]]
+    targets += [out("pretrain", method, "pretext", "evaluation.json") for method in PRETRAINED]
     targets.append(out("probes", "label_efficiency.csv"))
     targets += report_targets()
     if config["cohort"]["source"] == "demo":

@@ -14,8 +14,8 @@
 rule figure_pretext:
     input:
         code=code("figures"),
-        distances=expand(rules.pretext_eval.output.distances, method=config["pretrain"]["methods"]),
-        evaluations=expand(rules.pretext_eval.output.evaluation, method=config["pretrain"]["methods"]),
+        distances=expand(rules.pretext_eval.output.distances, method=PRETRAINED),
+        evaluations=expand(rules.pretext_eval.output.evaluation, method=PRETRAINED),
     output:
         png=in_report(fig("pretext"), "pretext", "3. Pretext task", "pretext task, trained vs untrained"),
         pdf=fig("pretext", "pdf"),
@@ -32,7 +32,7 @@ rule figure_pretext:
     params:
         figure="pretext",
         files=file_flags,
-        options=f"--methods {' '.join(config['pretrain']['methods'])}",
+        options=f"--methods {' '.join(PRETRAINED)}",
     shell:
         "python -m stages.figures {params.figure} {params.files} {params.options} > {log} 2>&1"
 
@@ -250,7 +250,7 @@ use rule figure_pretext as figure_normative with:
 use rule figure_pretext as figure_training with:
     input:
         code=code("figures"),
-        pretrain=expand(rules.pretrain.output.metrics, method=config["pretrain"]["methods"]),
+        pretrain=expand(rules.pretrain.output.metrics, method=PRETRAINED),
         supervised=training_history_inputs("supervised"),
         end_to_end=training_history_inputs("end_to_end"),
     output:

@@ -17,8 +17,11 @@ GRADCAM_MODELS = (
 # The frozen encoders with disc features (disc_features; every frozen 3D encoder): the normative model of healthy discs.
 DISC_ENCODERS = [m for m in FROZEN if not axial_method(m)]
 # The methods whose pretext evaluation scores the test pairs of vertebral bodies (not the axial ones, not the region
-# ones): their pretext test pairs are explained (gradcam_pairs, figure_pairs).
-PAIR_METHODS = [m for m in config["pretrain"]["methods"] if m not in AXIAL_METHODS + REGION_METHODS]
+# ones, not the single pretext tasks; a curriculum as its last step): their pretext test pairs are explained
+# (gradcam_pairs, figure_pairs).
+PAIR_METHODS = [
+    m for m in PRETRAINED if last_task(m) not in AXIAL_METHODS + REGION_METHODS + TASK_METHODS + ["ordered"]
+]
 # The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
 END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
 
