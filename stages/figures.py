@@ -583,6 +583,53 @@ def ablation_table(results: pd.DataFrame, evaluations: dict[str, dict[str, Any]]
                        "class accuracy; herniation: ROC AUC), mean \u00b1 std over seeds.")
 
 
+def curricula_table(summary: pd.DataFrame, curricula: dict[str, list[str]], attention: dict[str, dict[str, Any]],
+                    searches: dict[str, list[pd.DataFrame]], task: str, head: str, out: TableFiles) -> list[Path]:
+    """The curricular multi-task study's Tables 1-2 on spine data: per curriculum and per single task that ran alone,
+    the balanced accuracy (average class accuracy) of ``head`` on ``task`` at the largest label fraction with its
+    interval (probes/summary.parquet), delta against the curriculum's first task trained alone, the difference from
+    the supervised baseline, the attention inside the disc (``attention``: report/gradcam/{model}/summary.json) and
+    the learning rate each step's search chose (``searches``: lr_search.csv of each step, in order)."""
+    metric = "average_class_accuracy"
+    here = summary[(summary.task == task) & (summary["head"] == head) & (summary.metric == metric)]
+    here = here[here.fraction == here.fraction.max()] if len(here) else here
+    values = {r.model: r for r in here.itertuples()}
+    supervised = values.get("supervised")
+    singles = sorted({t for steps in curricula.values() for t in steps if t in values})
+
+    def cell(model: str) -> str:
+        r = values.get(model)
+        return "n/a" if r is None else f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+
+    def diff(model: str, other: Any) -> str:
+        r = values.get(model)
+        return "n/a" if r is None or other is None else f"{r.mean - other.mean:+.3f}"
+
+    rows = []
+    for model in singles:
+        rows.append({"model": model, "steps": model, "balanced accuracy [interval]": cell(model),
+                     "delta vs its first task alone": "", "vs supervised": diff(model, supervised),
+                     "learning rates (search)": ""})
+    for name, steps in curricula.items():
+        chosen = [f"{t.learning_rate[t.chosen].iloc[0]:g}" if len(t) and t.chosen.any() else "?"
+                  for t in searches.get(name, [])]
+        rows.append({"model": name, "steps": " → ".join(steps), "balanced accuracy [interval]": cell(name),
+                     "delta vs its first task alone": diff(name, values.get(steps[0])),
+                     "vs supervised": diff(name, supervised), "learning rates (search)": ", ".join(chosen)})
+    for row in rows:
+        s = attention.get(row["model"])
+        row["attention inside the disc (uniform)"] = "n/a" if s is None else (
+            f"{_number(s['inside_disc'])} ({_number(s['disc_share_of_volume'])})")
+    frame = pd.DataFrame(rows) if rows else pd.DataFrame({"note": ["no curriculum ran"]})
+    return write_table(frame, out, "Curricula of pretext tasks (the curricular multi-task study's Tables 1-2 layout)",
+                       f"Balanced accuracy: the {head} head's average class accuracy on {TASK_NAMES.get(task, task)} "
+                       "with every training label (mean over seeds, interval as in the probe summary). Delta: the "
+                       "curriculum minus its first task pretrained alone; vs supervised: minus the supervised "
+                       "baseline's (n/a: not run). Attention: the share of the Grad-CAM mass inside the disc on the "
+                       "report's Grad-CAM task, beside the uniform share. Learning rates: the rate each step's "
+                       "search chose, step by step.")
+
+
 def _pair(evaluation: dict[str, Any], key: str) -> str:
     trained, untrained = (evaluation.get(n, {}).get(key) for n in ("trained", "untrained"))
     if trained is None:
@@ -1081,6 +1128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=cli.existing_file, required=True, help="probes/results.parquet.")
     p.add_argument("--evaluations", type=cli.existing_file, nargs="+", required=True,
                    help="pretrain/{method}/pretext/evaluation.json of the mlsscl methods (the method is read from it).")
+    p = add("curricula-table", "Curricula vs their single tasks: balanced accuracy, delta, attention.", "table")
+    p.add_argument("--summary", type=cli.existing_file, required=True, help="probes/summary.parquet.")
+    p.add_argument("--curricula", nargs="*", default=[], metavar="NAME=TASK,TASK",
+                   help="Named curricula and their steps (curricula.runs).")
+    p.add_argument("--orderings", type=cli.existing_file, default=None,
+                   help="pretrain/orderings.json (the curricula C, AC, MC and their steps).")
+    p.add_argument("--attention", type=cli.existing_file, nargs="*", default=[],
+                   help="report/gradcam/{model}/summary.json (the model is read from it).")
+    p.add_argument("--searches", type=cli.existing_file, nargs="*", default=[],
+                   help="pretrain/{curriculum}/steps/{i}/lr_search.csv.")
+    p.add_argument("--task", default="grade", help="The downstream task (default: %(default)s).")
+    p.add_argument("--head", default="linear", help="The probe head (default: %(default)s).")
     p = add("segmentation-table", "Segmentation DSC, PPV, LTPR, LFPR per encoder and subset (Cao Table 2).", "table")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="segmentation/{model}/summary.parquet, one per model.")
@@ -1179,6 +1238,21 @@ def main(argv: list[str] | None = None) -> int:
         maps = {p.parent.name: dict(np.load(p)) for p in args.maps}
         bodies = np.load(args.vertebrae, mmap_mode="r") if args.vertebrae else None
         gradcam_figure(maps, bodies, figure, args.variant)
+    elif args.figure == "curricula-table":
+        curricula = {}
+        for item in args.curricula:
+            name, _, steps = item.partition("=")
+            if not name or not steps:
+                parser.error(f"--curricula takes NAME=TASK,TASK, got {item!r}")
+            curricula[name] = steps.split(",")
+        if args.orderings:
+            orders = json.loads(args.orderings.read_text())
+            curricula.update({k: v for k, v in orders.items() if k in ("C", "AC", "MC")})
+        searches: dict[str, list[pd.DataFrame]] = {}
+        for path in sorted(args.searches, key=lambda p: int(p.parent.name)):   # .../{curriculum}/steps/{i}/
+            searches.setdefault(path.parent.parent.parent.name, []).append(pd.read_csv(path))
+        attention = {s["model"]: s for s in (json.loads(p.read_text()) for p in args.attention)}
+        curricula_table(pd.read_parquet(args.summary), curricula, attention, searches, args.task, args.head, table)
     elif args.figure == "attention":
         attention_table([json.loads(p.read_text()) for p in args.summaries], table)
     elif args.figure == "normative":

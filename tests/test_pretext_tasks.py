@@ -268,3 +268,28 @@ def test_a_step_of_an_ordered_curriculum_reads_its_method_from_the_orderings(tmp
     for name, step in (("MC", 1), ("C", 3), ("scores", 1)):
         with pytest.raises(SystemExit):
             ordered_method(path, name, step, parser)
+
+
+def test_the_curricula_table_sets_each_curriculum_beside_its_first_task_and_the_supervised_baseline(tmp_path):
+    from stages.figures import TableFiles, curricula_table
+
+    def row(model: str, mean: float, head: str = "linear", fraction: float = 1.0) -> dict:
+        return {"model": model, "head": head, "task": "grade", "fraction": fraction, "metric": "average_class_accuracy",
+                "mean": mean, "ci_low": mean - 0.1, "ci_high": mean + 0.1}
+
+    summary = pd.DataFrame([row("rotation", 0.60), row("swav", 0.70), row("C", 0.75), row("supervised", 0.72),
+                            row("C", 0.10, fraction=0.5), row("C", 0.99, head="mlp")])
+    searches = {"C": [pd.DataFrame({"learning_rate": [0.01, 0.03], "chosen": [False, True]}),
+                      pd.DataFrame({"learning_rate": [0.01, 0.03], "chosen": [True, False]})]}
+    attention = {"C": {"inside_disc": 0.4, "disc_share_of_volume": 0.1}}
+    out = TableFiles(tmp_path / "t.html", tmp_path / "t.csv")
+    curricula_table(summary, {"C": ["rotation", "swav"]}, attention, searches, "grade", "linear", out)
+    table = pd.read_csv(tmp_path / "t.csv", dtype=str, keep_default_na=False).set_index("model")
+    assert list(table.index) == ["rotation", "swav", "C"]
+    c = table.loc["C"]
+    assert c["balanced accuracy [interval]"] == "0.750 [0.650, 0.850]"
+    assert c["delta vs its first task alone"] == "+0.150" and c["vs supervised"] == "+0.030"    # 0.75 - 0.60, - 0.72
+    assert c["learning rates (search)"] == "0.03, 0.01" and c["steps"] == "rotation \u2192 swav"
+    assert c["attention inside the disc (uniform)"].startswith("0.4")
+    assert table.loc["swav", "vs supervised"] == "-0.020"
+    assert table.loc["rotation", "attention inside the disc (uniform)"] == "n/a"

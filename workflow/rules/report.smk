@@ -156,6 +156,25 @@ use rule figure_pretext as table_ablation with:
         options="",
 
 
+use rule figure_pretext as table_curricula with:
+    input:
+        code=code("figures"),
+        summary=rules.probe_summary.output.summary,
+        orderings=[rules.curriculum_order.output.json] if ORDERED else [],
+        attention=expand(out("report", "gradcam", "{model}", "summary.json"), model=GRADCAM_MODELS),
+        searches=[step_output(c, i, "lr_search.csv") for c, n in CURRICULUM_STEPS.items() for i in range(1, n + 1)],
+    output:
+        html=in_report(table("curricula"), "curricula_table", "5. Downstream results", "curricula (table)"),
+        csv=table("curricula", "csv"),
+    log:
+        logs("report", "table_curricula"),
+    benchmark:
+        bench("report", "table_curricula")
+    params:
+        figure="curricula-table",
+        options=curricula_table_options(),
+
+
 rule embeddings:
     input:
         code=code("embeddings"),

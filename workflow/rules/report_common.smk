@@ -36,6 +36,13 @@ def table(name, ext="html"):
     return out("report", "tables", f"{name}.{ext}")
 
 
+def curricula_table_options():
+    """The curricula table's named curricula (NAME=TASK,TASK), its downstream task and probe head."""
+    named = " ".join(f"{n}={','.join(s)}" for n, s in CURRICULA.items())
+    task, head = ORDERING["task"], ORDERING["head"]
+    return (f"--curricula {named} " if named else "") + f"--task {task} --head {head}"
+
+
 def in_report(path, caption, category, label):
     """``path``, shown in the HTML report (snakemake --report) under ``category`` as ``label``, with its caption
     workflow/report/{caption}.rst."""
@@ -158,6 +165,7 @@ def report_targets():
     tables = ["figure_of_merit", "configuration"]
     tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
     tables += ["mlsscl_ablation"] if REGIONS_IN_USE else []
+    tables += ["curricula"] if CURRICULUM_STEPS else []
     tables += ["segmentation"] if SEGMENT_MODELS else []
     figures += ["segmentation"] if SEGMENT_MODELS else []
     tables += ["attention_inside_disc"] if GRADCAM_MODELS else []
