@@ -393,8 +393,9 @@ class PretextMethod(abc.ABC):
         """The two scores of every test volume at ``rows`` (each in [0, 1])."""
 
     @classmethod
+    @abc.abstractmethod
     def chance_of(cls, tc: TaskConfig, n: int) -> float | None:
-        raise NotImplementedError
+        """The chance level of the task's first score (``n`` test volumes)."""
 
 
 class RotationMethod(PretextMethod):
