@@ -293,3 +293,26 @@ def test_the_curricula_table_sets_each_curriculum_beside_its_first_task_and_the_
     assert c["attention inside the disc (uniform)"].startswith("0.4")
     assert table.loc["swav", "vs supervised"] == "-0.020"
     assert table.loc["rotation", "attention inside the disc (uniform)"] == "n/a"
+
+
+def test_swav_s_queue_widens_the_assignment_and_takes_each_step_s_projections(data):
+    """With a queue (SwAV's for small batches), a step's codes are Sinkhorn's over the queue's filled entries and the
+    batch, the batch's rows; the step's projections then enter the queue, view 1 then view 2."""
+    from stages.training.methods.pretext import swav_codes
+    from stages.training.protocol import AugmentDraw
+    swav = _method(SwavMethod, data, prototypes=5, projection_dim=8, queue_size=20)
+    net = swav.model
+    queue = net.queue
+    queue.enqueue(F.normalize(torch.randn(6, 8), dim=1), torch.arange(100, 106))      # six past projections
+    scores = torch.randn(4, 5)
+    past = queue.keys[queue.ids >= 0] @ net.prototypes.weight.detach().T
+    assert len(past) == 6
+    expected = sinkhorn(torch.cat([past, scores]), 0.05, 3)[6:]
+    assert torch.allclose(swav_codes(scores, net, swav.tc), expected)
+    assert not torch.allclose(expected, sinkhorn(scores, 0.05, 3))                      # the queue changes them
+    batch = swav.load("train", np.arange(4))
+    draw = AugmentDraw(torch.Generator().manual_seed(1), 4, slice(0, 4))
+    swav.loss(net, batch, draw)
+    keys, ids = queue.ordered()
+    assert ids[-8:].tolist() == batch["row"].tolist() * 2                              # view 1, then view 2
+    assert torch.allclose(keys[-8:].norm(dim=1), torch.ones(8), atol=1e-5)

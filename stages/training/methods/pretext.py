@@ -20,7 +20,10 @@ ResNet-18: stages/nets/encoders.py) and a small head; the backbone is what the t
   z (unit length) scored against K prototypes c_k (unit length), codes Q = Sinkhorn(Z^T C / epsilon) under the
   constraint that the K prototypes share the batch equally, and the swapped prediction
   L = -1/2 sum_n [q_n^(2) . log softmax(z_n^(1) C / tau) + q_n^(1) . log softmax(z_n^(2) C / tau)] / n.
-  The codes are computed over the global batch (gathered from every process); in evaluation they are each sample's
+  The codes are computed over the global batch (gathered from every process) and, with ``queue_size`` > 0 (SwAV's
+  queue for small batches), the queue's past projections scored against the current prototypes (the queue's codes
+  are dropped: they only widen the equal partition); each step's projections then enter the queue. In evaluation
+  they are each sample's
   softmax(z C / epsilon), the codes without the batch's equal-partition constraint, so that validation figures (and
   the plateau rule, the epoch handed on, a learning-rate search) do not depend on how the samples are batched.
 
@@ -50,6 +53,7 @@ from torch import nn
 
 from stages.core import seeds
 from stages.nets.encoders import build_encoder
+from stages.nets.momentum import KeyQueue
 from stages.nets.siamese import BACKBONES, EncoderSpec
 from stages.training.config import PretrainConfig
 from stages.training.infonce import gather_keys
@@ -106,9 +110,12 @@ class SwavConfig(TaskConfig):
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
+    queue_size: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
         if min(self.prototypes, self.projection_dim, self.sinkhorn_iterations) < 1:
             raise ValueError(f"prototypes, projection_dim and sinkhorn_iterations must be >= 1, got {self}")
         if not (self.temperature > 0 and self.epsilon > 0):
@@ -202,6 +209,17 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     return (q * b).T
 
 
+@torch.no_grad()
+def swav_codes(scores: torch.Tensor, net: nn.Module, tc: SwavConfig) -> torch.Tensor:
+    """The batch's codes ``(B, K)``: Sinkhorn over its ``scores`` and, with a queue, the queue's filled entries'
+    scores against the current prototypes, placed before them (SwAV's small-batch queue); the batch's rows."""
+    queue = getattr(net, "queue", None)
+    if queue is None:
+        return sinkhorn(scores, tc.epsilon, tc.sinkhorn_iterations)
+    past = queue.keys[queue.ids >= 0].to(scores.dtype) @ net.prototypes.weight.detach().to(scores.dtype).T
+    return sinkhorn(torch.cat([past, scores]), tc.epsilon, tc.sinkhorn_iterations)[len(past):]
+
+
 def swapped_prediction(z1: torch.Tensor, z2: torch.Tensor, prototypes: torch.Tensor, q1: torch.Tensor,
                        q2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SwAV's loss: -1/2 mean_n [q2_n . log softmax(z1_n C / tau) + q1_n . log softmax(z2_n C / tau)]."""
@@ -252,11 +270,13 @@ class SwavNet(nn.Module):
     """The backbone, a projection MLP to unit-length ``z`` and the prototypes (a bias-free linear layer whose rows are
     kept at unit length)."""
 
-    def __init__(self, spec: EncoderSpec, hidden: int, projection_dim: int, prototypes: int):
+    def __init__(self, spec: EncoderSpec, hidden: int, projection_dim: int, prototypes: int, queue_size: int = 0):
         super().__init__()
         self.encoder = build_encoder(spec)
         self.head = mlp(spec.embedding_dim, hidden, projection_dim)
         self.prototypes = nn.Linear(projection_dim, prototypes, bias=False)
+        # SwAV's queue for small batches: past projections that join each step's Sinkhorn assignment (not its loss)
+        self.queue = KeyQueue(queue_size, projection_dim) if queue_size else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-length projections ``(n, d)`` and their scores against the prototypes ``(n, K)``."""
@@ -513,7 +533,7 @@ class SwavMethod(PretextMethod):
     @classmethod
     def network(cls, spec: EncoderSpec, tc: TaskConfig) -> nn.Module:
         assert isinstance(tc, SwavConfig)
-        return SwavNet(spec, tc.hidden_dim, tc.projection_dim, tc.prototypes)
+        return SwavNet(spec, tc.hidden_dim, tc.projection_dim, tc.prototypes, tc.queue_size)
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor],
              draw: AugmentDraw | None) -> tuple[torch.Tensor, int, int]:
@@ -523,12 +543,15 @@ class SwavMethod(PretextMethod):
         z, scores = model(torch.cat([a, b]))
         z1, z2 = z.split(n)
         s1, s2 = scores.split(n)
-        if draw is not None:    # training: Sinkhorn over the global batch, this process's rows
-            q1, q2 = (sinkhorn(gather_keys(s), self.tc.epsilon, self.tc.sinkhorn_iterations)[draw.mine]
-                      for s in (s1, s2))
+        net = unwrap(model)
+        if draw is not None:    # training: Sinkhorn over the global batch (and the queue), this process's rows
+            q1, q2 = (swav_codes(gather_keys(s), net, self.tc)[draw.mine] for s in (s1, s2))
+            if net.queue is not None:   # after the codes: this step's projections, view 1 then view 2
+                rows = gather_keys(batch["row"])
+                net.queue.enqueue(torch.cat([gather_keys(z1), gather_keys(z2)]).float(), torch.cat([rows, rows]))
         else:                   # evaluation: each sample's own codes, whatever batch it falls in
             q1, q2 = (F.softmax(s.detach().float() / self.tc.epsilon, dim=1) for s in (s1, s2))
-        weights = unwrap(model).prototypes.weight
+        weights = net.prototypes.weight
         loss = swapped_prediction(z1, z2, weights, q1, q2, self.tc.temperature)
         same = int((s1.argmax(1) == s2.argmax(1)).sum())
         return loss, same, n
