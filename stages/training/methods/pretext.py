@@ -17,14 +17,14 @@ ResNet-18: stages/nets/encoders.py) and a small head; the backbone is what the t
   each batch by the Sinkhorn-Knopp algorithm, with no memory bank of features and labels to keep in step with the
   weights, so a run resumes and splits over processes exactly; and its equal-partition constraint is testable in
   closed form): two views of each volume (the ``pretrain`` section's augmentation, as moco's), their projections
-  z (unit length) scored against K prototypes c_k (unit length), codes Q = Sinkhorn(Z^T C / epsilon) under the
+  z (unit length; SwAV's projection head Linear-BatchNorm-ReLU-Linear: the batch normalisation spreads the random
+  backbone's nearly identical embeddings, without which the demo's SwAV collapsed onto one prototype) scored against K prototypes c_k (unit length), codes Q = Sinkhorn(Z^T C / epsilon) under the
   constraint that the K prototypes share the batch equally, and the swapped prediction
   L = -1/2 sum_n [q_n^(2) . log softmax(z_n^(1) C / tau) + q_n^(1) . log softmax(z_n^(2) C / tau)] / n.
   The codes are computed over the global batch (gathered from every process) and, with ``queue_size`` > 0 (SwAV's
   queue for small batches), the queue's past projections scored against the current prototypes (the queue's codes
   are dropped: they only widen the equal partition); each step's projections then enter the queue. In evaluation
-  they are each sample's
-  softmax(z C / epsilon), the codes without the batch's equal-partition constraint, so that validation figures (and
+  they are each sample's softmax(z C / epsilon), the codes without the batch's equal-partition constraint, so that validation figures (and
   the plateau rule, the epoch handed on, a learning-rate search) do not depend on how the samples are batched.
 
 Settings: each task's config section (the backbone, SGD's learning rate and weight decay, the batch, the epochs, the
@@ -53,7 +53,7 @@ from torch import nn
 
 from stages.core import seeds
 from stages.nets.encoders import build_encoder
-from stages.nets.momentum import KeyQueue
+from stages.nets.momentum import KeyQueue, ProjectionMLP
 from stages.nets.siamese import BACKBONES, EncoderSpec
 from stages.training.config import PretrainConfig
 from stages.training.infonce import gather_keys
@@ -273,7 +273,7 @@ class SwavNet(nn.Module):
     def __init__(self, spec: EncoderSpec, hidden: int, projection_dim: int, prototypes: int, queue_size: int = 0):
         super().__init__()
         self.encoder = build_encoder(spec)
-        self.head = mlp(spec.embedding_dim, hidden, projection_dim)
+        self.head = ProjectionMLP(spec.embedding_dim, hidden, projection_dim, batch_norm=True)
         self.prototypes = nn.Linear(projection_dim, prototypes, bias=False)
         # SwAV's queue for small batches: past projections that join each step's Sinkhorn assignment (not its loss)
         self.queue = KeyQueue(queue_size, projection_dim) if queue_size else None
