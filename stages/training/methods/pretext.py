@@ -15,7 +15,7 @@ ResNet-18: stages/nets/encoders.py) and a small head; the backbone is what the t
   neighbour's embeddings and classifies the neighbour's position (8 ways), for all 8 neighbours of every volume.
 - ``swav`` (Caron et al. 2020), the clustering task (SwAV rather than ODC: its cluster assignments are computed within
   each batch by the Sinkhorn-Knopp algorithm, with no memory bank of features and labels to keep in step with the
-  weights, so a run resumes and splits over processes exactly; and its equal-partition constraint is testable in
+  weights, so a run resumes exactly; and its equal-partition constraint is testable in
   closed form): two views of each volume (the ``pretrain`` section's augmentation, as moco's), their projections
   z (unit length; SwAV's projection head Linear-BatchNorm-ReLU-Linear: the batch normalisation spreads the random
   backbone's nearly identical embeddings, without which the demo's SwAV collapsed onto one prototype) scored against K prototypes c_k (unit length), codes Q = Sinkhorn(Z^T C / epsilon) under the
