@@ -1077,6 +1077,98 @@ def normative_figure(deviations: dict[str, pd.DataFrame], summaries: dict[str, d
     return save(fig, out)
 
 
+# --- Population: subgroups and associations -------------------------------------------------------------------
+
+def _q_heatmap(ax: plt.Axes, tests: pd.DataFrame, rows: pd.Series, columns: pd.Series, fdr: float, title: str) -> None:
+    """-log10 q of ``tests`` on a grid (``rows`` x ``columns`` labels per test), each cell's effect written in it, a
+    box around those at q <= ``fdr``."""
+    if tests.empty:
+        _empty(ax, f"{title}: no tests")
+        return
+    row_names, col_names = list(dict.fromkeys(rows)), list(dict.fromkeys(columns))
+    grid = np.full((len(row_names), len(col_names)), np.nan)
+    for (_, test), r, c in zip(tests.iterrows(), rows, columns):
+        i, j = row_names.index(r), col_names.index(c)
+        grid[i, j] = -np.log10(max(test.q, 1e-12)) if np.isfinite(test.q) else np.nan
+        ax.text(j, i, f"{test.effect:.2f}" if np.isfinite(test.effect) else "", ha="center", va="center", fontsize=6)
+        if np.isfinite(test.q) and test.q <= fdr:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.2))
+    image = ax.imshow(grid, cmap="Oranges", vmin=0, vmax=max(2.0, float(np.nanmax(grid)) if np.isfinite(grid).any()
+                                                                  else 2.0), aspect="auto")
+    ax.set_xticks(range(len(col_names)), col_names, fontsize=7)
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=6)
+    ax.set_title(title, fontsize=9)
+    plt.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="-log10 q")
+
+
+def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[str, Any]],
+                      out: FigureFiles) -> list[Path]:
+    """One row per frozen encoder: BIC per number of subgroups (the choice and its bootstrap stability), the groups'
+    enrichment and the components' associations (-log10 q, effects written in, boxes at q <= fdr), the scanner
+    confound (balanced accuracy against chance) and longitudinal change (embedding against grade, per year)."""
+    encoders = list(tests)
+    fig, axes = plt.subplots(len(encoders), 5, figsize=(24, 4.2 * len(encoders)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.3, 1.3, 0.8, 1]})
+    for row, encoder in zip(axes, encoders):
+        summary, table = summaries[encoder], tests[encoder]
+        if "groups" not in summary:
+            _empty(row[0], f"{encoder}: no population analysis: {summary.get('skipped', 'no summary')}")
+            for ax in row[1:]:
+                ax.axis("off")
+            continue
+        bic_ax, enrich_ax, assoc_ax, scanner_ax, change_ax = row
+        ks = [int(k) for k in summary["bic"]]
+        bic_ax.plot(ks, list(summary["bic"].values()), "o-", color=colour(encoder, encoders))
+        bic_ax.axvline(summary["groups"], color="black", ls=":", lw=1)
+        stable = summary["stability"]
+        ari = "n/a" if stable["replicates"] == 0 else _with_ci({"value": stable["mean"], "ci": stable["ci"]})
+        bic_ax.set_title(f"{encoder}: {summary['groups']} group(s) by BIC ({summary['subjects']} subjects)\n"
+                         f"bootstrap ARI {ari}", fontsize=9)
+        bic_ax.set_xlabel("groups in the Gaussian mixture")
+        bic_ax.set_ylabel("BIC (lower is better)")
+        fdr = summary["fdr"]
+        enriched = table[table.analysis == "enrichment"]
+        category = enriched.category.fillna("")
+        _q_heatmap(enrich_ax, enriched, enriched.covariate + np.where(category != "", ": " + category, ""),
+                   "group " + enriched.group.astype("Int64").astype(str), fdr,
+                   f"enrichment (odds ratio / median difference); boxed: q <= {fdr:g}")
+        associated = table[table.analysis == "association"]
+        _q_heatmap(assoc_ax, associated, associated.covariate,
+                   "PC" + associated.component.astype("Int64").astype(str), fdr,
+                   "components against covariates (Pearson r / eta squared)")
+        names, values, chance, labels = [], [], [], []
+        for name, result in summary["scanner_confound"].items():
+            if "balanced_accuracy" in result:
+                names.append(name.replace("_", " "))
+                values.append(result["balanced_accuracy"])
+                chance.append(result["chance"])
+                labels.append(f"p {result['p']:.3f}")
+        if names:
+            bars = scanner_ax.bar(names, values, color=colour(encoder, encoders))
+            for bar, c, text in zip(bars, chance, labels):
+                scanner_ax.hlines(c, bar.get_x(), bar.get_x() + bar.get_width(), color="black", ls="--", lw=1)
+                scanner_ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, text, ha="center",
+                                fontsize=7)
+            scanner_ax.set_ylim(0, 1.1)
+            scanner_ax.set_ylabel("balanced accuracy (cross-validated)")
+            scanner_ax.set_title("scanner confound: read from the embedding\n(dashed: chance)", fontsize=9)
+        else:
+            _empty(scanner_ax, "scanner confound: one scanner class")
+        change = summary["longitudinal"]
+        if "spearman" in change:
+            points = pd.DataFrame(summary["longitudinal_points"])
+            change_ax.scatter(points.grade_per_year, points.embedding_per_year, s=12,
+                              color=colour(encoder, encoders))
+            change_ax.set_xlabel("mean disc grade change per year")
+            change_ax.set_ylabel("embedding distance moved per year")
+            change_ax.set_title(f"longitudinal: {change['subjects']} subjects, rho {_with_ci(change['spearman'])}",
+                                fontsize=9)
+        else:
+            _empty(change_ax, f"longitudinal: {change['skipped']}")
+    fig.tight_layout()
+    return save(fig, out)
+
+
 def _with_ci(figure: dict[str, Any]) -> str:
     value, (low, high) = figure["value"], figure["ci"]
     if value is None or np.isnan(value):
@@ -1171,6 +1263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report/normative/{encoder}.parquet, one per encoder (named by the file).")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="report/normative/{encoder}.json, one per encoder in the same order.")
+    p = add("population", "Subgroups, associations, the scanner confound and longitudinal change, per encoder.")
+    p.add_argument("--tests", type=cli.existing_file, nargs="+", required=True,
+                   help="report/population/{encoder}_tests.csv, one per encoder (named by the file).")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="report/population/{encoder}.json, one per encoder in the same order.")
     p = add("pairs", "Siamese pair explanations.")
     p.add_argument("--pairs", type=cli.existing_file, required=True, help="report/gradcam/{method}/pairs.npz.")
     p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
@@ -1261,6 +1358,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(args.summaries)})")
         normative_figure({p.stem: pd.read_parquet(p) for p in args.deviations},
                          {p.stem: json.loads(q.read_text()) for p, q in zip(args.deviations, args.summaries)}, figure)
+    elif args.figure == "population":
+        if len(args.tests) != len(args.summaries):
+            parser.error(f"give one --summaries file per --tests file ({len(args.tests)} and {len(args.summaries)})")
+        population_figure({p.stem.removesuffix("_tests"): pd.read_csv(p, keep_default_na=True) for p in args.tests},
+                          {p.stem.removesuffix("_tests"): json.loads(q.read_text())
+                           for p, q in zip(args.tests, args.summaries)}, figure)
     elif args.figure == "pairs":
         pairs_figure(dict(np.load(args.pairs)), np.load(args.vertebrae, mmap_mode="r"), figure)
     return 0

@@ -266,6 +266,59 @@ use rule figure_pretext as figure_normative with:
         options="",
 
 
+rule population:
+    input:
+        code=code("population"),
+        pooled=rules.disc_features.output.pooled,
+        volumes=rules.splits.output.volumes,
+        manifest=rules.ingest.output.manifest,
+    output:
+        subjects=out("report", "population", "{encoder}.parquet"),
+        subjects_csv=out("report", "population", "{encoder}.csv"),
+        tests=out("report", "population", "{encoder}_tests.csv"),
+        summary=out("report", "population", "{encoder}.json"),
+    log:
+        logs("report", "population_{encoder}"),
+    benchmark:
+        bench("report", "population_{encoder}")
+    wildcard_constraints:
+        encoder="|".join(DISC_ENCODERS),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        options=stage_options("population"),
+    shell:
+        "python -m stages.population --pooled {input.pooled} --volumes {input.volumes} --manifest {input.manifest} "
+        "{params.options} --out-subjects {output.subjects} --out-tests {output.tests} "
+        "--out-summary {output.summary} > {log} 2>&1"
+
+
+use rule figure_pretext as figure_population with:
+    input:
+        code=code("figures"),
+        tests=expand(rules.population.output.tests, encoder=DISC_ENCODERS),
+        summaries=expand(rules.population.output.summary, encoder=DISC_ENCODERS),
+    output:
+        png=in_report(
+            fig("population"),
+            "population",
+            "6. Representations",
+            "subgroups, associations with covariates, the scanner confound and longitudinal change",
+        ),
+        pdf=fig("population", "pdf"),
+    log:
+        logs("report", "figure_population"),
+    benchmark:
+        bench("report", "figure_population")
+    params:
+        figure="population",
+        options="",
+
+
 use rule figure_pretext as figure_training with:
     input:
         code=code("figures"),

@@ -160,6 +160,7 @@ def report_targets():
     figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
     figures += ["embeddings"] if REPORTS["embeddings"] and BODY_ENCODERS else []
     figures += ["normative"] if "grade" in PROBES["tasks"] and DISC_ENCODERS else []
+    figures += ["population"] if DISC_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
     figures += [f"pairs_{m}" for m in PAIR_METHODS]
     tables = ["figure_of_merit", "configuration"]

@@ -15,17 +15,18 @@ ResNet-18: stages/nets/encoders.py) and a small head; the backbone is what the t
   neighbour's embeddings and classifies the neighbour's position (8 ways), for all 8 neighbours of every volume.
 - ``swav`` (Caron et al. 2020), the clustering task (SwAV rather than ODC: its cluster assignments are computed within
   each batch by the Sinkhorn-Knopp algorithm, with no memory bank of features and labels to keep in step with the
-  weights, so a run resumes exactly; and its equal-partition constraint is testable in
-  closed form): two views of each volume (the ``pretrain`` section's augmentation, as moco's), their projections
-  z (unit length; SwAV's projection head Linear-BatchNorm-ReLU-Linear: the batch normalisation spreads the random
-  backbone's nearly identical embeddings, without which the demo's SwAV collapsed onto one prototype) scored against K prototypes c_k (unit length), codes Q = Sinkhorn(Z^T C / epsilon) under the
-  constraint that the K prototypes share the batch equally, and the swapped prediction
-  L = -1/2 sum_n [q_n^(2) . log softmax(z_n^(1) C / tau) + q_n^(1) . log softmax(z_n^(2) C / tau)] / n.
-  The codes are computed over the global batch (gathered from every process) and, with ``queue_size`` > 0 (SwAV's
-  queue for small batches), the queue's past projections scored against the current prototypes (the queue's codes
-  are dropped: they only widen the equal partition); each step's projections then enter the queue. In evaluation
-  they are each sample's softmax(z C / epsilon), the codes without the batch's equal-partition constraint, so that validation figures (and
-  the plateau rule, the epoch handed on, a learning-rate search) do not depend on how the samples are batched.
+  weights, so a run resumes exactly; and its equal-partition constraint is testable in closed form): two views of each
+  volume (the ``pretrain`` section's augmentation, as moco's), their projections z (unit length; SwAV's projection
+  head Linear-BatchNorm-ReLU-Linear: the batch normalisation spreads the random backbone's nearly identical
+  embeddings, without which the demo's SwAV collapsed onto one prototype) scored against K prototypes c_k (unit
+  length), codes Q = Sinkhorn(Z^T C / epsilon) under the constraint that the K prototypes share the batch equally, and
+  the swapped prediction L = -1/2 sum_n [q_n^(2) . log softmax(z_n^(1) C / tau) + q_n^(1) . log softmax(z_n^(2) C /
+  tau)] / n. The codes are computed over the global batch (gathered from every process) and, with ``queue_size`` > 0
+  (SwAV's queue for small batches), the queue's past projections scored against the current prototypes (the queue's
+  codes are dropped: they only widen the equal partition); each step's projections then enter the queue. In evaluation
+  they are each sample's softmax(z C / epsilon), the codes without the batch's equal-partition constraint, so that
+  validation figures (and the plateau rule, the epoch handed on, a learning-rate search) do not depend on how the
+  samples are batched.
 
 Settings: each task's config section (the backbone, SGD's learning rate and weight decay, the batch, the epochs, the
 head's hidden units, and the task's own keys); of the ``pretrain`` section the backbone's size, SGD's momentum, the
