@@ -50,6 +50,7 @@ import pandas as pd  # noqa: E402
 
 from stages.core import cli  # noqa: E402
 from stages.core.levels import DISCS, VERTEBRAE  # noqa: E402
+from stages.evaluation import benchmark as bm  # noqa: E402
 from stages.evaluation.metrics import roc_auc, roc_curve  # noqa: E402
 from stages.evaluation.probe_data import TASKS, run_of  # noqa: E402
 
@@ -1077,6 +1078,74 @@ def normative_figure(deviations: dict[str, pd.DataFrame], summaries: dict[str, d
     return save(fig, out)
 
 
+# --- Benchmark of every model -----------------------------------------------------------------------------------
+
+def benchmark_cells(summary: pd.DataFrame, segmentation: list[pd.DataFrame]) -> pd.DataFrame:
+    """Every ranked cell: the probes' headline metrics and segmentation's Dice (stages/evaluation/benchmark.py)."""
+    cells = [bm.headline_cells(summary)] + [bm.segmentation_cells(s) for s in segmentation]
+    return bm.rank_cells(pd.concat([c for c in cells if not c.empty], ignore_index=True))
+
+
+def benchmark_table(ranked: pd.DataFrame, costs: pd.DataFrame, out: TableFiles) -> list[Path]:
+    """Every model and head, best mean rank first: the rank, each task's headline at its largest label fraction with
+    its interval, the pretraining cost."""
+    board = bm.leaderboard(ranked, costs)
+    tasks = list(dict.fromkeys(ranked.task))
+    rows = []
+    for i, entry in board.iterrows():
+        row = {"rank": i + 1, "model": entry.model, "head": entry["head"],
+               "mean rank position (cells)": f"{entry.mean_position:.2f} ({entry.cells})"}
+        for task in tasks:
+            cell = entry.get(task)
+            row[task] = ("" if not isinstance(cell, tuple) else
+                         f"{cell[0]:.3f} [{cell[1]:.3f}, {cell[2]:.3f}] at {cell[3]:.0%}")
+        row["pretraining wall h"] = "" if pd.isna(entry.wall_hours) else f"{entry.wall_hours:.3f}"
+        row["pretraining CPU h"] = "" if pd.isna(entry.cpu_hours) else f"{entry.cpu_hours:.3f}"
+        rows.append(row)
+    frame = pd.DataFrame(rows) if rows else pd.DataFrame({"note": ["no downstream results"]})
+    headlines = ", ".join(f"{t}: {TASKS[t].headline.replace('_', ' ')}" for t in tasks if t in TASKS)
+    return write_table(
+        frame, out, "Benchmark of every model on every downstream task",
+        f"Headline metrics ({headlines}; segmentation: Dice) at the largest label fraction, mean over seeds with the "
+        "95% bootstrap interval over test subjects. Every model with its head is ranked within each cell (task or "
+        "structure, and label fraction; ties share the mean rank) and scored by its rank position there, (rank - 1) "
+        "/ (entries - 1): 0 best, 1 worst; the table orders them by the mean over their cells. Pretraining: "
+        "wall-clock and CPU hours of the jobs that trained the model (a curriculum's steps and learning-rate "
+        "searches summed), from Snakemake's benchmark files; empty for models not pretrained here.")
+
+
+def benchmark_figure(ranked: pd.DataFrame, costs: pd.DataFrame, out: FigureFiles) -> list[Path]:
+    """Every model with its head (best mean rank position first) against every cell (task and label fraction),
+    coloured by rank position, the headline metric written in; below, the pretraining CPU hours."""
+    board = bm.leaderboard(ranked, costs)
+    entries = list(zip(board.model, board["head"]))
+    columns = sorted(dict.fromkeys(zip(ranked.task, ranked.fraction)), key=lambda c: (c[0].startswith("seg"), c))
+    fig, (ax, cost_ax) = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(columns) + 4), 0.3 * len(entries) + 5),
+                                      gridspec_kw={"height_ratios": [max(3, len(entries)), 6]})
+    grid = np.full((len(entries), len(columns)), np.nan)
+    for _, c in ranked.iterrows():
+        i, j = entries.index((c.model, c["head"])), columns.index((c.task, c.fraction))
+        grid[i, j] = c.position
+        ax.text(j, i, f"{c['mean']:.2f}" if np.isfinite(c["mean"]) else "", ha="center", va="center", fontsize=6,
+                color="white" if c.position > 0.6 else "black")
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), [f"{t.replace('segmentation: ', 'seg. ')}\n{f:.0%}" for t, f in columns],
+                  fontsize=6)
+    ax.set_yticks(range(len(entries)), [f"{m} ({h})" for m, h in entries], fontsize=7)
+    ax.set_title("every model and head on every downstream task and label fraction, best mean rank position first\n"
+                 "(colour: rank position in the cell, 0 = best, 1 = worst; number: the headline metric)", fontsize=9)
+    plt.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="rank position")
+    paid = costs.dropna(subset=["cpu_hours"]).sort_values("cpu_hours") if not costs.empty else costs
+    if paid.empty:
+        _empty(cost_ax, "no pretraining cost: no benchmark files")
+    else:
+        cost_ax.barh(paid.model, paid.cpu_hours, color=[colour(m, list(paid.model)) for m in paid.model])
+        cost_ax.set_xlabel("pretraining CPU hours (Snakemake benchmark files)")
+        cost_ax.set_title("pretraining cost", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out)
+
+
 # --- Population: subgroups and associations -------------------------------------------------------------------
 
 def _q_heatmap(ax: plt.Axes, tests: pd.DataFrame, rows: pd.Series, columns: pd.Series, fdr: float, title: str) -> None:
@@ -1263,6 +1332,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report/normative/{encoder}.parquet, one per encoder (named by the file).")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="report/normative/{encoder}.json, one per encoder in the same order.")
+    for name, kind in (("benchmark-table", "table"), ("benchmark", "figure")):
+        p = add(name, "Every model on every downstream task, ranked, with the pretraining cost.", kind)
+        p.add_argument("--summary", type=cli.existing_file, required=True, help="probes/summary.parquet.")
+        p.add_argument("--segmentation", type=cli.existing_file, nargs="*", default=[],
+                       help="segmentation/{model}/summary.parquet, one per model (where segmentation ran).")
+        p.add_argument("--costs", type=cli.existing_file, nargs="*", default=[],
+                       help="benchmarks/pretrain/*.tsv of the pretraining jobs (Snakemake benchmark files).")
+        p.add_argument("--cost-models", nargs="*", default=[],
+                       help="The model each --costs file belongs to, in the same order (a curriculum's steps repeat "
+                            "its name).")
     p = add("population", "Subgroups, associations, the scanner confound and longitudinal change, per encoder.")
     p.add_argument("--tests", type=cli.existing_file, nargs="+", required=True,
                    help="report/population/{encoder}_tests.csv, one per encoder (named by the file).")
@@ -1358,6 +1437,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"{len(args.summaries)})")
         normative_figure({p.stem: pd.read_parquet(p) for p in args.deviations},
                          {p.stem: json.loads(q.read_text()) for p, q in zip(args.deviations, args.summaries)}, figure)
+    elif args.figure in ("benchmark", "benchmark-table"):
+        if len(args.costs) != len(args.cost_models):
+            parser.error(f"give one --cost-models name per --costs file ({len(args.cost_models)} and "
+                         f"{len(args.costs)})")
+        files: dict[str, list[Path]] = {}
+        for model, path in zip(args.cost_models, args.costs):
+            files.setdefault(model, []).append(path)
+        ranked = benchmark_cells(pd.read_parquet(args.summary), [pd.read_parquet(p) for p in args.segmentation])
+        costs = bm.pretraining_costs(files)
+        if args.figure == "benchmark":
+            benchmark_figure(ranked, costs, figure)
+        else:
+            benchmark_table(ranked, costs, table)
     elif args.figure == "population":
         if len(args.tests) != len(args.summaries):
             parser.error(f"give one --summaries file per --tests file ({len(args.tests)} and {len(args.summaries)})")

@@ -89,6 +89,37 @@ use rule figure_pretext as table_figure_of_merit with:
         options="",
 
 
+use rule figure_pretext as table_benchmark with:
+    input:
+        code=code("figures"),
+        summary=rules.probe_summary.output.summary,
+        segmentation=SEGMENTATION_SUMMARIES,
+        costs=[path for _, path in PRETRAINING_COSTS],
+    output:
+        html=in_report(table("benchmark"), "benchmark", "4. Label efficiency", "benchmark of every model (table)"),
+        csv=table("benchmark", "csv"),
+    log:
+        logs("report", "table_benchmark"),
+    benchmark:
+        bench("report", "table_benchmark")
+    params:
+        figure="benchmark-table",
+        options=" ".join(["--cost-models"] + [model for model, _ in PRETRAINING_COSTS]),
+
+
+use rule table_benchmark as figure_benchmark with:
+    output:
+        png=in_report(fig("benchmark"), "benchmark", "4. Label efficiency", "benchmark of every model"),
+        pdf=fig("benchmark", "pdf"),
+    log:
+        logs("report", "figure_benchmark"),
+    benchmark:
+        bench("report", "figure_benchmark")
+    params:
+        figure="benchmark",
+        options=" ".join(["--cost-models"] + [model for model, _ in PRETRAINING_COSTS]),
+
+
 use rule figure_pretext as figure_roc with:
     input:
         code=code("figures"),

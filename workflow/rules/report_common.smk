@@ -152,6 +152,14 @@ def results_config():
     return json.dumps(kept, sort_keys=True)
 
 
+# The benchmark of every model: each pretraining job's benchmark file, named by the model it trained (a curriculum's
+# steps repeat its name), and every segmentation summary where segmentation runs.
+PRETRAINING_COSTS = [(m, bench("pretrain", m)) for m in config["pretrain"]["methods"]] + [
+    (c, bench("pretrain", f"{c}_step{i}")) for c, n in CURRICULUM_STEPS.items() for i in range(1, n + 1)
+]
+SEGMENTATION_SUMMARIES = [out("segmentation", m, "summary.parquet") for m in SEGMENT_MODELS]
+
+
 def report_targets():
     """Every figure and table of the report (those whose task was run)."""
     figures = ["label_efficiency", "training_curves"]
@@ -163,7 +171,8 @@ def report_targets():
     figures += ["population"] if DISC_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
     figures += [f"pairs_{m}" for m in PAIR_METHODS]
-    tables = ["figure_of_merit", "configuration"]
+    figures += ["benchmark"]
+    tables = ["figure_of_merit", "configuration", "benchmark"]
     tables += ["herniation_metrics"] if "herniation" in PROBES["tasks"] else []
     tables += ["mlsscl_ablation"] if REGIONS_IN_USE else []
     tables += ["curricula"] if CURRICULUM_STEPS else []
