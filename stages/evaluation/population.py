@@ -4,11 +4,11 @@ Subject embeddings: each disc's features centred on its level's mean (the level 
 averaged over the discs of a scan, standardised and reduced by PCA (fitted on the subjects' baseline scans) to
 ``components`` dimensions; a subject is its baseline (first) scan.
 
-- **Subgroups**: a Gaussian mixture (``covariance``, ``n_init`` starts) for each number of groups 1..``max_groups``,
-  the number chosen by the Bayesian information criterion, BIC = -2 ln L + p ln n (lowest wins, scikit-learn's
-  ``GaussianMixture.bic``). Stability: ``bootstrap`` resamplings of the subjects with replacement, the mixture with the
-  chosen number refitted on each and every subject assigned by it, against the full-data groups by the adjusted Rand
-  index (1: the same partition, about 0: chance agreement).
+- **Subgroups**: a Gaussian mixture (``covariance``, ``n_init`` starts) for each number of groups 1..``max_groups``
+  (at most one per 5 subjects), the number chosen by the Bayesian information criterion, BIC = -2 ln L + p ln n
+  (lowest wins, scikit-learn's ``GaussianMixture.bic``). Stability: ``bootstrap`` resamplings of the subjects with
+  replacement, the mixture with the chosen number refitted on each and every subject assigned by it, against the
+  full-data groups by the adjusted Rand index (1: the same partition, about 0: chance agreement).
 - **Enrichment**: each group against the rest, for each covariate: a categorical one (sex, vendor, field strength,
   herniation) per category by Fisher's exact test on the 2 x 2 table (in the group or not, in the category or not),
   with its odds ratio (a covariate of two categories is tested once, for its second category; of one, not at all); a
@@ -40,6 +40,7 @@ from stages.evaluation.metrics import bootstrap_interval
 CATEGORICAL = ("sex", "vendor", "field_strength", "herniation")
 CONTINUOUS = ("age_years", "mean_grade")
 SCANNER = ("field_strength", "vendor")
+SUBJECTS_PER_GROUP = 5   # the mixture tries at most one group per this many subjects
 
 
 @dataclass
@@ -88,14 +89,17 @@ def embed(x: np.ndarray, scans: pd.DataFrame, components: int) -> Embedding:
 def fit_mixture(z: np.ndarray, groups: int, covariance: str, seed: int, n_init: int = 5):
     from sklearn.mixture import GaussianMixture
 
+    # the covariance floor relative to the data's spread: a group of two or three subjects cannot shrink to a point
+    # and buy a likelihood (and a BIC) out of nothing
+    floor = 1e-3 * float(np.mean(np.var(z, axis=0))) or 1e-6
     return GaussianMixture(groups, covariance_type=covariance, n_init=n_init, random_state=seed,
-                           reg_covar=1e-4).fit(z)
+                           reg_covar=floor).fit(z)
 
 
 def choose_groups(z: np.ndarray, max_groups: int, covariance: str, seed: int) -> tuple[int, list[float], np.ndarray]:
-    """The number of groups with the lowest BIC among 1..``max_groups`` (fewer when the subjects are few: at least 2
-    per group), each BIC, and the chosen mixture's groups."""
-    top = max(1, min(max_groups, len(z) // 2))
+    """The number of groups with the lowest BIC among 1..``max_groups`` (fewer when the subjects are few: at most one
+    group per :data:`SUBJECTS_PER_GROUP` subjects), each BIC, and the chosen mixture's groups."""
+    top = max(1, min(max_groups, len(z) // SUBJECTS_PER_GROUP))
     models = [fit_mixture(z, k, covariance, seed) for k in range(1, top + 1)]
     bic = [float(m.bic(z)) for m in models]
     best = int(np.argmin(bic))
