@@ -79,8 +79,10 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
 
 
 REPORT_FIGURES = ["pretext", "label_efficiency", "label_curves_herniation", "roc_herniation", "confusion_grade",
-                  "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese", "segmentation"]
-REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "segmentation", "configuration"]
+                  "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese", "segmentation",
+                  "benchmark", "population"]
+REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "segmentation", "configuration",
+                 "benchmark"]
 CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine MRI",
                    "pretext.rst": "Jamaludin et al. 2017, Fig. 6", "label_efficiency.rst": "50 replicates",
                    "label_curves.rst": "Herniation against the number of labels",
@@ -92,7 +94,9 @@ CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine 
                    "attention.rst": "Attention inside the disc", "pairs.rst": "Grad-CAM of minus the L2 distance",
                    "configuration.rst": "The configuration of this run as validated",
                    "segmentation.rst": "DSC of the vertebrae and of the discs",
-                   "segmentation_table.rst": "in the layout of Cao et al. 2022, Table 2"}
+                   "segmentation_table.rst": "in the layout of Cao et al. 2022, Table 2",
+                   "benchmark.rst": "Every model on every downstream task the run has",
+                   "population.rst": "Subgroups and associations in each frozen 3D encoder"}
 
 
 @pytest.mark.slow
