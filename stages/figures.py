@@ -1082,13 +1082,16 @@ def normative_figure(deviations: dict[str, pd.DataFrame], summaries: dict[str, d
 
 def benchmark_cells(summary: pd.DataFrame, segmentation: list[pd.DataFrame]) -> pd.DataFrame:
     """Every ranked cell: the probes' headline metrics and segmentation's Dice (stages/evaluation/benchmark.py)."""
-    cells = [bm.headline_cells(summary)] + [bm.segmentation_cells(s) for s in segmentation]
-    return bm.rank_cells(pd.concat([c for c in cells if not c.empty], ignore_index=True))
+    cells = [c for c in [bm.headline_cells(summary)] + [bm.segmentation_cells(s) for s in segmentation] if not c.empty]
+    return bm.rank_cells(pd.concat(cells, ignore_index=True) if cells else bm.headline_cells(summary))
 
 
 def benchmark_table(ranked: pd.DataFrame, costs: pd.DataFrame, out: TableFiles) -> list[Path]:
     """Every model and head, best mean rank first: the rank, each task's headline at its largest label fraction with
     its interval, the pretraining cost."""
+    if ranked.empty:
+        return write_table(pd.DataFrame({"note": ["no downstream results"]}), out,
+                           "Benchmark of every model on every downstream task")
     board = bm.leaderboard(ranked, costs)
     tasks = list(dict.fromkeys(ranked.task))
     rows = []
@@ -1117,6 +1120,10 @@ def benchmark_table(ranked: pd.DataFrame, costs: pd.DataFrame, out: TableFiles) 
 def benchmark_figure(ranked: pd.DataFrame, costs: pd.DataFrame, out: FigureFiles) -> list[Path]:
     """Every model with its head (best mean rank position first) against every cell (task and label fraction),
     coloured by rank position, the headline metric written in; below, the pretraining CPU hours."""
+    if ranked.empty:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        _empty(ax, "no downstream results")
+        return save(fig, out)
     board = bm.leaderboard(ranked, costs)
     entries = list(zip(board.model, board["head"]))
     columns = sorted(dict.fromkeys(zip(ranked.task, ranked.fraction)), key=lambda c: (c[0].startswith("seg"), c))
@@ -1222,7 +1229,9 @@ def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[
             scanner_ax.set_ylabel("balanced accuracy (cross-validated)")
             scanner_ax.set_title("scanner confound: read from the embedding\n(dashed: chance)", fontsize=9)
         else:
-            _empty(scanner_ax, "scanner confound: one scanner class")
+            reasons = "; ".join(f"{k.replace('_', ' ')}: {v.get('skipped', '')}"
+                                for k, v in summary["scanner_confound"].items())
+            _empty(scanner_ax, f"scanner confound not tested ({reasons})")
         change = summary["longitudinal"]
         if "spearman" in change:
             points = pd.DataFrame(summary["longitudinal_points"])
@@ -1337,8 +1346,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--summary", type=cli.existing_file, required=True, help="probes/summary.parquet.")
         p.add_argument("--segmentation", type=cli.existing_file, nargs="*", default=[],
                        help="segmentation/{model}/summary.parquet, one per model (where segmentation ran).")
-        p.add_argument("--costs", type=cli.existing_file, nargs="*", default=[],
-                       help="benchmarks/pretrain/*.tsv of the pretraining jobs (Snakemake benchmark files).")
+        p.add_argument("--costs", type=Path, nargs="*", default=[],
+                       help="benchmarks/pretrain/*.tsv of the pretraining jobs (Snakemake benchmark files; a missing "
+                            "file leaves its model's cost empty).")
         p.add_argument("--cost-models", nargs="*", default=[],
                        help="The model each --costs file belongs to, in the same order (a curriculum's steps repeat "
                             "its name).")

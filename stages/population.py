@@ -5,7 +5,9 @@ Features: those the disc probes read (``disc_features``' ``pooled.npy``, one row
 discs.npy), every disc of the subjects analysed, with or without a grade; a scan is the mean of its discs (each
 centred on its level's mean), a subject its baseline scan. ``--subjects all`` analyses every subject (no step here
 learns from labels: the covariates only describe what the unsupervised groups and components turned out to be);
-``held_out`` only the subjects the encoder's pretraining did not train on (self-supervision part other than train).
+``held_out`` only the subjects the encoder's pretraining neither trained on nor chose its epoch by (self-supervision
+parts other than train and val). The supervised baseline learnt the grades of the training part's subjects: the rule
+always gives it ``--subjects held_out``, so that its associations with grade are not its own training labels.
 
 Run:
     python -m stages.population --pooled results/probes/features/siamese/disc_pooled.npy \\
@@ -15,10 +17,10 @@ Run:
 
 Writes ``--out-subjects`` (Parquet, a CSV copy beside it): one row per subject (pseudonymous id): its group, its
 components pc1..pcK and covariates (age at baseline, sex, vendor, field strength, mean grade, any herniation);
-``--out-tests`` (CSV): every enrichment and association test with its effect, p and BH q value (``analysis`` names
-the family); ``--out-summary`` (JSON): the BIC per number of groups, the choice, its bootstrap stability, the
-significant findings at ``fdr``, the scanner confound and the longitudinal change (with its points). A cohort with
-fewer than ``min_subjects`` subjects gets empty tables and the reason (``skipped``), which the figure shows.
+``--out-tests`` (CSV): every enrichment and association test with its effect, p and BH q value (``analysis`` names the
+family); ``--out-summary`` (JSON): the BIC per number of groups, the choice, its bootstrap stability, the significant
+findings at ``fdr``, the scanner confound and the longitudinal change (with its points). A cohort with fewer than
+``min_subjects`` subjects gets empty tables and the reason (``skipped``), which the figure shows.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def cohort_scans(volumes: pd.DataFrame, manifest: pd.DataFrame, subjects: str) -
     if subjects not in ("all", "held_out"):
         raise ValueError(f"subjects must be 'all' or 'held_out', got {subjects!r}")
     discs = volumes[volumes.kind == "disc"]
-    if subjects == "held_out":
-        discs = discs[discs.ssl_part != "train"]
+    if subjects == "held_out":   # neither trained on nor used to select the pretraining's epoch
+        discs = discs[~discs.ssl_part.isin(["train", "val"])]
     for column in ("pfirrmann", "herniation"):
         if column not in discs:
             discs = discs.assign(**{column: np.nan})
@@ -56,19 +58,26 @@ def cohort_scans(volumes: pd.DataFrame, manifest: pd.DataFrame, subjects: str) -
         mean_grade=("pfirrmann", "mean"), herniated=("herniation", "max"))
     meta = manifest.drop_duplicates("scan_id").set_index("scan_id")
     scans = per_scan.reset_index()
-    scans["years"] = scans.days.astype(float) / 365.25
-    first = scans.groupby("subject_id").years.transform("min")
-    scans["baseline"] = (scans.years == first) & ~scans.duplicated(["subject_id", "years"])
-    scans["years"] = scans.years - first
+    # a subject's baseline: its earliest dated scan (a scan without a date only when none has one); a scan without a
+    # date has no years since baseline (it leaves the longitudinal analysis, not the cohort)
+    scans["years"] = pd.to_numeric(scans.days, errors="coerce") / 365.25
+    order = scans.sort_values(["subject_id", "years"], na_position="last", kind="stable")
+    scans["baseline"] = scans.index.isin(order.drop_duplicates("subject_id").index)
+    scans["years"] = scans.years - scans.subject_id.map(scans[scans.baseline].set_index("subject_id").years)
 
     def from_manifest(column: str) -> pd.Series:
         return scans.scan_id.map(meta[column]) if column in meta else pd.Series(np.nan, index=scans.index)
 
-    scans["age_years"] = from_manifest("age_years").astype(float)
-    scans["sex"] = from_manifest("sex").replace("", np.nan)
-    scans["vendor"] = from_manifest("manufacturer").replace("", np.nan)
-    strength = from_manifest("field_strength_t").astype(float)
-    scans["field_strength"] = strength.map(lambda t: f"{t:g} T" if np.isfinite(t) else np.nan)
+    def category(column: str) -> pd.Series:
+        values = from_manifest(column).astype("string").str.strip()
+        return values.mask(values.isna() | (values == "")).astype(object)
+
+    scans["age_years"] = pd.to_numeric(from_manifest("age_years"), errors="coerce")
+    scans["sex"] = category("sex")
+    scans["vendor"] = category("manufacturer")
+    # to 0.1 T: a header's 1.494 is a 1.5 T magnet (else the field strength would split by vendor)
+    strength = pd.to_numeric(from_manifest("field_strength_t"), errors="coerce").round(1)
+    scans["field_strength"] = strength.map(lambda t: f"{t:g} T" if np.isfinite(t) else np.nan).astype(object)
     scans["herniation"] = scans.herniated.map(lambda h: np.nan if pd.isna(h) else ("yes" if h > 0 else "no"))
     return (discs[["row", "scan_id", "level"]].reset_index(drop=True),
             scans.drop(columns=["days", "herniated"]))
@@ -84,6 +93,7 @@ def run(pooled: Path, volumes: Path, manifest: Path, out_subjects: Path, out_tes
         raise ValueError(f"{volumes} names disc rows beyond the {len(features)} rows of {pooled}: the features and "
                          "the splits are from different runs")
     summary: dict = {"features": str(pooled), "subjects_analysed": subjects, "fdr": fdr,
+                     "fdr_families": "enrichment and association, each controlled on its own",
                      "subjects": int(scans.subject_id.nunique()), "scans": len(scans), "discs": len(discs)}
     covariate_columns = ["age_years", "sex", "vendor", "field_strength", "mean_grade", "herniation"]
     if summary["subjects"] < min_subjects:
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     section = cli.section_from_args(args, "population", parser)
     cli.setup_logging(args.log, "population")
-    with threadpool_limits(1):   # many small fits (mixtures, logistic regressions): one BLAS thread is faster
+    with threadpool_limits(1):   # many small fits (mixtures, discriminants): one BLAS thread is faster
         run(args.pooled, args.volumes, args.manifest, args.out_subjects, args.out_tests, args.out_summary,
             **section)
     return 0

@@ -73,6 +73,8 @@ def test_pretraining_costs_sum_a_curriculums_steps(tmp_path):
                                   "c": [tmp_path / "c_step1.tsv", tmp_path / "c_step2.tsv"]}).set_index("model")
     assert costs.loc["siamese", "wall_hours"] == 1 and costs.loc["siamese", "cpu_hours"] == 2
     assert costs.loc["c", "wall_hours"] == 1 and costs.loc["c", "cpu_hours"] == 1.5 and costs.loc["c", "jobs"] == 2
+    missing = bm.pretraining_costs({"c": [tmp_path / "c_step1.tsv", tmp_path / "gone.tsv"]})
+    assert missing.jobs.tolist() == [2] and np.isnan(missing.cpu_hours.iloc[0])
     (tmp_path / "bad.tsv").write_text("what\n")
     with pytest.raises(ValueError, match="not a Snakemake benchmark file"):
         bm.pretraining_costs({"x": [tmp_path / "bad.tsv"]})
@@ -91,6 +93,10 @@ def test_the_table_and_figure_through_the_cli(tmp_path, capsys):
     assert table.loc[0, "grade"] == "0.800 [0.700, 0.900] at 100%"
     assert figures_main(["benchmark", *common, "--png", str(tmp_path / "b.png"), "--pdf", str(tmp_path / "b.pdf")]) == 0
     assert (tmp_path / "b.png").stat().st_size > 10_000
+    _summary().iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    assert figures_main(["benchmark-table", "--summary", str(tmp_path / "empty.parquet"), "--html",
+                         str(tmp_path / "e.html"), "--csv", str(tmp_path / "e.csv")]) == 0
+    assert "no downstream results" in (tmp_path / "e.html").read_text()
     with pytest.raises(SystemExit):
         figures_main(["benchmark", "--summary", str(tmp_path / "summary.parquet"), "--costs",
                       str(tmp_path / "siamese.tsv"), "--png", "x.png", "--pdf", "x.pdf"])

@@ -21,12 +21,14 @@ import pandas as pd
 from stages.evaluation.probe_data import TASKS
 
 CELL = ["task", "fraction"]
+COLUMNS = ["model", "head", "task", "fraction", "n_subjects", "mean", "ci_low", "ci_high"]
 
 
 def headline_cells(summary: pd.DataFrame) -> pd.DataFrame:
     """The probes' summary reduced to each task's headline metric: model, head, task, fraction, n_subjects, mean,
     ci_low, ci_high."""
-    keep = summary[[TASKS[t].headline == m if t in TASKS else False for t, m in zip(summary.task, summary.metric)]]
+    headline = np.array([t in TASKS and TASKS[t].headline == m for t, m in zip(summary.task, summary.metric)], bool)
+    keep = summary[headline] if len(summary) else summary.reindex(columns=COLUMNS)
     return keep[["model", "head", "task", "fraction", "n_subjects", "mean", "ci_low", "ci_high"]].reset_index(drop=True)
 
 
@@ -70,10 +72,14 @@ def leaderboard(ranked: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
 
 def pretraining_costs(files: dict[str, list[Path]]) -> pd.DataFrame:
     """Wall-clock and CPU hours per model, summed over its jobs' Snakemake benchmark files (``s`` and ``cpu_time``
-    columns, seconds; the last line of each file: a job re-run appends none, the file is rewritten)."""
+    columns, seconds; the last line of each file: a job re-run appends none, the file is rewritten). A model with a
+    missing file (results copied without their benchmarks folder, a run before the file existed) has no cost."""
     rows = []
     for model, paths in files.items():
         wall = cpu = 0.0
+        if not all(Path(p).is_file() for p in paths):
+            rows.append({"model": model, "wall_hours": np.nan, "cpu_hours": np.nan, "jobs": len(paths)})
+            continue
         for path in paths:
             frame = pd.read_csv(path, sep="\t")
             if frame.empty or "s" not in frame:

@@ -94,7 +94,6 @@ use rule figure_pretext as table_benchmark with:
         code=code("figures"),
         summary=rules.probe_summary.output.summary,
         segmentation=SEGMENTATION_SUMMARIES,
-        costs=[path for _, path in PRETRAINING_COSTS],
     output:
         html=in_report(table("benchmark"), "benchmark", "4. Label efficiency", "benchmark of every model (table)"),
         csv=table("benchmark", "csv"),
@@ -104,7 +103,7 @@ use rule figure_pretext as table_benchmark with:
         bench("report", "table_benchmark")
     params:
         figure="benchmark-table",
-        options=" ".join(["--cost-models"] + [model for model, _ in PRETRAINING_COSTS]),
+        options=COST_OPTIONS,
 
 
 use rule table_benchmark as figure_benchmark with:
@@ -117,7 +116,7 @@ use rule table_benchmark as figure_benchmark with:
         bench("report", "figure_benchmark")
     params:
         figure="benchmark",
-        options=" ".join(["--cost-models"] + [model for model, _ in PRETRAINING_COSTS]),
+        options=COST_OPTIONS,
 
 
 use rule figure_pretext as figure_roc with:
@@ -322,9 +321,12 @@ rule population:
         runtime=30,
     params:
         options=stage_options("population"),
+        # the supervised baseline learnt the training part's grades: only the held-out subjects (the last --subjects
+        # wins)
+        held_out=lambda wildcards: "--subjects held_out" if wildcards.encoder == "supervised" else "",
     shell:
         "python -m stages.population --pooled {input.pooled} --volumes {input.volumes} --manifest {input.manifest} "
-        "{params.options} --out-subjects {output.subjects} --out-tests {output.tests} "
+        "{params.options} {params.held_out} --out-subjects {output.subjects} --out-tests {output.tests} "
         "--out-summary {output.summary} > {log} 2>&1"
 
 

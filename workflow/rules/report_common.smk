@@ -153,10 +153,14 @@ def results_config():
 
 
 # The benchmark of every model: each pretraining job's benchmark file, named by the model it trained (a curriculum's
-# steps repeat its name), and every segmentation summary where segmentation runs.
+# steps repeat its name), passed as options (not inputs: a missing file is a missing cost, never a reason to run a
+# pretraining job again), and every segmentation summary where segmentation runs.
 PRETRAINING_COSTS = [(m, bench("pretrain", m)) for m in config["pretrain"]["methods"]] + [
     (c, bench("pretrain", f"{c}_step{i}")) for c, n in CURRICULUM_STEPS.items() for i in range(1, n + 1)
 ]
+COST_OPTIONS = " ".join(
+    ["--costs", *(p for _, p in PRETRAINING_COSTS), "--cost-models", *(m for m, _ in PRETRAINING_COSTS)]
+)
 SEGMENTATION_SUMMARIES = [out("segmentation", m, "summary.parquet") for m in SEGMENT_MODELS]
 
 
