@@ -1204,8 +1204,8 @@ def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[
         bic_ax.set_ylabel("BIC (lower is better)")
         fdr = summary["fdr"]
         enriched = table[table.analysis == "enrichment"]
-        category = enriched.category.fillna("")
-        _q_heatmap(enrich_ax, enriched, enriched.covariate + np.where(category != "", ": " + category, ""),
+        category = enriched.category.astype(object).where(enriched.category.notna(), "").astype(str)  # all NaN: float
+        _q_heatmap(enrich_ax, enriched, enriched.covariate.astype(str) + np.where(category != "", ": " + category, ""),
                    "group " + enriched.group.astype("Int64").astype(str), fdr,
                    f"enrichment (odds ratio / median difference); boxed: q <= {fdr:g}")
         associated = table[table.analysis == "association"]

@@ -269,10 +269,15 @@ def test_a_cohort_too_small_gets_the_reason_and_the_figure_says_so(tmp_path):
     big = _files(tmp_path / "big", volumes, manifest, features) if (tmp_path / "big").mkdir() is None else None
     run(big["pooled.npy"], big["volumes.parquet"], big["manifest.parquet"], tmp_path / "b.parquet",
         tmp_path / "b_tests.csv", tmp_path / "b.json", bootstrap=10, permutations=10)
-    written = population_figure(
-        {"small": pd.read_csv(tmp_path / "s_tests.csv"), "big": pd.read_csv(tmp_path / "b_tests.csv")},
-        {"small": json.loads((tmp_path / "s.json").read_text()), "big": json.loads((tmp_path / "b.json").read_text())},
-        FigureFiles(tmp_path / "f.png", tmp_path / "f.pdf"))
+    run(big["pooled.npy"], big["volumes.parquet"], big["manifest.parquet"], tmp_path / "one.parquet",
+        tmp_path / "one_tests.csv", tmp_path / "one.json", bootstrap=10, permutations=10, max_groups=1)
+    assert set(pd.read_csv(tmp_path / "one_tests.csv").analysis) == {"association"}   # one group: no enrichment
+    names = ("small", "big", "one")
+    written = population_figure({n: pd.read_csv(tmp_path / f"{n[0]}_tests.csv" if n != "one" else tmp_path /
+                                                "one_tests.csv") for n in names},
+                                {n: json.loads((tmp_path / (f"{n[0]}.json" if n != "one" else "one.json")).read_text())
+                                 for n in names},
+                                FigureFiles(tmp_path / "f.png", tmp_path / "f.pdf"))
     assert all(p.stat().st_size > 10_000 for p in written)
 
 
