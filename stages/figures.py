@@ -1187,10 +1187,11 @@ def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[
                              gridspec_kw={"width_ratios": [1, 1.3, 1.3, 0.8, 1]})
     for row, encoder in zip(axes, encoders):
         summary, table = summaries[encoder], tests[encoder]
-        if "groups" not in summary:
-            _empty(row[0], f"{encoder}: no population analysis: {summary.get('skipped', 'no summary')}")
-            for ax in row[1:]:
+        if "groups" not in summary:   # one line across the row
+            for ax in row:
                 ax.axis("off")
+            row[0].text(0, 0.5, f"{encoder}: no population analysis: {summary.get('skipped', 'no summary')}",
+                        transform=row[0].transAxes, ha="left", va="center", fontsize=11, color="#555")
             continue
         bic_ax, enrich_ax, assoc_ax, scanner_ax, change_ax = row
         ks = [int(k) for k in summary["bic"]]
@@ -1204,10 +1205,13 @@ def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[
         bic_ax.set_ylabel("BIC (lower is better)")
         fdr = summary["fdr"]
         enriched = table[table.analysis == "enrichment"]
+        if summary["groups"] == 1:
+            enriched = enriched.iloc[:0]    # (none are written for one group)
         category = enriched.category.astype(object).where(enriched.category.notna(), "").astype(str)  # all NaN: float
         _q_heatmap(enrich_ax, enriched, enriched.covariate.astype(str) + np.where(category != "", ": " + category, ""),
                    "group " + enriched.group.astype("Int64").astype(str), fdr,
-                   f"enrichment (odds ratio / median difference); boxed: q <= {fdr:g}")
+                   f"enrichment (odds ratio / median difference); boxed: q <= {fdr:g}" if summary["groups"] > 1
+                   else "enrichment: one group, no rest to compare it with")
         associated = table[table.analysis == "association"]
         _q_heatmap(assoc_ax, associated, associated.covariate,
                    "PC" + associated.component.astype("Int64").astype(str), fdr,

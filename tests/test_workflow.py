@@ -209,7 +209,7 @@ def test_adding_a_label_subset_runs_only_its_jobs(tiny_run, tmp_path):
     # and what reads the summary: its figures and tables, and the configuration page (the config changed); the
     # Grad-CAM of the models on every label, the features and everything upstream are kept
     readers = {"figure_label_efficiency", "figure_label_curves", "figure_roc", "figure_confusion", "table_metrics",
-               "table_figure_of_merit", "report_config"}
+               "table_figure_of_merit", "report_config", "table_benchmark", "figure_benchmark"}
     assert set(counts) == {"probe_summary", "all", "total"} | readers, counts
     assert "/f0.75/" in plan.stdout + plan.stderr and "/f0.5/" not in _planned_outputs(plan.stdout + plan.stderr)
 
