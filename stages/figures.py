@@ -1204,9 +1204,7 @@ def population_figure(tests: dict[str, pd.DataFrame], summaries: dict[str, dict[
         bic_ax.set_xlabel("groups in the Gaussian mixture")
         bic_ax.set_ylabel("BIC (lower is better)")
         fdr = summary["fdr"]
-        enriched = table[table.analysis == "enrichment"]
-        if summary["groups"] == 1:
-            enriched = enriched.iloc[:0]    # (none are written for one group)
+        enriched = table[table.analysis == "enrichment"]   # none for one group (stages/evaluation/population.py)
         category = enriched.category.astype(object).where(enriched.category.notna(), "").astype(str)  # all NaN: float
         _q_heatmap(enrich_ax, enriched, enriched.covariate.astype(str) + np.where(category != "", ": " + category, ""),
                    "group " + enriched.group.astype("Int64").astype(str), fdr,

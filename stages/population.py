@@ -127,7 +127,7 @@ def run(pooled: Path, volumes: Path, manifest: Path, out_subjects: Path, out_tes
             components=int(z.shape[1]), explained_variance=[float(v) for v in embedding.explained],
             bic={str(i + 1): b for i, b in enumerate(bic)}, groups=k,
             group_sizes={str(g): int((groups == g).sum()) for g in np.unique(groups)}, stability=stability,
-            significant=[{k: int(v) if k in ("group", "component") else v for k, v in row.items()
+            significant=[{key: int(v) if key in ("group", "component") else v for key, v in row.items()
                           if not pd.isna(v) and v != ""}
                          for row in found[["analysis", "group", "component", "covariate", "category", "effect",
                                            "effect_kind", "q"]].to_dict("records")],
