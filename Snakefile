@@ -39,6 +39,7 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/genetics.smk"
 
 
 if not CROPS:  # the lumbar regions and the segmentation downstream need the scans

@@ -48,6 +48,7 @@ from stages.archive import pseudonym as pn
 from stages.core import cli
 from stages.core.config import section_config
 from stages.core.pool import worker_pool
+from stages.demo import genome
 from stages.demo import phantom as ph
 from stages.demo import synth_dicom as sd
 
@@ -84,6 +85,13 @@ class DemoConfig:
     n_subjects: int
     twin_fraction: float
     twin_trait_share: float
+    mz_fraction: float
+    snps: int
+    planted_snps: int
+    planted_snp_share: float
+    polygenic_share: float
+    shared_env_share: float
+    degeneration_sd: float
     followup_fraction: float
     second_followup_fraction: float
     followup_years: tuple[float, float]
@@ -124,6 +132,8 @@ class DemoOutputs:
     landmarks: Path
     planted: Path
     key: Path
+    genotypes: Path
+    genetics: Path
 
     @classmethod
     def in_folder(cls, folder: Path) -> DemoOutputs:
@@ -131,7 +141,8 @@ class DemoOutputs:
         truth = folder / "truth"
         return cls(dicom=folder / "dicom", labels=truth / "labels", subjects=truth / "subjects.csv",
                    studies=truth / "studies.csv", gradings=truth / "gradings.csv", landmarks=truth / "landmarks.csv",
-                   planted=truth / "planted_files.csv", key=folder / "pseudonym.key")
+                   planted=truth / "planted_files.csv", key=folder / "pseudonym.key",
+                   genotypes=truth / "genotypes.csv", genetics=truth / "genetics.json")
 
     @property
     def cohort(self) -> Path:
@@ -152,6 +163,8 @@ OUTPUTS = {
     "landmarks": "Truth: every labelled body and disc of every sagittal T2 series (CSV).",
     "planted": "Truth: the deliberately bad files (CSV).",
     "key": "The demo's pseudonymisation key.",
+    "genotypes": "The cohort's genotype table: patient_id and one allele dosage (0/1/2) column per SNP (CSV).",
+    "genetics": "Truth: the planted heritability of disc degeneration and the planted SNPs (JSON).",
 }
 
 
@@ -174,6 +187,8 @@ class SubjectPlan:
     index: int
     family: int
     twin: bool
+    zygosity: str  # MZ, DZ, or empty for a singleton
+    genotype: np.ndarray  # allele dosage per SNP of the model (stages.demo.genome)
     female: bool
     patient_id: str
     name: str
@@ -188,8 +203,10 @@ def _hex(rng: np.random.Generator, n: int = 8) -> str:
     return "".join(rng.choice(list("0123456789ABCDEF"), n))
 
 
-def _grades(rng: np.random.Generator, age: float, subject_effect: float) -> np.ndarray:
-    latent = 1.8 + 0.045 * (age - 50) + LEVEL_EFFECT + subject_effect + rng.normal(0, 0.6, 6)
+def _grades(rng: np.random.Generator, age: float | np.ndarray, subject_effect: float | np.ndarray) -> np.ndarray:
+    """Pfirrmann grades per LABELLED_DISCS; with arrays of ages and effects (n x 1), one row per subject."""
+    shape = np.broadcast_shapes(np.shape(age), np.shape(subject_effect), LEVEL_EFFECT.shape)
+    latent = 1.8 + 0.045 * (np.asarray(age) - 50) + LEVEL_EFFECT + subject_effect + rng.normal(0, 0.6, shape)
     return np.clip(np.rint(latent), 1, 5).astype(int)
 
 
@@ -201,8 +218,14 @@ def _herniation(rng: np.random.Generator, grades: np.ndarray, before: np.ndarray
     return np.where(before, rng.random(6) < 0.8, new)
 
 
+def genetic_model(cfg: DemoConfig) -> genome.GeneticModel:
+    return genome.genetic_model(np.random.default_rng([cfg.seed, 10]), cfg.snps, cfg.planted_snps,
+                                cfg.planted_snp_share, cfg.polygenic_share, cfg.shared_env_share)
+
+
 def plan_cohort(cfg: DemoConfig) -> list[SubjectPlan]:
     """Who is in the cohort, when they were scanned, on what, and the state of their discs. Deterministic."""
+    model = genetic_model(cfg)
     rng = np.random.default_rng([cfg.seed, 0])
     n_pairs = int(round(cfg.n_subjects * cfg.twin_fraction / 2))
     sizes = [2] * n_pairs + [1] * (cfg.n_subjects - 2 * n_pairs)
@@ -222,11 +245,14 @@ def plan_cohort(cfg: DemoConfig) -> list[SubjectPlan]:
         baseline = epoch + dt.timedelta(days=int(frng.integers(0, 6 * 365)))
         birth = baseline - dt.timedelta(days=int(age * 365.25))
         surname = str(frng.choice(SURNAMES))
-        family_effect = float(frng.normal(0, 0.4))
+        shared_env = float(frng.normal())
         n_fu_here = (1 + int(frng.random() < cfg.second_followup_fraction)) if has_fu[family] else 0
         years = np.sort(frng.uniform(*cfg.followup_years, n_fu_here))
         if n_fu_here == 2 and years[1] - years[0] < 0.5:
             years[1] = years[0] + 0.5
+        grng = np.random.default_rng([cfg.seed, 9, family])
+        zygosity = ("MZ" if grng.random() < cfg.mz_fraction else "DZ") if size == 2 else ""
+        genotypes, inherited = genome.family_liabilities(model, grng, [zygosity or "single"] * size, shared_env)
         for member in range(size):
             index = len(subjects)
             srng = np.random.default_rng([cfg.seed, 2, index])
@@ -236,7 +262,7 @@ def plan_cohort(cfg: DemoConfig) -> list[SubjectPlan]:
                     used_ids.add(pid)
                     break
             given = str(srng.choice(FEMALE_NAMES if female else MALE_NAMES))
-            effect = family_effect + float(srng.normal(0, 0.4))
+            effect = cfg.degeneration_sd * (inherited[member] + np.sqrt(model.unique) * float(srng.normal()))
             studies = []
             grades = _grades(srng, age, effect)
             hern = _herniation(srng, grades, None)
@@ -254,14 +280,41 @@ def plan_cohort(cfg: DemoConfig) -> list[SubjectPlan]:
                     field_t=field_t, vendor=vendor, grades=grades.copy(), herniation=hern.copy(),
                     accession=f"{srng.integers(10_000_000, 99_999_999)}", folder=_hex(srng)))
             subjects.append(SubjectPlan(
-                index=index, family=family, twin=size == 2, female=female, patient_id=pid,
+                index=index, family=family, twin=size == 2, zygosity=zygosity, genotype=genotypes[member],
+                female=female, patient_id=pid,
                 name=f"{surname}^{given}", birth_date=birth, age=age, graded=index not in unlabelled,
                 folder=_hex(srng), studies=tuple(studies)))
     return subjects
 
 
+def expected_heritability(cfg: DemoConfig, model: genome.GeneticModel, pairs: int = 4000) -> dict[str, float]:
+    """What the observed disc trait (a subject's mean baseline Pfirrmann grade, adjusted for age) shows of the planted
+    liability: its MZ and DZ twin correlations in ``pairs`` simulated pairs of each kind (the same liability, ages and
+    grading as the cohort; no images), and Falconer's h2 and c2 from them. Lower than the liability's h2: each disc's
+    own noise, the rounding to grades and their floor and ceiling are unique to the subject."""
+    from stages.evaluation.twins import TwinData, falconer
+
+    rng = np.random.default_rng([cfg.seed, 12])
+    values = {}
+    for kind in ("MZ", "DZ"):
+        inherited = np.array([genome.family_liabilities(model, rng, [kind, kind], float(rng.normal()))[1]
+                              for _ in range(pairs)])
+        effect = cfg.degeneration_sd * (inherited + np.sqrt(model.unique) * rng.normal(size=inherited.shape))
+        age = np.repeat(rng.uniform(*cfg.age_range, pairs)[:, None], 2, axis=1)
+        trait = _grades(rng, age.reshape(-1, 1), effect.reshape(-1, 1)).mean(axis=1)
+        values[kind] = (trait, age.reshape(-1))
+    trait = np.concatenate([values[k][0] for k in values])
+    age = np.concatenate([values[k][1] for k in values])
+    design = np.column_stack([np.ones_like(age), age])
+    resid = trait - design @ np.linalg.lstsq(design, trait, rcond=None)[0]
+    moments = falconer(TwinData(resid[:2 * pairs].reshape(-1, 2), resid[2 * pairs:].reshape(-1, 2), np.zeros(0)))
+    return {"trait": "mean baseline Pfirrmann grade, adjusted for age", "simulated_pairs_each": pairs,
+            **{k: round(float(v), 4) for k, v in moments.items()}}
+
+
 def subject_traits(cfg: DemoConfig, subject: SubjectPlan) -> ph.SubjectTraits:
-    share = cfg.twin_trait_share if subject.twin else 0.0
+    # twins share identity traits as they share genes: MZ twins all of twin_trait_share, DZ twins half of it
+    share = cfg.twin_trait_share * {"MZ": 1.0, "DZ": 0.5}.get(subject.zygosity, 0.0)
     return ph.sample_traits(np.random.default_rng([cfg.seed, 5, subject.family]),
                             np.random.default_rng([cfg.seed, 6, subject.index]), share, subject.female)
 
@@ -511,8 +564,12 @@ def generate(cfg: DemoConfig, out: DemoOutputs, workers: int = 1) -> dict[str, i
             tables[key].extend(result[key])
     _write_csv(out.subjects, [{
         "patient_id": s.patient_id, "patient_name": s.name, "birth_date": s.birth_date.isoformat(),
-        "sex": "F" if s.female else "M", "family_id": f"F{s.family:05d}", "twin": int(s.twin),
+        "sex": "F" if s.female else "M", "family_id": f"F{s.family:05d}", "twin": int(s.twin), "zygosity": s.zygosity,
         "age_at_baseline": round(s.age, 2), "n_studies": len(s.studies), "graded": int(s.graded)} for s in subjects])
+    model = genetic_model(cfg)
+    _write_csv(out.genotypes, [{"patient_id": s.patient_id, **dict(zip(model.snps, s.genotype.tolist()))}
+                               for s in subjects])
+    genome.write_truth(out.genetics, model, cfg.degeneration_sd, expected_heritability(cfg, model))
     _write_csv(out.studies, tables["studies"])
     _write_csv(out.gradings, tables["gradings"], ["patient_id", "study_uid", "level", "pfirrmann", "herniation"])
     _write_csv(out.landmarks, tables["landmarks"])

@@ -722,20 +722,31 @@ def segmentation_figure(summaries: pd.DataFrame, examples: dict[str, dict[str, n
 # --- Embeddings ---------------------------------------------------------------------------------------------------
 
 def embeddings_figure(coords: dict[str, pd.DataFrame], out: FigureFiles) -> list[Path]:
-    """Rows: encoders; columns: the same 2D map coloured by level, grade, subject and field strength."""
+    """Rows: encoders; columns: the same 2D map coloured by level, grade, age, sex, field strength, vendor, years
+    since the subject's first scan and subject (a column the table lacks, or with no value, says so)."""
     encoders = list(coords)
-    columns = [("level", "vertebral level"), ("grade", "grade of the disc below"), ("subject", "subject"),
-               ("field_strength_t", "field strength")]
-    fig, axes = plt.subplots(len(encoders), 4, figsize=(15, 3.5 * len(encoders)), squeeze=False)
+    columns = [("level", "vertebral level"), ("grade", "grade of the disc below"), ("age_years", "age (years)"),
+               ("sex", "sex"), ("field_strength_t", "field strength"), ("vendor", "vendor"),
+               ("years_since_baseline", "years since first scan"), ("subject", "subject")]
+    continuous = {"age_years", "years_since_baseline"}
+    fig, axes = plt.subplots(len(encoders), len(columns), figsize=(3.6 * len(columns) + 1, 3.5 * len(encoders)),
+                             squeeze=False)
     for row_axes, encoder in zip(axes, encoders):
         table = coords[encoder]
         for ax, (column, title) in zip(row_axes, columns):
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{encoder}: {title}")
-            values = table[column]
+            values = table[column] if column in table else pd.Series(np.nan, index=table.index)
             if values.isna().all():
                 _empty(ax, f"no {title} known")
+                continue
+            if column in continuous:
+                known = values.notna()
+                ax.scatter(table.x[~known], table.y[~known], s=6, color="#dddddd", linewidths=0)
+                points = ax.scatter(table.x[known], table.y[known], c=values[known].astype(float), cmap="viridis",
+                                    s=9, linewidths=0)
+                fig.colorbar(points, ax=ax, fraction=0.046, pad=0.02)
                 continue
             if column == "subject":
                 codes = pd.factorize(values)[0]
@@ -784,6 +795,7 @@ PRETRAIN_TITLES = {
     "rotation": ("accuracy", "rotation accuracy (4 ways)", "cross-entropy"),
     "relative_location": ("accuracy", "relative-location accuracy (8 ways)", "cross-entropy"),
     "swav": ("accuracy", "both views on one prototype", "swapped-prediction loss"),
+    "vae": ("reconstruction", "reconstruction error per voxel", "negative ELBO per voxel (reconstruction + beta KL)"),
 }
 PRETRAIN_CURVES = (("level_accuracy", "FC8 level accuracy", "loss"), ("top1", "top-1", "loss"),
                    ("accuracy", "task accuracy", "loss"))
@@ -821,9 +833,10 @@ def training_figure(pretrain: dict[str, pd.DataFrame], supervised: pd.DataFrame 
                             label=f"{method} ({split})")
         loss_ax.set_title(f"{method} pretraining: {loss_title}")
         acc_ax.set_title(f"{method} pretraining: {acc_title}")
-        acc_ax.set_ylim(0, 1.02)
+        if column != "reconstruction":
+            acc_ax.set_ylim(0, 1.02)
         loss_ax.set_ylabel("loss")
-        acc_ax.set_ylabel("accuracy" if column != "top1" else "top-1")
+        acc_ax.set_ylabel({"top1": "top-1", "reconstruction": "squared error per voxel"}.get(column, "accuracy"))
         for ax in (loss_ax, acc_ax):
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.25)
@@ -1256,6 +1269,80 @@ def _with_ci(figure: dict[str, Any]) -> str:
     return f"{value:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
 
 
+def genetics_figure(heritability: dict[str, pd.DataFrame], scans: dict[str, pd.DataFrame],
+                    summaries: dict[str, dict[str, Any]], truth: dict[str, Any] | None, out: FigureFiles) -> list[Path]:
+    """Left: twin heritability of the mean baseline grade and of each encoder's leading components (ACE by maximum
+    likelihood, filled, with its family-bootstrap interval; Falconer's estimate hollow), the demo's expected value of
+    the disc trait dashed. Right: Manhattan plots, -log10 p of every SNP, the disc trait's scan on top and one row
+    per encoder for its components; SNPs at q <= fdr ringed, planted SNPs (the demo's truth) marked."""
+    encoders = list(heritability)
+    fig = plt.figure(figsize=(18, 2.2 + 2.6 * (len(encoders) + 1)))
+    grid = fig.add_gridspec(len(encoders) + 1, 2, width_ratios=[1, 2.2])
+    h_ax = fig.add_subplot(grid[:, 0])
+    rows, labels = [], []
+    disc_from = next((e for e in encoders if (heritability[e].trait == "mean_grade").any()), None)
+    for encoder in encoders:
+        for _, r in heritability[encoder].iterrows():
+            if r.trait == "mean_grade" and encoder != disc_from:
+                continue
+            rows.append((encoder, r))
+            labels.append("mean grade (disc trait)" if r.trait == "mean_grade" else f"{encoder} {r.trait.upper()}")
+    for y, (encoder, r) in enumerate(rows):
+        c = "black" if r.trait == "mean_grade" else colour(encoder, encoders)
+        pairs = f"{int(r.get('mz_pairs', 0))} MZ / {int(r.get('dz_pairs', 0))} DZ pairs"
+        if pd.notna(r.get("h2", np.nan)):
+            h_ax.errorbar(r.h2, y, xerr=[[r.h2 - r.h2_low], [r.h2_high - r.h2]], fmt="o", color=c, capsize=3)
+            h_ax.plot(r.falconer_h2, y - 0.25, "o", mfc="none", color=c)
+            h_ax.text(1.55, y, f"{r.h2:.2f} [{r.h2_low:.2f}, {r.h2_high:.2f}]", va="center", fontsize=7)
+        else:
+            h_ax.text(0.5, y, f"skipped: {r.get('skipped', '')}", va="center", ha="center", fontsize=7, color="#555")
+        h_ax.text(-0.95, y + 0.3, pairs, fontsize=6, color="#555")
+    if truth and disc_from is not None:
+        expected = truth["expected"]["h2"]
+        y = next(i for i, (_, r) in enumerate(rows) if r.trait == "mean_grade")
+        h_ax.vlines(expected, y - 0.45, y + 0.45, color="crimson", ls="--")
+        h_ax.text(expected, y + 0.5, f"expected {expected:.2f}\n(planted liability {truth['liability']['h2']:.2f})",
+                  color="crimson", fontsize=7, ha="center")
+    h_ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    h_ax.invert_yaxis()
+    h_ax.set_xlim(-1.0, 2.2)
+    h_ax.axvspan(0, 1, color="#f2f2f2", zorder=0)
+    h_ax.set_xlabel("heritability h2 (filled: ACE, interval over families; hollow: Falconer)")
+    h_ax.set_title("twin heritability, adjusted for " + ", ".join(summaries[encoders[0]]["covariates"]), fontsize=10)
+    planted = {s["snp"] for s in truth["planted_snps"]} if truth else set()
+    panels = [("mean grade (disc trait)", disc_from, ["mean_grade"])] + [
+        (f"{e}: leading components", e, [t for t in summaries[e]["traits"] if t != "mean_grade"]) for e in encoders]
+    for i, (title, encoder, traits) in enumerate(panels):
+        ax = fig.add_subplot(grid[i, 1])
+        scan = scans[encoder] if encoder is not None else pd.DataFrame()
+        scan = scan[scan.trait.isin(traits)] if len(scan) else scan
+        if not len(scan):
+            reason = "; ".join(f"{k}: {v}" for k, v in summaries.get(encoder, {}).get("skipped", {}).items()
+                               if k.startswith("scan"))
+            _empty(ax, f"{title}: no SNP scan ({reason or 'no genotype table'})")
+            continue
+        fdr = summaries[encoder]["fdr"]
+        for j, trait in enumerate(traits):
+            part = scan[scan.trait == trait]
+            c = "black" if trait == "mean_grade" else plt.get_cmap("tab10")(j)
+            ax.scatter(part.position, -np.log10(part.p.clip(lower=1e-300)), s=8, color=c,
+                       label="mean grade" if trait == "mean_grade" else trait.upper())
+            hit = part[part.q <= fdr]
+            ax.scatter(hit.position, -np.log10(hit.p), s=60, facecolors="none", edgecolors="crimson", lw=1.2)
+            for _, h in hit.iterrows():
+                ax.annotate(h.snp, (h.position, -np.log10(h.p)), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        for _, s in scan.drop_duplicates("snp")[lambda d: d.snp.isin(planted)].iterrows():
+            ax.axvline(s.position, color="crimson", ls=":", lw=1)
+        ax.set_ylabel("-log10 p")
+        ax.set_title(f"{title}: {scan.snp.nunique()} SNPs; ringed q <= {fdr:g}"
+                     + ("; dotted: planted SNPs" if planted else ""), fontsize=9)
+        ax.legend(fontsize=7, loc="upper right", ncol=len(traits))
+    fig.axes[-1].set_xlabel("SNP (position in the genotype table)")
+    fig.tight_layout()
+    return save(fig, out)
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1359,6 +1446,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report/population/{encoder}_tests.csv, one per encoder (named by the file).")
     p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
                    help="report/population/{encoder}.json, one per encoder in the same order.")
+    p = add("genetics", "Twin heritability and SNP association (Manhattan), per encoder.")
+    p.add_argument("--heritability", type=cli.existing_file, nargs="+", required=True,
+                   help="report/genetics/{encoder}_heritability.csv, one per encoder (named by the file).")
+    p.add_argument("--scans", type=cli.existing_file, nargs="+", required=True,
+                   help="report/genetics/{encoder}_scan.csv, one per encoder in the same order.")
+    p.add_argument("--summaries", type=cli.existing_file, nargs="+", required=True,
+                   help="report/genetics/{encoder}.json, one per encoder in the same order.")
+    p.add_argument("--truth", type=cli.existing_file, default=None,
+                   help="The demo cohort's truth/genetics.json: the expected heritability and the planted SNPs.")
     p = add("pairs", "Siamese pair explanations.")
     p.add_argument("--pairs", type=cli.existing_file, required=True, help="report/gradcam/{method}/pairs.npz.")
     p.add_argument("--vertebrae", type=cli.existing_file, required=True, help="extract/vertebrae.npy.")
@@ -1468,6 +1564,14 @@ def main(argv: list[str] | None = None) -> int:
         population_figure({p.stem.removesuffix("_tests"): pd.read_csv(p, keep_default_na=True) for p in args.tests},
                           {p.stem.removesuffix("_tests"): json.loads(q.read_text())
                            for p, q in zip(args.tests, args.summaries)}, figure)
+    elif args.figure == "genetics":
+        if not len(args.heritability) == len(args.scans) == len(args.summaries):
+            parser.error("give one --scans and one --summaries file per --heritability file")
+        names = [p.stem.removesuffix("_heritability") for p in args.heritability]
+        genetics_figure({n: pd.read_csv(p) for n, p in zip(names, args.heritability)},
+                        {n: pd.read_csv(p) for n, p in zip(names, args.scans)},
+                        {n: json.loads(p.read_text()) for n, p in zip(names, args.summaries)},
+                        json.loads(args.truth.read_text()) if args.truth else None, figure)
     elif args.figure == "pairs":
         pairs_figure(dict(np.load(args.pairs)), np.load(args.vertebrae, mmap_mode="r"), figure)
     return 0

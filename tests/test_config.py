@@ -124,7 +124,8 @@ STAGE_SECTIONS = {"demo_cohort": "demo", "ingest": "ingest", "localiser_train": 
                   "ingest_volumes": None, "extract_qc": None, "pretext_eval": None, "features": None,
                   "supervised": "probe_training", "probe": "probe_training", "probe_summary": "probes",
                   "disc_masks": None, "gradcam": None, "embeddings": None, "figures": None, "report_config": None,
-                  "ingest_crops": None, "extract_crops": "extract"}
+                  "ingest_crops": None, "extract_crops": "extract", "genetics": "genetics", "ingest_genotypes": None,
+                  "population": "population"}
 
 
 @pytest.mark.parametrize("module", sorted(STAGE_SECTIONS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import filecmp
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import TINY
 
+from stages.demo import genome
 from stages.demo import phantom as ph
 from stages.demo.synth_dicom import read_volume
 from stages.demo_cohort import DemoConfig, DemoOutputs, generate, plan_cohort
@@ -202,3 +204,39 @@ def test_generator_refuses_to_mix_two_cohorts(tmp_path):
     (tmp_path / "dicom" / "old").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         generate(DemoConfig.from_config({"n_subjects": 2}), DemoOutputs.in_folder(tmp_path))
+
+
+def test_twins_have_zygosity_and_inherited_genotypes_and_the_truth_names_the_planted_snps(tiny_cohort):
+    subjects = _truth(tiny_cohort, "subjects")
+    genotypes = pd.read_csv(tiny_cohort / "truth" / "genotypes.csv", dtype={"patient_id": str})
+    assert list(genotypes.patient_id) == list(subjects.patient_id)
+    dosages = genotypes.drop(columns="patient_id").to_numpy()
+    assert set(np.unique(dosages)) <= {0, 1, 2} and dosages.shape[1] == TINY.snps
+    zygosity = subjects.zygosity.fillna("")
+    assert set(zygosity[subjects.twin == 1]) <= {"MZ", "DZ"} and set(zygosity[subjects.twin == 0]) == {""}
+    for _, family in subjects[subjects.twin == 1].groupby("family_id"):
+        pair = dosages[family.index]
+        assert len(family) == 2 and set(family.zygosity) in ({"MZ"}, {"DZ"})
+        assert np.array_equal(pair[0], pair[1]) == (family.zygosity.iloc[0] == "MZ")
+    truth = json.loads((tiny_cohort / "truth" / "genetics.json").read_text())
+    assert {s["snp"] for s in truth["planted_snps"]} <= set(genotypes.columns)
+    assert len(truth["planted_snps"]) == TINY.planted_snps
+    assert truth["liability"]["h2"] == pytest.approx(TINY.planted_snps * TINY.planted_snp_share + TINY.polygenic_share)
+    assert 0 < truth["expected"]["h2"] < truth["liability"]["h2"]
+
+
+def test_the_demo_liability_has_the_planted_twin_covariances():
+    # the classical twin model: cov(MZ) = a + c, cov(DZ) = a / 2 + c, var = 1 (the liability is standardised)
+    cfg = DemoConfig.from_config({"snps": 50, "planted_snps": 2, "planted_snp_share": 0.2, "polygenic_share": 0.2,
+                                  "shared_env_share": 0.15})
+    model = genome.genetic_model(np.random.default_rng(0), cfg.snps, cfg.planted_snps, cfg.planted_snp_share,
+                                 cfg.polygenic_share, cfg.shared_env_share)
+    assert model.h2 == pytest.approx(0.6) and model.unique == pytest.approx(0.25)
+    rng = np.random.default_rng(1)
+    for kind, share in (("MZ", 1.0), ("DZ", 0.5)):
+        pairs = np.array([genome.family_liabilities(model, rng, [kind, kind], float(rng.normal()))[1]
+                          for _ in range(4000)]) + np.sqrt(model.unique) * rng.normal(size=(4000, 2))
+        assert pairs.var() == pytest.approx(1.0, abs=0.07)
+        assert np.cov(pairs.T)[0, 1] == pytest.approx(share * model.h2 + model.shared, abs=0.07)
+    with pytest.raises(ValueError, match="at most 1"):
+        genome.genetic_model(rng, 10, 3, 0.3, 0.2, 0.1)

@@ -581,8 +581,17 @@ def test_figure_of_merit_table_says_not_reached(tmp_path):
 def test_embeddings_map_the_test_parts_bodies_with_the_grade_of_the_disc_below(tmp_path):
     root = write_probe_data(tmp_path, n_subjects=24)
     volumes = pd.read_parquet(root / "splits" / "volumes.parquet")
-    manifest = pd.DataFrame({"scan_id": volumes.scan_id.unique(), "field_strength_t": 1.5})
+    scans = volumes.scan_id.unique()
+    manifest = pd.DataFrame({"scan_id": scans, "field_strength_t": 1.494, "manufacturer": "SIEMENS",
+                             "age_years": np.arange(len(scans)) % 50 + 30,
+                             "sex": [("F", "")[i % 2] for i in range(len(scans))]})
     table = bodies_of_test_part(volumes, manifest)
+    assert (table.field_strength_t == 1.5).all() and (table.vendor == "SIEMENS").all()
+    first = table.scan_id.map(dict(zip(scans, range(len(scans)))))
+    assert (table.age_years == first % 50 + 30).all()
+    assert table.sex[first % 2 == 1].isna().all() and (table.sex[first % 2 == 0] == "F").all()   # empty: unknown
+    days = table.scan_id.map(volumes.drop_duplicates("scan_id").set_index("scan_id").days_since_first_study)
+    assert np.allclose(table.years_since_baseline * 365.25, days) and (days > 0).any()
     held_out = (volumes.downstream_part == "test") | (volumes.ssl_part == "test")
     assert set(table.subject_id) == set(volumes[held_out].subject_id)
     assert not set(table.subject_id) & set(volumes[volumes.downstream_part == "train"].subject_id

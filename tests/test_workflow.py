@@ -80,7 +80,7 @@ def test_whole_workflow_runs_on_the_tiny_cohort(tiny_run):
 
 REPORT_FIGURES = ["pretext", "label_efficiency", "label_curves_herniation", "roc_herniation", "confusion_grade",
                   "embeddings", "training_curves", "gradcam_standard", "gradcam_hou", "pairs_siamese", "segmentation",
-                  "benchmark", "population"]
+                  "benchmark", "population", "genetics"]
 REPORT_TABLES = ["figure_of_merit", "herniation_metrics", "attention_inside_disc", "segmentation", "configuration",
                  "benchmark"]
 CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine MRI",
@@ -96,7 +96,8 @@ CAPTION_PHRASES = {"workflow.rst": "self-supervised pretraining on lumbar spine 
                    "segmentation.rst": "DSC of the vertebrae and of the discs",
                    "segmentation_table.rst": "in the layout of Cao et al. 2022, Table 2",
                    "benchmark.rst": "Every model on every downstream task the run has",
-                   "population.rst": "Subgroups and associations in each frozen 3D encoder"}
+                   "population.rst": "Subgroups and associations in each frozen 3D encoder",
+                   "genetics.rst": "Twin heritability and genotype association"}
 
 
 @pytest.mark.slow

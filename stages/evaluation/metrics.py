@@ -90,20 +90,29 @@ def bootstrap_interval(groups: list[np.ndarray], statistic: Callable[[np.ndarray
     as there are, with replacement, and evaluates ``statistic`` on the concatenation of their indices. Replicates
     where the statistic is undefined (NaN, e.g. one class only) are dropped.
     """
+    point, low, high = bootstrap_intervals(groups, lambda idx: np.array([statistic(idx)]), n_boot, level, seed)
+    return point[0], float(low[0]), float(high[0])
+
+
+def bootstrap_intervals(groups: list[np.ndarray], statistic: Callable[[np.ndarray], np.ndarray], n_boot: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`bootstrap_interval` of a statistic with several values (one resample of the groups serves them all):
+    point estimates, lower and upper bounds, each an array like ``statistic``'s; a value undefined (NaN) in a
+    replicate is dropped from that value's interval only."""
     if not groups:
         raise ValueError("no groups to resample")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
-    point = statistic(np.concatenate(groups))
-    values = []
-    for _ in range(n_boot):
+    point = np.asarray(statistic(np.concatenate(groups)), dtype=float)
+    values = np.full((n_boot, point.size), np.nan)
+    for b in range(n_boot):
         pick = rng.integers(len(groups), size=len(groups))
-        value = statistic(np.concatenate([groups[k] for k in pick]))
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return point, float("nan"), float("nan")
+        values[b] = statistic(np.concatenate([groups[k] for k in pick]))
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return point, float(low), float(high)
+    low, high = np.full(point.size, np.nan), np.full(point.size, np.nan)
+    for j in range(point.size):
+        finite = values[np.isfinite(values[:, j]), j]
+        if finite.size:
+            low[j], high[j] = np.percentile(finite, [tail, 100 - tail])
+    return point, low, high

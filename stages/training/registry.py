@@ -9,10 +9,12 @@ from stages.training.methods.momentum import ByolMethod, LongitudinalNceMethod, 
 from stages.training.methods.pretext import RelativeLocationMethod, RotationMethod, SwavMethod
 from stages.training.methods.siamese import SiameseMethod
 from stages.training.methods.simclr import SimclrMethod
+from stages.training.methods.vae import VaeMethod
 from stages.training.protocol import Method
 
 METHODS: dict[str, type[Method]] = {"siamese": SiameseMethod, "simclr": SimclrMethod, "moco": MocoMethod,
                                      "byol": ByolMethod, "longitudinal_nce": LongitudinalNceMethod,
                                      "mlsscl": MlssclMethod, "mlsscl_multiview": MlssclMultiviewMethod,
                                      "mlsscl_long_short": MlssclLongShortMethod, "rotation": RotationMethod,
-                                     "relative_location": RelativeLocationMethod, "swav": SwavMethod}
+                                     "relative_location": RelativeLocationMethod, "swav": SwavMethod,
+                                     "vae": VaeMethod}

@@ -13,6 +13,8 @@ rule demo_cohort:
         landmarks=out("demo_cohort", "truth", "landmarks.csv"),
         planted=out("demo_cohort", "truth", "planted_files.csv"),
         key=out("demo_cohort", "pseudonym.key"),
+        genotypes=out("demo_cohort", "truth", "genotypes.csv"),
+        genetics=out("demo_cohort", "truth", "genetics.json"),
     log:
         logs("demo_cohort", "demo_cohort"),
     benchmark:
@@ -29,7 +31,7 @@ rule demo_cohort:
         "python -m stages.demo_cohort --threads {threads} {params.options} --out-dicom {output.dicom} "
         "--out-labels {output.labels} --out-subjects {output.subjects} --out-studies {output.studies} "
         "--out-gradings {output.gradings} --out-landmarks {output.landmarks} --out-planted {output.planted} "
-        "--out-key {output.key} > {log} 2>&1"
+        "--out-key {output.key} --out-genotypes {output.genotypes} --out-genetics {output.genetics} > {log} 2>&1"
 
 
 rule demo_montage:

@@ -17,10 +17,12 @@ GRADCAM_MODELS = (
 # The frozen encoders with disc features (disc_features; every frozen 3D encoder): the normative model of healthy discs.
 DISC_ENCODERS = [m for m in FROZEN if not axial_method(m)]
 # The methods whose pretext evaluation scores the test pairs of vertebral bodies (not the axial ones, not the region
-# ones, not the single pretext tasks; a curriculum as its last step): their pretext test pairs are explained
+# ones, not the single pretext tasks, not the generative baseline; a curriculum as its last step): their pretext test pairs are explained
 # (gradcam_pairs, figure_pairs).
 PAIR_METHODS = [
-    m for m in PRETRAINED if last_task(m) not in AXIAL_METHODS + REGION_METHODS + TASK_METHODS + ["ordered"]
+    m
+    for m in PRETRAINED
+    if last_task(m) not in AXIAL_METHODS + REGION_METHODS + TASK_METHODS + GENERATIVE_METHODS + ["ordered"]
 ]
 # The figures' option naming the models trained end to end (they are labelled so, not by their probe head).
 END_TO_END_OPTION = f"--end-to-end {' '.join(END_TO_END)}"
@@ -172,7 +174,7 @@ def report_targets():
     figures += ["confusion_grade"] if "grade" in PROBES["tasks"] else []
     figures += ["embeddings"] if REPORTS["embeddings"] and BODY_ENCODERS else []
     figures += ["normative"] if "grade" in PROBES["tasks"] and DISC_ENCODERS else []
-    figures += ["population"] if DISC_ENCODERS else []
+    figures += ["population", "genetics"] if DISC_ENCODERS else []
     figures += ["gradcam_standard", "gradcam_hou"] if GRADCAM_MODELS else []
     figures += [f"pairs_{m}" for m in PAIR_METHODS]
     figures += ["benchmark"]

@@ -1,0 +1,168 @@
+"""The classical twin design (Neale and Cardon 1992; Falconer and Mackay 1996): a trait's variance is the sum of an
+additive genetic part ``a``, a part of the environment twins share ``c`` and a unique part ``e``. Monozygotic (MZ)
+twins share all of ``a``, dizygotic (DZ) twins half of it on average, both all of ``c``:
+
+    var = a + c + e,    cov(MZ twins) = a + c,    cov(DZ twins) = a / 2 + c,
+
+heritability h2 = a / var, c2 = c / var, e2 = e / var. :func:`fit_ace` fits the three parts and the mean by maximum
+likelihood, pairs as bivariate normal and singletons (or twins whose co-twin has no value) as univariate normal;
+:func:`falconer` gives the moment estimates h2 = 2 (r_MZ - r_DZ), c2 = 2 r_DZ - r_MZ, e2 = 1 - r_MZ from intraclass
+correlations. :func:`family_genotypes` draws genotypes as inheritance makes them (two parents per family, one allele
+from each, MZ twins one child twice), for the demo cohort and the tests. Intervals and the SNP scan:
+stages/evaluation/genetics.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+ZYGOSITIES = ("MZ", "DZ")
+GENETIC_SHARE = {"MZ": 1.0, "DZ": 0.5}  # share of the additive genetic part a pair has in common
+
+
+@dataclass(frozen=True)
+class TwinData:
+    """One trait's values arranged by family: complete MZ and DZ pairs (n x 2) and everyone else (singletons, twins
+    of unknown zygosity, twins whose co-twin has no value)."""
+
+    mz: np.ndarray
+    dz: np.ndarray
+    single: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        return {"mz_pairs": len(self.mz), "dz_pairs": len(self.dz), "singles": len(self.single)}
+
+
+def twin_data(values: pd.Series, families: pd.DataFrame) -> tuple[TwinData, list[np.ndarray]]:
+    """Arrange ``values`` (indexed by subject_id; NaN is no value) by ``families`` (columns subject_id, family_id,
+    zygosity MZ/DZ/empty). Returns the data and, per family, the rows it contributes, as integer codes
+    ``[kind, i]`` (kind 0 MZ pair, 1 DZ pair, 2 single) for :func:`subset`."""
+    values = values.dropna()
+    fam = families.drop_duplicates("subject_id").set_index("subject_id")
+    table = pd.DataFrame({"value": values})
+    table["family"] = [fam.family_id.get(s, s) if isinstance(fam.family_id.get(s, s), str) else s
+                       for s in table.index] if "family_id" in fam else table.index
+    zyg = fam.zygosity if "zygosity" in fam else pd.Series(dtype=object)
+    table["zygosity"] = [str(zyg.get(s, "")).strip().upper() if pd.notna(zyg.get(s, np.nan)) else ""
+                         for s in table.index]
+    rows: dict[str, list[list[float]]] = {"MZ": [], "DZ": [], "single": []}
+    groups = []
+    for _, members in table.groupby("family", sort=True):
+        codes = []
+        kinds = set(members.zygosity)
+        if len(members) >= 2 and len(kinds) == 1 and (kind := kinds.pop()) in ZYGOSITIES:
+            codes.append([ZYGOSITIES.index(kind), len(rows[kind])])
+            rows[kind].append(members.value.iloc[:2].tolist())
+            rest = members.value.iloc[2:]
+        else:
+            rest = members.value
+        for v in rest:
+            codes.append([2, len(rows["single"])])
+            rows["single"].append([v])
+        groups.append(np.array(codes, dtype=int))
+    data = TwinData(np.array(rows["MZ"], dtype=float).reshape(-1, 2), np.array(rows["DZ"], dtype=float).reshape(-1, 2),
+                    np.array(rows["single"], dtype=float).reshape(-1))
+    return data, groups
+
+
+def subset(data: TwinData, codes: np.ndarray) -> TwinData:
+    """The pairs and singles named by ``codes`` (rows ``[kind, i]`` of :func:`twin_data`), repeats kept."""
+    codes = np.asarray(codes, dtype=int).reshape(-1, 2)
+    return TwinData(data.mz[codes[codes[:, 0] == 0, 1]], data.dz[codes[codes[:, 0] == 1, 1]],
+                    data.single[codes[codes[:, 0] == 2, 1]])
+
+
+def ace_loglik(a: float, c: float, e: float, mean: float, data: TwinData) -> float:
+    """Log-likelihood of the ACE model: pairs bivariate normal with variance a + c + e and covariance a + c (MZ) or
+    a / 2 + c (DZ), singles univariate normal."""
+    var = a + c + e
+    total = 0.0
+    for pairs, share in ((data.mz, GENETIC_SHARE["MZ"]), (data.dz, GENETIC_SHARE["DZ"])):
+        if len(pairs):
+            cov = share * a + c
+            det = var * var - cov * cov
+            d1, d2 = pairs[:, 0] - mean, pairs[:, 1] - mean
+            quad = (var * (d1 * d1 + d2 * d2) - 2 * cov * d1 * d2) / det
+            total += float(np.sum(-np.log(2 * np.pi) - 0.5 * np.log(det) - 0.5 * quad))
+    if len(data.single):
+        d = data.single - mean
+        total += float(np.sum(-0.5 * np.log(2 * np.pi * var) - 0.5 * d * d / var))
+    return total
+
+
+@dataclass(frozen=True)
+class AceFit:
+    h2: float
+    c2: float
+    e2: float
+    variance: float
+    mean: float
+    loglik: float
+
+
+def fit_ace(data: TwinData) -> AceFit:
+    """Maximum-likelihood ACE fit: a and c bounded at zero, e above it (on the trait standardised to unit variance),
+    three starts, the best optimum kept. NaN fit where there are no pairs of either kind or no spread."""
+    from scipy.optimize import minimize
+
+    everything = np.concatenate([data.mz.ravel(), data.dz.ravel(), data.single])
+    nan = AceFit(*(float("nan"),) * 6)
+    if (len(data.mz) + len(data.dz)) == 0 or everything.size < 3 or np.ptp(everything) == 0:
+        return nan
+    centre, scale = float(everything.mean()), float(everything.std())
+    z = TwinData((data.mz - centre) / scale, (data.dz - centre) / scale, (data.single - centre) / scale)
+
+    def negative(theta: np.ndarray) -> float:
+        return -ace_loglik(theta[0], theta[1], theta[2], theta[3], z)
+
+    best = None
+    bounds = [(0, 10), (0, 10), (1e-4, 10), (-10, 10)]
+    for h2, c2 in ((0.5, 0.2), (0.05, 0.6), (0.8, 0.0)):
+        result = minimize(negative, np.array([h2, c2, 1 - h2 - c2, 0.0]), method="L-BFGS-B", bounds=bounds,
+                          options={"ftol": 1e-12, "gtol": 1e-8})
+        if best is None or result.fun < best.fun:
+            best = result
+    a, c, e = best.x[:3]
+    var = a + c + e
+    return AceFit(h2=float(a / var), c2=float(c / var), e2=float(e / var), variance=float(var * scale**2),
+                  mean=float(centre + best.x[3] * scale), loglik=float(-best.fun - everything.size * np.log(scale)))
+
+
+def intraclass(pairs: np.ndarray) -> float:
+    """Intraclass correlation of pairs: the Pearson correlation of the double-entered pairs (each pair in both
+    orders), NaN with fewer than two pairs or no spread."""
+    if len(pairs) < 2:
+        return float("nan")
+    x = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    y = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    if np.ptp(x) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def falconer(data: TwinData) -> dict[str, float]:
+    """Falconer's estimates from the MZ and DZ intraclass correlations."""
+    r_mz, r_dz = intraclass(data.mz), intraclass(data.dz)
+    return {"r_mz": r_mz, "r_dz": r_dz, "h2": 2 * (r_mz - r_dz), "c2": 2 * r_dz - r_mz, "e2": 1 - r_mz}
+
+
+def family_genotypes(rng: np.random.Generator, allele_frequency: np.ndarray, members: list[str]) -> np.ndarray:
+    """Dosages (len(members) x SNPs, 0/1/2) of one family's children: two parents drawn at the given allele
+    frequencies (independent SNPs), each child one allele from each; ``members`` names each child's kind:
+    "MZ" children are copies of the family's first MZ child, every other kind a child of its own."""
+    p = np.asarray(allele_frequency, dtype=float)
+    parents = (rng.random((2, 2, p.size)) < p).astype(np.int8)      # parent, haplotype, SNP: 1 the counted allele
+    children = np.zeros((len(members), p.size), dtype=np.int8)
+    first_mz = None
+    for i, kind in enumerate(members):
+        if kind == "MZ" and first_mz is not None:
+            children[i] = children[first_mz]
+            continue
+        pick = rng.integers(0, 2, (2, p.size))
+        children[i] = parents[0, pick[0], np.arange(p.size)] + parents[1, pick[1], np.arange(p.size)]
+        if kind == "MZ":
+            first_mz = i
+    return children
