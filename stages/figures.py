@@ -1291,7 +1291,8 @@ def genetics_figure(heritability: dict[str, pd.DataFrame], scans: dict[str, pd.D
         c = "black" if r.trait == "mean_grade" else colour(encoder, encoders)
         pairs = f"{int(r.get('mz_pairs', 0))} MZ / {int(r.get('dz_pairs', 0))} DZ pairs"
         if pd.notna(r.get("h2", np.nan)):
-            h_ax.errorbar(r.h2, y, xerr=[[r.h2 - r.h2_low], [r.h2_high - r.h2]], fmt="o", color=c, capsize=3)
+            h_ax.errorbar(r.h2, y, xerr=[[max(r.h2 - r.h2_low, 0)], [max(r.h2_high - r.h2, 0)]], fmt="o", color=c,
+                          capsize=3)
             h_ax.plot(r.falconer_h2, y - 0.25, "o", mfc="none", color=c)
             h_ax.text(1.55, y, f"{r.h2:.2f} [{r.h2_low:.2f}, {r.h2_high:.2f}]", va="center", fontsize=7)
         else:

@@ -44,14 +44,18 @@ SCAN_COLUMNS = ["trait", "snp", "position", "beta", "se", "t", "p", "q", "n", "c
                 "minor_alleles"]
 
 
-def design(table: pd.DataFrame, covariates: list[str]) -> tuple[np.ndarray, pd.Series]:
-    """Covariate matrix (numbers as they are, categories as indicator columns, the first level left out) and which
-    rows have every covariate."""
-    columns, complete = [], pd.Series(True, index=table.index)
+def design(table: pd.DataFrame, covariates: list[str]) -> tuple[np.ndarray, pd.Series, list[str]]:
+    """Covariate matrix (numbers as they are, categories as indicator columns, the first level left out), which
+    rows have every covariate used, and the covariates left out because no subject has a value (an anonymised
+    archive may have no sex, say: adjusting for it would drop every subject)."""
+    columns, complete, unused = [], pd.Series(True, index=table.index), []
     for name in covariates:
         if name not in table:
             raise ValueError(f"covariate {name!r} is not a column of the population table ({list(table.columns)})")
-        values = table[name]
+        values = table[name].mask(table[name].astype(str).str.strip() == "")
+        if values.isna().all():
+            unused.append(name)
+            continue
         complete &= values.notna()
         numeric = pd.to_numeric(values, errors="coerce")
         if numeric.notna().sum() == values.notna().sum():
@@ -60,7 +64,7 @@ def design(table: pd.DataFrame, covariates: list[str]) -> tuple[np.ndarray, pd.S
             levels = sorted(values.dropna().astype(str).unique())
             columns.append(np.column_stack([(values.astype(str) == lv).to_numpy(float) for lv in levels[1:]])
                            if len(levels) > 1 else np.zeros((len(table), 0)))
-    return (np.hstack(columns) if columns else np.zeros((len(table), 0))), complete
+    return (np.hstack(columns) if columns else np.zeros((len(table), 0))), complete, unused
 
 
 def adjusted(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -83,7 +87,12 @@ def run(population: Path, subjects: Path, genotypes: Path | None, out_heritabili
     traits = [t for t in [DISC_TRAIT, *[f"pc{i + 1}" for i in range(pcs)]] if t in table]
     summary: dict = {"population": str(population), "subjects": len(table), "covariates": list(covariates),
                      "fdr": fdr, "traits": traits, "skipped": {}}
-    x, complete = design(table, list(covariates)) if len(table) else (np.zeros((0, 0)), pd.Series(dtype=bool))
+    x, complete, unused = (design(table, list(covariates)) if len(table)
+                           else (np.zeros((0, 0)), pd.Series(dtype=bool), []))
+    if unused:
+        log.warning("no subject has %s: not adjusted for", ", ".join(unused))
+        summary["skipped"]["covariates"] = f"no subject has a value of {', '.join(unused)}: not adjusted for"
+    summary["subjects_without_covariates"] = int((~complete).sum())
     heritability, scans = [], []
     dosage = pd.read_parquet(genotypes).drop_duplicates("subject_id").set_index("subject_id") if genotypes else None
     for trait in traits:

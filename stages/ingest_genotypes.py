@@ -3,7 +3,8 @@ and checked, for the genetics stage.
 
 The table (CSV, config ``cohort.genotypes``): a ``patient_id`` column and one column per SNP holding the allele
 dosage, 0, 1 or 2 copies of the counted allele (an empty cell: not called). Columns whose names look like identity
-(name, birth date, ...) are dropped unread. Every row is accounted for in ``--out-rows``: used, or rejected with the
+(name, birth date, ...) are dropped unread; columns of a subjects table (subject_id, family_id, sex, age, zygosity,
+twin) are left out with a warning: they are not SNPs. Every row is accounted for in ``--out-rows``: used, or rejected with the
 reason (no patient id, a second row of the same patient); a used row's dosages that are not 0, 1 or 2 (3, "AG",
 1.5) are set to not called, and the row's entry names how many and which SNPs. A table with no SNP column, or no
 usable row, is an error.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from stages.core import cli
 
 log = logging.getLogger("ingest_genotypes")
 
+NOT_SNPS = re.compile(r"subject_id|study_uid|study_id|family_id|sex|gender|zygosity|twin|age.*|graded|n_studies",
+                      re.I)
 DOSAGES = {"0": 0.0, "1": 1.0, "2": 2.0, "0.0": 0.0, "1.0": 1.0, "2.0": 2.0}
 
 
@@ -36,10 +40,14 @@ def read_genotypes(path: Path, key: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "patient_id" not in raw:
         raise ValueError(f"{path}: a genotype table needs a patient_id column; it has {list(raw.columns)[:8]}")
-    snps = [c for c in raw.columns if c != "patient_id" and not pn.IDENTITY_COLUMNS.search(c)]
+    snps = [c for c in raw.columns if c != "patient_id" and not pn.IDENTITY_COLUMNS.search(c)
+            and not NOT_SNPS.fullmatch(c)]
     dropped = [c for c in raw.columns if c != "patient_id" and pn.IDENTITY_COLUMNS.search(c)]
     if dropped:
         log.warning("dropped %d identity-like column(s) unread", len(dropped))
+    others = [c for c in raw.columns if c != "patient_id" and c not in dropped and c not in snps]
+    if others:
+        log.warning("not SNPs, left out: %s (subject and family columns belong in cohort.subjects)", ", ".join(others))
     if not snps:
         raise ValueError(f"{path}: no SNP column beside patient_id")
     cells = raw[snps].apply(lambda column: column.str.strip())

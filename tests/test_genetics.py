@@ -51,6 +51,9 @@ def test_ace_fit_recovers_a_known_heritability_and_is_the_maximum():
     # no shared environment, no genes: the parts go to the boundary, never negative
     fit = twins.fit_ace(simulate_twins(rng, 800, 800, a=0.0, c=0.0, e=1.0))
     assert min(fit.h2, fit.c2) >= 0 and fit.e2 > 0.85
+    # MZ pairs alone cannot tell A from C (any split of their covariance fits as well): no estimate
+    only_mz = simulate_twins(rng, 200, 1, a=0.5, c=0.2, e=0.3)
+    assert np.isnan(twins.fit_ace(only_mz).h2) and np.isnan(twins.falconer(only_mz)["h2"])
 
 
 def test_falconer_from_the_intraclass_correlations():
@@ -170,13 +173,13 @@ def test_ingest_genotypes_pseudonymises_and_accounts_for_every_row(tmp_path):
     from stages.archive import pseudonym as pn
 
     csv = tmp_path / "genotypes.csv"
-    csv.write_text("patient_id,patient_name,rs1,rs2,rs3\n"
-                   "TW1234567,Doe^Jane,0,1,2\n"
-                   ",Nobody,1,1,1\n"
-                   "TW7654321,Roe^Rick,2,AG,\n"
-                   "TW1234567,Doe^Jane,1,1,1\n")
+    csv.write_text("patient_id,patient_name,sex,subject_id,rs1,rs2,rs3\n"
+                   "TW1234567,Doe^Jane,1,s1,0,1,2\n"
+                   ",Nobody,2,s2,1,1,1\n"
+                   "TW7654321,Roe^Rick,2,s3,2,AG,\n"
+                   "TW1234567,Doe^Jane,1,s1,1,1,1\n")
     table, rows = ig.read_genotypes(csv, KEY)
-    assert list(table.columns) == ["subject_id", "rs1", "rs2", "rs3"]       # the name column dropped unread
+    assert list(table.columns) == ["subject_id", "rs1", "rs2", "rs3"]   # name dropped unread; sex, subject_id: no SNPs
     assert list(table.subject_id) == [pn.subject_id(KEY, "TW1234567"), pn.subject_id(KEY, "TW7654321")]
     assert table.iloc[0, 1:].tolist() == [0, 1, 2] and np.isnan(table.iloc[1, 2]) and np.isnan(table.iloc[1, 3])
     assert list(rows.status) == ["used", "rejected", "used", "rejected"] and list(rows.row) == [2, 3, 4, 5]
@@ -185,8 +188,9 @@ def test_ingest_genotypes_pseudonymises_and_accounts_for_every_row(tmp_path):
     written = tmp_path / "out.parquet"
     assert ig.main(["--genotypes", str(csv), "--key-file", str(_key(tmp_path)), "--out-genotypes", str(written),
                     "--out-rows", str(tmp_path / "rows.csv")]) == 0
-    text = written.read_bytes() + (tmp_path / "rows.csv").read_bytes()
-    assert b"TW1234567" not in text and b"Doe" not in text                   # no identity leaves ingest
+    out = pd.read_parquet(written)
+    text = out.to_csv() + (tmp_path / "rows.csv").read_text()
+    assert "TW1234567" not in text and "Doe" not in text and len(out) == 2     # no identity leaves ingest
     (tmp_path / "bad.csv").write_text("patient_id,name\nTW1,x\n")
     with pytest.raises(ValueError, match="no SNP column"):
         ig.read_genotypes(tmp_path / "bad.csv", KEY)
@@ -252,3 +256,10 @@ def test_genetics_stage_recovers_planted_heritability_and_snp(tmp_path):
     assert len(pd.read_csv(out[1])) == 0 and pd.read_csv(out[0]).h2.isna().all()
     with pytest.raises(SystemExit):
         stage.main([*args, "--fdr", "2"])
+    # a covariate no subject has (an anonymised archive without sex) is left out, not every subject with it
+    table.assign(sex=None)[["subject_id", "mean_grade", "pc1", "age_years", "sex"]].to_parquet(
+        tmp_path / "population.parquet")
+    assert stage.main(args) == 0
+    summary = json.loads(out[2].read_text())
+    assert "sex" in summary["skipped"]["covariates"] and pd.read_csv(out[0]).set_index("trait").subjects["pc1"] == 800
+    assert stage.main([*args, "--covariates"]) == 0                  # none at all: an empty list

@@ -134,8 +134,9 @@ def pseudonymise_table(table: pd.DataFrame, key: bytes, what: str) -> pd.DataFra
     out = pd.DataFrame({"subject_id": [subject_id(key, str(p)) for p in table["patient_id"]]})
     if "study_uid" in table:
         out["study_id"] = [study_id(key, str(s)) for s in table["study_uid"]]
-    if "family_id" in table:
-        out["family_id"] = [family_id(key, str(f)) for f in table["family_id"]]
+    if "family_id" in table:   # a blank family is an unknown one, never one family of everyone without one
+        out["family_id"] = [family_id(key, str(f).strip()) if pd.notna(f) and str(f).strip() else None
+                            for f in table["family_id"]]
     for column in table.columns:
         if column in {"patient_id", "study_uid", "family_id"} or IDENTITY_COLUMNS.search(column):
             continue

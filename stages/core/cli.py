@@ -78,7 +78,8 @@ def add_section_options(parser: argparse.ArgumentParser, section: str, prefix: s
             kwargs.update(type=_boolean, metavar="{true,false}")
         elif kind == "array":
             fixed = spec.get("minItems") is not None and spec.get("minItems") == spec.get("maxItems")
-            kwargs.update(type=_TYPES[spec["items"]["type"]], nargs=spec["minItems"] if fixed else "+")
+            kwargs.update(type=_TYPES[spec["items"]["type"]],
+                          nargs=spec["minItems"] if fixed else ("+" if spec.get("minItems", 0) > 0 else "*"))
             if fixed and spec["minItems"] == 2:
                 kwargs["metavar"] = ("MIN", "MAX")
             if "enum" in spec["items"]:

@@ -103,32 +103,68 @@ class AceFit:
     loglik: float
 
 
-def fit_ace(data: TwinData) -> AceFit:
-    """Maximum-likelihood ACE fit: a and c bounded at zero, e above it (on the trait standardised to unit variance),
-    three starts, the best optimum kept. NaN fit where there are no pairs of either kind or no spread."""
+GRID_STEP = 0.005   # of the (h2, c2) grid the profile likelihood is searched on
+
+
+def profile_loglik(h2: np.ndarray, c2: np.ndarray, data: TwinData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ACE log-likelihood maximised over the mean and the total variance for each proportion pair (h2, c2)
+    (arrays of one shape; e2 = 1 - h2 - c2 > 0): with the twins' correlations r = h2 + c2 (MZ) and h2 / 2 + c2 (DZ)
+    fixed, the mean is the generalised least-squares mean (a pair weighs 2 / (1 + r), a single 1) and the variance
+    the quadratic form over the number of values. Returns the log-likelihoods, the means and the variances."""
+    h2, c2 = np.broadcast_arrays(np.asarray(h2, dtype=float), np.asarray(c2, dtype=float))
+    shape = h2.shape
+    h2, c2 = h2.reshape(-1, 1), c2.reshape(-1, 1)
+    parts = [(data.mz, h2 + c2), (data.dz, h2 / 2 + c2)]
+    weight = np.full(h2.shape, float(len(data.single)))
+    total = np.full(h2.shape, float(data.single.sum()))
+    for pairs, r in parts:
+        weight = weight + 2 * len(pairs) / (1 + r)
+        total = total + pairs.sum() / (1 + r)
+    mean = total / weight
+    quad = ((data.single[None, :] - mean) ** 2).sum(axis=1, keepdims=True)
+    logdet = np.zeros(h2.shape)
+    for pairs, r in parts:
+        if len(pairs):
+            d1, d2 = pairs[None, :, 0] - mean, pairs[None, :, 1] - mean
+            quad = quad + ((d1 * d1 + d2 * d2 - 2 * r * d1 * d2) / (1 - r * r)).sum(axis=1, keepdims=True)
+            logdet = logdet + len(pairs) * np.log(1 - r * r)
+    n = len(data.single) + 2 * (len(data.mz) + len(data.dz))
+    variance = quad / n
+    loglik = -0.5 * n * (np.log(2 * np.pi * variance) + 1) - 0.5 * logdet
+    return loglik.reshape(shape), mean.reshape(shape), variance.reshape(shape)
+
+
+def fit_ace(data: TwinData, refine: bool = True) -> AceFit:
+    """Maximum-likelihood ACE fit: the profile likelihood (:func:`profile_loglik`) on a grid of proportions h2, c2
+    >= 0 with e2 > 0 (step :data:`GRID_STEP`), its best point then refined by a bounded local search (``refine``; a
+    bootstrap replicate keeps the grid's). NaN fit with fewer than two MZ and two DZ pairs (A and C cannot be told
+    apart: with MZ pairs alone any split of their covariance fits as well) or no spread."""
     from scipy.optimize import minimize
 
     everything = np.concatenate([data.mz.ravel(), data.dz.ravel(), data.single])
     nan = AceFit(*(float("nan"),) * 6)
-    if (len(data.mz) + len(data.dz)) == 0 or everything.size < 3 or np.ptp(everything) == 0:
+    if min(len(data.mz), len(data.dz)) < 2 or np.ptp(everything) == 0:
         return nan
-    centre, scale = float(everything.mean()), float(everything.std())
-    z = TwinData((data.mz - centre) / scale, (data.dz - centre) / scale, (data.single - centre) / scale)
+    steps = np.arange(0, 1 + GRID_STEP / 2, GRID_STEP)
+    h2, c2 = np.meshgrid(steps, steps, indexing="ij")
+    inside = h2 + c2 <= 1 - GRID_STEP / 2
+    h2, c2 = h2[inside], c2[inside]
+    loglik, _, _ = profile_loglik(h2, c2, data)
+    best = int(np.argmax(loglik))
+    point = np.array([h2[best], c2[best]])
+    if refine:
+        def negative(theta: np.ndarray) -> float:
+            if theta.sum() >= 1 - 1e-6:
+                return 1e12
+            return -float(profile_loglik(theta[0], theta[1], data)[0])
 
-    def negative(theta: np.ndarray) -> float:
-        return -ace_loglik(theta[0], theta[1], theta[2], theta[3], z)
-
-    best = None
-    bounds = [(0, 10), (0, 10), (1e-4, 10), (-10, 10)]
-    for h2, c2 in ((0.5, 0.2), (0.05, 0.6), (0.8, 0.0)):
-        result = minimize(negative, np.array([h2, c2, 1 - h2 - c2, 0.0]), method="L-BFGS-B", bounds=bounds,
-                          options={"ftol": 1e-12, "gtol": 1e-8})
-        if best is None or result.fun < best.fun:
-            best = result
-    a, c, e = best.x[:3]
-    var = a + c + e
-    return AceFit(h2=float(a / var), c2=float(c / var), e2=float(e / var), variance=float(var * scale**2),
-                  mean=float(centre + best.x[3] * scale), loglik=float(-best.fun - everything.size * np.log(scale)))
+        result = minimize(negative, point, method="L-BFGS-B", bounds=[(0, 1 - 1e-6)] * 2,
+                          options={"ftol": 1e-13, "gtol": 1e-9})
+        if result.fun <= -loglik[best]:
+            point = result.x
+    value, mean, variance = (float(v) for v in profile_loglik(point[0], point[1], data))
+    return AceFit(h2=float(point[0]), c2=float(point[1]), e2=float(1 - point.sum()), variance=variance, mean=mean,
+                  loglik=value)
 
 
 def intraclass(pairs: np.ndarray) -> float:
