@@ -4,8 +4,8 @@ and checked, for the genetics stage.
 The table (CSV, config ``cohort.genotypes``): a ``patient_id`` column and one column per SNP holding the allele
 dosage, 0, 1 or 2 copies of the counted allele (an empty cell: not called). Columns whose names look like identity
 (name, birth date, ...) are dropped unread; columns of a subjects table (subject_id, family_id, sex, age, zygosity,
-twin) are left out with a warning: they are not SNPs. Every row is accounted for in ``--out-rows``: used, or rejected with the
-reason (no patient id, a second row of the same patient); a used row's dosages that are not 0, 1 or 2 (3, "AG",
+twin) are left out with a warning: they are not SNPs. Every row is accounted for in ``--out-rows``: used, or
+rejected with the reason (no patient id, a second row of the same patient); a used row's dosages that are not 0, 1 or 2 (3, "AG",
 1.5) are set to not called, and the row's entry names how many and which SNPs. A table with no SNP column, or no
 usable row, is an error.
 

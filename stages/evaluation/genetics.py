@@ -97,8 +97,8 @@ def snp_scan(trait: np.ndarray, dosages: np.ndarray, covariates: np.ndarray, fam
     one genotype twice), with an exchangeable correlation per kind of family (``kinds``: MZ, DZ, other) estimated
     from the covariates-only model's residuals (:func:`family_correlations`); model and data are whitened with it
     (:func:`whiten`) and each SNP's coefficient per allele, standard error, t and two-sided p (on F - k - 2 degrees
-    of freedom, F families, k covariates) come from least squares on the whitened data (by Frisch-Waugh-Lovell: the covariates are partialled
-    out once for all SNPs). BH q values over the SNPs tested. A SNP's missing dosages are set to its mean (its call
+    of freedom, F families, k covariates) come from least squares on the whitened data (by Frisch-Waugh-Lovell: the
+    covariates are partialled out once for all SNPs). BH q values over the SNPs tested. A SNP's missing dosages are set to its mean (its call
     rate is reported); a SNP with fewer than ``min_minor_alleles`` copies of its minor allele in the sample is not
     tested (NaN; rare variants in a small cohort rest on a few families)."""
     from scipy.stats import t as student
