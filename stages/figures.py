@@ -1293,8 +1293,11 @@ def genetics_figure(heritability: dict[str, pd.DataFrame], scans: dict[str, pd.D
         if pd.notna(r.get("h2", np.nan)):
             h_ax.errorbar(r.h2, y, xerr=[[max(r.h2 - r.h2_low, 0)], [max(r.h2_high - r.h2, 0)]], fmt="o", color=c,
                           capsize=3)
-            h_ax.plot(r.falconer_h2, y - 0.25, "o", mfc="none", color=c)
-            h_ax.text(1.55, y, f"{r.h2:.2f} [{r.h2_low:.2f}, {r.h2_high:.2f}]", va="center", fontsize=7)
+            if pd.notna(r.falconer_h2):   # a moment estimate can fall far outside [0, 1]: kept at the axis' edge
+                clipped = float(np.clip(r.falconer_h2, -0.95, 1.95))
+                h_ax.plot(clipped, y - 0.25, ">" if clipped < r.falconer_h2 else "<" if clipped > r.falconer_h2
+                          else "o", mfc="none", color=c)
+            h_ax.text(2.05, y, f"{r.h2:.2f} [{r.h2_low:.2f}, {r.h2_high:.2f}]", va="center", fontsize=7)
         else:
             h_ax.text(0.5, y, f"skipped: {r.get('skipped', '')}", va="center", ha="center", fontsize=7, color="#555")
         h_ax.text(-0.95, y + 0.3, pairs, fontsize=6, color="#555")
@@ -1305,10 +1308,10 @@ def genetics_figure(heritability: dict[str, pd.DataFrame], scans: dict[str, pd.D
         h_ax.text(expected, y + 0.5, f"expected {expected:.2f}\n(planted liability {truth['liability']['h2']:.2f})",
                   color="crimson", fontsize=7, ha="center")
     h_ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    h_ax.invert_yaxis()
-    h_ax.set_xlim(-1.0, 2.2)
+    h_ax.set_ylim(len(rows) - 0.3, -0.7)
+    h_ax.set_xlim(-1.0, 2.8)
     h_ax.axvspan(0, 1, color="#f2f2f2", zorder=0)
-    h_ax.set_xlabel("heritability h2 (filled: ACE, interval over families; hollow: Falconer)")
+    h_ax.set_xlabel("heritability h2 (filled: ACE, interval over families; hollow: Falconer, arrow: off the axis)")
     h_ax.set_title("twin heritability, adjusted for " + ", ".join(summaries[encoders[0]]["covariates"]), fontsize=10)
     planted = {s["snp"] for s in truth["planted_snps"]} if truth else set()
     panels = [("mean grade (disc trait)", disc_from, ["mean_grade"])] + [

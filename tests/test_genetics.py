@@ -263,3 +263,25 @@ def test_genetics_stage_recovers_planted_heritability_and_snp(tmp_path):
     summary = json.loads(out[2].read_text())
     assert "sex" in summary["skipped"]["covariates"] and pd.read_csv(out[0]).set_index("trait").subjects["pc1"] == 800
     assert stage.main([*args, "--covariates"]) == 0                  # none at all: an empty list
+
+
+def test_family_correlations_are_the_intraclass_correlations_of_each_kind():
+    rng = np.random.default_rng(8)
+    r = rng.normal(size=26)
+    families = np.r_[np.repeat(np.arange(10), 2), [10, 10, 10], [11], [12], [13]]
+    kinds = np.r_[np.repeat(["MZ"] * 5 + ["DZ"] * 5, 2), ["family"] * 3, ["MZ", "DZ", "family"]]
+    out = gen.family_correlations(r, families, kinds)
+    c = r - r.mean()
+    for kind, rows in (("MZ", slice(0, 10)), ("DZ", slice(10, 20))):
+        pairs = c[rows].reshape(-1, 2)       # double entry: sum over both orders of x_i1 x_i2 over sum of squares
+        assert out[kind] == pytest.approx(np.clip(2 * np.sum(pairs[:, 0] * pairs[:, 1]) / np.sum(pairs**2), 0, 0.95))
+    trio = c[20:23]                           # a family of three: its 6 ordered pairs over its 3 squares
+    cross = trio[0] * trio[1] + trio[0] * trio[2] + trio[1] * trio[2]
+    assert out["family"] == pytest.approx(np.clip((2 * cross / 6) / np.mean(trio**2), 0, 0.95))
+    # whitening with the exchangeable correlation: Sigma^-1/2 of a family of three, checked against the matrix
+    from scipy.linalg import sqrtm
+    rho = {"family": 0.4}
+    values = rng.normal(size=(3, 2))
+    sigma = 0.6 * np.eye(3) + 0.4 * np.ones((3, 3))
+    expected = np.linalg.inv(np.real(sqrtm(sigma))) @ values
+    assert np.allclose(gen.whiten(values, np.zeros(3), np.array(["family"] * 3), rho), expected)

@@ -59,20 +59,22 @@ def family_members(families: np.ndarray) -> list[np.ndarray]:
 
 def family_correlations(residuals: np.ndarray, families: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
     """The correlation of ``residuals`` between members of one family, per kind of family (``kinds``, one per
-    subject: a family's kind is its first member's): the mean product over ordered pairs of members over the
-    variance, cut to [0, 0.95]; 0 for a kind without such pairs."""
+    subject: a family's kind is its first member's), among the families of two or more members: the mean product
+    over ordered pairs of members over the mean square of those members (the double-entry intraclass correlation
+    for pairs), both about the overall mean; cut to [0, 0.95]; 0 for a kind without such families."""
     r = residuals - residuals.mean()
-    var = float(np.mean(r * r)) or 1.0
     totals: dict[str, list[float]] = {}
     for members in family_members(families):
         if len(members) < 2:
             continue
         s = r[members]
-        cross = float(s.sum() ** 2 - np.sum(s * s))          # the sum over ordered pairs i != j
-        total = totals.setdefault(str(kinds[members[0]]), [0.0, 0.0])
-        total[0] += cross
+        total = totals.setdefault(str(kinds[members[0]]), [0.0, 0.0, 0.0, 0.0])
+        total[0] += float(s.sum() ** 2 - np.sum(s * s))      # the sum over ordered pairs i != j
         total[1] += len(members) * (len(members) - 1)
-    return {kind: float(np.clip(c / (n * var), 0.0, 0.95)) for kind, (c, n) in totals.items()}
+        total[2] += float(np.sum(s * s))
+        total[3] += len(members)
+    return {kind: float(np.clip((c / n) / (ss / m), 0.0, 0.95)) if ss > 0 else 0.0
+            for kind, (c, n, ss, m) in totals.items()}
 
 
 def whiten(values: np.ndarray, families: np.ndarray, kinds: np.ndarray, rho: dict[str, float]) -> np.ndarray:
