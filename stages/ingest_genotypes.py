@@ -5,9 +5,9 @@ The table (CSV, config ``cohort.genotypes``): a ``patient_id`` column and one co
 dosage, 0, 1 or 2 copies of the counted allele (an empty cell: not called). Columns whose names look like identity
 (name, birth date, ...) are dropped unread; columns of a subjects table (subject_id, family_id, sex, age, zygosity,
 twin) are left out with a warning: they are not SNPs. Every row is accounted for in ``--out-rows``: used, or
-rejected with the reason (no patient id, a second row of the same patient); a used row's dosages that are not 0, 1 or 2 (3, "AG",
-1.5) are set to not called, and the row's entry names how many and which SNPs. A table with no SNP column, or no
-usable row, is an error.
+rejected with the reason (no patient id, a second row of the same patient); a used row's dosages that are not 0, 1
+or 2 (3, "AG", 1.5) are set to not called, and the row's entry names how many and which SNPs. An empty table, one
+with no SNP column or no usable row is an error.
 
 Run:
     python -m stages.ingest_genotypes --genotypes cohort/genotypes.csv --key-file pseudonym.key \\
@@ -37,7 +37,10 @@ DOSAGES = {"0": 0.0, "1": 1.0, "2": 2.0, "0.0": 0.0, "1.0": 1.0, "2.0": 2.0}
 def read_genotypes(path: Path, key: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The pseudonymised dosage table (subject_id, one float column per SNP, NaN not called) and the report of every
     row (row: the line's number in the file, header line 1; subject_id; status used/rejected; detail)."""
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: a genotype table needs a header (patient_id, SNPs) and rows") from None
     if "patient_id" not in raw:
         raise ValueError(f"{path}: a genotype table needs a patient_id column; it has {list(raw.columns)[:8]}")
     snps = [c for c in raw.columns if c != "patient_id" and not pn.IDENTITY_COLUMNS.search(c)
@@ -69,7 +72,8 @@ def read_genotypes(path: Path, key: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
                       + (" ..." if len(bad) > 5 else "")) if bad else ""
             report.append((line, subject, "used", detail))
     if not keep:
-        raise ValueError(f"{path}: no usable row (every row lacks a patient_id or repeats one)")
+        raise ValueError(f"{path}: no usable row" + (" (every row lacks a patient_id or repeats one)" if len(raw)
+                                                      else " (it has a header only)"))
     table = dosage.iloc[keep].reset_index(drop=True).astype("float32")
     table.insert(0, "subject_id", [pn.subject_id(key, raw.patient_id.iloc[i].strip()) for i in keep])
     rows = pd.DataFrame(report, columns=["row", "subject_id", "status", "detail"])
@@ -93,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     key = pn.key_from_args(args, parser)
     cli.setup_logging(args.log, "ingest_genotypes")
-    table, rows = read_genotypes(args.genotypes, key)
+    try:
+        table, rows = read_genotypes(args.genotypes, key)
+    except ValueError as err:
+        parser.error(str(err))
     for path in (args.out_genotypes, args.out_rows):
         path.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(args.out_genotypes, index=False)

@@ -194,6 +194,13 @@ def test_ingest_genotypes_pseudonymises_and_accounts_for_every_row(tmp_path):
     (tmp_path / "bad.csv").write_text("patient_id,name\nTW1,x\n")
     with pytest.raises(ValueError, match="no SNP column"):
         ig.read_genotypes(tmp_path / "bad.csv", KEY)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        ig.read_genotypes(tmp_path / "empty.csv", KEY)
+    (tmp_path / "header.csv").write_text("patient_id,rs1\n")
+    with pytest.raises(SystemExit):     # the CLI: a clear error, exit code 2
+        ig.main(["--genotypes", str(tmp_path / "header.csv"), "--key-file", str(_key(tmp_path)), "--out-genotypes",
+                 str(tmp_path / "h.parquet"), "--out-rows", str(tmp_path / "h.csv")])
     (tmp_path / "none.csv").write_text("id,rs1\nTW1,1\n")
     with pytest.raises(ValueError, match="needs a patient_id column"):
         ig.read_genotypes(tmp_path / "none.csv", KEY)
