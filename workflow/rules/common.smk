@@ -131,22 +131,6 @@ def key_file_input():
     return {"key_file": key_file} if key_file else {}
 
 
-def genotype_inputs():
-    """The genotype table and the key that pseudonymises it (rule ingest_genotypes): the demo's, or cohort.genotypes
-    with the cohort's key; none when the cohort has no genotype table."""
-    if config["cohort"]["source"] == "demo":
-        return {
-            "genotypes": out("demo_cohort", "truth", "genotypes.csv"),
-            "key_file": out("demo_cohort", "pseudonym.key"),
-        }
-    if not config["cohort"]["genotypes"]:
-        return {}
-    return {"genotypes": config["cohort"]["genotypes"], **key_file_input()}
-
-
-GENOTYPE_INPUTS = genotype_inputs()
-
-
 def ingest_flags(wildcards, input):
     """The ingest stage's input options, from the rule's named inputs (quoted: user paths may have spaces)."""
     flags = (
@@ -238,6 +222,13 @@ ORDERED = (["C", "AC"] + (["MC"] if len(ORDERING["tasks"]) >= 3 else [])) if ORD
 CURRICULUM_STEPS = {**{n: len(s) for n, s in CURRICULA.items()}, **{n: len(ORDERING["tasks"]) for n in ORDERED}}
 TASK_METHODS = ["rotation", "relative_location", "swav"]  # the study's single pretext tasks: no test pairs scored
 GENERATIVE_METHODS = ["vae"]  # the generative baseline: no test pairs scored either
+# The genotype table and the key that pseudonymises it, for ingest_genotypes - the demo's, or cohort.genotypes with
+# the cohort's key; none when the cohort has no genotype table.
+GENOTYPE_INPUTS = (
+    {"genotypes": out("demo_cohort", "truth", "genotypes.csv"), "key_file": out("demo_cohort", "pseudonym.key")}
+    if config["cohort"]["source"] == "demo"
+    else ({"genotypes": config["cohort"]["genotypes"], **key_file_input()} if config["cohort"]["genotypes"] else {})
+)
 PRETRAINED = list(config["pretrain"]["methods"]) + list(CURRICULA) + ORDERED
 METHODS_PATTERN = "|".join(PRETRAINED)
 PRETRAIN_PATTERN = "|".join(config["pretrain"]["methods"])  # what the pretrain rule trains (not the curricula)
