@@ -292,8 +292,6 @@ def expected_heritability(cfg: DemoConfig, model: genome.GeneticModel, pairs: in
     liability: its MZ and DZ twin correlations in ``pairs`` simulated pairs of each kind (the same liability, ages and
     grading as the cohort; no images), and Falconer's h2 and c2 from them. Lower than the liability's h2: each disc's
     own noise, the rounding to grades and their floor and ceiling are unique to the subject."""
-    from stages.evaluation.twins import TwinData, falconer
-
     rng = np.random.default_rng([cfg.seed, 12])
     values = {}
     for kind in ("MZ", "DZ"):
@@ -307,7 +305,11 @@ def expected_heritability(cfg: DemoConfig, model: genome.GeneticModel, pairs: in
     age = np.concatenate([values[k][1] for k in values])
     design = np.column_stack([np.ones_like(age), age])
     resid = trait - design @ np.linalg.lstsq(design, trait, rcond=None)[0]
-    moments = falconer(TwinData(resid[:2 * pairs].reshape(-1, 2), resid[2 * pairs:].reshape(-1, 2), np.zeros(0)))
+    # the twins' correlations (pairs in both orders: the intraclass correlation), then Falconer's estimates
+    r = {kind: float(np.corrcoef(np.r_[p[:, 0], p[:, 1]], np.r_[p[:, 1], p[:, 0]])[0, 1])
+         for kind, p in (("mz", resid[:2 * pairs].reshape(-1, 2)), ("dz", resid[2 * pairs:].reshape(-1, 2)))}
+    moments = {"r_mz": r["mz"], "r_dz": r["dz"], "h2": 2 * (r["mz"] - r["dz"]), "c2": 2 * r["dz"] - r["mz"],
+               "e2": 1 - r["mz"]}
     return {"trait": "mean baseline Pfirrmann grade, adjusted for age", "simulated_pairs_each": pairs,
             **{k: round(float(v), 4) for k, v in moments.items()}}
 

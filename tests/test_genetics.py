@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import multivariate_normal, norm
 
+from stages.demo import genome
 from stages.evaluation import genetics as gen
 from stages.evaluation import twins
 
@@ -98,14 +99,14 @@ def test_heritability_interval_covers_the_planted_value_and_twin_data_arranges_f
 def test_family_genotypes_follow_inheritance():
     rng = np.random.default_rng(3)
     freq = rng.uniform(0.1, 0.5, 2000)
-    mz = twins.family_genotypes(rng, freq, ["MZ", "MZ"])
-    dz = twins.family_genotypes(rng, freq, ["DZ", "DZ"])
+    mz = genome.family_genotypes(rng, freq, ["MZ", "MZ"])
+    dz = genome.family_genotypes(rng, freq, ["DZ", "DZ"])
     assert np.array_equal(mz[0], mz[1]) and set(np.unique(dz)) <= {0, 1, 2}
     # full siblings share half their alleles by descent: dosage correlation about 0.5 across many families
-    sibs = np.array([twins.family_genotypes(rng, freq[:50], ["DZ", "DZ"]) for _ in range(400)])   # family, child, snp
+    sibs = np.array([genome.family_genotypes(rng, freq[:50], ["DZ", "DZ"]) for _ in range(400)])   # family, child, snp
     std = (sibs - 2 * freq[:50]) / np.sqrt(2 * freq[:50] * (1 - freq[:50]))
     assert np.mean(std[:, 0] * std[:, 1]) == pytest.approx(0.5, abs=0.06)
-    singles = np.array([twins.family_genotypes(rng, freq[:50], ["single"])[0] for _ in range(2000)])
+    singles = np.array([genome.family_genotypes(rng, freq[:50], ["single"])[0] for _ in range(2000)])
     assert np.abs(singles.mean(0) / 2 - freq[:50]).max() < 0.05      # Hardy-Weinberg frequencies
 
 
@@ -115,7 +116,7 @@ def scan_cohort(rng: np.random.Generator, n_families: int, n_snps: int, planted:
     ``low_frequency`` the null SNPs' allele frequencies are 0.03-0.15 (a handful of carriers in 25 families)."""
     freq = rng.uniform(0.03, 0.15, n_snps) if low_frequency else rng.uniform(0.1, 0.5, n_snps)
     freq[list(planted)] = 0.4
-    dos = np.concatenate([twins.family_genotypes(rng, freq, ["MZ", "MZ"]) for _ in range(n_families)]).astype(float)
+    dos = np.concatenate([genome.family_genotypes(rng, freq, ["MZ", "MZ"]) for _ in range(n_families)]).astype(float)
     family = np.repeat(np.arange(n_families), 2)
     age = np.repeat(rng.uniform(30, 70, n_families), 2)
     shared = np.repeat(rng.normal(0, 1, n_families), 2)       # twins' shared environment: clustered residuals
@@ -224,7 +225,7 @@ def test_genetics_stage_recovers_planted_heritability_and_snp(tmp_path):
     rows, dosages = [], []
     for f in range(400):
         kind = "MZ" if f % 2 else "DZ"
-        dos = twins.family_genotypes(rng, freq, [kind, kind]).astype(float)
+        dos = genome.family_genotypes(rng, freq, [kind, kind]).astype(float)
         a_parents = rng.normal(size=2).mean()
         poly = a_parents + rng.normal(0, np.sqrt(0.5), 2)
         if kind == "MZ":

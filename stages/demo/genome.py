@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.evaluation.twins import family_genotypes
-
 
 @dataclass(frozen=True)
 class GeneticModel:
@@ -56,6 +54,25 @@ def genetic_model(rng: np.random.Generator, n_snps: int, n_planted: int, planted
     beta = rng.choice([-1.0, 1.0], n_planted) * np.sqrt(planted_snp_share / (2 * freq[planted] * (1 - freq[planted])))
     names = tuple(f"rs{100000 + 7919 * j}" for j in range(n_snps))
     return GeneticModel(names, freq, planted, beta, planted_snp_share, polygenic, shared)
+
+
+def family_genotypes(rng: np.random.Generator, allele_frequency: np.ndarray, members: list[str]) -> np.ndarray:
+    """Dosages (len(members) x SNPs, 0/1/2) of one family's children: two parents drawn at the given allele
+    frequencies (independent SNPs), each child one allele from each; ``members`` names each child's kind:
+    "MZ" children are copies of the family's first MZ child, every other kind a child of its own."""
+    p = np.asarray(allele_frequency, dtype=float)
+    parents = (rng.random((2, 2, p.size)) < p).astype(np.int8)      # parent, haplotype, SNP: 1 the counted allele
+    children = np.zeros((len(members), p.size), dtype=np.int8)
+    first_mz = None
+    for i, kind in enumerate(members):
+        if kind == "MZ" and first_mz is not None:
+            children[i] = children[first_mz]
+            continue
+        pick = rng.integers(0, 2, (2, p.size))
+        children[i] = parents[0, pick[0], np.arange(p.size)] + parents[1, pick[1], np.arange(p.size)]
+        if kind == "MZ":
+            first_mz = i
+    return children
 
 
 def family_liabilities(model: GeneticModel, rng: np.random.Generator, kinds: list[str],

@@ -7,9 +7,8 @@ twins share all of ``a``, dizygotic (DZ) twins half of it on average, both all o
 heritability h2 = a / var, c2 = c / var, e2 = e / var. :func:`fit_ace` fits the three parts and the mean by maximum
 likelihood, pairs as bivariate normal and singletons (or twins whose co-twin has no value) as univariate normal;
 :func:`falconer` gives the moment estimates h2 = 2 (r_MZ - r_DZ), c2 = 2 r_DZ - r_MZ, e2 = 1 - r_MZ from intraclass
-correlations. :func:`family_genotypes` draws genotypes as inheritance makes them (two parents per family, one allele
-from each, MZ twins one child twice), for the demo cohort and the tests. Intervals and the SNP scan:
-stages/evaluation/genetics.py.
+correlations. Intervals and the SNP scan: stages/evaluation/genetics.py; inherited genotypes for the demo cohort:
+stages/demo/genome.py.
 """
 
 from __future__ import annotations
@@ -183,22 +182,3 @@ def falconer(data: TwinData) -> dict[str, float]:
     """Falconer's estimates from the MZ and DZ intraclass correlations."""
     r_mz, r_dz = intraclass(data.mz), intraclass(data.dz)
     return {"r_mz": r_mz, "r_dz": r_dz, "h2": 2 * (r_mz - r_dz), "c2": 2 * r_dz - r_mz, "e2": 1 - r_mz}
-
-
-def family_genotypes(rng: np.random.Generator, allele_frequency: np.ndarray, members: list[str]) -> np.ndarray:
-    """Dosages (len(members) x SNPs, 0/1/2) of one family's children: two parents drawn at the given allele
-    frequencies (independent SNPs), each child one allele from each; ``members`` names each child's kind:
-    "MZ" children are copies of the family's first MZ child, every other kind a child of its own."""
-    p = np.asarray(allele_frequency, dtype=float)
-    parents = (rng.random((2, 2, p.size)) < p).astype(np.int8)      # parent, haplotype, SNP: 1 the counted allele
-    children = np.zeros((len(members), p.size), dtype=np.int8)
-    first_mz = None
-    for i, kind in enumerate(members):
-        if kind == "MZ" and first_mz is not None:
-            children[i] = children[first_mz]
-            continue
-        pick = rng.integers(0, 2, (2, p.size))
-        children[i] = parents[0, pick[0], np.arange(p.size)] + parents[1, pick[1], np.arange(p.size)]
-        if kind == "MZ":
-            first_mz = i
-    return children
